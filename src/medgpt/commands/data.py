@@ -1,0 +1,137 @@
+"""`medgpt data check|convert`: see what a data set holds (and what training would drop, and why)
+before spending GPU time on it, and move data between the formats other tools expect."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+
+from medgpt.errors import UserError
+
+KINDS = ("pt", "sft", "pref")
+FORMATS = ("sharegpt", "openai", "alpaca", "pref")
+
+
+def _source_arguments(parser: argparse.ArgumentParser, kinds: tuple[str, ...]) -> None:
+    parser.add_argument("--kind", choices=kinds, help="data kind (default: guessed from the first record)")
+    parser.add_argument("--on-error", choices=("fail", "skip"), default="fail",
+                        help="fail: a bad record is an error; skip: drop and count it (default: fail)")
+    parser.add_argument("--subset", help="hub data set configuration name")
+    parser.add_argument("--split", default="train", help="hub data set split (default: train)")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+    check = sub.add_parser("check", help="validate and count records; token-length percentiles",
+                           description="Validate and count records, list what would be dropped and where, and "
+                                       "show token-length percentiles. Exits 1 when a record would be dropped "
+                                       "(unless --on-error skip), so it can gate CI scripts.")
+    check.add_argument("path", help="file, folder, comma-separated list, or hub data set name")
+    _source_arguments(check, KINDS)
+    check.add_argument("--tokenizer", help="tokenizer for lengths (default: the project default model)")
+    check.add_argument("--no-tokenizer", action="store_true", help="skip token lengths")
+    check.add_argument("--template", default="auto", help="chat template for sft/pref lengths (default: auto)")
+    check.add_argument("--max-length", type=int, help="count records longer than this many tokens")
+    check.add_argument("--json", action="store_true", help="print the report as JSON")
+    convert = sub.add_parser("convert", help="convert sft/pref data to another format",
+                             description="Convert sft/pref data to another format; writes OUT atomically and "
+                                         "data_stats.json beside it.")
+    convert.add_argument("input", help="file, folder, comma-separated list, or hub data set name")
+    _source_arguments(convert, ("sft", "pref"))
+    convert.add_argument("--to", choices=FORMATS, required=True,
+                         help="sharegpt, openai (TRL conversational), alpaca (sft), pref (question/response_chosen/...)")
+    convert.add_argument("--out", required=True, help="output .jsonl file")
+
+
+def run(args: argparse.Namespace) -> int:
+    return _check(args) if args.action == "check" else _convert(args)
+
+
+def _read(source: str, args: argparse.Namespace, on_error: str):
+    from medgpt.data.readers import detect_kind, read_records
+
+    kind = args.kind or detect_kind(source, args.subset, args.split)
+    return kind, *read_records(source, kind, on_error=on_error, subset=args.subset, split=args.split)
+
+
+def _percentile(ordered: list[int], p: float) -> int:
+    """Nearest-rank percentile of sorted values."""
+    return ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)]
+
+
+def _token_lengths(records: list[dict], kind: str, args: argparse.Namespace) -> dict:
+    """Token lengths as training will see them: the chat template applied for sft/pref (the longer of
+    prompt+chosen and prompt+rejected), the plain tokenized text for pt."""
+    from tqdm import tqdm
+
+    from medgpt.models import load_tokenizer
+
+    tokenizer = load_tokenizer(args.tokenizer)
+    if kind == "pt":
+        lengths = [len(ids) for ids in tokenizer([r["text"] for r in records])["input_ids"]]
+    else:
+        from medgpt.data.templates import get_template
+
+        template = get_template(args.template, tokenizer)
+
+        def length(messages: list[dict]) -> int:
+            return len(template.encode(tokenizer, messages)["input_ids"])
+
+        lengths = [length(r["messages"]) if kind == "sft" else
+                   max(length(r["prompt"] + r["chosen"]), length(r["prompt"] + r["rejected"]))
+                   for r in tqdm(records, desc="tokenizing", leave=False, disable=None)]
+    ordered = sorted(lengths)
+    report = {"tokenizer": getattr(tokenizer, "name_or_path", args.tokenizer), "template": None if kind == "pt" else args.template,
+              **{f"p{p}": _percentile(ordered, p) for p in (50, 90, 99)}, "max": ordered[-1]}
+    if args.max_length:
+        longer = [r["_loc"] for r, n in zip(records, lengths) if n > args.max_length]
+        report |= {"max_length": args.max_length, "longer": len(longer), "longer_examples": longer[:5]}
+    return report
+
+
+def _format(report: dict) -> str:
+    lines = [f"{report['path']} ({report['kind']}): read {report['read']}, kept {report['kept']}, "
+             f"dropped {sum(report['dropped'].values())}, blank lines {report['blank']}"]
+    width = max(map(len, report["dropped"]), default=0)
+    lines += [f"  {reason:<{width}}  {count:>6}  {', '.join(report['examples'][reason])}"
+              + (" ..." if count > len(report["examples"][reason]) else "") for reason, count in report["dropped"].items()]
+    if report["skipped_files"]:
+        lines.append(f"  skipped {len(report['skipped_files'])} file(s) that are not {report['kind']} data: "
+                     + ", ".join(report["skipped_files"]))
+    if tokens := report.get("tokens"):
+        template = f", template {tokens['template']}" if tokens["template"] else ""
+        lines.append(f"tokens ({tokens['tokenizer']}{template}): p50 {tokens['p50']}, p90 {tokens['p90']}, "
+                     f"p99 {tokens['p99']}, max {tokens['max']}")
+        if "longer" in tokens:
+            lines.append(f"  {tokens['longer']} longer than --max-length {tokens['max_length']}"
+                         + (f": {', '.join(tokens['longer_examples'])}" if tokens["longer"] else ""))
+    return "\n".join(lines)
+
+
+def _check(args: argparse.Namespace) -> int:
+    # Read with "skip" so that every problem is listed, then fail by exit code if asked to.
+    kind, records, stats = _read(args.path, args, on_error="skip")
+    report = {"path": args.path, "kind": kind, **stats.to_dict()}
+    if records and not args.no_tokenizer:
+        report["tokens"] = _token_lengths(records, kind, args)
+    print(json.dumps(report, ensure_ascii=False, indent=2) if args.json else _format(report))
+    dropped = sum(stats.dropped.values())
+    if dropped and args.on_error == "fail":
+        print(f"medgpt data check: {dropped} record(s) cannot be used (fix them, or pass --on-error skip "
+              "to accept dropping them)", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from medgpt.data.readers import convert, write_jsonl
+
+    kind, records, stats = _read(args.input, args, on_error=args.on_error)
+    if kind not in ("sft", "pref"):
+        raise UserError(f"{args.input}: {kind} records have no other format to convert to")
+    out = write_jsonl(args.out, convert(records, args.to))
+    stats_path = stats.write(out.parent)
+    print(f"wrote {len(records)} {kind} records as {args.to} to {out} ({stats.summary()}); counts in {stats_path}")
+    return 0

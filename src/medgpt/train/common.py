@@ -1,0 +1,175 @@
+"""What every stage shares: data loading with counted drops, tokenization, trainer callbacks, resume, saving."""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from medgpt.config import Config
+from medgpt.errors import UserError
+
+log = logging.getLogger(__name__)
+METRICS_FILE = "metrics.jsonl"
+
+
+def load_records(cfg: Config, kind: str):
+    """Read the train (and eval) records of `kind`; returns (train, eval, stats by split)."""
+    from medgpt.data.readers import read_records
+
+    data = cfg.data
+    if not data.data:
+        raise UserError("no training data: set `data:` in the config or pass --data PATH")
+    train, train_stats = read_records(data.data, kind, on_error=data.on_error, subset=data.data_subset,
+                                      split=data.data_split, max_samples=data.max_samples)
+    stats = {"train": train_stats}
+    evals: list[dict] = []
+    if data.eval_data:
+        evals, stats["eval"] = read_records(data.eval_data, kind, on_error=data.on_error)
+    elif data.val_size:
+        count = int(data.val_size) if data.val_size >= 1 else max(1, int(len(train) * data.val_size))
+        if count >= len(train):
+            raise UserError(f"val_size {data.val_size}: leaves no training data ({len(train)} records)")
+        shuffled = train[:]
+        random.Random(cfg.train.seed).shuffle(shuffled)
+        evals, train = shuffled[:count], shuffled[count:]
+    if not train:
+        raise UserError(f"{data.data}: no usable {kind} records")
+    return train, evals, stats
+
+
+def strip_locations(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in row.items() if k != "_loc"} for row in rows]
+
+
+def encode_conversations(records: list[dict], tokenizer, template, cfg: Config, stats) -> list[dict]:
+    """Messages -> input_ids/labels with labels on assistant turns; overlong records dropped or truncated."""
+    from medgpt.data.readers import filter_by_length
+
+    encoded = [template.encode(tokenizer, r["messages"], system=cfg.data.system, train_on_all=cfg.data.train_on_all)
+               for r in records]
+    max_length = cfg.train.max_length or 10**9
+    keep = filter_by_length(records, [len(e["input_ids"]) for e in encoded], max_length, cfg.data.overlong, stats)
+    rows = []
+    for i in keep:
+        ids, labels = encoded[i]["input_ids"][:max_length], encoded[i]["labels"][:max_length]
+        if any(label != -100 for label in labels):
+            rows.append({"input_ids": ids, "labels": labels})
+        else:
+            stats.drop("no assistant tokens after truncation", records[i].get("_loc", "?"))
+    return rows
+
+
+def to_dataset(rows: list[dict]):
+    from datasets import Dataset
+
+    return Dataset.from_list(rows) if rows else None
+
+
+def enable_eval(cfg: Config, eval_ds) -> None:
+    """With an eval split and no eval schedule set, evaluate once per epoch."""
+    from transformers.trainer_utils import IntervalStrategy
+
+    if eval_ds is not None and cfg.train.eval_strategy == IntervalStrategy.NO:
+        cfg.train.eval_strategy = IntervalStrategy.EPOCH
+        cfg.train.do_eval = True
+
+
+def metrics_callback(output_dir: Path):
+    """A TrainerCallback appending every log (loss, lr, eval metrics) to metrics.jsonl."""
+    from transformers import TrainerCallback
+
+    path = Path(output_dir) / METRICS_FILE
+
+    class MetricsLogger(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if state.is_world_process_zero and logs:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                row = {"step": state.global_step, "epoch": state.epoch, "time": time.time(), **logs}
+                with path.open("a", encoding="utf-8") as f:
+                    f.write(json.dumps(row) + "\n")
+
+    return MetricsLogger()
+
+
+def last_checkpoint(cfg: Config) -> str | None:
+    """The checkpoint to resume from when `resume` is set (None when there is none yet)."""
+    if not cfg.run.resume:
+        return None
+    from transformers.trainer_utils import get_last_checkpoint
+
+    folder = cfg.output_dir
+    found = get_last_checkpoint(str(folder)) if folder.is_dir() else None
+    log.info("resume: %s", found or "no checkpoint yet, starting fresh")
+    return found
+
+
+def prepare_output(cfg: Config) -> None:
+    """A fresh run starts with an empty metrics log; a resumed one appends to it."""
+    cfg.output_dir.mkdir(parents=True, exist_ok=True)
+    metrics = cfg.output_dir / METRICS_FILE
+    if not cfg.run.resume and metrics.exists():
+        metrics.unlink()
+
+
+def peft_config(cfg: Config, task_type: str = "CAUSAL_LM"):
+    """The LoRA config for TRL, or None for full fine-tuning or when training a loaded adapter further."""
+    from medgpt.models import lora_config
+
+    if cfg.run.method == "full" or cfg.model.adapter:
+        return None
+    return lora_config(cfg.lora, task_type)
+
+
+def load_policy(cfg: Config, head: str = "causal_lm", num_labels: int = 1):
+    """The model to train, in fp32 master weights on CPU (bf16 autocast does the matmuls)."""
+    from medgpt.models import load_model
+
+    model = load_model(cfg.model, training=True, head=head, num_labels=num_labels)
+    if cfg.train.gradient_checkpointing and cfg.model.adapter:
+        model.enable_input_require_grads()
+    return model
+
+
+def train_and_save(trainer, cfg: Config, stats: dict, extra_metrics: Callable[[Any], dict] | None = None) -> dict:
+    """Train (resuming if asked), evaluate, save the final model and everything beside it, return metrics."""
+    from medgpt.models import write_meta
+
+    prepare_output(cfg)
+    result = trainer.train(resume_from_checkpoint=last_checkpoint(cfg))
+    metrics: dict[str, Any] = dict(result.metrics)
+    if trainer.eval_dataset is not None:
+        metrics.update(trainer.evaluate())
+    if extra_metrics:
+        metrics.update(extra_metrics(trainer))
+    out = cfg.output_dir
+    if trainer.is_world_process_zero():
+        for split, s in stats.items():
+            log.info("data %s: %s", split, s.to_dict())
+    trainer.save_model(str(out))
+    if trainer.is_world_process_zero():
+        trainer.processing_class.save_pretrained(str(out))
+        write_json(out / "data_stats.json", {split: s.to_dict() for split, s in stats.items()})
+        write_json(out / "final_metrics.json", metrics)
+        write_meta(out, stage=cfg.run.stage, method=cfg.run.method, base_model=cfg.model.model,
+                   adapter_base=cfg.model.adapter, template=cfg.model.template, complete=True,
+                   config={k: v for k, v in cfg.raw.items() if _jsonable(v)})
+    return metrics
+
+
+def _jsonable(value: Any) -> bool:
+    try:
+        json.dumps(value)
+        return True
+    except TypeError:
+        return False
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write JSON atomically: a reader never sees half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False, default=str), encoding="utf-8")
+    tmp.replace(path)
