@@ -30,6 +30,8 @@ ALIASES = {
     "out": "output_dir",
     "lora_r": "lora_rank",
     "finetuning_type": "method",
+    "warmup_ratio": "warmup_steps",  # transformers 5: a float < 1 is a share of the steps
+    "gradient_checkpointing": "activation_checkpointing",
 }
 METHODS = ("lora", "qlora", "full")
 

@@ -41,7 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     convert.add_argument("input", help="file, folder, comma-separated list, or hub data set name")
     _source_arguments(convert, ("sft", "pref"))
     convert.add_argument("--to", choices=FORMATS, required=True,
-                         help="sharegpt, openai (TRL conversational), alpaca (sft), pref (question/response_chosen/...)")
+                         help="sharegpt, openai (TRL conversational), alpaca (sft), "
+                              "pref (question/response_chosen/response_rejected)")
     convert.add_argument("--out", required=True, help="output .jsonl file")
 
 
@@ -83,7 +84,8 @@ def _token_lengths(records: list[dict], kind: str, args: argparse.Namespace) -> 
                    max(length(r["prompt"] + r["chosen"]), length(r["prompt"] + r["rejected"]))
                    for r in tqdm(records, desc="tokenizing", leave=False, disable=None)]
     ordered = sorted(lengths)
-    report = {"tokenizer": getattr(tokenizer, "name_or_path", args.tokenizer), "template": None if kind == "pt" else args.template,
+    report = {"tokenizer": getattr(tokenizer, "name_or_path", args.tokenizer),
+              "template": None if kind == "pt" else args.template,
               **{f"p{p}": _percentile(ordered, p) for p in (50, 90, 99)}, "max": ordered[-1]}
     if args.max_length:
         longer = [r["_loc"] for r, n in zip(records, lengths) if n > args.max_length]
@@ -92,14 +94,17 @@ def _token_lengths(records: list[dict], kind: str, args: argparse.Namespace) -> 
 
 
 def _format(report: dict) -> str:
+    from medgpt.data.stats import preview
+
     lines = [f"{report['path']} ({report['kind']}): read {report['read']}, kept {report['kept']}, "
              f"dropped {sum(report['dropped'].values())}, blank lines {report['blank']}"]
     width = max(map(len, report["dropped"]), default=0)
-    lines += [f"  {reason:<{width}}  {count:>6}  {', '.join(report['examples'][reason])}"
-              + (" ..." if count > len(report["examples"][reason]) else "") for reason, count in report["dropped"].items()]
+    for reason, count in report["dropped"].items():
+        where = report["examples"][reason]
+        lines.append(f"  {reason:<{width}}  {count:>6}  {', '.join(where)}" + (" ..." if count > len(where) else ""))
     if report["skipped_files"]:
         lines.append(f"  skipped {len(report['skipped_files'])} file(s) that are not {report['kind']} data: "
-                     + ", ".join(report["skipped_files"]))
+                     + preview(report["skipped_files"]))
     if tokens := report.get("tokens"):
         template = f", template {tokens['template']}" if tokens["template"] else ""
         lines.append(f"tokens ({tokens['tokenizer']}{template}): p50 {tokens['p50']}, p90 {tokens['p90']}, "

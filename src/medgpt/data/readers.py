@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from medgpt.data.stats import DataStats, atomic_writer, write_stats
+from medgpt.data.stats import DataStats, atomic_writer, preview, write_stats
 from medgpt.errors import UserError
 
 __all__ = [
@@ -71,7 +71,8 @@ def _choice(name: str, value: str, allowed: Iterable[str]) -> str:
 
 
 def _type(value: Any) -> str:
-    return {dict: "an object", list: "a list", str: "a string", type(None): "null"}.get(type(value), type(value).__name__)
+    names = {dict: "an object", list: "a list", str: "a string", type(None): "null"}
+    return names.get(type(value), type(value).__name__)
 
 
 # ---- sources and files -> raw rows -------------------------------------------------------------
@@ -81,11 +82,12 @@ def _looks_like_path(item: str) -> bool:
     return item.startswith(("/", "./", "../", "~")) or Path(item).suffix.lower() in EXTENSIONS["pt"]
 
 
-def _expand(source: str | list[str], kind: str, stats: DataStats) -> list[Path | str]:
+def _expand(source: str | Path | list[str], kind: str, stats: DataStats) -> list[Path | str]:
     """Files to read in order (folders recursively, sorted) and hub names, recording skipped files."""
     if isinstance(source, (list, tuple)):
         items = list(source)
     else:
+        source = str(source)
         items = [source] if Path(source).expanduser().exists() else source.split(",")
     found: list[Path | str] = []
     for item in (str(i).strip() for i in items if str(i).strip()):
@@ -156,11 +158,13 @@ def _json_rows(path: Path, data: bytes) -> Iterator[Row]:
             whole = json.loads(data.decode("utf-8"))
         except UnicodeDecodeError as exc:
             if head == b"[":
-                raise UserError(f"{path}:{_line_of(data, exc.start)}: not UTF-8: the JSON array cannot be read") from None
+                line = _line_of(data, exc.start)
+                raise UserError(f"{path}:{line}: not UTF-8: the JSON array cannot be read") from None
             whole = None
         except json.JSONDecodeError as exc:
             if head == b"[":
-                raise UserError(f"{path}:{exc.lineno}: invalid JSON: {exc.msg}; the JSON array cannot be read") from None
+                raise UserError(f"{path}:{exc.lineno}: invalid JSON: {exc.msg}; "
+                                "the JSON array cannot be read") from None
             whole = None
         if isinstance(whole, list):
             yield from ((f"{path}:{index}", item) for index, item in enumerate(whole))
@@ -208,8 +212,8 @@ def _csv_rows(path: Path, data: bytes) -> Iterator[Row]:
         for cells in reader:
             first, previous = previous + 1, reader.line_num
             loc = f"{path}:{first}"
-            if bad.intersection(range(first, previous + 1)):
-                yield loc, RecordError("not UTF-8", f"line {min(bad.intersection(range(first, previous + 1)))}")
+            if spoiled := sorted(bad.intersection(range(first, previous + 1))):
+                yield loc, RecordError("not UTF-8", f"line {spoiled[0]}")
             elif not any(cell.strip() for cell in cells):
                 yield loc, None
             elif len(cells) > len(header):
@@ -241,7 +245,8 @@ def _hub_rows(name: str, subset: str | None, split: str) -> Iterator[Row]:
         dataset = datasets.load_dataset(name, subset, split=split)
     except Exception as exc:  # offline, unknown name, bad subset/split: all the user's to fix
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise UserError(f"{name}: not a local file or folder, and the hub data set cannot be loaded: {reason}") from None
+        raise UserError(f"{name}: not a local file or folder, and the hub data set cannot be loaded: "
+                        f"{reason}") from None
     for index, row in enumerate(dataset):
         yield f"{name}:{index}", row
 
@@ -355,7 +360,8 @@ def _check_order(messages: list[dict], key: str, first: str = "user", last: str 
     expected = first
     for index, message in enumerate(body, len(messages) - len(body)):
         if message["role"] != expected:
-            raise RecordError("roles out of order", f'"{key}" message {index} is {message["role"]}, expected {expected}')
+            raise RecordError("roles out of order",
+                              f'"{key}" message {index} is {message["role"]}, expected {expected}')
         expected = "assistant" if expected == "user" else "user"
     if last and body[-1]["role"] != last:
         raise RecordError("roles out of order", f'"{key}" ends with a {body[-1]["role"]} message, expected {last}')
@@ -380,7 +386,8 @@ def _to_sft(raw: Any) -> dict:
         query = "\n".join(part for part in (instruction, extra) if part.strip())
         if not query:
             raise RecordError("empty message", '"instruction"')
-        messages = _system(obj) + _history(obj) + [{"role": "user", "content": query}, _text(obj, "output", "assistant")]
+        answer = _text(obj, "output", "assistant")
+        messages = _system(obj) + _history(obj) + [{"role": "user", "content": query}, answer]
     else:
         raise RecordError("missing field", '"conversations" or "messages" or "instruction"')
     _check_order(messages, key, last="assistant")
@@ -425,7 +432,7 @@ def read_records(source: str | list[str], kind: str, on_error: str = "fail", sub
     items = _expand(source, kind, stats)
     if stats.skipped_files:
         logger.warning("skipping %d file(s) that are not %s data: %s", len(stats.skipped_files), kind,
-                       ", ".join(stats.skipped_files))
+                       preview(stats.skipped_files))
     for item in items:
         if max_samples is not None and len(records) >= max_samples:
             break
@@ -449,7 +456,7 @@ def read_records(source: str | list[str], kind: str, on_error: str = "fail", sub
             records.append(record)
             if max_samples is not None and len(records) >= max_samples:
                 break
-    label = source if isinstance(source, str) else ",".join(map(str, source))
+    label = ",".join(map(str, source)) if isinstance(source, (list, tuple)) else str(source)
     logger.log(logging.WARNING if stats.dropped else logging.INFO, "%s (%s): %s", label, kind, stats.summary())
     return records, stats
 
@@ -485,7 +492,7 @@ def filter_by_length(rows: list[dict], lengths: list[int], max_length: int, over
         if length > max_length and overlong == "drop":
             stats.drop("longer than max_length", row.get("_loc", f"#{index}"))
             continue
-        stats.truncated += length > max_length
+        stats.truncated += int(length > max_length)
         keep.append(index)
     if len(keep) < len(rows) or stats.truncated:
         logger.info("max_length %d: %s", max_length, stats.summary())

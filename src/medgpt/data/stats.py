@@ -20,6 +20,12 @@ MAX_EXAMPLES = 5
 STATS_FILE = "data_stats.json"
 
 
+def preview(items: list[str], limit: int = MAX_EXAMPLES) -> str:
+    """The first few items, comma-separated, saying how many more there are (keeps logs readable)."""
+    more = len(items) - limit
+    return ", ".join(items[:limit]) + (f" and {more} more" if more > 0 else "")
+
+
 @contextmanager
 def atomic_writer(path: str | Path) -> Iterator[IO[str]]:
     """Open a temporary file beside `path` and rename it over `path` only once writing succeeded,

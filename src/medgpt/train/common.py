@@ -16,10 +16,14 @@ log = logging.getLogger(__name__)
 METRICS_FILE = "metrics.jsonl"
 
 
-def load_records(cfg: Config, kind: str):
-    """Read the train (and eval) records of `kind`; returns (train, eval, stats by split)."""
+def load_records(cfg: Config, kind: str, read: Callable | None = None):
+    """Read the train (and eval) records of `kind`; returns (train, eval, stats by split).
+
+    `read` replaces `read_records` (same signature) for record kinds a stage reads itself.
+    """
     from medgpt.data.readers import read_records
 
+    read_records = read or read_records
     data = cfg.data
     if not data.data:
         raise UserError("no training data: set `data:` in the config or pass --data PATH")
@@ -111,8 +115,8 @@ def prepare_output(cfg: Config) -> None:
     """A fresh run starts with an empty metrics log; a resumed one appends to it."""
     cfg.output_dir.mkdir(parents=True, exist_ok=True)
     metrics = cfg.output_dir / METRICS_FILE
-    if not cfg.run.resume and metrics.exists():
-        metrics.unlink()
+    if not cfg.run.resume:
+        metrics.unlink(missing_ok=True)  # every process of a multi-process run gets here
 
 
 def peft_config(cfg: Config, task_type: str = "CAUSAL_LM"):
@@ -129,7 +133,7 @@ def load_policy(cfg: Config, head: str = "causal_lm", num_labels: int = 1):
     from medgpt.models import load_model
 
     model = load_model(cfg.model, training=True, head=head, num_labels=num_labels)
-    if cfg.train.gradient_checkpointing and cfg.model.adapter:
+    if getattr(cfg.train, "activation_checkpointing", False) and cfg.model.adapter:
         model.enable_input_require_grads()
     return model
 
@@ -151,12 +155,16 @@ def train_and_save(trainer, cfg: Config, stats: dict, extra_metrics: Callable[[A
             log.info("data %s: %s", split, s.to_dict())
     trainer.save_model(str(out))
     if trainer.is_world_process_zero():
+        (out / "training_args.bin").unlink(missing_ok=True)  # a pickle; the config is in medgpt.json
         trainer.processing_class.save_pretrained(str(out))
         write_json(out / "data_stats.json", {split: s.to_dict() for split, s in stats.items()})
         write_json(out / "final_metrics.json", metrics)
         write_meta(out, stage=cfg.run.stage, method=cfg.run.method, base_model=cfg.model.model,
                    adapter_base=cfg.model.adapter, template=cfg.model.template, complete=True,
                    config={k: v for k, v in cfg.raw.items() if _jsonable(v)})
+        from medgpt.report import write_training_report
+
+        write_training_report(cfg)
     return metrics
 
 

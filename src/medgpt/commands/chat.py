@@ -1,0 +1,22 @@
+"""`medgpt chat --model M [--adapter A] [--template T] [--system S]`: streaming multi-turn terminal chat."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from medgpt.infer.options import add_engine_arguments, add_generation_arguments
+
+    add_engine_arguments(parser)
+    add_generation_arguments(parser)
+    parser.epilog = "In the chat: /clear forgets the conversation, /system TEXT sets the system prompt, /exit quits."
+
+
+def run(args: argparse.Namespace) -> int:
+    from medgpt.infer.chat import ChatSession, run_chat
+    from medgpt.infer.options import engine_from_args, params_from_args
+
+    params = params_from_args(args)
+    run_chat(ChatSession(engine_from_args(args), params, system=args.system))
+    return 0

@@ -1,0 +1,114 @@
+"""`medgpt eval mcq|gen|compare`: multiple-choice accuracy, BLEU/ROUGE-L of generated answers, side-by-side tables."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def _model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help="model folder or hub id (default: the bundled SmolLM2-135M-Instruct)")
+    parser.add_argument("--adapter", help="LoRA adapter folder on top of --model")
+    parser.add_argument("--template", help="chat template (default: the one saved with the model, else the "
+                                           "tokenizer's); mcq: 'none' scores a plain-text prompt (base models)")
+    parser.add_argument("--dtype", default="auto", help="auto, fp32, bf16, fp16 (default: auto)")
+    parser.add_argument("--trust-remote-code", action="store_true")
+    parser.add_argument("--limit", type=int, help="evaluate only the first N items (per subject for mcq)")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+    mcq = sub.add_parser("mcq", help="multiple-choice accuracy (C-Eval / CMMLU form)",
+                         description="Accuracy per subject and overall on C-Eval/CMMLU-form questions "
+                                     "(id,question,A,B,C,D,answer or Question,A,B,C,D,Answer), from local CSV/jsonl "
+                                     "files or a hub data set (subsets = subjects).")
+    _model_arguments(mcq)
+    mcq.add_argument("--data", required=True,
+                     help="CSV/jsonl file, a folder of them, a C-Eval-style root with dev/ and val/, or a hub "
+                          "data set (ceval/ceval-exam, haonan-li/cmmlu)")
+    mcq.add_argument("--split", default="val", help="split to score: val, test, dev (default: val)")
+    mcq.add_argument("--subjects", help="comma-separated subjects (hub default: the medical ones)")
+    mcq.add_argument("--shots", type=int, default=0, help="few-shot examples from the dev split (default: 0)")
+    mcq.add_argument("--dev", help="where few-shot examples come from (default: the dev folder beside --data)")
+    mcq.add_argument("--style", default="ceval", choices=("ceval", "cmmlu", "mmlu"),
+                     help="official prompt wording of C-Eval, CMMLU or MMLU (English)")
+    mcq.add_argument("--method", default="loglik", choices=("loglik", "generate"),
+                     help="loglik: likeliest answer letter; generate: greedy reply, letter extracted")
+    mcq.add_argument("--batch-size", type=int, default=8)
+    mcq.add_argument("--max-length", type=int, default=2048, help="prompt token limit; shots are dropped to fit")
+    mcq.add_argument("--max-new-tokens", type=int, default=32, help="reply length for --method generate")
+    mcq.add_argument("--output", default="eval_mcq.json", help="result JSON; items go to NAME.items.jsonl")
+    gen = sub.add_parser("gen", help="BLEU-1..4 and ROUGE-L of generated answers",
+                         description="Generate answers for {question, answer} rows and score BLEU-1..4 "
+                                     "(sacrebleu) and ROUGE-L (rouge-score) on characters for Chinese and "
+                                     "words for English; or score an existing --predictions file.")
+    _model_arguments(gen)
+    gen.add_argument("--data", help="jsonl of {\"question\", \"answer\"}")
+    gen.add_argument("--predictions", help="jsonl of {\"prediction\", \"answer\"}: score only, no model")
+    gen.add_argument("--tokenize", default="char", choices=("char", "jieba"),
+                     help="char: Chinese characters + English words (default); jieba: jieba words")
+    gen.add_argument("--max-new-tokens", type=int, default=256)
+    gen.add_argument("--batch-size", type=int, default=16)
+    gen.add_argument("--system", help="system prompt for generation")
+    gen.add_argument("--output", default="eval_gen.json", help="result JSON; items go to NAME.items.jsonl")
+    comp = sub.add_parser("compare", help="side-by-side table of result files with deltas",
+                          description="Compare result files (eval mcq/gen JSON or any JSON of numbers); "
+                                      "deltas are to the first file.")
+    comp.add_argument("files", nargs="+", help="result JSON files")
+    comp.add_argument("--labels", help="comma-separated column names (default: file names)")
+    comp.add_argument("--markdown", help="also write the table as markdown to this file")
+    comp.add_argument("--format", default="text", choices=("text", "markdown"), help="what to print")
+
+
+def run(args: argparse.Namespace) -> int:
+    return {"mcq": _mcq, "gen": _gen, "compare": _compare}[args.action](args)
+
+
+def _mcq(args: argparse.Namespace) -> int:
+    from medgpt.eval.gen import write_result
+    from medgpt.eval.mcq import McqArgs, run_mcq
+
+    subjects = [s.strip() for s in args.subjects.split(",") if s.strip()] if args.subjects else None
+    mcq_args = McqArgs(data=args.data, split=args.split, dev=args.dev, subjects=subjects, shots=args.shots,
+                       style=args.style, method=args.method, batch_size=args.batch_size, max_length=args.max_length,
+                       max_new_tokens=args.max_new_tokens, limit=args.limit)
+    result = run_mcq(args.model, mcq_args, adapter=args.adapter, template=args.template, dtype=args.dtype,
+                     trust_remote_code=args.trust_remote_code)
+    output, items = write_result(result, args.output)
+    for subject, s in result["subjects"].items():
+        print(f"  {subject:32s} {s['accuracy']:6.2f}  ({s['correct']}/{s['total']})")
+    o = result["overall"]
+    print(f"  {'overall':32s} {o['accuracy']:6.2f}  ({o['correct']}/{o['total']}; subject average {o['average']:.2f})")
+    print(f"written: {output} and {items}")
+    return 0
+
+
+def _gen(args: argparse.Namespace) -> int:
+    from medgpt.eval.gen import run_gen, write_result
+
+    output = Path(args.output)
+    result = run_gen(args.data, model=args.model, predictions=args.predictions, adapter=args.adapter,
+                     template=args.template, mode=args.tokenize, max_new_tokens=args.max_new_tokens,
+                     batch_size=args.batch_size, system=args.system, limit=args.limit, dtype=args.dtype,
+                     trust_remote_code=args.trust_remote_code,
+                     partial=output.with_name(f".{output.stem}.partial.jsonl"))
+    output, items = write_result(result, output)
+    print("  " + "  ".join(f"{k} {v:.2f}" for k, v in result["metrics"].items()) + f"  ({result['count']} items)")
+    print(f"written: {output} and {items}")
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from medgpt.eval.compare import compare, to_markdown, to_text
+
+    labels = [s.strip() for s in args.labels.split(",")] if args.labels else None
+    table = compare(args.files, labels)
+    markdown = to_markdown(table)
+    print(markdown if args.format == "markdown" else to_text(table), end="")
+    if args.markdown:
+        from medgpt.data.stats import atomic_writer
+
+        with atomic_writer(args.markdown) as handle:
+            handle.write(markdown)
+        print(f"written: {args.markdown}")
+    return 0

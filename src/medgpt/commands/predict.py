@@ -1,0 +1,30 @@
+"""`medgpt predict --model M --input q.jsonl --output a.jsonl`: batched answers, in order, resumable."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from medgpt.infer.options import add_engine_arguments, add_generation_arguments
+
+    parser.add_argument("--input", required=True, help="jsonl rows with query (+system, history), question, "
+                                                       "instruction (+input), messages or conversations")
+    parser.add_argument("--output", required=True, help="jsonl: each input row plus `response`, in input order")
+    parser.add_argument("--overwrite", action="store_true", help="start again instead of resuming")
+    add_engine_arguments(parser)
+    add_generation_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    from medgpt.infer.options import engine_from_args, params_from_args
+    from medgpt.infer.predict import predict_file
+
+    params = params_from_args(args)
+    engine = engine_from_args(args)
+    chunk = 4 * (getattr(engine, "max_batch_size", None) or 16)
+    stats = predict_file(engine, args.input, args.output, params, system=args.system, chunk_size=chunk,
+                         overwrite=args.overwrite)
+    print(f"{args.output}: {stats['rows']} rows ({stats['generated']} answered now, {stats['resumed']} before), "
+          f"{stats['completion_tokens']} tokens generated")
+    return 0

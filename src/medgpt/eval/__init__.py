@@ -1,0 +1,1 @@
+"""Evaluation: multiple-choice accuracy, generation metrics (BLEU/ROUGE-L), side-by-side comparison."""

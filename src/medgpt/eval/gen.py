@@ -1,0 +1,188 @@
+"""Generation quality against reference answers: BLEU-1..4 (sacrebleu) and ROUGE-L (rouge-score).
+
+Both libraries' default tokenizers score Chinese as zero (13a keeps a Chinese sentence as one token,
+rouge-score deletes non-ASCII), so text is tokenized here first and handed over pre-split:
+`char` splits CJK characters apart and English into words (sacrebleu's own `zh` tokenizer),
+`jieba` splits into jieba words. BLEU-n is cumulative BLEU with n-gram orders 1..n.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from medgpt.errors import UserError
+
+log = logging.getLogger(__name__)
+
+TOKENIZE = ("char", "jieba")
+ORDERS = (1, 2, 3, 4)
+
+
+@lru_cache(maxsize=None)
+def _splitter(mode: str):
+    if mode == "char":
+        from sacrebleu.tokenizers.tokenizer_zh import TokenizerZh
+
+        zh = TokenizerZh()
+        return lambda text: zh(text).split()
+    if mode == "jieba":
+        import jieba
+
+        jieba.setLogLevel(logging.WARNING)
+        return lambda text: [w for w in jieba.lcut(text.strip()) if w.strip()]
+    raise UserError(f"tokenize {mode!r}: expected one of {', '.join(TOKENIZE)}")
+
+
+def tokenize(text: str, mode: str = "char") -> list[str]:
+    return _splitter(mode)(text)
+
+
+class _RougeTokenizer:
+    """rouge-score calls `.tokenize(text)`; this hands it our tokens instead of its ASCII-only ones."""
+
+    def __init__(self, mode: str):
+        self.mode = mode
+
+    def tokenize(self, text: str) -> list[str]:
+        return tokenize(text, self.mode)
+
+
+def _bleu(order: int, sentence: bool):
+    from sacrebleu.metrics import BLEU
+
+    return BLEU(tokenize="none", max_ngram_order=order, effective_order=sentence)
+
+
+def score_pairs(predictions: list[str], references: list[str], mode: str = "char") -> tuple[dict, list[dict]]:
+    """Corpus BLEU-1..4 and mean ROUGE-L F1 (0-100), and the same per item."""
+    from rouge_score.rouge_scorer import RougeScorer
+
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions but {len(references)} references")
+    hyps = [" ".join(tokenize(p, mode)) for p in predictions]
+    refs = [" ".join(tokenize(r, mode)) for r in references]
+    rouge = RougeScorer(["rougeL"], tokenizer=_RougeTokenizer(mode))
+    items: list[dict] = [{} for _ in hyps]
+    metrics: dict[str, float] = {}
+    for n in ORDERS:
+        metrics[f"bleu-{n}"] = round(_bleu(n, False).corpus_score(hyps, [refs]).score, 2)
+        sentence = _bleu(n, True)
+        for item, h, r in zip(items, hyps, refs):
+            item[f"bleu-{n}"] = round(sentence.sentence_score(h, [r]).score, 2)
+    for item, p, r in zip(items, predictions, references):
+        item["rouge-l"] = round(100 * rouge.score(r, p)["rougeL"].fmeasure, 2)
+    metrics["rouge-l"] = round(sum(i["rouge-l"] for i in items) / max(len(items), 1), 2)
+    return metrics, items
+
+
+def read_rows(path: str | Path, fields: tuple[str, ...]) -> list[dict]:
+    """jsonl (or a JSON array) rows that must hold `fields` as strings; errors say path:line."""
+    path = Path(path).expanduser()
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: cannot read: {exc}") from None
+    if path.suffix.lower() == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{path}:{exc.lineno}: invalid JSON: {exc.msg}") from None
+        if not isinstance(data, list):
+            raise UserError(f"{path}: expected a JSON array of objects")
+        numbered = [(f"{path}:{i}", row) for i, row in enumerate(data)]
+    else:
+        numbered = []
+        for number, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    numbered.append((f"{path}:{number}", json.loads(line)))
+                except json.JSONDecodeError as exc:
+                    raise UserError(f"{path}:{number}: invalid JSON: {exc.msg}") from None
+    rows = []
+    for loc, row in numbered:
+        if not isinstance(row, dict):
+            raise UserError(f"{loc}: expected an object with {', '.join(fields)}")
+        bad = [f for f in fields if not isinstance(row.get(f), str)]
+        if bad:
+            raise UserError(f"{loc}: missing or non-string field {', '.join(map(repr, bad))}")
+        rows.append({**row, "_loc": loc})
+    if not rows:
+        raise UserError(f"{path}: no rows")
+    return rows
+
+
+def generate_answers(engine, rows: list[dict], max_new_tokens: int, system: str | None, partial: Path,
+                     key: dict, chunk: int = 32) -> list[str]:
+    """Answers in input order; finished chunks go to `partial` (headed by `key`, what produced them) so an
+    interrupted run with the same settings picks up where it stopped."""
+    from tqdm.auto import tqdm
+
+    from medgpt.infer.engine import GenerationParams
+
+    lines = partial.read_text(encoding="utf-8").splitlines() if partial.exists() else []
+    done: list[str] = []
+    if lines and json.loads(lines[0]) == key:
+        done = [json.loads(line)["prediction"] for line in lines[1:] if line][:len(rows)]
+        log.info("gen: resuming after %d answers found in %s", len(done), partial)
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    partial.write_text("".join(json.dumps(x, ensure_ascii=False) + "\n"
+                               for x in [key, *({"prediction": d} for d in done)]), encoding="utf-8")
+    params = GenerationParams(max_new_tokens=max_new_tokens, temperature=0.0)
+    with partial.open("a", encoding="utf-8") as handle, tqdm(total=len(rows), initial=len(done), desc="gen") as bar:
+        for start in range(len(done), len(rows), chunk):
+            batch = rows[start:start + chunk]
+            completions = engine.generate([[{"role": "user", "content": r["question"]}] for r in batch], params,
+                                          system=system)
+            for completion in completions:
+                handle.write(json.dumps({"prediction": completion.text}, ensure_ascii=False) + "\n")
+                done.append(completion.text)
+            handle.flush()
+            bar.update(len(batch))
+    return done
+
+
+def run_gen(data: str | None, model: str | None = None, predictions: str | None = None, adapter: str | None = None,
+            template: str | None = None, mode: str = "char", max_new_tokens: int = 256, batch_size: int = 16,
+            system: str | None = None, limit: int | None = None, dtype: str = "auto",
+            trust_remote_code: bool = False, partial: Path | None = None) -> dict:
+    """Generate for data's questions (or read --predictions) and score against the references."""
+    _splitter(mode)
+    if predictions:
+        rows = read_rows(predictions, ("prediction", "answer"))[:limit]
+        preds = [r["prediction"] for r in rows]
+    else:
+        if not data:
+            raise UserError("give --data QA.jsonl to generate answers, or --predictions FILE to score existing ones")
+        rows = read_rows(data, ("question", "answer"))[:limit]
+        from medgpt.infer.engine import load_engine
+
+        engine = load_engine(model, adapter=adapter, template=template, dtype=dtype,
+                             trust_remote_code=trust_remote_code, max_batch_size=batch_size)
+        partial = partial or Path(f".gen-{Path(data).stem}.partial.jsonl")
+        key = {"model": model, "adapter": adapter, "template": template, "data": str(Path(data).resolve()),
+               "max_new_tokens": max_new_tokens, "system": system}
+        preds = generate_answers(engine, rows, max_new_tokens, system, partial, key)
+        partial.unlink(missing_ok=True)
+    metrics, scores = score_pairs(preds, [r["answer"] for r in rows], mode)
+    items = [{**({"question": r["question"]} if "question" in r else {}), "answer": r["answer"], "prediction": p,
+              "loc": r["_loc"], **s} for r, p, s in zip(rows, preds, scores)]
+    return {"task": "gen", "model": None if predictions else model, "adapter": adapter, "data": data or predictions,
+            "tokenize": mode, "count": len(items), "metrics": metrics, "items": items}
+
+
+def write_result(result: dict[str, Any], output: str | Path) -> tuple[Path, Path]:
+    """The summary as JSON and the items as jsonl beside it (`X.json` + `X.items.jsonl`), each atomically."""
+    from medgpt.data.readers import write_jsonl
+    from medgpt.train.common import write_json
+
+    output = Path(output).expanduser()
+    output.parent.mkdir(parents=True, exist_ok=True)
+    items_path = output.with_name(output.stem + ".items.jsonl")
+    write_jsonl(items_path, result.get("items", []))
+    summary = {k: v for k, v in result.items() if k != "items"}
+    write_json(output, {**summary, "items_file": items_path.name})
+    return output, items_path

@@ -1,0 +1,141 @@
+"""Batch prediction over a jsonl file, in input order, resumable after an interruption.
+
+Answers are appended, a chunk at a time and in input order, to `<output>.partial`; each written row is
+its input row plus `response`, so a re-run checks that the finished prefix matches the input and
+continues after it. The partial file is renamed to the output when every row is done.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from medgpt.data.readers import RecordError, _check_order, _history, _messages, _system, _with_system
+from medgpt.errors import UserError
+from medgpt.infer.engine import Engine, GenerationParams
+
+log = logging.getLogger(__name__)
+
+QUERY_KEYS = ("query", "question", "instruction")
+RESPONSE_KEY = "response"
+
+
+def prompt_messages(row: Any) -> list[dict]:
+    """Canonical messages ending with a user turn from a `query` (seed batch format, with optional `system`
+    and `history` pairs), `question`, `instruction` (+`input`), OpenAI `messages` or ShareGPT `conversations` row.
+
+    A conversation that ends with an assistant turn is cut before it: the model answers in its place.
+    """
+    if not isinstance(row, dict):
+        raise RecordError("not an object", f"got {type(row).__name__}")
+    key = next((k for k in ("messages", "conversations") if row.get(k) is not None), None)
+    if key:
+        messages = _with_system(row, _messages(row[key], key))
+        while messages and messages[-1]["role"] == "assistant":
+            messages = messages[:-1]
+    else:
+        key = next((k for k in QUERY_KEYS if row.get(k) is not None), None)
+        if key is None:
+            raise RecordError("missing field", '"query", "question", "instruction", "messages" or "conversations"')
+        parts = [row[key], row.get("input") or ""] if key == "instruction" else [row[key]]
+        if not all(isinstance(p, str) for p in parts):
+            raise RecordError("wrong type", f'"{key}" must be a string')
+        query = "\n".join(p for p in parts if p.strip())
+        if not query:
+            raise RecordError("empty message", f'"{key}"')
+        messages = _system(row) + _history(row) + [{"role": "user", "content": query}]
+    _check_order(messages, key, last="user")
+    return messages
+
+
+def read_jsonl(path: Path) -> list[tuple[int, Any]]:
+    """(line number, parsed object) for each non-blank line; a line that is not JSON is an error."""
+    rows = []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: cannot read ({exc})") from exc
+    for number, line in enumerate(lines, 1):
+        if line.strip():
+            try:
+                rows.append((number, json.loads(line)))
+            except json.JSONDecodeError as exc:
+                raise UserError(f"{path}:{number}: invalid JSON ({exc.msg})") from exc
+    return rows
+
+
+def read_inputs(path: str | Path) -> list[tuple[dict, list[dict]]]:
+    """Every row with its prompt messages; a row that cannot be used stops the run before any generation."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such file")
+    out = []
+    for number, row in read_jsonl(path):
+        try:
+            out.append((row, prompt_messages(row)))
+        except RecordError as exc:
+            raise UserError(f"{path}:{number}: {exc}") from exc
+    if not out:
+        raise UserError(f"{path}: no rows")
+    return out
+
+
+def finished_rows(partial: Path, inputs: list[dict]) -> int:
+    """How many leading rows of `partial` are complete answers to `inputs`; a torn last line is cut off."""
+    if not partial.exists():
+        return 0
+    data = partial.read_bytes()
+    complete = data[:data.rfind(b"\n") + 1]
+    if len(complete) != len(data):
+        log.warning("%s: dropping an incomplete last line (interrupted while writing)", partial)
+        partial.write_bytes(complete)
+    done = 0
+    for number, line in enumerate(complete.decode("utf-8").splitlines(), 1):
+        row = json.loads(line)
+        expected = inputs[done] if done < len(inputs) else None
+        if not isinstance(row, dict) or {k: v for k, v in row.items() if k != RESPONSE_KEY} != expected:
+            raise UserError(f"{partial}:{number}: does not match the input row {done + 1}; "
+                            f"it was made from another input (pass --overwrite to start again)")
+        done += 1
+    return done
+
+
+def predict_file(engine: Engine, input_path: str | Path, output_path: str | Path, params: GenerationParams,
+                 system: str | None = None, chunk_size: int = 64, overwrite: bool = False) -> dict:
+    """Answer every row of `input_path` into `output_path`; returns counts and token totals."""
+    from tqdm.auto import tqdm
+
+    params.validate()
+    rows = read_inputs(input_path)
+    inputs = [row for row, _ in rows]
+    output = Path(output_path)
+    partial = output.with_name(output.name + ".partial")
+    if overwrite:
+        partial.unlink(missing_ok=True)
+        output.unlink(missing_ok=True)
+    elif output.exists():
+        if finished_rows(output, inputs) == len(inputs):
+            log.info("%s: all %d rows already answered", output, len(inputs))
+            return {"rows": len(inputs), "generated": 0, "resumed": len(inputs), "completion_tokens": 0}
+        raise UserError(f"{output}: exists and is not a complete answer to {input_path} (pass --overwrite)")
+    done = finished_rows(partial, inputs)
+    if done:
+        log.info("resuming after %d finished rows of %d", done, len(inputs))
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tokens = 0
+    with open(partial, "a", encoding="utf-8") as sink, \
+            tqdm(total=len(rows), initial=done, desc="predict", unit="row") as bar:
+        for start in range(done, len(rows), chunk_size):
+            chunk = rows[start:start + chunk_size]
+            completions = engine.generate([messages for _, messages in chunk], params, system=system)
+            for (row, _), completion in zip(chunk, completions):
+                sink.write(json.dumps({**row, RESPONSE_KEY: completion.text}, ensure_ascii=False) + "\n")
+                tokens += completion.completion_tokens
+            sink.flush()
+            os.fsync(sink.fileno())
+            bar.update(len(chunk))
+    os.replace(partial, output)
+    return {"rows": len(rows), "generated": len(rows) - done, "resumed": done, "completion_tokens": tokens}

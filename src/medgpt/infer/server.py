@@ -1,0 +1,303 @@
+"""An OpenAI-compatible HTTP API (plus the seed's `/chat`) over one engine.
+
+Requests never reach the model one by one while others wait: a background thread takes every waiting
+request into one `engine.run` call (rows with their own sampling settings, lengths and stop strings),
+and streams each row's text back to its own response through an asyncio queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import queue
+import secrets
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator
+from concurrent.futures import Future
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from fastapi import Depends, FastAPI, HTTPException, Request as HttpRequest
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from medgpt.errors import UserError
+from medgpt.infer.engine import Augment, Completion, Engine, GenerationParams, Request
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ServerSettings:
+    defaults: GenerationParams = field(default_factory=GenerationParams)  # for fields a request leaves out
+    system: str | None = None
+    max_tokens_cap: int = 1024  # a request's max_tokens is lowered to this
+    max_prompt_tokens: int = 4096  # longer prompts are refused with 400
+    max_queue: int = 256  # waiting requests beyond this are refused with 429
+    api_key: str | None = None
+
+
+class Batcher:
+    """One worker thread feeding all waiting requests to the engine together."""
+
+    def __init__(self, engine: Engine, max_batch_size: int = 16):
+        self.engine = engine
+        self.max_batch_size = max_batch_size
+        self.waiting: queue.Queue = queue.Queue()
+        self.thread = threading.Thread(target=self._loop, name="medgpt-batcher", daemon=True)
+        self.batches: list[int] = []  # size of each batch run, for logs and tests
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.waiting.put(None)
+        self.thread.join(timeout=30)
+
+    def submit(self, request: Request) -> Future:
+        future: Future = Future()
+        self.waiting.put((request, future))
+        return future
+
+    def _loop(self) -> None:
+        while (item := self.waiting.get()) is not None:
+            batch = [item]
+            while len(batch) < self.max_batch_size:
+                try:
+                    nxt = self.waiting.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    self.waiting.put(None)
+                    break
+                batch.append(nxt)
+            self.batches.append(len(batch))
+            log.debug("generating a batch of %d", len(batch))
+            try:
+                results = self.engine.run([request for request, _ in batch])
+            except Exception as exc:  # reported to each waiting request; the worker carries on
+                log.exception("generation failed")
+                for _, future in batch:
+                    future.set_exception(exc)
+            else:
+                for (_, future), result in zip(batch, results):
+                    future.set_result(result)
+
+
+class Message(BaseModel):
+    role: Literal["system", "user", "assistant"]
+    content: str | list[dict[str, Any]]
+
+    def text(self) -> str:
+        """Plain text; OpenAI content parts of type text are joined."""
+        if isinstance(self.content, str):
+            return self.content
+        if any(part.get("type") != "text" or not isinstance(part.get("text"), str) for part in self.content):
+            raise UserError("only text content parts are supported")
+        return "".join(part["text"] for part in self.content)
+
+
+class SamplingFields(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=0)
+    repetition_penalty: float | None = Field(None, gt=0)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+
+    def params(self, settings: ServerSettings) -> GenerationParams:
+        d = settings.defaults
+        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or d.stop)
+        if len(stop) > 8 or not all(stop):
+            raise UserError("stop: at most 8 non-empty strings")
+        max_tokens = self.max_completion_tokens or self.max_tokens or d.max_new_tokens
+        return GenerationParams(
+            max_new_tokens=min(max_tokens, settings.max_tokens_cap),
+            temperature=d.temperature if self.temperature is None else self.temperature,
+            top_p=d.top_p if self.top_p is None else self.top_p,
+            top_k=d.top_k if self.top_k is None else self.top_k,
+            repetition_penalty=d.repetition_penalty if self.repetition_penalty is None else self.repetition_penalty,
+            stop=stop, seed=d.seed if self.seed is None else self.seed,
+        ).validate()
+
+
+class ChatCompletionRequest(SamplingFields):
+    model: str | None = None
+    messages: list[Message] = Field(min_length=1)
+    stream: bool = False
+    stream_options: dict[str, Any] | None = None
+    n: int = 1
+
+
+class SeedChatRequest(SamplingFields):
+    """The seed's `/chat`: one message and the earlier turns as [user, assistant] pairs (or messages)."""
+
+    message: str = Field(min_length=1)
+    history: list[tuple[str, str] | Message] = []
+    system: str | None = None
+
+
+def error_body(message: str, kind: str = "invalid_request_error") -> dict:
+    return {"error": {"message": message, "type": kind}}
+
+
+def create_app(engine: Engine, settings: ServerSettings | None = None, augment: Augment | None = None,
+               model_name: str | None = None) -> FastAPI:
+    """The API app; `augment` (retrieval) rewrites each conversation and its sources come back with the answer."""
+    settings = settings or ServerSettings()
+    name = model_name or getattr(engine, "name", "medgpt")
+    batcher = Batcher(engine, getattr(engine, "max_batch_size", 16) or 16)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        batcher.start()
+        yield
+        batcher.stop()
+
+    app = FastAPI(title="medgpt", lifespan=lifespan)
+    app.state.batcher = batcher
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: HttpRequest, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        if first.get("type") == "json_invalid":
+            return JSONResponse(error_body("the request body is not valid JSON"), status_code=400)
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        message = first.get("msg", "invalid request")
+        return JSONResponse(error_body(f"{where}: {message}" if where else message), status_code=400)
+
+    @app.exception_handler(UserError)
+    async def user_error(request: HttpRequest, exc: UserError) -> JSONResponse:
+        return JSONResponse(error_body(str(exc)), status_code=400)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: HttpRequest, exc: HTTPException) -> JSONResponse:
+        kind = {401: "authentication_error", 429: "rate_limit_error"}.get(exc.status_code, "invalid_request_error")
+        return JSONResponse(error_body(str(exc.detail), kind), status_code=exc.status_code, headers=exc.headers)
+
+    def authorize(request: HttpRequest) -> None:
+        if not settings.api_key:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip(), settings.api_key):
+            raise HTTPException(401, "a valid API key is required: Authorization: Bearer KEY",
+                                headers={"WWW-Authenticate": "Bearer"})
+
+    async def prepare(messages: list[dict], fields: SamplingFields, system: str | None,
+                      on_text=None) -> tuple[Request, list[dict]]:
+        params = fields.params(settings)
+        sources: list[dict] = []
+        if augment:
+            messages, sources = await asyncio.to_thread(augment, messages)
+        prompt_ids = await asyncio.to_thread(engine.encode, messages, system)
+        if len(prompt_ids) > settings.max_prompt_tokens:
+            raise UserError(f"the prompt is {len(prompt_ids)} tokens; this server takes at most "
+                            f"{settings.max_prompt_tokens}")
+        if batcher.waiting.qsize() >= settings.max_queue:
+            raise HTTPException(429, "too many requests are waiting; retry shortly")
+        return Request(prompt_ids, params, on_text), sources
+
+    async def complete(request: Request) -> Completion:
+        future = batcher.submit(request)
+        try:
+            return await asyncio.wrap_future(future)
+        except asyncio.CancelledError:
+            request.cancelled = True
+            raise
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok", "model": name, "waiting": batcher.waiting.qsize()}
+
+    @app.get("/v1/models", dependencies=[Depends(authorize)])
+    async def models() -> dict:
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "medgpt"}]}
+
+    @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
+    async def chat_completions(body: ChatCompletionRequest):
+        if body.n != 1:
+            raise UserError("n: only 1 choice per request is supported")
+        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": name}
+        if not body.stream:
+            request, sources = await prepare(messages, body, settings.system)
+            result = await complete(request)
+            return {**meta, "object": "chat.completion",
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
+                                 "finish_reason": result.finish_reason}],
+                    "usage": usage(result), **({"sources": sources} if augment else {})}
+        deltas: asyncio.Queue = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+
+        def put(item: str | None) -> None:  # called from the worker thread
+            loop.call_soon_threadsafe(deltas.put_nowait, item)
+
+        request, sources = await prepare(messages, body, settings.system, on_text=put)
+        include_usage = bool((body.stream_options or {}).get("include_usage"))
+        return StreamingResponse(sse(request, deltas, put, meta, sources if augment else None, include_usage),
+                                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    async def sse(request: Request, deltas: asyncio.Queue, put, meta: dict, sources: list[dict] | None,
+                  include_usage: bool) -> AsyncIterator[str]:
+        future = batcher.submit(request)
+        future.add_done_callback(lambda _: put(None))
+
+        def chunk(delta: dict, finish: str | None = None, **extra: Any) -> str:
+            data = {**meta, "object": "chat.completion.chunk",
+                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **extra}
+            return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+        try:
+            yield chunk({"role": "assistant", "content": ""})
+            while (delta := await deltas.get()) is not None:
+                yield chunk({"content": delta})
+            try:
+                result = future.result()
+            except Exception as exc:
+                yield f"data: {json.dumps(error_body(f'generation failed: {exc}', 'server_error'))}\n\n"
+                return
+            yield chunk({}, result.finish_reason, **({"sources": sources} if sources is not None else {}))
+            if include_usage:
+                data = {**meta, "object": "chat.completion.chunk", "choices": [], "usage": usage(result)}
+                yield f"data: {json.dumps(data)}\n\n"
+            yield "data: [DONE]\n\n"
+        finally:  # the client may have gone away: stop generating for it
+            request.cancelled = True
+
+    @app.post("/chat", dependencies=[Depends(authorize)])
+    async def seed_chat(body: SeedChatRequest) -> dict:
+        history: list[dict] = []
+        for turn in body.history:
+            if isinstance(turn, Message):
+                history.append({"role": turn.role, "content": turn.text()})
+            else:
+                history += [{"role": "user", "content": turn[0]}, {"role": "assistant", "content": turn[1]}]
+        messages = [*history, {"role": "user", "content": body.message}]
+        request, sources = await prepare(messages, body, body.system or settings.system)
+        result = await complete(request)
+        pairs = [[q["content"], a["content"]] for q, a in zip(history, history[1:])
+                 if q["role"] == "user" and a["role"] == "assistant"]
+        return {"response": result.text, "history": [*pairs, [body.message, result.text]],
+                "usage": usage(result), **({"sources": sources} if augment else {})}
+
+    return app
+
+
+def usage(result: Completion) -> dict:
+    return {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
+            "total_tokens": result.prompt_tokens + result.completion_tokens}
+
+
+def serve(app: FastAPI, host: str = "127.0.0.1", port: int = 8000) -> None:
+    import uvicorn
+
+    uvicorn.run(app, host=host, port=port, log_level="info")

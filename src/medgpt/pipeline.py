@@ -1,0 +1,420 @@
+"""Several training stages in order, each starting from the model the one before it produced.
+
+A pipeline config is the flat config of `medgpt train` (shared by every stage) plus:
+
+- `stages`: a list of mappings, each with `stage` (pt, sft, rm, ppo, dpo, orpo, kto, grpo), an optional
+  `name` (default: the stage) and that stage's own keys (`data`, `max_steps`, `beta`, ...);
+- `output_dir`: the run folder; a stage writes into RUN/<name> unless it sets its own `output_dir`;
+- `handoff`: `merge` (default) merges a LoRA stage into RUN/<name>/merged and the next stage starts a new
+  adapter on it (DPO's reference is then the SFT model); `adapter` trains the same adapter further;
+- `report_max_new_tokens`: answer length in the report (the prompts come from `report_prompts`).
+
+A reward-model stage (rm) is not the next policy: it starts on the current policy's model, and the next
+stage that takes `reward_model` (ppo, grpo) gets its output. RUN/manifest.json records every finished
+stage with a hash of its config and inputs (data file contents, the previous stage's entry): re-running
+the same config skips finished stages, a changed stage re-runs with everything after it, `start_from`
+forces a restart at a stage, and an interrupted stage resumes from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from medgpt import DEFAULT_MODEL
+from medgpt.config import ALIASES, Config, build_config, parse_overrides, read_yaml
+from medgpt.errors import UserError
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+HANDOFFS = ("merge", "adapter")
+DEFAULT_STAGES = [{"stage": "pt"}, {"stage": "sft"}, {"stage": "dpo"}]
+PIPELINE_KEYS = ("stages", "handoff", "output_dir", "report_max_new_tokens")
+# Keys that change how a stage runs but not what it produces: left out of its hash.
+CONTROL_KEYS = ("resume", "report_prompts")
+DATA_KEYS = ("data", "eval_data")
+MODEL_KEYS = ("model", "adapter", "reward_model", "reward_adapter")
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+@dataclass
+class Stage:
+    """One stage, its flat config (validated) and the model it hands to the next stage."""
+
+    name: str
+    kind: str
+    raw: dict[str, Any]
+    cfg: Config
+    merge: bool  # merge its adapter into output/merged when done
+    produces: dict[str, str | None] | None  # the next policy {"model", "adapter"}; None for a reward model
+
+    @property
+    def output_dir(self) -> Path:
+        return self.cfg.output_dir
+
+    def config(self) -> Config:
+        """A fresh Config: stages change theirs while running."""
+        return build_config(dict(self.raw))
+
+
+@dataclass
+class Pipeline:
+    run_dir: Path
+    handoff: str
+    stages: list[Stage]
+    base: dict[str, str | None]
+    template: str
+    report_prompts: str | None
+    report_max_new_tokens: int
+
+
+@dataclass
+class Step:
+    """What a run will do with one stage: skip | resume | finish (merge only) | train."""
+
+    stage: Stage
+    action: str
+    hash: str
+    entry: dict[str, Any] = field(default_factory=dict)
+
+
+# ---- building ----------------------------------------------------------------------------------
+
+
+def load_pipeline(path: str | Path | None, overrides: list[str] | dict[str, Any] | None = None) -> Pipeline:
+    """A pipeline from YAML plus overrides: `--key value` for every stage, `--NAME.key value` for one."""
+    raw = read_yaml(path) if path else {}
+    over = parse_overrides(overrides) if isinstance(overrides, list) else dict(overrides or {})
+    per_stage: dict[str, dict[str, Any]] = defaultdict(dict)
+    for key in [k for k in over if "." in k]:
+        name, _, sub = key.partition(".")
+        per_stage[name][sub] = over.pop(key)
+    raw.update(over)
+    return build_pipeline(raw, per_stage)
+
+
+def _canonical(raw: dict[str, Any]) -> dict[str, Any]:
+    return {ALIASES.get(k, k): v for k, v in raw.items()}
+
+
+def _accepts(kind: str, key: str) -> bool:
+    """Whether stage `kind`'s config has the option `key` (e.g. reward_model)."""
+    from medgpt.train import stage_module
+
+    module = stage_module(kind)
+    classes = [module.CONFIG_CLASS, *getattr(module, "EXTRA_ARGS", ())]
+    return any(key in {f.name for f in dataclasses.fields(cls)} for cls in classes)
+
+
+def build_pipeline(raw: dict[str, Any], per_stage: dict[str, dict[str, Any]] | None = None) -> Pipeline:
+    """Validate every stage (unknown keys, values, missing data) before any of them runs, and wire each
+    stage's model to the one before it."""
+    shared = _canonical(raw)
+    per_stage = {name: _canonical(keys) for name, keys in (per_stage or {}).items()}
+    items = shared.pop("stages", None) or DEFAULT_STAGES
+    handoff = str(shared.pop("handoff", "merge"))
+    if handoff not in HANDOFFS:
+        raise UserError(f"handoff {handoff!r}: expected one of {', '.join(HANDOFFS)}")
+    run_dir = Path(str(shared.pop("output_dir", "outputs/pipeline")))
+    max_new_tokens = shared.pop("report_max_new_tokens", 128)
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise UserError(f"report_max_new_tokens {max_new_tokens!r}: expected a positive integer")
+    if not isinstance(items, list):
+        raise UserError("stages: expected a list of mappings, each with `stage:`")
+    report_prompts = shared.pop("report_prompts", None)
+    if report_prompts is not None:
+        report_prompts = str(report_prompts)
+    policy: dict[str, str | None] = {"model": str(shared.pop("model", DEFAULT_MODEL)), "adapter": shared.pop("adapter", None)}
+    base = dict(policy)
+    reward_model: str | None = None
+    stages: list[Stage] = []
+    for i, item in enumerate(items):
+        if not isinstance(item, dict) or "stage" not in item:
+            raise UserError(f"stages[{i}]: expected a mapping with `stage:` (one of pt, sft, rm, ppo, dpo, orpo, kto, grpo)")
+        own = _canonical(item)
+        name = str(own.pop("name", own["stage"]))
+        if not NAME.match(name):
+            raise UserError(f"stages[{i}]: name {name!r}: use letters, digits, '.', '_' or '-'")
+        if any(s.name == name for s in stages):
+            raise UserError(f"stages[{i}]: two stages are named {name!r}: give one a `name:`")
+        own.update(per_stage.pop(name, {}))
+        stage = _build_stage(name, own, shared, policy, reward_model, handoff, run_dir)
+        if any(s.output_dir == stage.output_dir for s in stages):
+            raise UserError(f"stage {name}: output_dir {stage.output_dir} is used by another stage")
+        stages.append(stage)
+        if stage.produces is None:
+            reward_model = str(stage.output_dir)
+        else:
+            policy = stage.produces
+    if per_stage:
+        raise UserError(f"overrides for unknown stage(s) {', '.join(sorted(per_stage))}: the stages are "
+                        f"{', '.join(s.name for s in stages)}")
+    return Pipeline(run_dir=run_dir, handoff=handoff, stages=stages, base=base,
+                    template=str(stages[0].cfg.model.template), report_prompts=report_prompts,
+                    report_max_new_tokens=max_new_tokens)
+
+
+def _build_stage(name: str, own: dict[str, Any], shared: dict[str, Any], policy: dict[str, str | None],
+                 reward_model: str | None, handoff: str, run_dir: Path) -> Stage:
+    kind = str(own["stage"])
+    raw = {**shared, **own}
+    if "model" not in own and "adapter" not in own:
+        raw["model"] = policy["model"]
+        raw.pop("adapter", None)
+        if policy["adapter"] and kind != "rm":  # a reward model starts a new adapter with a score head
+            raw["adapter"] = policy["adapter"]
+    if reward_model and "reward_model" not in own and _accepts(kind, "reward_model"):
+        raw["reward_model"] = reward_model
+    raw.setdefault("output_dir", str(run_dir / name))
+    raw["report_prompts"] = "none"  # the pipeline writes one report for all stages
+    try:
+        cfg = build_config(dict(raw))
+    except UserError as exc:
+        raise UserError(f"stage {name}: {exc}") from None
+    if not cfg.data.data:
+        raise UserError(f"stage {name}: no training data: set `data:` in its entry (or --{name}.data PATH)")
+    out = str(cfg.output_dir)
+    lora = cfg.run.method != "full"
+    if kind == "rm":
+        produces = None
+    elif lora and handoff == "merge":
+        produces = {"model": str(Path(out) / "merged"), "adapter": None}
+    elif lora:
+        produces = {"model": cfg.model.model, "adapter": out}
+    else:
+        produces = {"model": out, "adapter": None}
+    return Stage(name=name, kind=kind, raw=raw, cfg=cfg, merge=lora and handoff == "merge" and kind != "rm",
+                 produces=produces)
+
+
+# ---- hashing and the manifest ------------------------------------------------------------------
+
+
+def content_hash(path: Path) -> str:
+    """sha256 of a file, or of a folder's files (names and contents, in order)."""
+    digest = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    for file in files:
+        digest.update(str(file.relative_to(path) if file != path else file.name).encode())
+        with file.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def _inputs(value: Any) -> list:
+    """Content hashes of the local files a data option names; a hub name stands for itself."""
+    items = value if isinstance(value, list) else str(value).split(",")
+    out = []
+    for item in (str(i).strip() for i in items):
+        path = Path(item).expanduser()
+        out.append([item, content_hash(path) if path.exists() else None])
+    return out
+
+
+def stage_hash(stage: Stage, previous: dict[str, Any] | None, made: set[str] = frozenset()) -> str:
+    """The hash of what a stage produces from: its config, its data files' contents, the models it starts
+    from (local folders by their files; those in `made`, which earlier stages wrote, through the previous
+    stage's manifest entry) and the medgpt version."""
+    from medgpt import __version__
+    from medgpt.report import files_fingerprint
+
+    config = {k: v for k, v in stage.raw.items() if k not in CONTROL_KEYS}
+    local = [k for k in MODEL_KEYS if config.get(k) and str(config[k]) not in made
+             and Path(str(config[k])).expanduser().exists()]
+    parts = {
+        "config": config,
+        "data": {k: _inputs(config[k]) for k in DATA_KEYS if config.get(k)},
+        "models": {k: files_fingerprint(config[k]) for k in local},
+        "previous": previous,
+        "medgpt": __version__,
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def read_manifest(run_dir: Path) -> dict[str, Any]:
+    path = run_dir / MANIFEST
+    if not path.exists():
+        return {"stages": {}}
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path}: not valid JSON ({exc.msg}); delete it to start the run again") from None
+    manifest.setdefault("stages", {})
+    return manifest
+
+
+def _complete(stage: Stage) -> bool:
+    from medgpt.models import read_meta
+
+    trained = bool(read_meta(stage.output_dir).get("complete"))
+    return trained and (not stage.merge or (stage.output_dir / "merged" / "config.json").exists())
+
+
+def plan(p: Pipeline, start_from: str | None = None, manifest: dict | None = None) -> list[Step]:
+    """What a run would do with each stage, from the manifest (computed before anything runs)."""
+    names = [s.name for s in p.stages]
+    if start_from is not None and start_from not in names:
+        kinds = [s.name for s in p.stages if s.kind == start_from]
+        if len(kinds) != 1:
+            raise UserError(f"--from {start_from}: expected one of the stage names {', '.join(names)}")
+        start_from = kinds[0]
+    manifest = manifest if manifest is not None else read_manifest(p.run_dir)
+    steps: list[Step] = []
+    previous: dict[str, Any] | None = None
+    made: set[str] = set()
+    forced = False
+    for stage in p.stages:
+        forced = forced or stage.name == start_from
+        h = stage_hash(stage, previous, made)
+        made.update({str(stage.output_dir), str(stage.output_dir / "merged")})
+        entry = dict(manifest["stages"].get(stage.name) or {})
+        same = entry.get("hash") == h and not forced
+        status = entry.get("status")
+        if same and status == "done" and _complete(stage):
+            action = "skip"
+        elif same and status == "trained" and (stage.output_dir / "medgpt.json").exists():
+            action = "finish"
+        elif same and status == "running":
+            action = "resume"
+        else:
+            action = "train"
+        runs = int(entry.get("run", 0))  # completed runs so far, under any config
+        steps.append(Step(stage, action, h, {**entry, "hash": h, "run": runs}))
+        previous = {"hash": h, "run": runs if action == "skip" else runs + 1}
+    return steps
+
+
+class _Processes:
+    """Rank awareness under `accelerate launch` / `torchrun`: every process trains, the main one writes."""
+
+    def __init__(self) -> None:
+        self.state = None
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            from accelerate import PartialState
+
+            from medgpt.models import cuda_available
+
+            self.state = PartialState(cpu=not cuda_available())
+
+    @property
+    def main(self) -> bool:
+        return self.state is None or self.state.is_main_process
+
+    def wait(self) -> None:
+        if self.state is not None:
+            self.state.wait_for_everyone()
+
+
+def _write_manifest(run_dir: Path, manifest: dict[str, Any]) -> None:
+    from medgpt.train.common import write_json
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json(run_dir / MANIFEST, manifest)
+
+
+def _clear(stage: Stage) -> None:
+    """A stage trained from scratch must not resume from, or hand over, what an older config left."""
+    for old in [*stage.output_dir.glob("checkpoint-*"), stage.output_dir / "merged"]:
+        shutil.rmtree(old, ignore_errors=True)
+    (stage.output_dir / "medgpt.json").unlink(missing_ok=True)
+
+
+# ---- running -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Outcome:
+    name: str
+    stage: str
+    action: str
+    seconds: float
+    output_dir: Path
+    metrics: dict[str, Any]
+
+
+def run_pipeline(p: Pipeline, start_from: str | None = None, report: bool = True) -> list[Outcome]:
+    """Run the stages the plan says need running, record each in the manifest, then write the report."""
+    from medgpt.models import cuda_available, merge_adapter
+    from medgpt.train import run_training
+
+    procs = _Processes()
+    manifest = read_manifest(p.run_dir)
+    steps = plan(p, start_from, manifest)
+    if report:
+        from medgpt.report import load_prompts
+
+        prompts = load_prompts(p.report_prompts)  # a bad prompts file fails before hours of training
+    procs.wait()
+    outcomes = []
+    for step in steps:
+        stage, entry = step.stage, step.entry
+        started = time.time()
+        log.info("stage %s (%s): %s", stage.name, stage.kind, step.action)
+        if step.action in ("train", "resume"):
+            if procs.main:
+                if step.action == "train":
+                    _clear(stage)
+                entry.update(status="running", stage=stage.kind, output_dir=str(stage.output_dir),
+                             started=time.strftime("%Y-%m-%dT%H:%M:%S"))
+                manifest["stages"][stage.name] = entry
+                _write_manifest(p.run_dir, manifest)
+            procs.wait()
+            cfg = stage.config()
+            cfg.run.resume = step.action == "resume"
+            metrics = run_training(cfg)
+            del cfg
+            gc.collect()
+            entry.update(status="trained", metrics={k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+        if step.action != "skip":
+            if procs.main:
+                if stage.merge:
+                    merge_adapter(str(stage.output_dir), str(stage.output_dir / "merged"), base=stage.cfg.model.model,
+                                  dtype="bf16" if cuda_available() else "fp32",
+                                  trust_remote_code=stage.cfg.model.trust_remote_code)
+                entry.update(status="done", run=entry["run"] + 1, produces=stage.produces,
+                             finished=time.strftime("%Y-%m-%dT%H:%M:%S"),
+                             seconds=round(time.time() - started, 1))
+                manifest["stages"][stage.name] = entry
+                _write_manifest(p.run_dir, manifest)
+            procs.wait()
+        outcomes.append(Outcome(stage.name, stage.kind, step.action, time.time() - started, stage.output_dir,
+                                entry.get("metrics", {})))
+    if report and procs.main:
+        write_pipeline_report(p, manifest, prompts)
+    procs.wait()
+    return outcomes
+
+
+def final_model(p: Pipeline) -> dict[str, str | None]:
+    """The model the last policy stage produced ({"model", "adapter"})."""
+    produced = [s.produces for s in p.stages if s.produces is not None]
+    return produced[-1] if produced else p.base
+
+
+def write_pipeline_report(p: Pipeline, manifest: dict[str, Any], prompts: list[list[dict]]) -> Path:
+    from medgpt.report import ModelRef, StageResult, write_report
+
+    results, summary = [], []
+    for stage in p.stages:
+        entry = manifest["stages"].get(stage.name, {})
+        answers = ModelRef(stage.produces["model"], stage.produces["adapter"], stage.cfg.model.template) \
+            if stage.produces else None
+        results.append(StageResult(stage.name, stage.kind, stage.output_dir, answers))
+        summary.append([stage.name, stage.kind, entry.get("status", "not run"), entry.get("seconds", ""),
+                        str(stage.output_dir)])
+    base = ModelRef(str(p.base["model"]), p.base["adapter"], p.template)
+    return write_report(p.run_dir, results, base, prompts, p.report_max_new_tokens,
+                        title=f"medgpt pipeline report: {' -> '.join(s.name for s in p.stages)}", summary=summary)

@@ -1,0 +1,429 @@
+"""Memory planner: the memory one training process holds per device, from the model's config alone.
+
+The architecture is built on PyTorch's meta device (shapes, no storage), so parameter counts and the
+shapes LoRA attaches to are exact for any transformers architecture; no weights are downloaded.
+
+What is counted (bytes per parameter; P = all parameters, T = trainable ones):
+
+    device gpu (bf16 mixed precision, as DeepSpeed and the ZeRO paper count it)
+      weights     full 2P; lora 2P + 4T; qlora4 ~0.52 per quantized linear weight, 2 for the rest
+      gradients   full 2P; (q)lora 4T (adapters stay fp32)
+      optimizer   AdamW: full 12P (fp32 master copy + two moments); (q)lora 8T
+    device cpu (how medgpt trains without a GPU: fp32 weights, bf16 autocast)
+      weights 4P (+4T); gradients 4T; optimizer 8T (the fp32 weights are the master copy), and
+      autocast's bf16 copies of the decoder's linear weights, kept for the backward pass (2 per weight)
+
+Activations are counted tensor by tensor for a Llama-style decoder layer (RMSNorm, rotary attention
+through SDPA with a padding mask, gated MLP) as PyTorch saves them for the backward pass; with gradient
+checkpointing only each layer's input is kept, plus one layer being recomputed. The LM head is TRL's
+fused log-prob head (tiles of 4096 tokens x 32768 vocabulary entries) for the TRL stages, and full
+logits for PPO and ORPO. The peak counts the larger of "all activations + the LM head's gradient" (the
+start of the backward pass) and "all gradients" (its end), since the backward pass frees activations as
+it fills gradients.
+
+Extra models: DPO/KTO/PPO keep a frozen reference (none with LoRA: the adapter is switched off instead);
+PPO scores with a reward model and keeps its value head on the policy (no separate critic); GRPO loads a
+reference only when asked (TRL's default beta is 0). ZeRO stage 1 splits optimizer states over the GPUs,
+stage 2 also gradients, stage 3 also weights (and the frozen extra models).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+from medgpt.errors import UserError
+
+GIB = 2**30
+STAGES = ("pt", "sft", "rm", "ppo", "dpo", "kto", "orpo", "grpo")
+METHODS = ("full", "lora", "qlora4", "qlora8")
+DEVICES = ("gpu", "cpu")
+PAIRED = ("rm", "dpo", "kto", "orpo")  # chosen and rejected (or KTO's KL pairs) go through the model together
+FUSED_HEAD = ("pt", "sft", "dpo", "kto", "grpo")  # TRL trainers with the fused log-prob LM head
+FUSED_TILE = (4096, 32768)  # trl.kernels.chunked_logprob: TOKEN_CHUNK_SIZE, _CHUNKED_LOGPROB_CHUNK_SIZE
+NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4-bit codes + 8-bit absmax per 64 + fp32 per 256 absmax (double quant)
+GPU_OVERHEAD = 1.0 * GIB  # CUDA context, cuBLAS workspace and allocator slack
+
+# Configs of common models (from their config.json), so planning needs no network for them.
+_QWEN25 = {"model_type": "qwen2", "vocab_size": 152064, "tie_word_embeddings": False}
+_QWEN25_SMALL = {**_QWEN25, "vocab_size": 151936, "tie_word_embeddings": True}
+_LLAMA3 = {"model_type": "llama", "vocab_size": 128256, "tie_word_embeddings": False, "rope_theta": 500000.0}
+_LLAMA2 = {"model_type": "llama", "vocab_size": 32000, "tie_word_embeddings": False}
+_SMOLLM2 = {"model_type": "llama", "vocab_size": 49152, "tie_word_embeddings": True}
+
+
+def _dims(hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int) -> dict:
+    return {"hidden_size": hidden, "intermediate_size": intermediate, "num_hidden_layers": layers,
+            "num_attention_heads": heads, "num_key_value_heads": kv_heads}
+
+
+BUILTIN: dict[str, dict] = {
+    "Qwen/Qwen2.5-0.5B": {**_QWEN25_SMALL, **_dims(896, 4864, 24, 14, 2)},
+    "Qwen/Qwen2.5-1.5B": {**_QWEN25_SMALL, **_dims(1536, 8960, 28, 12, 2)},
+    "Qwen/Qwen2.5-3B": {**_QWEN25_SMALL, **_dims(2048, 11008, 36, 16, 2)},
+    "Qwen/Qwen2.5-7B": {**_QWEN25, **_dims(3584, 18944, 28, 28, 4)},
+    "Qwen/Qwen2.5-14B": {**_QWEN25, **_dims(5120, 13824, 48, 40, 8)},
+    "Qwen/Qwen2.5-32B": {**_QWEN25, **_dims(5120, 27648, 64, 40, 8)},
+    "Qwen/Qwen2.5-72B": {**_QWEN25, **_dims(8192, 29568, 80, 64, 8)},
+    "meta-llama/Meta-Llama-3-8B": {**_LLAMA3, **_dims(4096, 14336, 32, 32, 8)},
+    "meta-llama/Meta-Llama-3-70B": {**_LLAMA3, **_dims(8192, 28672, 80, 64, 8)},
+    "meta-llama/Llama-2-7b-hf": {**_LLAMA2, **_dims(4096, 11008, 32, 32, 32)},
+    "meta-llama/Llama-2-13b-hf": {**_LLAMA2, **_dims(5120, 13824, 40, 40, 40)},
+    "mistralai/Mistral-7B-v0.1": {**_LLAMA2, "model_type": "mistral", **_dims(4096, 14336, 32, 32, 8)},
+    "HuggingFaceTB/SmolLM2-135M": {**_SMOLLM2, **_dims(576, 1536, 30, 9, 3)},
+    "HuggingFaceTB/SmolLM2-360M": {**_SMOLLM2, **_dims(960, 2560, 32, 15, 5)},
+    "HuggingFaceTB/SmolLM2-1.7B": {**_SMOLLM2, **_dims(2048, 8192, 24, 32, 32)},
+}
+
+
+def _short(name: str) -> str:
+    """Lookup key: no owner, lower case, no -Instruct/-Chat/-hf, Llama 3.x = Llama 3 (same shapes)."""
+    key = name.rstrip("/").split("/")[-1].lower()
+    key = re.sub(r"-(instruct|chat|hf|base)(-.*)?$", "", key).removeprefix("meta-")
+    return re.sub(r"^llama-3\.[0-9]", "llama-3", key)
+
+
+_BUILTIN_KEYS = {_short(name): name for name in BUILTIN}
+
+
+@dataclass
+class Architecture:
+    """What memory depends on, read from a model built on the meta device."""
+
+    name: str
+    source: str  # folder, built-in table, or hub
+    params: int
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    vocab: int
+    layer_params: int  # one decoder layer
+    output_params: int  # the LM head (0 when tied to the embeddings) or the classification head
+    linears: dict[str, tuple[int, int]]  # every nn.Linear: name -> (in_features, out_features)
+    output_name: str  # module name of the output layer (never a LoRA target)
+
+    layer_prefix: str  # module name prefix of decoder layer 0, e.g. "model.layers.0."
+
+    def layer_linears(self, names: dict[str, tuple[int, int]] | None = None) -> dict[str, tuple[int, int]]:
+        """The linear layers (of `names`, default all) inside decoder layer 0."""
+        return {n: s for n, s in (self.linears if names is None else names).items() if n.startswith(self.layer_prefix)}
+
+
+def load_model_config(model: str, trust_remote_code: bool = False):
+    """A transformers config: a local folder, the built-in table, or AutoConfig (the hub cache, then the hub)."""
+    from transformers import AutoConfig
+
+    path = Path(model).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise UserError(f"{model}: no config.json in this folder")
+        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code), str(path)
+    if (known := _BUILTIN_KEYS.get(_short(model))) is not None:
+        values = dict(BUILTIN[known])
+        return AutoConfig.for_model(values.pop("model_type"), **values), f"built-in table ({known})"
+    if model.startswith((".", "/", "~")) or model.count("/") != 1:
+        raise UserError(f"model {model!r}: no such folder, not in the built-in table ({', '.join(BUILTIN)}), "
+                        "and not a hub id")
+    try:
+        return AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code), "hub"
+    except (OSError, ValueError) as exc:
+        raise UserError(f"model {model!r}: cannot read its config from the hub ({type(exc).__name__}); pass a "
+                        f"folder with config.json, or one of {', '.join(BUILTIN)}") from exc
+
+
+def load_architecture(model: str, head: str = "causal_lm", trust_remote_code: bool = False) -> Architecture:
+    """Build the model on the meta device and read its shapes (seconds, no weights)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    config, source = load_model_config(model, trust_remote_code)
+    text = config.get_text_config()
+    auto = AutoModelForCausalLM if head == "causal_lm" else AutoModelForSequenceClassification
+    if head == "seq_cls":
+        config.num_labels = 1
+    try:
+        with torch.device("meta"):
+            net = auto.from_config(config, trust_remote_code=trust_remote_code)
+    except ValueError as exc:
+        raise UserError(f"model {model!r}: {type(config).__name__} has no {head} architecture ({exc})") from exc
+    output = net.get_output_embeddings() if head == "causal_lm" else getattr(net, "score", None)
+    output_name = next((n for n, m in net.named_modules() if m is output), "")
+    embedding = net.get_input_embeddings()
+    tied = output is not None and output.weight is embedding.weight
+    layers_name, layers = next((n, m) for n, m in net.named_modules()
+                               if isinstance(m, torch.nn.ModuleList) and len(m) == text.num_hidden_layers)
+    heads = text.num_attention_heads
+    return Architecture(
+        name=model, source=source,
+        params=sum(p.numel() for p in net.parameters()),
+        hidden=text.hidden_size, layers=text.num_hidden_layers, heads=heads,
+        kv_heads=getattr(text, "num_key_value_heads", None) or heads,
+        head_dim=getattr(text, "head_dim", None) or text.hidden_size // heads,
+        intermediate=getattr(text, "intermediate_size", None) or 4 * text.hidden_size,
+        vocab=text.vocab_size,
+        layer_params=sum(p.numel() for p in layers[0].parameters()),
+        output_params=0 if tied or output is None else output.weight.numel() + (
+            output.bias.numel() if getattr(output, "bias", None) is not None else 0),
+        linears={n: (m.in_features, m.out_features) for n, m in net.named_modules() if isinstance(m, torch.nn.Linear)},
+        output_name=output_name,
+        layer_prefix=f"{layers_name}.0.",
+    )
+
+
+def lora_targets(arch: Architecture, target: str = "all-linear") -> dict[str, tuple[int, int]]:
+    """The linear layers LoRA attaches to, matched as PEFT does: `all-linear` is every linear layer but the
+    output layer; otherwise module names equal to, or ending in `.` + a name in the comma-separated list."""
+    if target in ("all", "all-linear"):
+        return {n: s for n, s in arch.linears.items() if n != arch.output_name}
+    names = [t.strip() for t in target.split(",") if t.strip()]
+    found = {n: s for n, s in arch.linears.items() if any(n == t or n.endswith("." + t) for t in names)}
+    if not found:
+        raise UserError(f"lora_target {target!r} matches no linear layer of {arch.name}")
+    return found
+
+
+def lora_params(arch: Architecture, rank: int = 8, target: str = "all-linear", dora: bool = False) -> int:
+    """Trainable LoRA parameters: r x (in + out) per targeted layer (+ out for DoRA's magnitude vector)."""
+    return sum(rank * (i + o) + (o if dora else 0) for i, o in lora_targets(arch, target).values())
+
+
+@dataclass
+class PlanArgs:
+    """One training setup to estimate (the command-line flags of `medgpt plan`)."""
+
+    model: str
+    stage: str = "sft"
+    method: str = "lora"
+    device: str = "gpu"
+    batch_size: int = 1  # micro-batch per device
+    seq_len: int = 1024  # tokens per sequence (prompt + response)
+    gradient_checkpointing: bool = False
+    gpus: int = 1
+    zero: int = 0
+    lora_rank: int = 8
+    lora_target: str = "all-linear"
+    lora_dropout: float = 0.05
+    reference: bool | None = None  # None: the stage's default
+    reward_model: bool | None = None  # None: the stage's default (PPO yes, GRPO no)
+    trust_remote_code: bool = False
+
+    def validate(self) -> PlanArgs:
+        checks = [
+            (self.stage in STAGES, f"stage {self.stage!r}: expected one of {', '.join(STAGES)}"),
+            (self.method in METHODS, f"method {self.method!r}: expected one of {', '.join(METHODS)}"),
+            (self.device in DEVICES, f"device {self.device!r}: expected gpu or cpu"),
+            (self.batch_size >= 1 and self.seq_len >= 1, "batch size and sequence length must be >= 1"),
+            (self.gpus >= 1, "gpus must be >= 1"),
+            (self.zero in (0, 1, 2, 3), "zero stage must be 0, 1, 2 or 3"),
+            (self.lora_rank >= 1, "lora rank must be >= 1"),
+            (not (self.device == "cpu" and self.method.startswith("qlora")),
+             "qlora needs bitsandbytes on a CUDA GPU: no cpu estimate"),
+            (not (self.device == "cpu" and (self.gpus > 1 or self.zero)), "gpus and zero apply to device gpu"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UserError(message)
+        return self
+
+
+@dataclass
+class Estimate:
+    """Bytes per device, by component; `peak` is what must fit."""
+
+    weights: float
+    gradients: float
+    optimizer: float
+    activations: float
+    reference_model: float
+    reward_model: float
+    value_model: float
+    overhead: float
+    head_gradient: float  # the output layer's gradient, allocated first in the backward pass
+    detail: dict[str, float] = field(default_factory=dict)  # activations by part
+
+    @property
+    def peak(self) -> float:
+        held = self.weights + self.optimizer + self.reference_model + self.reward_model + self.value_model + self.overhead
+        return held + max(self.activations + self.head_gradient, self.gradients)
+
+    def gib(self) -> dict[str, float]:
+        parts = {k: v for k, v in asdict(self).items() if k not in ("detail", "head_gradient")}
+        return {**{k: round(v / GIB, 3) for k, v in parts.items()}, "peak": round(self.peak / GIB, 3)}
+
+
+@dataclass
+class Plan:
+    args: PlanArgs
+    arch: Architecture
+    trainable: int
+    estimate: Estimate
+    fits: dict[float, int]  # GPU GiB -> largest micro-batch that fits (0: none)
+    notes: list[str]
+
+    def to_dict(self) -> dict:
+        a = self.arch
+        return {
+            "model": a.name, "config_source": a.source, **{k: v for k, v in asdict(self.args).items() if k != "model"},
+            "params": a.params, "trainable_params": self.trainable,
+            "architecture": {"hidden": a.hidden, "layers": a.layers, "heads": a.heads, "kv_heads": a.kv_heads,
+                             "head_dim": a.head_dim, "intermediate": a.intermediate, "vocab": a.vocab},
+            "per_device_gib": self.estimate.gib(),
+            "activations_gib": {k: round(v / GIB, 3) for k, v in self.estimate.detail.items()},
+            "max_micro_batch": {str(g): b for g, b in self.fits.items()},
+            "notes": self.notes,
+        }
+
+
+def _weight_bytes(arch: Architecture, method: str, device: str) -> float:
+    """Bytes of the (base) model weights as loaded for training or inference."""
+    if device == "cpu":
+        return 4.0 * arch.params
+    if method.startswith("qlora"):
+        quantized = sum(i * o for n, (i, o) in arch.linears.items() if n != arch.output_name)
+        per = NF4_BYTES if method == "qlora4" else 1.0
+        return per * quantized + 2.0 * (arch.params - quantized)
+    return 2.0 * arch.params
+
+
+def _layer_bytes(arch: Architecture, args: PlanArgs, full: bool, lora_in: int, lora_layers: int) -> float:
+    """Bytes saved for the backward pass per token in one decoder layer (see the module docstring)."""
+    h, i = arch.hidden, arch.intermediate
+    q = arch.heads * arch.head_dim
+    attention = 2 * q + 2 * 2 * q + 2 * q + 2 * q  # rotated q; k and v repeated to every head; SDPA out; o_proj in
+    mlp = 4 * 2 * i  # gate, SiLU(gate), up, their product (bf16)
+    if args.device == "gpu":
+        norms = 2 * (4 * h + 2 * h + (2 * h if full else 0))  # fp32 upcast, bf16 output (+ its input to the weight)
+    else:
+        norms = 2 * (4 * h + (4 * h if full else 0))  # fp32 residual stream (+ the normalized input to the weight)
+        norms += 5 * 2 * h  # autocast casts the fp32 norm output to bf16 once per projection (q, k, v, gate, up)
+    lora = (3 if args.lora_dropout > 0 else 2) * lora_in + 2 * args.lora_rank * lora_layers
+    return norms + attention + mlp + lora
+
+
+def estimate(args: PlanArgs, arch: Architecture, reward_arch: Architecture | None = None) -> tuple[Estimate, int]:
+    """The per-device estimate and the number of trainable parameters."""
+    full = args.method == "full"
+    gpu = args.device == "gpu"
+    layer_targets = {} if full else arch.layer_linears(lora_targets(arch, args.lora_target))
+    value_head = arch.hidden + 1 if args.stage == "ppo" else 0
+    if full:
+        trainable = arch.params + value_head
+    else:
+        trainable = lora_params(arch, args.lora_rank, args.lora_target) + value_head
+        if args.stage == "rm":
+            trainable += arch.output_params  # PEFT trains the classification head (modules_to_save)
+    n_gpus = args.gpus
+
+    def split(nbytes: float, from_stage: int) -> float:
+        return nbytes / n_gpus if args.zero >= from_stage else nbytes
+
+    weights = _weight_bytes(arch, args.method, args.device) + (0 if full else 4.0 * trainable)
+    if full:
+        gradients, optimizer = (2.0 * trainable, 12.0 * trainable) if gpu else (4.0 * trainable, 8.0 * trainable)
+    else:
+        gradients, optimizer = 4.0 * trainable, 8.0 * trainable
+    gathered = 2.0 * arch.layer_params if args.zero == 3 and n_gpus > 1 else 0.0  # ZeRO-3 gathers a layer to run it
+
+    sequences = args.batch_size * (2 if args.stage in PAIRED else 1)
+    tokens = sequences * args.seq_len
+    per_token = _layer_bytes(arch, args, full, sum(i for i, _ in layer_targets.values()), len(layer_targets))
+    stored_input = (2 if gpu else 4) * arch.hidden  # a checkpointed layer keeps only its input
+    if args.gradient_checkpointing:
+        layers = tokens * (arch.layers * stored_input + per_token)
+    else:
+        layers = tokens * arch.layers * per_token
+    detail = {"layers": layers}
+    if args.stage in FUSED_HEAD:
+        rows, cols = min(tokens, FUSED_TILE[0]), min(arch.vocab, FUSED_TILE[1])
+        # the tile buffer (bf16); without Triton (CPU) the backward also keeps ~8 fp32 temporaries of the tile
+        detail["lm_head"] = rows * cols * (2 if gpu else 2 + 8 * 4) + tokens * arch.hidden * 4
+    elif args.stage != "rm":
+        detail["lm_head"] = tokens * arch.vocab * (2 + 4 + 4)  # bf16 logits, fp32 log-softmax and its gradient
+    if not gpu:
+        layer_weights = sum(i * o for i, o in arch.layer_linears().values())
+        detail["autocast_weights"] = 2.0 * layer_weights * (1 if args.gradient_checkpointing else arch.layers)
+    if args.stage in ("ppo", "grpo"):
+        kv_cache = 2 * arch.layers * 2 * arch.kv_heads * arch.head_dim * tokens  # bf16 keys and values
+        detail["generation_kv_cache"] = kv_cache
+    activations = sum(v for k, v in detail.items() if k != "generation_kv_cache")
+    if "generation_kv_cache" in detail:  # generation and training take turns: the larger one counts
+        activations = max(activations, detail["generation_kv_cache"])
+
+    wants_reference = args.reference if args.reference is not None else args.stage in ("dpo", "kto", "ppo")
+    frozen_copy = _weight_bytes(arch, args.method, args.device) if args.device == "gpu" else 4.0 * arch.params
+    reference = frozen_copy if wants_reference and full else 0.0
+    wants_reward = args.reward_model if args.reward_model is not None else args.stage == "ppo"
+    reward = 0.0
+    if wants_reward and reward_arch is not None:
+        reward = _weight_bytes(reward_arch, args.method, "gpu")  # loaded for inference: bf16 (or quantized) on both
+    head_gradient = 0.0
+    if full:
+        head_params = arch.output_params or arch.vocab * arch.hidden
+        # the fused head accumulates it in fp32 and then casts it to the weight's dtype (a copy on GPU)
+        head_gradient = (2.0 if gpu else 4.0) * head_params + (4.0 * head_params if gpu and args.stage in FUSED_HEAD else 0)
+    return Estimate(
+        weights=split(weights, 3) + gathered,
+        gradients=split(gradients, 2),
+        optimizer=split(optimizer, 1),
+        activations=activations,
+        reference_model=split(reference, 3),
+        reward_model=split(reward, 3),
+        value_model=0.0,
+        overhead=GPU_OVERHEAD if gpu else 0.0,
+        head_gradient=split(head_gradient, 2),
+        detail=detail,
+    ), trainable
+
+
+def max_micro_batch(args: PlanArgs, arch: Architecture, reward_arch: Architecture | None, budget_gib: float,
+                    limit: int = 4096) -> int:
+    """The largest micro-batch whose peak fits `budget_gib` (0 when even 1 does not)."""
+    def fits(b: int) -> bool:
+        return estimate(replace(args, batch_size=b), arch, reward_arch)[0].peak <= budget_gib * GIB
+
+    if not fits(1):
+        return 0
+    low, high = 1, 2
+    while high <= limit and fits(high):
+        low, high = high, high * 2
+    high = min(high, limit + 1)
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (mid, high) if fits(mid) else (low, mid)
+    return low
+
+
+def plan(args: PlanArgs, gpu_memory: list[float] = (24, 40, 80)) -> Plan:
+    """Estimate `args`, and the largest micro-batch for each GPU size in `gpu_memory` (GiB)."""
+    args.validate()
+    arch = load_architecture(args.model, "seq_cls" if args.stage == "rm" else "causal_lm", args.trust_remote_code)
+    wants_reward = args.reward_model if args.reward_model is not None else args.stage == "ppo"
+    reward_arch = load_architecture(args.model, "seq_cls", args.trust_remote_code) if wants_reward else None
+    result, trainable = estimate(args, arch, reward_arch)
+    notes = _notes(args, arch)
+    fits = {g: max_micro_batch(args, arch, reward_arch, g) for g in gpu_memory}
+    return Plan(args, arch, trainable, result, fits, notes)
+
+
+def _notes(args: PlanArgs, arch: Architecture) -> list[str]:
+    notes = []
+    if args.stage in PAIRED:
+        notes.append(f"{args.stage}: each example is two sequences (chosen and rejected) in one forward pass")
+    if args.stage in ("dpo", "kto", "ppo") and args.method != "full":
+        notes.append("reference = the policy with its LoRA adapter switched off: no second copy")
+    if args.stage == "ppo":
+        notes.append("value head on the policy (no separate critic); reward model = the same architecture, frozen")
+    if args.stage in ("ppo", "grpo"):
+        notes.append("generation KV cache counted for one micro-batch; TRL GRPO generates steps_per_generation "
+                     "micro-batches at once")
+    if args.device == "cpu":
+        notes.append("cpu: fp32 weights and AdamW states, bf16 autocast (medgpt's CPU training)")
+    if args.zero == 3 and args.gpus > 1:
+        notes.append("ZeRO-3: one gathered layer added to the weights; communication buckets not counted")
+    if args.stage in FUSED_HEAD:
+        notes.append("LM head: TRL's fused log-prob head (no full logits)")
+    return notes

@@ -1,0 +1,1 @@
+"""Eval-driven data selection: embeddings, recall, and a contamination guard."""

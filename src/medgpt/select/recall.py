@@ -1,0 +1,315 @@
+"""Eval-driven data selection: recall the training items nearest to each eval item.
+
+Steps: embed the eval set and the corpus (in chunks cached on disk, so an interrupted run continues);
+find each training item's nearest eval item (the leakage guard: items at or above `max_sim` to any eval
+item are never written); recall the top-k training items per eval item with FAISS exact inner product;
+keep those within [min_sim, max_sim), each once (credited to the eval item it is nearest to) and each
+conversation once; optionally add a share of random items; check the output for n-gram contamination;
+write ShareGPT jsonl, a random baseline of the same size, and statistics.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medgpt.errors import UserError
+from medgpt.select.contamination import ContaminationArgs, NgramIndex, find_contamination
+from medgpt.select.embed import Embedder, get_embedder
+from medgpt.select.sources import EvalItem, load_eval_items, read_corpus, record_text
+
+log = logging.getLogger(__name__)
+
+HIST_EDGES = [round(x * 0.1, 1) for x in range(11)]
+TFIDF_FIT_SAMPLE = 100_000
+SELECTED, BASELINE, STATS, RECALL, CONTAMINATION = (
+    "selected.jsonl", "baseline_random.jsonl", "select_stats.json", "recall.jsonl", "contamination.json")
+
+
+@dataclass
+class SelectArgs:
+    eval: str
+    corpus: str
+    out: str
+    split: str = "val"
+    subjects: list[str] | None = None
+    embedder: str = "use"
+    embed_base_url: str | None = None
+    batch_size: int = 64
+    cache_dir: str | None = None
+    chunk_size: int = 8192
+    corpus_text: str = "user"
+    top_k: int = 50
+    min_sim: float = 0.5
+    max_sim: float = 0.8
+    random_ratio: float = 0.0
+    baseline: str | None = None  # "random"
+    seed: int = 42
+    max_samples: int | None = None
+    on_error: str = "skip"
+    shard: tuple[int, int] | None = None  # embed only chunk i of every n, then stop
+    keep_contaminated: bool = False
+    contamination: ContaminationArgs = field(default_factory=ContaminationArgs)
+
+    def check(self) -> None:
+        if not 0 <= self.random_ratio < 1:
+            raise UserError(f"--random-ratio {self.random_ratio}: expected a share in [0, 1)")
+        if self.min_sim >= self.max_sim:
+            raise UserError(f"--min-sim {self.min_sim} must be below --max-sim {self.max_sim}")
+        if self.top_k < 1 or self.chunk_size < 1:
+            raise UserError("--top-k and --chunk-size must be at least 1")
+        if self.baseline not in (None, "random"):
+            raise UserError(f"--baseline {self.baseline!r}: only 'random' is supported")
+
+
+def default_cache_dir() -> Path:
+    from medgpt.models import cache_dir
+
+    return cache_dir() / "embeddings"
+
+
+class EmbeddingCache:
+    """Embeddings stored per chunk under a name derived from the embedding space and the chunk's texts.
+
+    Each chunk is written to a temporary file and renamed, so a chunk on disk is complete; a rerun (or
+    another shard) finds the finished chunks and embeds only the rest. Changing the texts of one chunk
+    re-embeds that chunk only.
+    """
+
+    def __init__(self, folder: str | Path, embedder: Embedder, chunk_size: int = 8192, batch_size: int = 64):
+        self.folder = Path(folder).expanduser()
+        self.embedder, self.chunk_size, self.batch_size = embedder, chunk_size, batch_size
+        self.space = "".join(c if c.isalnum() or c in "-_." else "_" for c in embedder.fingerprint())
+
+    def path(self, texts: list[str]) -> Path:
+        digest = hashlib.sha1("\x00".join(texts).encode("utf-8", "surrogatepass")).hexdigest()[:24]
+        return self.folder / f"{self.space}-{len(texts)}-{digest}.npy"
+
+    def chunks(self, texts: list[str]) -> list[tuple[list[str], Path]]:
+        parts = [texts[i:i + self.chunk_size] for i in range(0, len(texts), self.chunk_size)]
+        return [(part, self.path(part)) for part in parts]
+
+    def fill(self, texts: list[str], shard: tuple[int, int] | None = None, desc: str = "embed") -> int:
+        """Embed the chunks not on disk yet (only shard i of n when given); returns how many were embedded."""
+        from tqdm.auto import tqdm
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        chunks = self.chunks(texts)
+        todo = [(i, part, path) for i, (part, path) in enumerate(chunks)
+                if not path.exists() and (shard is None or i % shard[1] == shard[0])]
+        if len(todo) < len(chunks):
+            log.info("%s: %d of %d chunks already embedded in %s", desc, len(chunks) - len(todo), len(chunks),
+                     self.folder)
+        for _, part, path in tqdm(todo, desc=f"{desc} ({self.embedder.name})", unit="chunk",
+                                  disable=len(todo) < 2):
+            vectors = self.embedder.encode(part, batch_size=self.batch_size)
+            tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npy")
+            np.save(tmp, vectors)
+            os.replace(tmp, path)
+        return len(todo)
+
+    def iter_vectors(self, texts: list[str]):
+        """Vectors chunk by chunk (each complete on disk), without holding them all in memory twice."""
+        for part, path in self.chunks(texts):
+            vectors = np.load(path)
+            if vectors.shape != (len(part), self.embedder.dim):
+                raise UserError(f"{path}: cached embeddings have shape {vectors.shape}; delete the file to redo it")
+            yield vectors
+
+    def load(self, texts: list[str]) -> np.ndarray:
+        self.fill(texts)
+        parts = list(self.iter_vectors(texts))
+        return np.concatenate(parts) if parts else np.zeros((0, self.embedder.dim), np.float32)
+
+
+def build_embedder(args: SelectArgs, eval_texts: list[str], corpus_texts: list[str]) -> Embedder:
+    """The embedder; a TF-IDF one gets its IDF from the eval texts plus a fixed sample of the corpus."""
+    embedder = get_embedder(args.embedder, base_url=args.embed_base_url)
+    fit = getattr(embedder, "fit", None)
+    if fit is not None:
+        sample = corpus_texts
+        if len(sample) > TFIDF_FIT_SAMPLE:
+            sample = random.Random(0).sample(corpus_texts, TFIDF_FIT_SAMPLE)
+        fit(eval_texts + sample)
+    return embedder
+
+
+def search_corpus(cache: EmbeddingCache, texts: list[str], eval_vectors: np.ndarray, top_k: int):
+    """Each eval item's top-k training items (sims, ids), and each training item's best eval similarity.
+
+    The corpus index is built chunk by chunk; the nearest-eval pass runs on each chunk as it is added.
+    """
+    import faiss
+
+    dim = eval_vectors.shape[1]
+    corpus_index, eval_index = faiss.IndexFlatIP(dim), faiss.IndexFlatIP(dim)
+    eval_index.add(eval_vectors)
+    best = []
+    for vectors in cache.iter_vectors(texts):
+        corpus_index.add(vectors)
+        sims, _ = eval_index.search(vectors, 1)
+        best.append(sims[:, 0])
+    sims, ids = corpus_index.search(eval_vectors, min(top_k, len(texts)))
+    return sims, ids, np.concatenate(best) if best else np.zeros(0, np.float32)
+
+
+def conversation_key(record: dict) -> str:
+    """Identical conversations (ignoring case and surrounding space) share a key."""
+    text = "\x00".join(f"{m['role']}\x01{m['content'].strip().lower()}" for m in record["messages"])
+    return hashlib.sha1(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def _subject_stats(eval_items: list[EvalItem]) -> dict[str, dict[str, Any]]:
+    stats: dict[str, dict[str, Any]] = {}
+    for item in eval_items:
+        s = stats.setdefault(item.subject, {"eval_items": 0, "recalled": 0, "kept": 0, "below_min_sim": 0,
+                                            "too_similar": 0, "duplicate": 0, "contaminated": 0, "_sims": []})
+        s["eval_items"] += 1
+    return stats
+
+
+def recall(eval_items: list[EvalItem], records: list[dict], sims: np.ndarray, ids: np.ndarray,
+           leaking: np.ndarray, args: SelectArgs) -> tuple[list[tuple[int, int, float]], dict]:
+    """(train index, eval index, similarity) of the kept items, best first, and per-subject counts.
+
+    A pair is dropped as too similar when its similarity reaches max_sim, or when the training item
+    reaches max_sim with any other eval item (it would leak that one).
+    """
+    stats = _subject_stats(eval_items)
+    candidates = []
+    for e, (row_sims, row_ids) in enumerate(zip(sims, ids)):
+        s = stats[eval_items[e].subject]
+        for sim, t in zip(row_sims.tolist(), row_ids.tolist()):
+            if t < 0:
+                continue
+            s["recalled"] += 1
+            s["_sims"].append(sim)
+            if sim >= args.max_sim or leaking[t]:
+                s["too_similar"] += 1
+            elif sim < args.min_sim:
+                s["below_min_sim"] += 1
+            else:
+                candidates.append((t, e, sim))
+    candidates.sort(key=lambda c: -c[2])
+    taken_items: set[int] = set()
+    taken_keys: set[str] = set()
+    kept = []
+    for t, e, sim in candidates:
+        key = conversation_key(records[t])
+        if t in taken_items or key in taken_keys:
+            stats[eval_items[e].subject]["duplicate"] += 1
+            continue
+        taken_items.add(t)
+        taken_keys.add(key)
+        kept.append((t, e, sim))
+    return kept, stats
+
+
+def draw_random(records: list[dict], count: int, exclude: set[int], ngrams: NgramIndex, ratio: float,
+                rng: random.Random) -> list[int]:
+    """`count` random conversations, none in `exclude`, none twice, none copying an eval question."""
+    order = [i for i in range(len(records)) if i not in exclude]
+    rng.shuffle(order)
+    keys = {conversation_key(records[i]) for i in exclude}
+    chosen: list[int] = []
+    for i in order:
+        if len(chosen) >= count:
+            break
+        key = conversation_key(records[i])
+        overlaps = ngrams.overlaps(record_text(records[i], "conversation"))
+        if key in keys or (overlaps and max(overlaps.values()) >= ratio):
+            continue
+        keys.add(key)
+        chosen.append(i)
+    if len(chosen) < count:
+        log.warning("only %d clean items left to draw from (wanted %d)", len(chosen), count)
+    return chosen
+
+
+def _histogram(values: list[float]) -> dict[str, list]:
+    counts, _ = np.histogram(np.clip(values, 0, 1), bins=HIST_EDGES)
+    return {"edges": HIST_EDGES, "counts": counts.tolist()}
+
+
+def select(args: SelectArgs) -> dict[str, Any]:
+    """Run the whole selection; returns the statistics (also written to out/select_stats.json)."""
+    from medgpt.data.readers import convert, write_jsonl
+    from medgpt.train.common import write_json
+
+    args.check()
+    eval_items = load_eval_items(args.eval, args.split, args.subjects)
+    records, read_stats = read_corpus(args.corpus, on_error=args.on_error, max_samples=args.max_samples)
+    if not records:
+        raise UserError(f"{args.corpus}: no usable training records")
+    texts = [record_text(r, args.corpus_text) for r in records]
+    eval_texts = [e.text for e in eval_items]
+    embedder = build_embedder(args, eval_texts, texts)
+    cache = EmbeddingCache(args.cache_dir or default_cache_dir(), embedder, args.chunk_size, args.batch_size)
+    embedded = cache.fill(texts, args.shard, desc="corpus")
+    if args.shard is not None:
+        return {"shard": list(args.shard), "embedded_chunks": embedded, "cache": str(cache.folder)}
+    eval_vectors = cache.load(eval_texts)
+    sims, ids, best = search_corpus(cache, texts, eval_vectors, args.top_k)
+    leaking = best >= args.max_sim
+    kept, subjects = recall(eval_items, records, sims, ids, leaking, args)
+
+    # the leakage guard's second signal: n-gram copies of eval questions in what was recalled
+    chosen = [t for t, _, _ in kept]
+    report = find_contamination([record_text(records[t], "conversation") for t in chosen],
+                                [records[t]["_loc"] for t in chosen], eval_items, args.contamination)
+    flagged = {chosen[i] for i in report["contaminated_train_indices"]}
+    if not args.keep_contaminated:
+        for t, e, _ in kept:
+            if t in flagged:
+                subjects[eval_items[e].subject]["contaminated"] += 1
+        kept = [k for k in kept if k[0] not in flagged]
+    for t, e, _ in kept:
+        subjects[eval_items[e].subject]["kept"] += 1
+
+    rng = random.Random(args.seed)
+    ngrams = NgramIndex([e.text for e in eval_items], args.contamination.zh_ngram, args.contamination.en_ngram)
+    unsafe = set(np.nonzero(leaking)[0].tolist()) | flagged
+    n_random = round(len(kept) * args.random_ratio / (1 - args.random_ratio))
+    extra = draw_random(records, n_random, unsafe | {t for t, _, _ in kept}, ngrams,
+                        args.contamination.ngram_ratio, rng) if n_random else []
+    selected = [t for t, _, _ in kept] + extra
+
+    out = Path(args.out).expanduser()
+    write_jsonl(out / SELECTED, convert([records[t] for t in selected], "sharegpt"))
+    write_jsonl(out / RECALL, [{"train": records[t]["_loc"], "eval": eval_items[e].id, "subject": eval_items[e].subject,
+                                "similarity": round(sim, 4), "source": "recall"} for t, e, sim in kept]
+                + [{"train": records[t]["_loc"], "source": "random"} for t in extra])
+    baseline: list[int] = []
+    if args.baseline == "random":
+        baseline = draw_random(records, len(selected), unsafe, ngrams, args.contamination.ngram_ratio,
+                               random.Random(args.seed + 1))
+        write_jsonl(out / BASELINE, convert([records[t] for t in baseline], "sharegpt"))
+    final = find_contamination([record_text(records[t], "conversation") for t in selected],
+                               [records[t]["_loc"] for t in selected], eval_items, args.contamination)
+    final.pop("contaminated_train_indices")
+    write_json(out / CONTAMINATION, final)
+
+    for s in subjects.values():
+        s["histogram"] = _histogram(s.pop("_sims"))
+    stats = {
+        "eval": args.eval, "corpus": args.corpus, "embedder": embedder.name, "embedding_space": cache.space,
+        "settings": {k: getattr(args, k) for k in ("split", "corpus_text", "top_k", "min_sim", "max_sim",
+                                                   "random_ratio", "baseline", "seed")},
+        "counts": {"eval_items": len(eval_items), "corpus": len(records), "corpus_too_similar": int(leaking.sum()),
+                   "recalled_kept": len(kept), "contaminated_dropped": 0 if args.keep_contaminated else len(flagged),
+                   "random_added": len(extra), "selected": len(selected), "baseline": len(baseline)},
+        "subjects": subjects,
+        "contamination": {"recalled": report["summary"], "written": final["summary"]},
+        "corpus_read": read_stats.to_dict(),
+        "files": {"selected": str(out / SELECTED), "recall": str(out / RECALL),
+                  "baseline": str(out / BASELINE) if baseline else None, "contamination": str(out / CONTAMINATION)},
+    }
+    write_json(out / STATS, stats)
+    return stats

@@ -1,0 +1,30 @@
+"""Kahneman-Tversky optimization with TRL's KTOTrainer, on unpaired feedback: each example is one
+response labelled desirable or not. Preference pairs give one desirable (chosen) and one undesirable
+(rejected) example each; `{"prompt", "completion", "label"}` rows are taken as they are. `beta`,
+`desirable_weight` and `undesirable_weight` come from the config (weight the rarer label up when the counts
+differ). As in DPO, with LoRA the reference is the adapter-disabled model. KTO estimates its KL term from
+the other examples of a batch, so per_device_train_batch_size must be at least 2.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+from trl import KTOConfig
+
+from medgpt.config import Config
+from medgpt.train import common, prefs
+from medgpt.train.records import read_unpaired
+
+CONFIG_CLASS = KTOConfig
+
+unpaired_datasets = partial(prefs.pref_datasets, kind="unpaired", read=read_unpaired, responses=("completion",),
+                            carry=("label",))
+
+
+def run(cfg: Config) -> dict:
+    from trl import KTOTrainer
+
+    trainer, stats = prefs.build_trainer(cfg, KTOTrainer, datasets=unpaired_datasets,
+                                         ref_model=prefs.reference_model(cfg))
+    return common.train_and_save(trainer, cfg, stats)

@@ -1,0 +1,660 @@
+"""RLHF with PPO (Ziegler et al. 2019, "Fine-Tuning Language Models from Human Preferences").
+
+TRL 1.x has no PPO trainer, so the algorithm lives here as one readable loop. Each step:
+
+1. rollout: sample a response to each of `rollout_batch_size` prompts from the policy (LoRA on the base);
+2. score: a frozen reward model (`stage: rm`) and/or reward functions give each response one number;
+3. per-token rewards: `-kl_coef * (log p_policy - log p_reference)` on every response token, plus the
+   score on the last one. The reference is the same network with its LoRA adapter switched off, so no
+   second copy of the weights is held;
+4. advantages by GAE from a value head on the policy's last hidden state;
+5. `ppo_epochs` passes over the rollout in shuffled minibatches, minimising the clipped policy loss plus
+   `vf_coef` times the clipped value loss;
+6. `adaptive_kl` moves `kl_coef` so the KL to the reference approaches `target_kl`.
+
+The step number alone fixes which prompts a step uses and its random seed, so a resumed run continues
+exactly where the checkpoint left off.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib
+import json
+import logging
+import math
+import random
+import shutil
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import TrainingArguments
+
+from medgpt.config import Config
+from medgpt.errors import UserError
+from medgpt.train import common
+
+log = logging.getLogger(__name__)
+
+VALUE_HEAD = "value_head.safetensors"
+STATE_FILE = "trainer_state.json"
+REFERENCE_ADAPTER = "reference"
+
+
+@dataclass
+class PPOConfig(TrainingArguments):
+    """TrainingArguments plus the PPO knobs.
+
+    One step = one rollout of `rollout_batch_size` prompts (per process), then `ppo_epochs` passes over it
+    in minibatches of `mini_batch_size` (one optimizer step each, computed in chunks of
+    per_device_train_batch_size). `max_steps` counts rollouts; generation and scoring run in chunks of
+    per_device_eval_batch_size.
+    """
+
+    reward_model: str | None = None  # reward model folder (full model, or the LoRA adapter `stage: rm` wrote)
+    reward_adapter: str | None = None  # LoRA seq-cls adapter on top of reward_model
+    reward_fn: str | None = None  # comma-separated reward functions: registry names or module:function
+    reward_kwargs: dict[str, Any] = field(default_factory=dict)  # keyword arguments for the reward functions
+    missing_eos_penalty: float = 0.0  # subtracted from the score of a response cut off by max_new_tokens
+    kl_coef: float = 0.05
+    adaptive_kl: bool = False
+    target_kl: float = 6.0  # nats per response, the adaptive controller's target
+    horizon: int = 10000  # responses over which the adaptive controller moves kl_coef by up to 20%
+    gamma: float = 1.0
+    lam: float = 0.95
+    cliprange: float = 0.2
+    cliprange_value: float = 0.2
+    vf_coef: float = 0.1
+    ppo_epochs: int = 4
+    rollout_batch_size: int = 16
+    mini_batch_size: int | None = None  # default per_device_train_batch_size * gradient_accumulation_steps
+    max_prompt_length: int = 512
+    max_new_tokens: int = 128
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    whiten_rewards: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.mini_batch_size is None:
+            self.mini_batch_size = self.per_device_train_batch_size * self.gradient_accumulation_steps
+        if self.mini_batch_size % self.per_device_train_batch_size:
+            raise ValueError(f"mini_batch_size {self.mini_batch_size} is not a multiple of "
+                             f"per_device_train_batch_size {self.per_device_train_batch_size}")
+        if self.rollout_batch_size < self.mini_batch_size:
+            raise ValueError(f"rollout_batch_size {self.rollout_batch_size} is smaller than mini_batch_size "
+                             f"{self.mini_batch_size}")
+        if not (self.reward_model or self.reward_fn):
+            raise ValueError("ppo needs a reward: set reward_model (a `stage: rm` output) or reward_fn")
+        if self.reward_adapter and not self.reward_model:
+            raise ValueError("reward_adapter needs reward_model (the base model it was trained on)")
+        if self.temperature <= 0:
+            raise ValueError("temperature must be > 0 (PPO samples its rollouts)")
+
+
+CONFIG_CLASS = PPOConfig
+
+
+# ---- rewards ------------------------------------------------------------------------------------
+
+
+def _keyword_reward(completions: list[list[dict]], keywords: str | list[str] = (), **_: Any) -> list[float]:
+    """The share of `keywords` a response mentions (case-insensitive)."""
+    words = [k.strip().lower() for k in (keywords.split(",") if isinstance(keywords, str) else keywords) if k.strip()]
+    if not words:
+        raise UserError("reward_fn keyword: set reward_kwargs: {keywords: [word, ...]}")
+    texts = [c[-1]["content"].lower() for c in completions]
+    return [sum(w in text for w in words) / len(words) for text in texts]
+
+
+def _length_reward(completion_ids: list[list[int]], target_length: int = 64, **_: Any) -> list[float]:
+    """1 at `target_length` tokens, falling linearly to 0 at none or twice as many: concise answers."""
+    return [max(0.0, 1.0 - abs(len(ids) - target_length) / target_length) for ids in completion_ids]
+
+
+REWARD_FUNCTIONS: dict[str, Callable[..., list[float]]] = {"keyword": _keyword_reward, "length": _length_reward}
+
+
+def reward_function(name: str) -> Callable[..., list[float]]:
+    """A reward function by registry name or `module:function` (called like TRL's GRPO reward functions)."""
+    if name in REWARD_FUNCTIONS:
+        return REWARD_FUNCTIONS[name]
+    module, sep, attr = name.rpartition(":") if ":" in name else name.rpartition(".")
+    if not sep or not module:
+        raise UserError(f"reward_fn {name!r}: expected one of {', '.join(REWARD_FUNCTIONS)} or module:function")
+    try:
+        fn = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as exc:
+        raise UserError(f"reward_fn {name!r}: cannot import it ({exc})") from exc
+    if not callable(fn):
+        raise UserError(f"reward_fn {name!r}: not a function")
+    return fn
+
+
+class RewardModel:
+    """A frozen sequence-classification model scoring the whole conversation (its logit 0)."""
+
+    def __init__(self, cfg: Config, device: torch.device) -> None:
+        from medgpt.data.templates import get_template
+        from medgpt.models import adapter_base, load_model, load_tokenizer, read_meta
+
+        args: PPOConfig = cfg.train
+        base, adapter = args.reward_model, args.reward_adapter
+        if not adapter and (Path(base) / "adapter_config.json").exists():
+            base, adapter = adapter_base(base), base
+        if not base:
+            raise UserError(f"{adapter}: the reward adapter does not name its base model; set reward_model")
+        meta = read_meta(adapter or base)
+        self.tokenizer = load_tokenizer(adapter if adapter and (Path(adapter) / "tokenizer_config.json").exists()
+                                        else base, cfg.model.trust_remote_code)
+        self.template = get_template(meta.get("template", cfg.model.template), self.tokenizer)
+        model_args = dataclasses.replace(cfg.model, model=base, adapter=adapter)
+        self.model = load_model(model_args, training=False, head="seq_cls").to(device).requires_grad_(False)
+        self.model.config.pad_token_id = self.tokenizer.pad_token_id
+        self.system = cfg.data.system
+        self.batch_size = args.per_device_eval_batch_size
+        self.device = device
+
+    @torch.no_grad()
+    def __call__(self, prompts: list[list[dict]], completions: list[list[dict]], **_: Any) -> list[float]:
+        from trl.trainer.utils import pad
+
+        scores: list[float] = []
+        for start in range(0, len(prompts), self.batch_size):
+            ids = [torch.tensor(self.template.encode(self.tokenizer, p + c, system=self.system)["input_ids"])
+                   for p, c in zip(prompts[start:start + self.batch_size], completions[start:start + self.batch_size])]
+            input_ids = pad(ids, self.tokenizer.pad_token_id, "right").to(self.device)
+            mask = pad([torch.ones_like(i) for i in ids], 0, "right").to(self.device)
+            scores += self.model(input_ids=input_ids, attention_mask=mask).logits[:, 0].float().tolist()
+        return scores
+
+
+def build_scorers(cfg: Config, device: torch.device) -> list[Callable[..., list[float]]]:
+    """The reward model and reward functions whose scores are summed into one score per response."""
+    args: PPOConfig = cfg.train
+    scorers: list[Callable[..., list[float]]] = [RewardModel(cfg, device)] if args.reward_model else []
+    for name in (args.reward_fn or "").split(","):
+        if name.strip():
+            fn = reward_function(name.strip())
+            scorers.append(lambda fn=fn, **kw: fn(**kw, **args.reward_kwargs))
+    return scorers
+
+
+# ---- the policy, its value head and the reference ----------------------------------------------
+
+
+class ActorCritic(torch.nn.Module):
+    """The policy LM and a scalar value head on its last hidden state: one module to train and prepare."""
+
+    def __init__(self, policy: torch.nn.Module) -> None:
+        super().__init__()
+        self.policy = policy
+        hidden = policy.get_input_embeddings().embedding_dim
+        self.value_head = torch.nn.Linear(hidden, 1)
+        torch.nn.init.zeros_(self.value_head.weight)
+        torch.nn.init.zeros_(self.value_head.bias)
+
+    def forward(self, input_ids, attention_mask, logits_to_keep: int):
+        out = self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions(attention_mask),
+                          logits_to_keep=logits_to_keep, output_hidden_states=True, use_cache=False)
+        return out.logits, self.value_head(out.hidden_states[-1]).squeeze(-1)
+
+
+def positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that skip left padding, as generate() computes them."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def build_policy(cfg: Config, checkpoint: str | None):
+    """The trainable policy and a context manager that turns it into the frozen reference.
+
+    LoRA: the reference is the base model (adapter disabled), or, when a trained adapter is given as
+    `adapter:`, a frozen second copy of that adapter only. Full fine-tuning keeps a frozen model copy.
+    """
+    from peft import get_peft_model, load_peft_weights, set_peft_model_state_dict
+    from trl.trainer.utils import disable_dropout_in_model, use_adapter
+
+    if cfg.run.method == "full" and cfg.model.adapter:
+        raise UserError("ppo with method full trains a whole model: merge the adapter first (medgpt merge)")
+    policy = common.load_policy(cfg if not (cfg.run.method == "full" and checkpoint)
+                                else dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, model=checkpoint)))
+    reference = None
+    if cfg.run.method == "full":
+        reference = common.load_policy(cfg).requires_grad_(False).eval()
+        disable_dropout_in_model(reference)
+    elif cfg.model.adapter:
+        policy.load_adapter(cfg.model.adapter, adapter_name=REFERENCE_ADAPTER, is_trainable=False)
+        policy.set_adapter("default")
+    else:
+        policy = get_peft_model(policy, common.peft_config(cfg))
+    if checkpoint and cfg.run.method != "full":
+        set_peft_model_state_dict(policy, load_peft_weights(checkpoint), adapter_name="default")
+    disable_dropout_in_model(policy)  # dropout would make the update's log-probs differ from the rollout's
+    if cfg.train.activation_checkpointing:
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    @contextlib.contextmanager
+    def as_reference():
+        if reference is not None:
+            yield reference
+        else:
+            with use_adapter(policy, REFERENCE_ADAPTER if cfg.model.adapter else None):
+                yield policy
+
+    return policy, reference, as_reference
+
+
+# ---- rollouts -----------------------------------------------------------------------------------
+
+
+def load_prompts(cfg: Config, tokenizer, template) -> tuple[list[dict], dict]:
+    """Prompts (the conversation up to its last user turn) of the SFT records, with their token ids."""
+    from medgpt.data.readers import filter_by_length
+
+    if cfg.data.eval_data or cfg.data.val_size:
+        raise UserError("ppo has no evaluation split: unset eval_data and val_size")
+    records, _, stats = common.load_records(cfg, "sft")
+    prompts = []
+    for record in records:
+        messages = record["messages"]
+        last_user = max(i for i, m in enumerate(messages) if m["role"] == "user")
+        prompt = messages[:last_user + 1]
+        reference = messages[last_user + 1]["content"] if last_user + 1 < len(messages) else None
+        ids = template.encode_prompt(tokenizer, prompt, system=cfg.data.system)
+        prompts.append({"prompt": prompt, "reference": reference, "ids": ids, "_loc": record.get("_loc", "?")})
+    limit = cfg.train.max_prompt_length
+    keep = filter_by_length(prompts, [len(p["ids"]) for p in prompts], limit, cfg.data.overlong, stats["train"])
+    prompts = [{**prompts[i], "ids": prompts[i]["ids"][-limit:]} for i in keep]  # keep the end: the question
+    if not prompts:
+        raise UserError(f"{cfg.data.data}: every prompt is longer than max_prompt_length {limit}")
+    return prompts, stats
+
+
+def prompts_for_step(n_prompts: int, step: int, batch: int, rank: int, world: int, seed: int) -> list[int]:
+    """Indices into a stream of shuffled passes over the prompts: fixed by the step alone, so resume is exact."""
+    orders: dict[int, list[int]] = {}
+    out = []
+    for k in range((step * world + rank) * batch, (step * world + rank + 1) * batch):
+        epoch, i = divmod(k, n_prompts)
+        if epoch not in orders:
+            orders[epoch] = list(range(n_prompts))
+            random.Random(seed + epoch).shuffle(orders[epoch])
+        out.append(orders[epoch][i])
+    return out
+
+
+@dataclass
+class Rollout:
+    """One batch of prompt+response sequences (prompts left-padded to width P) and what PPO needs of them."""
+
+    input_ids: torch.Tensor  # [N, P + R]
+    attention_mask: torch.Tensor
+    responses: torch.Tensor  # [N, R]
+    mask: torch.Tensor  # [N, R] 1 on response tokens (through the stop token)
+    scores: torch.Tensor  # [N]
+    logprobs: torch.Tensor | None = None
+    values: torch.Tensor | None = None
+    advantages: torch.Tensor | None = None
+    returns: torch.Tensor | None = None
+
+    def rows(self, index: torch.Tensor) -> Rollout:
+        return Rollout(**{f.name: None if getattr(self, f.name) is None else getattr(self, f.name)[index]
+                          for f in dataclasses.fields(self)})
+
+
+def generate(policy, tokenizer, prompt_ids: list[list[int]], args: PPOConfig, stop_ids: list[int]) -> list[list[int]]:
+    """Sample one response per prompt; each is cut after its first stop token."""
+    from transformers import GenerationConfig
+    from trl.trainer.utils import pad
+
+    device = next(policy.parameters()).device
+    ids = [torch.tensor(p) for p in prompt_ids]
+    input_ids = pad(ids, tokenizer.pad_token_id, "left").to(device)
+    mask = pad([torch.ones_like(i) for i in ids], 0, "left").to(device)
+    # every sampling knob set explicitly: the model's own defaults (top_p, repetition_penalty) would make the
+    # sampled distribution differ from the one whose log-probs PPO optimises
+    config = GenerationConfig(do_sample=True, temperature=args.temperature, top_k=args.top_k,
+                              top_p=args.top_p, max_new_tokens=args.max_new_tokens, eos_token_id=stop_ids,
+                              pad_token_id=tokenizer.pad_token_id, repetition_penalty=1.0)
+    out = policy.generate(input_ids=input_ids, attention_mask=mask, generation_config=config)
+    responses = []
+    for row in out[:, input_ids.shape[1]:].tolist():
+        end = next((i + 1 for i, t in enumerate(row) if t in stop_ids), len(row))
+        responses.append(row[:end])
+    return responses
+
+
+def response_stats(model: ActorCritic | torch.nn.Module, batch: Rollout, temperature: float, with_values: bool = True):
+    """Log-probs and entropies of the response tokens (and values of the states before each) under `model`."""
+    from trl.trainer.utils import selective_log_softmax_and_entropy
+
+    width = batch.responses.shape[1]
+    if with_values:
+        logits, values = model(batch.input_ids, batch.attention_mask, logits_to_keep=width + 1)
+        values = values[:, -width - 1:-1]
+    else:
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                       position_ids=positions(batch.attention_mask), logits_to_keep=width + 1, use_cache=False).logits
+        values = None
+    logprobs, entropy = selective_log_softmax_and_entropy(logits[:, :-1].float(), batch.responses,
+                                                          temperature=temperature)
+    return logprobs, entropy, values
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1) if dim is not None else (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    whitened = (x - mean) * torch.rsqrt(var + 1e-8)
+    return whitened if shift_mean else whitened + mean
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, gamma: float, lam: float) -> torch.Tensor:
+    """Generalised advantage estimates; padding has zero value and reward, so it adds nothing."""
+    advantages = torch.zeros_like(rewards)
+    last = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[1])):
+        next_value = values[:, t + 1] if t + 1 < rewards.shape[1] else 0.0
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        last = delta + gamma * lam * last
+        advantages[:, t] = last
+    return advantages
+
+
+class KLController:
+    """Fixed kl_coef, or the adaptive controller of Ziegler et al. that steers the KL towards target_kl."""
+
+    def __init__(self, args: PPOConfig, value: float) -> None:
+        self.value, self.args = value, args
+
+    def update(self, kl: float, n_responses: int) -> None:
+        if self.args.adaptive_kl:
+            error = max(-0.2, min(0.2, kl / self.args.target_kl - 1))
+            self.value *= 1 + error * n_responses / self.args.horizon
+
+
+# ---- the loop -----------------------------------------------------------------------------------
+
+
+class PPO:
+    """The state of one PPO run: models, optimizer, schedule; `step()` does one rollout and its updates."""
+
+    def __init__(self, cfg: Config) -> None:
+        from accelerate import Accelerator
+        from accelerate.utils import set_seed
+        from transformers import get_scheduler
+
+        from medgpt.data.templates import get_template
+        from medgpt.models import load_tokenizer
+
+        self.cfg, self.args = cfg, cfg.train
+        args = self.args
+        self.accelerator = Accelerator(cpu=args.use_cpu, mixed_precision=args.mixed_precision)
+        set_seed(args.seed)
+        self.tokenizer = load_tokenizer(cfg.model.adapter or cfg.model.model, cfg.model.trust_remote_code)
+        self.template = get_template(cfg.model.template, self.tokenizer)
+        self.prompts, self.stats = load_prompts(cfg, self.tokenizer, self.template)
+        self.stop_ids = stop_token_ids(self.tokenizer, self.template)
+        self.scorers = build_scorers(cfg, self.accelerator.device)
+        self.checkpoint = common.last_checkpoint(cfg)
+        state = json.loads((Path(self.checkpoint) / STATE_FILE).read_text()) if self.checkpoint else {}
+        self.global_step = state.get("global_step", 0)
+        self.kl = KLController(args, state.get("kl_coef", args.kl_coef))
+
+        policy, reference, self.as_reference = build_policy(cfg, self.checkpoint)
+        model = ActorCritic(policy)
+        if self.checkpoint:
+            from safetensors.torch import load_file
+
+            model.value_head.load_state_dict(load_file(Path(self.checkpoint) / VALUE_HEAD))
+        if reference is not None:
+            reference.to(self.accelerator.device)
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                                      eps=args.adam_epsilon, weight_decay=args.weight_decay)
+        world = self.accelerator.num_processes
+        per_epoch = math.ceil(len(self.prompts) / (args.rollout_batch_size * world))
+        self.total_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * per_epoch)
+        updates = self.total_steps * args.ppo_epochs * math.ceil(args.rollout_batch_size / args.mini_batch_size)
+        scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=args.get_warmup_steps(updates),
+                                  num_training_steps=updates, scheduler_specific_kwargs=args.lr_scheduler_kwargs)
+        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        self.scheduler = scheduler  # stepped once per optimizer step here, so not wrapped by accelerate
+        if self.checkpoint:
+            self.optimizer.load_state_dict(torch.load(Path(self.checkpoint) / "optimizer.pt", weights_only=True))
+            self.scheduler.load_state_dict(torch.load(Path(self.checkpoint) / "scheduler.pt", weights_only=True))
+            log.info("resumed from %s at step %d", self.checkpoint, self.global_step)
+
+    @property
+    def unwrapped(self) -> ActorCritic:
+        return self.accelerator.unwrap_model(self.model)
+
+    @torch.no_grad()
+    def rollout(self) -> tuple[Rollout, dict[str, float]]:
+        """Sample, score, and turn the scores into per-token rewards and advantages."""
+        from trl.trainer.utils import pad
+
+        args, acc = self.args, self.accelerator
+        picked = [self.prompts[i] for i in prompts_for_step(len(self.prompts), self.global_step, args.rollout_batch_size,
+                                                            acc.process_index, acc.num_processes, args.seed)]
+        policy = self.unwrapped.policy
+        self.model.eval()
+        chunk = args.per_device_eval_batch_size
+        with acc.autocast():
+            responses = [r for s in range(0, len(picked), chunk)
+                         for r in generate(policy, self.tokenizer, [p["ids"] for p in picked[s:s + chunk]], args,
+                                           self.stop_ids)]
+        finished = [bool(r) and r[-1] in self.stop_ids for r in responses]
+        texts = [self.tokenizer.decode(r[:-1] if done else r, skip_special_tokens=True)
+                 for r, done in zip(responses, finished)]
+        columns = {"prompts": [p["prompt"] for p in picked],
+                   "completions": [[{"role": "assistant", "content": t}] for t in texts],
+                   "completion_ids": [r[:-1] if done else r for r, done in zip(responses, finished)],
+                   "reference": [p["reference"] for p in picked]}
+        scores = torch.tensor([sum(s) for s in zip(*(self._score(fn, columns) for fn in self.scorers))],
+                              dtype=torch.float32, device=acc.device)
+        scores -= args.missing_eos_penalty * torch.tensor([not f for f in finished], dtype=torch.float32,
+                                                          device=acc.device)
+
+        prompt_ids = pad([torch.tensor(p["ids"]) for p in picked], self.tokenizer.pad_token_id, "left")
+        prompt_mask = pad([torch.ones(len(p["ids"]), dtype=torch.long) for p in picked], 0, "left")
+        response_ids = pad([torch.tensor(r) for r in responses],
+                           self.tokenizer.pad_token_id, "right")
+        response_mask = pad([torch.ones(len(r), dtype=torch.long) for r in responses], 0, "right")
+        batch = Rollout(input_ids=torch.cat([prompt_ids, response_ids], 1).to(acc.device),
+                        attention_mask=torch.cat([prompt_mask, response_mask], 1).to(acc.device),
+                        responses=response_ids.to(acc.device), mask=response_mask.float().to(acc.device),
+                        scores=scores)
+
+        logprobs, ref_logprobs, values, entropy = [], [], [], []
+        for rows in torch.arange(len(picked), device=acc.device).split(chunk):
+            part = batch.rows(rows)
+            with acc.autocast():
+                lp, ent, v = response_stats(self.model, part, args.temperature)
+                with self.as_reference() as reference:
+                    ref_lp, _, _ = response_stats(reference, part, args.temperature, with_values=False)
+            logprobs.append(lp), values.append(v.float()), ref_logprobs.append(ref_lp), entropy.append(ent)
+        mask = batch.mask
+        batch.logprobs = torch.cat(logprobs) * mask
+        batch.values = torch.cat(values) * mask
+        kl = (batch.logprobs - torch.cat(ref_logprobs) * mask)
+        rewards = -self.kl.value * kl
+        last = mask.sum(1).long().clamp(min=1) - 1
+        rewards[torch.arange(len(picked)), last] += scores
+        if args.whiten_rewards:
+            rewards = masked_whiten(rewards, mask, shift_mean=False) * mask
+        advantages = gae(rewards, batch.values, args.gamma, args.lam)
+        batch.returns = advantages + batch.values
+        batch.advantages = masked_whiten(advantages, mask) * mask
+        stats = {"reward": scores.mean().item(), "reward_std": scores.std().item() if len(scores) > 1 else 0.0,
+                 "kl": kl.sum(1).mean().item(), "entropy": masked_mean(torch.cat(entropy), mask).item(),
+                 "non_score_reward": (rewards.sum(1) - scores).mean().item() if not args.whiten_rewards else 0.0,
+                 "response_length": mask.sum(1).mean().item(), "kl_coef": self.kl.value,
+                 "finished": sum(finished) / len(finished)}
+        return batch, stats
+
+    def _score(self, fn: Callable[..., list[float]], columns: dict[str, list]) -> list[float]:
+        scores = fn(**columns)
+        if len(scores) != len(columns["prompts"]) or any(s is None for s in scores):
+            raise UserError(f"reward function {getattr(fn, '__name__', fn)}: expected one number per response")
+        return [float(s) for s in scores]
+
+    def update(self, batch: Rollout) -> dict[str, float]:
+        """`ppo_epochs` passes of clipped policy + value loss over the rollout in shuffled minibatches."""
+        args, acc = self.args, self.accelerator
+        self.model.train()
+        totals: dict[str, list[float]] = defaultdict(list)
+        for _ in range(args.ppo_epochs):
+            for minibatch in torch.randperm(len(batch.scores), device=acc.device).split(args.mini_batch_size):
+                for rows in minibatch.split(args.per_device_train_batch_size):
+                    part = batch.rows(rows)
+                    logprobs, entropy, values = response_stats(self.model, part, args.temperature)
+                    losses = ppo_losses(part, logprobs, values.float(), args)
+                    acc.backward((losses["policy_loss"] + args.vf_coef * losses["value_loss"]) * len(rows) / len(minibatch))
+                    losses["entropy"] = masked_mean(entropy, part.mask)
+                    for key, value in losses.items():
+                        totals[key].append(value.item())
+                if args.max_grad_norm:
+                    acc.clip_grad_norm_(self.model.parameters(), args.max_grad_norm)
+                self.optimizer.step()
+                self.scheduler.step()
+                self.optimizer.zero_grad()
+        stats = {k: sum(v) / len(v) for k, v in totals.items()}
+        stats["update_entropy"] = stats.pop("entropy")
+        stats["learning_rate"] = self.scheduler.get_last_lr()[0]
+        return stats
+
+    def save_checkpoint(self) -> None:
+        from medgpt.models import save_atomic
+
+        if not self.accelerator.is_main_process:
+            return
+        out = self.cfg.output_dir / f"checkpoint-{self.global_step}"
+
+        def save(tmp: Path) -> None:
+            from safetensors.torch import save_file
+
+            self.save_policy(tmp)
+            save_file(self.unwrapped.value_head.state_dict(), str(tmp / VALUE_HEAD))
+            torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
+            common.write_json(tmp / STATE_FILE, {"global_step": self.global_step, "kl_coef": self.kl.value})
+
+        save_atomic(out, save)
+        log.info("saved %s", out)
+        limit = self.args.save_total_limit
+        if limit:
+            old = sorted(self.cfg.output_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))[:-limit]
+            for folder in old:
+                shutil.rmtree(folder, ignore_errors=True)
+
+    def save_policy(self, folder: Path) -> None:
+        policy = self.unwrapped.policy
+        if self.cfg.run.method == "full":
+            policy.save_pretrained(folder, safe_serialization=True)
+        else:
+            policy.save_pretrained(folder, selected_adapters=["default"], safe_serialization=True)
+
+
+def stop_token_ids(tokenizer, template) -> list[int]:
+    """The ids that end a response: the template's single-token stop words and the tokenizer's EOS."""
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    for word in template.stop_words:
+        encoded = tokenizer.encode(word, add_special_tokens=False)
+        if len(encoded) == 1:
+            ids.append(encoded[0])
+    return list(dict.fromkeys(ids))
+
+
+def ppo_losses(batch: Rollout, logprobs: torch.Tensor, values: torch.Tensor, args: PPOConfig) -> dict[str, torch.Tensor]:
+    """Clipped surrogate policy loss and clipped value loss (Schulman et al. 2017), over response tokens."""
+    mask = batch.mask
+    clipped_values = batch.values + (values - batch.values).clamp(-args.cliprange_value, args.cliprange_value)
+    value_losses = torch.max((values - batch.returns) ** 2, (clipped_values - batch.returns) ** 2)
+    ratio = torch.exp(logprobs - batch.logprobs)
+    pg_losses = -batch.advantages * ratio
+    pg_clipped = -batch.advantages * ratio.clamp(1 - args.cliprange, 1 + args.cliprange)
+    with torch.no_grad():
+        stats = {"clip_frac": masked_mean((pg_clipped > pg_losses).float(), mask),
+                 "approx_kl": 0.5 * masked_mean((logprobs - batch.logprobs) ** 2, mask),
+                 "value_clip_frac": masked_mean(((clipped_values - batch.returns) ** 2 > (values - batch.returns) ** 2).float(), mask)}
+    return {"policy_loss": masked_mean(torch.max(pg_losses, pg_clipped), mask),
+            "value_loss": 0.5 * masked_mean(value_losses, mask), **stats}
+
+
+def run(cfg: Config) -> dict:
+    """Train with PPO; returns the metrics of the last logged steps."""
+    from tqdm.auto import tqdm
+
+    from medgpt.models import write_meta
+
+    common.prepare_output(cfg)
+    ppo = PPO(cfg)
+    args, acc = ppo.args, ppo.accelerator
+    writer = None
+    if acc.is_main_process and "tensorboard" in (args.report_to or []):
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(cfg.output_dir / "runs"))
+    every = _steps(args.logging_steps, ppo.total_steps)
+    save_every = _steps(args.save_steps, ppo.total_steps) if args.save_strategy != "no" else 0
+    pending: dict[str, list[float]] = defaultdict(list)
+    last: dict[str, float] = {}
+    bar = tqdm(total=ppo.total_steps, initial=ppo.global_step, desc="ppo", disable=not acc.is_local_main_process)
+    while ppo.global_step < ppo.total_steps:
+        torch.manual_seed(args.seed + ppo.global_step * acc.num_processes + acc.process_index)
+        batch, stats = ppo.rollout()
+        stats.update(ppo.update(batch))
+        ppo.kl.update(stats["kl"], args.rollout_batch_size * acc.num_processes)
+        ppo.global_step += 1
+        for key, value in stats.items():
+            pending[key].append(value)
+        bar.update()
+        bar.set_postfix(reward=f"{stats['reward']:.3f}", kl=f"{stats['kl']:.3f}")
+        if ppo.global_step % every == 0 or ppo.global_step == ppo.total_steps:
+            last = {k: acc.reduce(torch.tensor(sum(v) / len(v), device=acc.device), "mean").item()
+                    for k, v in pending.items()}
+            pending.clear()
+            if acc.is_main_process:
+                _log(cfg.output_dir, ppo.global_step, last, writer)
+        if save_every and ppo.global_step % save_every == 0 and ppo.global_step < ppo.total_steps:
+            ppo.save_checkpoint()
+    bar.close()
+    if writer:
+        writer.close()
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        out = cfg.output_dir
+        ppo.save_policy(out)
+        ppo.tokenizer.save_pretrained(str(out))
+        common.write_json(out / "data_stats.json", {split: s.to_dict() for split, s in ppo.stats.items()})
+        common.write_json(out / "final_metrics.json", {"global_step": ppo.global_step, **last})
+        write_meta(out, stage="ppo", method=cfg.run.method, base_model=cfg.model.model, adapter_base=cfg.model.adapter,
+                   template=cfg.model.template, complete=True,
+                   config={k: v for k, v in cfg.raw.items() if common._jsonable(v)})
+    return {"global_step": ppo.global_step, **last}
+
+
+def _steps(value: float, total: int) -> int:
+    """A TrainingArguments step interval: an int, or a float < 1 as a share of the total."""
+    return max(1, math.ceil(value * total) if value < 1 else int(value))
+
+
+def _log(output_dir: Path, step: int, stats: dict[str, float], writer) -> None:
+    import time
+
+    with (output_dir / common.METRICS_FILE).open("a", encoding="utf-8") as f:
+        f.write(json.dumps({"step": step, "time": time.time(), **stats}) + "\n")
+    if writer:
+        for key, value in stats.items():
+            writer.add_scalar(f"ppo/{key}", value, step)
+    log.info("step %d: %s", step, ", ".join(f"{k} {v:.4g}" for k, v in stats.items()))

@@ -1,0 +1,87 @@
+"""Continued pretraining on plain text, with TRL's SFTTrainer in language-modelling mode.
+
+Each document (a line of a .txt file, or a `text` field) is tokenized with an EOS appended, and the token
+stream is cut into `block_size` blocks ("wrapped" packing): a block may hold the end of one document and the
+start of the next, which attend to each other across the EOS. With `isolate_documents: true` documents are
+packed whole into blocks (best fit decreasing; a document longer than a block is split), trained
+padding-free with position ids that restart at every document, so transformers' packed-sequence masks
+(SDPA/eager) or the varlen flash-attention kernels keep the documents in a block from seeing one another.
+Evaluation reports perplexity.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from trl import SFTConfig
+
+from medgpt.config import Config
+from medgpt.errors import UserError
+from medgpt.train import common
+
+CONFIG_CLASS = SFTConfig
+
+
+@dataclass
+class PTArgs:
+    """How the text is cut into training blocks."""
+
+    block_size: int | None = None  # tokens per block; default: max_length (1024)
+    isolate_documents: bool = False  # no attention between documents packed into one block
+
+
+EXTRA_ARGS = (PTArgs,)
+
+
+def configure(cfg: Config) -> None:
+    """Turn block_size / isolate_documents into the SFT packing options they mean."""
+    pt: PTArgs = cfg.extra["PTArgs"]
+    if pt.block_size is not None:
+        if pt.block_size < 2:
+            raise UserError(f"block_size {pt.block_size}: must be at least 2 tokens")
+        if "max_length" in cfg.raw and cfg.train.max_length != pt.block_size:
+            raise UserError(f"block_size {pt.block_size} and max_length {cfg.train.max_length} disagree: set one")
+        cfg.train.max_length = pt.block_size
+    if not cfg.train.max_length:
+        raise UserError("stage pt needs a block size: set block_size (or max_length)")
+    cfg.train.packing = True
+    cfg.train.packing_strategy = "bfd_split" if pt.isolate_documents else "wrapped"
+    cfg.train.padding_free = pt.isolate_documents
+    cfg.train.dataset_text_field = "text"
+    cfg.train.completion_only_loss = False
+
+
+def build_trainer(cfg: Config):
+    """The SFTTrainer with its datasets already cut into blocks, and the read counts."""
+    from trl import SFTTrainer
+
+    from medgpt.models import load_tokenizer
+
+    configure(cfg)
+    tokenizer = load_tokenizer(cfg.model.adapter or cfg.model.model, cfg.model.trust_remote_code)
+    train, evals, stats = common.load_records(cfg, "pt")
+    train_ds = common.to_dataset(common.strip_locations(train))
+    eval_ds = common.to_dataset(common.strip_locations(evals))
+    common.enable_eval(cfg, eval_ds)
+    trainer = SFTTrainer(
+        model=common.load_policy(cfg),
+        args=cfg.train,
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        processing_class=tokenizer,
+        peft_config=common.peft_config(cfg),
+        callbacks=[common.metrics_callback(cfg.output_dir)],
+    )
+    return trainer, stats
+
+
+def perplexity(trainer) -> dict:
+    """exp(eval loss), from the final evaluation (in the trainer's log history)."""
+    losses = [row["eval_loss"] for row in trainer.state.log_history if "eval_loss" in row]
+    return {"eval_perplexity": math.exp(min(losses[-1], 50.0))} if losses else {}
+
+
+def run(cfg: Config) -> dict:
+    trainer, stats = build_trainer(cfg)
+    return common.train_and_save(trainer, cfg, stats, extra_metrics=perplexity)

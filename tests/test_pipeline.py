@@ -1,0 +1,160 @@
+"""The pipeline: stages wired to each other, every stage validated before any trains, a manifest that skips
+finished stages, re-runs what a config change affects, restarts with --from and resumes an interrupted stage."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+
+from medgpt.cli import main
+from medgpt.errors import UserError
+from medgpt.pipeline import build_pipeline, load_pipeline, plan, read_manifest, run_pipeline
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def tiny_config(model: str, sample_data: Path, run_dir: Path, **dpo) -> dict:
+    """SFT -> DPO on the tiny model, two steps each, a checkpoint every step."""
+    return {
+        "output_dir": str(run_dir), "model": model, "per_device_train_batch_size": 2, "logging_steps": 1,
+        "save_steps": 1, "report_to": "none", "report_max_new_tokens": 4,
+        "stages": [
+            {"stage": "sft", "data": str(sample_data / "sft" / "medical_sft.jsonl"), "max_length": 128, "max_steps": 2},
+            {"stage": "dpo", "data": str(sample_data / "pref" / "medical_pref.jsonl"), "max_length": 128,
+             "max_steps": 2, **dpo},
+        ],
+    }
+
+
+def actions(steps) -> dict[str, str]:
+    return {s.stage.name: s.action for s in steps}
+
+
+@pytest.mark.slow
+def test_pipeline_skips_restarts_and_resumes(tiny_model, sample_data, tmp_path, caplog):
+    run_dir = tmp_path / "run"
+    raw = tiny_config(tiny_model, sample_data, run_dir)
+    first = run_pipeline(build_pipeline(raw))
+    assert [(o.name, o.action) for o in first] == [("sft", "train"), ("dpo", "train")]
+    manifest = read_manifest(run_dir)
+    assert {e["status"] for e in manifest["stages"].values()} == {"done"}
+    # DPO started from the merged SFT model, and trained its own adapter on it
+    sft_merged = run_dir / "sft" / "merged"
+    assert (sft_merged / "model.safetensors").exists()
+    dpo_adapter = json.loads((run_dir / "dpo" / "adapter_config.json").read_text())
+    assert Path(dpo_adapter["base_model_name_or_path"]) == sft_merged
+    assert (run_dir / "dpo" / "merged" / "config.json").exists()
+    # one report for the run, and each stage's own (written by `train`, without answers)
+    assert "## Answers side by side" in (run_dir / "report.md").read_text()
+    assert (run_dir / "sft" / "report.html").exists()
+
+    # the same config again: nothing trains, the manifest is unchanged
+    dpo_weights = run_dir / "dpo" / "adapter_model.safetensors"
+    mtime = dpo_weights.stat().st_mtime_ns
+    again = run_pipeline(build_pipeline(raw), report=False)
+    assert [o.action for o in again] == ["skip", "skip"]
+    assert read_manifest(run_dir) == manifest
+    assert dpo_weights.stat().st_mtime_ns == mtime
+
+    # a changed DPO option changes DPO's hash only; a changed SFT option re-runs everything after it too
+    changed = plan(build_pipeline(tiny_config(tiny_model, sample_data, run_dir, beta=0.5)))
+    assert actions(changed) == {"sft": "skip", "dpo": "train"}
+    assert changed[1].hash != manifest["stages"]["dpo"]["hash"]
+    assert changed[0].hash == manifest["stages"]["sft"]["hash"]
+    sft_changed = tiny_config(tiny_model, sample_data, run_dir)
+    sft_changed["stages"][0]["learning_rate"] = 1e-3
+    assert actions(plan(build_pipeline(sft_changed))) == {"sft": "train", "dpo": "train"}
+
+    # --from dpo trains DPO again from scratch and keeps SFT
+    restarted = run_pipeline(build_pipeline(raw), start_from="dpo", report=False)
+    assert [o.action for o in restarted] == ["skip", "train"]
+    assert dpo_weights.stat().st_mtime_ns != mtime
+    manifest = read_manifest(run_dir)
+    assert (manifest["stages"]["sft"]["run"], manifest["stages"]["dpo"]["run"]) == (1, 2)
+
+    # DPO interrupted after its first checkpoint: the next run resumes it there and trains only step 2
+    entry = manifest["stages"]["dpo"]
+    entry["status"] = "running"
+    (run_dir / "manifest.json").write_text(json.dumps(manifest))
+    for leftover in ("checkpoint-2", "medgpt.json"):
+        path = run_dir / "dpo" / leftover
+        if path.is_dir():
+            import shutil
+
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    metrics = run_dir / "dpo" / "metrics.jsonl"
+    before = [json.loads(line) for line in metrics.read_text().splitlines()]
+    with caplog.at_level(logging.INFO, logger="medgpt"):
+        resumed = run_pipeline(build_pipeline(raw), report=False)
+    assert [o.action for o in resumed] == ["skip", "resume"]
+    assert any("checkpoint-1" in r.getMessage() for r in caplog.records if r.getMessage().startswith("resume"))
+    after = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert after[:len(before)] == before  # the log of the interrupted run is kept
+    new_steps = {row["step"] for row in after[len(before):] if "loss" in row}
+    assert new_steps == {2}
+    assert read_manifest(run_dir)["stages"]["dpo"]["status"] == "done"
+
+
+def test_handoff_adapter_and_reward_model_wiring(tiny_model, sample_data, tmp_path):
+    sft = str(sample_data / "sft" / "medical_sft.jsonl")
+    pref = str(sample_data / "pref" / "medical_pref.jsonl")
+    p = build_pipeline({"output_dir": str(tmp_path), "model": tiny_model, "handoff": "adapter", "stages": [
+        {"stage": "sft", "data": sft}, {"stage": "rm", "data": pref},
+        {"stage": "ppo", "data": sft}, {"stage": "dpo", "name": "dpo2", "data": pref}]})
+    sft_stage, rm, ppo, dpo = p.stages
+    assert (sft_stage.raw["model"], sft_stage.raw.get("adapter")) == (tiny_model, None)
+    assert (rm.raw["model"], rm.raw.get("adapter")) == (tiny_model, None)  # a new adapter with a score head
+    assert (ppo.raw["model"], ppo.raw["adapter"]) == (tiny_model, str(tmp_path / "sft"))
+    assert ppo.raw["reward_model"] == str(tmp_path / "rm")
+    assert dpo.raw["adapter"] == str(tmp_path / "ppo")  # the reward model is not the next policy
+    assert dpo.output_dir == tmp_path / "dpo2"
+    assert not any(s.merge for s in p.stages)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"stages": [{"stage": "sft", "data": "x.jsonl"}, {"stage": "dpo", "data": "y.jsonl", "betta": 0.1}]},
+     "stage dpo: unknown config key(s) for stage dpo: betta (did you mean beta?)"),
+    ({"stages": [{"stage": "sft", "data": "x.jsonl"}, {"stage": "dpo"}]}, "stage dpo: no training data"),
+    ({"stages": [{"stage": "sft", "data": "x"}, {"stage": "sft", "data": "y"}]}, "two stages are named 'sft'"),
+    ({"handoff": "copy"}, "handoff 'copy'"),
+    ({"stages": [{"data": "x"}]}, "stages[0]: expected a mapping with `stage:`"),
+])
+def test_bad_config_fails_before_anything_runs(tmp_path, change, message):
+    raw = {"output_dir": str(tmp_path / "run"), "stages": [{"stage": "sft", "data": "x.jsonl"}], **change}
+    with pytest.raises(UserError) as exc:
+        build_pipeline(raw)
+    assert message in str(exc.value)
+    assert not (tmp_path / "run").exists()
+
+
+def test_shipped_pipeline_configs_validate():
+    configs = sorted(EXAMPLES.glob("pipeline_*.yaml"))
+    assert len(configs) >= 10
+    for path in configs:
+        p = load_pipeline(path)
+        assert p.stages, path
+        assert all(s.cfg.data.data for s in p.stages), path
+    default = load_pipeline(EXAMPLES / "pipeline_smollm2.yaml")
+    assert [s.kind for s in default.stages] == ["pt", "sft", "dpo"]
+
+
+def test_cli_dry_run_with_overrides(tiny_model, sample_data, tmp_path, capsys):
+    import yaml
+
+    config = tmp_path / "p.yaml"
+    config.write_text(yaml.safe_dump(tiny_config(tiny_model, sample_data, tmp_path / "run")))
+    assert main(["pipeline", str(config), "--dry-run", "--max_steps", "3", "--dpo.beta", "0.3"]) == 0
+    out = capsys.readouterr().out
+    assert "sft" in out and "dpo" in out and out.count(" train ") == 2
+    p = load_pipeline(config, ["--max_steps", "3", "--dpo.beta", "0.3"])
+    assert [s.cfg.train.max_steps for s in p.stages] == [3, 3]
+    assert p.stages[1].cfg.train.beta == 0.3
+    assert main(["pipeline", str(config), "--from", "nope", "--dry-run"]) == 2
+    assert "--from nope" in capsys.readouterr().err
+    assert main(["pipeline", str(config), "--dry-run", "--ppo.kl_coef", "0.1"]) == 2
+    assert "unknown stage(s) ppo" in capsys.readouterr().err

@@ -1,0 +1,158 @@
+"""The API server: the official openai client against the bundled model; limits, keys, bad input, load."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+from medgpt.infer.engine import GenerationParams, load_engine
+from medgpt.infer.server import ServerSettings, create_app
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running(app):
+    """Serve `app` on a free loopback port in a thread; stopped (bounded) when the block ends."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{server.config.port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def bundled_server(bundled_model):
+    engine = load_engine(bundled_model)
+    settings = ServerSettings(defaults=GenerationParams(max_new_tokens=64), max_tokens_cap=48)
+    with running(create_app(engine, settings)) as url:
+        yield url, engine
+
+
+@pytest.fixture(scope="module")
+def tiny_server(tiny_model):
+    engine = load_engine(tiny_model, dtype="fp32", max_batch_size=8)
+    sources = [{"source": "kb/fever.md", "text": "Fevers are common."}]
+    settings = ServerSettings(defaults=GenerationParams(max_new_tokens=8), max_prompt_tokens=60, api_key="s3cret")
+    app = create_app(engine, settings, augment=lambda messages: (messages, sources))
+    with running(app) as url:
+        yield url, app
+
+
+@pytest.mark.slow
+def test_openai_client_non_streaming_and_streaming(bundled_server):
+    from openai import OpenAI
+
+    url, engine = bundled_server
+    client = OpenAI(base_url=f"{url}/v1", api_key="unused", timeout=120, max_retries=0)
+    assert [m.id for m in client.models.list()] == [engine.name]
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    reply = client.chat.completions.create(model="any", messages=messages, max_tokens=20, temperature=0)
+    text = reply.choices[0].message.content
+    assert "Paris" in text
+    expected = engine.generate([messages], GenerationParams(max_new_tokens=20))[0]
+    assert text == expected.text and reply.choices[0].finish_reason == expected.finish_reason
+    assert (reply.usage.prompt_tokens, reply.usage.completion_tokens) == (expected.prompt_tokens, expected.completion_tokens)
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
+
+    chunks = list(client.chat.completions.create(model="any", messages=messages, max_tokens=20, stream=True,
+                                                 stream_options={"include_usage": True}))
+    pieces = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    assert len(pieces) > 1 and "".join(pieces) == text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == expected.finish_reason
+    assert chunks[-1].usage.completion_tokens == expected.completion_tokens
+
+    capped = client.chat.completions.create(model="any", messages=[{"role": "user", "content": "Tell me a long story."}],
+                                            max_tokens=500)
+    assert capped.choices[0].finish_reason == "length" and capped.usage.completion_tokens == 48  # the server's cap
+    stopped = client.chat.completions.create(model="any", messages=messages, max_tokens=20, stop=["Paris"])
+    assert stopped.choices[0].finish_reason == "stop" and "Paris" not in stopped.choices[0].message.content
+    seeded = [client.chat.completions.create(model="any", messages=messages, max_tokens=12, temperature=1.0,
+                                             top_p=0.9, seed=5).choices[0].message.content for _ in range(2)]
+    assert seeded[0] == seeded[1]
+
+
+@pytest.mark.slow
+def test_seed_chat_endpoint(bundled_server):
+    url, _ = bundled_server
+    reply = httpx.post(f"{url}/chat", json={"message": "And of Italy?",
+                                            "history": [["What is the capital of France?", "Paris."]]}, timeout=120)
+    assert reply.status_code == 200
+    body = reply.json()
+    assert "Rome" in body["response"]
+    assert body["history"] == [["What is the capital of France?", "Paris."], ["And of Italy?", body["response"]]]
+
+
+def test_api_key_and_health(tiny_server):
+    url, _ = tiny_server
+    assert httpx.get(f"{url}/health").json()["status"] == "ok"  # no key needed
+    assert httpx.get(f"{url}/v1/models").status_code == 401
+    assert httpx.get(f"{url}/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert httpx.get(f"{url}/v1/models", headers={"Authorization": "Bearer s3cret"}).status_code == 200
+
+
+@pytest.mark.parametrize("body, message", [
+    ({"messages": []}, "messages"),
+    ({"messages": [{"role": "user", "content": "hi"}], "temperature": -1}, "temperature"),
+    ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, "max_tokens"),
+    ({"messages": [{"role": "wizard", "content": "hi"}]}, "role"),
+    ({"messages": [{"role": "assistant", "content": "hi"}]}, "last message"),
+    ({"messages": [{"role": "user", "content": "hi"}], "n": 2}, "n:"),
+    ({"messages": [{"role": "user", "content": "hi"}], "stop": [""]}, "stop"),
+    ({"messages": [{"role": "user", "content": "long " * 200}]}, "at most 60"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, "text"),
+    ("not json", "not valid JSON"),
+])
+def test_invalid_requests_get_4xx_with_a_message(tiny_server, body, message):
+    url, _ = tiny_server
+    headers = {"Authorization": "Bearer s3cret"}
+    if isinstance(body, str):
+        reply = httpx.post(f"{url}/v1/chat/completions", content=body, headers={**headers, "content-type": "application/json"})
+    else:
+        reply = httpx.post(f"{url}/v1/chat/completions", json=body, headers=headers)
+    assert reply.status_code == 400, reply.text
+    assert message in reply.json()["error"]["message"]
+    assert httpx.get(f"{url}/health").status_code == 200
+
+
+def test_concurrent_requests_are_batched_and_all_answered(tiny_server):
+    from openai import OpenAI
+
+    url, app = tiny_server
+    client = OpenAI(base_url=f"{url}/v1", api_key="s3cret", timeout=120, max_retries=0)
+    questions = [f"Question number {i}?" for i in range(8)]
+
+    def ask(question: str):
+        if question.endswith("3?"):  # a streaming client among them
+            chunks = client.chat.completions.create(model="m", messages=[{"role": "user", "content": question}],
+                                                    stream=True)
+            return "".join(c.choices[0].delta.content or "" for c in chunks)
+        return client.chat.completions.create(model="m", messages=[{"role": "user", "content": question}])
+
+    before = len(app.state.batcher.batches)
+    with ThreadPoolExecutor(8) as pool:
+        replies = list(pool.map(ask, questions))
+    assert len(replies) == 8 and all(r is not None for r in replies)
+    sizes = app.state.batcher.batches[before:]
+    assert sum(sizes) == 8 and max(sizes) > 1  # waiting requests went into one generate call
+    one = replies[0]
+    assert one.sources == [{"source": "kb/fever.md", "text": "Fevers are common."}]  # the retrieval hook's sources

@@ -1,0 +1,246 @@
+"""Training stages pt, rm, dpo, orpo, kto, grpo on the tiny model: each stage's own learning signal,
+read from metrics.jsonl; PT block construction and document isolation; reward functions; `medgpt score`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from medgpt.cli import main
+from medgpt.config import build_config
+from medgpt.errors import UserError
+from medgpt.train import run_training
+from medgpt.train.records import read_prompts, read_unpaired
+from medgpt.train.rewards import answer_format, extract_choice, length_reward, mcq_accuracy
+
+FAST = dict(template="chatml", per_device_train_batch_size=4, logging_steps=1, gradient_checkpointing=False,
+            report_to="none", report_prompts="none", save_strategy="no", seed=0, max_length=64,
+            lr_scheduler_type="constant")
+TOPICS = ["fever", "cough", "rash", "headache", "back pain", "sore throat", "dizziness", "nausea",
+          "insomnia", "fatigue", "earache", "toothache"]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> str:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return str(path)
+
+
+def keyword_pairs(path: Path) -> str:
+    """Separable preferences: the chosen reply sends the patient to a doctor, the rejected one does not."""
+    return write_jsonl(path, [{"question": f"What should I do about my {t}?",
+                               "response_chosen": f"See a doctor about the {t}.",
+                               "response_rejected": f"Ignore the {t}."} for t in TOPICS])
+
+
+def train(stage: str, model: str, out: Path, data: str, **options) -> list[dict]:
+    """Run a stage (options set to None are left unset) and return its metrics log."""
+    raw = {"stage": stage, "model": model, "data": data, "output_dir": str(out), **FAST, **options}
+    cfg = build_config({k: v for k, v in raw.items() if v is not None})
+    run_training(cfg)
+    assert (out / "medgpt.json").exists() and (out / "final_metrics.json").exists()
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def series(rows: list[dict], key: str) -> list[float]:
+    return [row[key] for row in rows if key in row]
+
+
+def mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+# ---- pt --------------------------------------------------------------------------------------------
+
+
+DOCS = ["Aspirin thins the blood and relieves pain.", "Insulin lowers blood sugar.",
+        "Vaccines train the immune system to recognise germs before an infection happens."]
+
+
+def pt_trainer(model: str, tmp_path: Path, **options):
+    from medgpt.train import pt
+
+    (tmp_path / "docs.txt").write_text("\n".join(DOCS) + "\n", encoding="utf-8")
+    cfg = build_config({"stage": "pt", "model": model, "data": str(tmp_path / "docs.txt"),
+                        "output_dir": str(tmp_path / "pt"), "shuffle_dataset": False, "report_to": "none", **options})
+    return pt.build_trainer(cfg)[0]
+
+
+def test_pt_blocks_join_documents_with_eos(tiny_model, tmp_path):
+    trainer = pt_trainer(tiny_model, tmp_path, block_size=16)
+    tok = trainer.processing_class
+    stream = [i for doc in DOCS for i in tok(doc)["input_ids"] + [tok.eos_token_id]]
+    blocks = trainer.train_dataset["input_ids"]
+    assert [i for b in blocks for i in b] == stream
+    assert all(len(b) == 16 for b in blocks[:-1]) and 0 < len(blocks[-1]) <= 16
+    assert "seq_lengths" not in trainer.train_dataset.column_names
+
+
+def test_pt_isolated_documents_do_not_attend_to_each_other(tiny_model, tmp_path):
+    import torch
+
+    trainer = pt_trainer(tiny_model, tmp_path, block_size=24, isolate_documents=True)
+    tok = trainer.processing_class
+    docs = [tok(d)["input_ids"] + [tok.eos_token_id] for d in DOCS]
+    rows = trainer.train_dataset
+    assert sorted(i for r in rows for i in r["input_ids"]) == sorted(i for d in docs for i in d)
+    packed = next(r for r in rows if len(r["seq_lengths"]) > 1)  # two documents share a block
+    first = packed["seq_lengths"][0]
+    batch = trainer.data_collator([packed])
+    assert batch["position_ids"][0, first] == 0  # positions restart at the second document
+    model = trainer.model.eval()
+    with torch.no_grad():
+        in_block = model(**{k: v for k, v in batch.items() if k != "labels"}).logits[0, first:]
+        alone = model(input_ids=torch.tensor([packed["input_ids"][first:]])).logits[0]
+        leaky = model(input_ids=torch.tensor([packed["input_ids"]])).logits[0, first:]
+    assert torch.allclose(in_block, alone, atol=1e-4)
+    assert not torch.allclose(leaky, alone, atol=1e-2)  # without isolation the context would change them
+
+
+def test_pt_loss_goes_down(tiny_model, tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("".join(f"The patient with {t} should rest and drink water.\n" for t in TOPICS), encoding="utf-8")
+    rows = train("pt", tiny_model, tmp_path / "out", str(corpus), method="full", block_size=32, max_length=None,
+                 max_steps=6, learning_rate=1e-2, val_size=2)
+    losses = series(rows, "loss")
+    assert mean(losses[-2:]) < losses[0] - 1.0
+    final = json.loads((tmp_path / "out" / "final_metrics.json").read_text())
+    assert final["eval_perplexity"] == pytest.approx(2.718281828 ** final["eval_loss"], rel=1e-3)
+
+
+# ---- rm and `medgpt score` -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def reward_model(tiny_model, tmp_path_factory) -> tuple[Path, list[dict]]:
+    tmp = tmp_path_factory.mktemp("rm")
+    data = keyword_pairs(tmp / "pairs.jsonl")
+    rows = train("rm", tiny_model, tmp / "rm", data, max_steps=12, learning_rate=5e-3, val_size=4, eval_on_start=True)
+    return tmp / "rm", rows
+
+
+def test_rm_learns_pairwise_preference(reward_model):
+    _, rows = reward_model
+    before, *_, after = series(rows, "eval_accuracy")
+    margins = series(rows, "eval_margin")
+    assert after == 1.0 and margins[-1] > margins[0] + 1.0
+    assert mean(series(rows, "accuracy")[-3:]) == 1.0
+
+
+def test_score_command_ranks_pairs(reward_model, tmp_path, capsys):
+    folder, _ = reward_model
+    scores = {}
+    for reply in ("See a doctor about the fever.", "Ignore the fever."):
+        assert main(["score", "--model", str(folder), "--prompt", "What should I do about my fever?",
+                     "--response", reply]) == 0
+        scores[reply] = float(capsys.readouterr().out)
+    assert scores["See a doctor about the fever."] > scores["Ignore the fever."]
+
+    pairs = keyword_pairs(tmp_path / "pairs.jsonl")
+    single = write_jsonl(tmp_path / "single.jsonl", [{"prompt": "My rash?", "response": "See a doctor about the rash."}])
+    assert main(["score", "--model", str(folder), "--input", f"{pairs},{single}", "--output", str(tmp_path / "o.jsonl")]) == 0
+    assert "pairwise accuracy 1.000 (12/12" in capsys.readouterr().err
+    scored = [json.loads(line) for line in (tmp_path / "o.jsonl").read_text().splitlines()]
+    assert len(scored) == 13 and all(r["chosen_score"] > r["rejected_score"] for r in scored[:12])
+    assert isinstance(scored[-1]["score"], float)
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "Q"}\n', encoding="utf-8")
+    assert main(["score", "--model", str(folder), "--input", str(bad)]) == 2
+    assert f"{bad}:1: missing field" in capsys.readouterr().err
+
+
+# ---- dpo, orpo, kto --------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_dpo_margins_grow(tiny_model, tmp_path):
+    data = keyword_pairs(tmp_path / "pairs.jsonl")
+    rows = train("dpo", tiny_model, tmp_path / "out", data, max_steps=8, learning_rate=5e-3, beta=0.1,
+                 loss_type="sigmoid")
+    margins = series(rows, "rewards/margins")
+    assert margins[0] == pytest.approx(0.0, abs=1e-3)  # the adapter starts at zero: policy == reference
+    assert mean(margins[-2:]) > 0.5
+    assert mean(series(rows, "rewards/accuracies")[-2:]) == 1.0
+
+
+@pytest.mark.slow
+def test_orpo_loss_goes_down(tiny_model, tmp_path):
+    data = keyword_pairs(tmp_path / "pairs.jsonl")
+    rows = train("orpo", tiny_model, tmp_path / "out", data, method="full", max_steps=8, learning_rate=3e-3)
+    losses = series(rows, "loss")
+    assert mean(losses[-2:]) < losses[0] - 1.0
+
+
+@pytest.mark.slow
+def test_kto_loss_goes_down_on_pairs_and_unpaired_rows(tiny_model, tmp_path):
+    pairs = keyword_pairs(tmp_path / "pairs.jsonl")
+    unpaired = write_jsonl(tmp_path / "unpaired.jsonl", [
+        {"prompt": f"Is my {t} serious?", "completion": f"See a doctor about the {t}.", "label": True}
+        for t in TOPICS[:4]] + [{"prompt": f"Is my {t} serious?", "completion": f"Ignore the {t}.", "label": "false"}
+                                for t in TOPICS[4:8]])
+    rows = train("kto", tiny_model, tmp_path / "out", f"{pairs},{unpaired}", method="full", max_steps=8,
+                 learning_rate=3e-3, beta=0.1)
+    losses = series(rows, "loss")
+    assert mean(losses[-2:]) < losses[0] - 0.05
+    assert mean(series(rows, "rewards/margins")[-2:]) > 0
+
+
+def test_unpaired_reader_counts_and_locates(tmp_path):
+    path = write_jsonl(tmp_path / "u.jsonl", [
+        {"question": "Q", "response_chosen": "good", "response_rejected": "bad"},
+        {"prompt": "Q2", "completion": "fine", "label": 1},
+        {"prompt": "Q3", "completion": "x", "label": "maybe"},
+    ])
+    records, stats = read_unpaired(path, "unpaired", on_error="skip")
+    assert [(r["completion"][0]["content"], r["label"]) for r in records] == [("good", True), ("bad", False),
+                                                                             ("fine", True)]
+    assert (stats.read, stats.kept, dict(stats.dropped)) == (3, 2, {"wrong type": 1})
+    with pytest.raises(UserError, match=r"u\.jsonl:3: wrong type: \"label\" is 'maybe'"):
+        read_unpaired(path, "unpaired")
+
+
+# ---- grpo and rewards ------------------------------------------------------------------------------
+
+
+def test_mcq_accuracy_on_fixed_completions():
+    completions = ["B", "答案是C。", "The answer is (D) because...", "A. Aspirin", "[{]", "A or B?",
+                   "Vitamin B12 deficiency; the correct option is A"]
+    answers = ["B", "C", "A", "A", "A", "A", "A"]
+    assert mcq_accuracy(completions, answer=answers) == [1.0, 1.0, 0.0, 1.0, 0.0, 0.0, 1.0]
+    chat = [[{"role": "assistant", "content": "选B"}]]
+    assert mcq_accuracy(chat, answer=["B"]) == [1.0]
+    assert mcq_accuracy(["B", "B"], answer=[None, "B"]) == [None, 1.0]  # open questions are left out
+    assert extract_choice("E", "ABCDE") == "E" and extract_choice("E") is None
+
+
+def test_format_and_length_rewards():
+    assert answer_format(["B", "I think A or maybe B"], answer=["B", "B"]) == [1.0, 0.5]
+    open_ = answer_format(["Rest and drink water.", "Rest and drink water and", ""], answer=[None] * 3)
+    assert open_[0] == 1.0 and open_[1] < 1.0 and open_[2] == 0.0
+    assert answer_format(["Take it. " * 10], answer=[None])[0] < 1.0  # repetition
+    assert length_reward(["x" * 10, "x" * 40, ""], target_chars=20) == [1.0, 0.5, 0.0]
+
+
+def test_grpo_reader_builds_mcq_and_open_prompts(sample_data, tmp_path):
+    records, stats = read_prompts(str(sample_data / "mcq" / "val" / "physician_val.csv"), "prompts")
+    assert stats.kept == len(records) == 24
+    first = records[0]
+    assert first["answer"] in "ABCD" and first["options"] == "ABCD"
+    assert "\nA. " in first["prompt"][0]["content"] and first["prompt"][0]["content"].endswith("字母。")
+    open_rows, _ = read_prompts(str(sample_data / "sft" / "medical_sft.jsonl"), "prompts", max_samples=3)
+    assert all(r["prompt"][-1]["role"] == "user" and r["reference"] and r["answer"] is None for r in open_rows)
+    bad = tmp_path / "bad.csv"
+    bad.write_text("question,A,B,answer\nQ?,yes,no,C\n", encoding="utf-8")
+    with pytest.raises(UserError, match=r"bad\.csv:2: wrong type: \"answer\" is 'C', expected one of A, B"):
+        read_prompts(str(bad), "prompts")
+
+
+@pytest.mark.slow
+def test_grpo_mean_reward_goes_up(tiny_model, tmp_path):
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"query": f"Tell me about {t}."} for t in TOPICS])
+    rows = train("grpo", tiny_model, tmp_path / "out", prompts, max_length=None, rewards="length", length_target=5,
+                 num_generations=4, max_completion_length=8, max_steps=12, learning_rate=1e-2, method="full")
+    rewards = series(rows, "reward")
+    assert mean(rewards[-3:]) > mean(rewards[:3]) + 0.1
