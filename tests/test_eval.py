@@ -54,6 +54,13 @@ def test_crafted_model_accuracy_is_determined(answers_c_model, sample_data):
     assert {item["shots"] for item in result["items"]} == {2}
 
 
+def test_generate_method_extracts_the_letter(answers_c_model, sample_data):
+    args = mcq.McqArgs(data=str(sample_data / "mcq"), method="generate", max_new_tokens=1, limit=4, batch_size=12)
+    result = mcq.run_mcq(answers_c_model, args, dtype="fp32")
+    assert [item["output"] for item in result["items"]] == ["C"] * 12
+    assert result["overall"]["correct"] == sum(item["answer"] == "C" for item in result["items"])
+
+
 def test_loglik_picks_the_letter_with_the_largest_logit(tiny_model, sample_data):
     """Batched, left-padded scoring agrees with one unpadded float32 forward per question."""
     import torch
@@ -107,6 +114,8 @@ def test_cmmlu_csv_and_bad_rows(tmp_path):
     bad.write_text("id,question,A,B,C,answer\n0,q,a,b,c,A\n", encoding="utf-8")
     with pytest.raises(UserError, match=r"x_val.csv:2: missing D"):
         mcq.load_questions(str(bad))
+    with pytest.raises(UserError, match=r"ceval/ceval-exam \(physician, val\): not a local path"):
+        mcq.load_questions("ceval/ceval-exam", subjects=["physician"])  # the hub is offline in tests
 
 
 def test_extract_choice():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import pytest
@@ -79,14 +80,8 @@ def test_pipeline_skips_restarts_and_resumes(tiny_model, sample_data, tmp_path, 
     entry = manifest["stages"]["dpo"]
     entry["status"] = "running"
     (run_dir / "manifest.json").write_text(json.dumps(manifest))
-    for leftover in ("checkpoint-2", "medgpt.json"):
-        path = run_dir / "dpo" / leftover
-        if path.is_dir():
-            import shutil
-
-            shutil.rmtree(path)
-        else:
-            path.unlink()
+    shutil.rmtree(run_dir / "dpo" / "checkpoint-2")
+    (run_dir / "dpo" / "medgpt.json").unlink()
     metrics = run_dir / "dpo" / "metrics.jsonl"
     before = [json.loads(line) for line in metrics.read_text().splitlines()]
     with caplog.at_level(logging.INFO, logger="medgpt"):
@@ -123,6 +118,7 @@ def test_handoff_adapter_and_reward_model_wiring(tiny_model, sample_data, tmp_pa
     ({"stages": [{"stage": "sft", "data": "x"}, {"stage": "sft", "data": "y"}]}, "two stages are named 'sft'"),
     ({"handoff": "copy"}, "handoff 'copy'"),
     ({"stages": [{"data": "x"}]}, "stages[0]: expected a mapping with `stage:`"),
+    ({"stages": []}, "stages: expected a non-empty list"),
 ])
 def test_bad_config_fails_before_anything_runs(tmp_path, change, message):
     raw = {"output_dir": str(tmp_path / "run"), "stages": [{"stage": "sft", "data": "x.jsonl"}], **change}

@@ -197,3 +197,34 @@ def test_rag_commands(sample_data, tmp_path, tiny_model, capsys):
     assert answer["sources"][0]["file"] == "warfarin_interactions.md"
     assert main(["rag", "ask", str(tmp_path), "question?"]) == 2
     assert "not a knowledge-base index" in capsys.readouterr().err
+
+
+def test_chat_and_server_answer_with_sources(kb_index, tiny_model):
+    import httpx
+
+    from medgpt.cli import build_parser
+    from medgpt.infer.chat import ChatSession
+    from medgpt.infer.engine import GenerationParams, load_engine
+    from medgpt.infer.server import ServerSettings, create_app, running_server
+    from medgpt.rag import kb_from_args
+
+    for command in ("chat", "serve", "webui"):
+        args = build_parser(command).parse_args([command, "--kb", str(kb_index), "--kb-top-k", "2"])
+        assert (args.kb, args.kb_top_k, args.kb_mode) == (str(kb_index), 2, "hybrid")
+    hook = kb_from_args(args)
+    engine = load_engine(tiny_model, dtype="fp32")
+    params = GenerationParams(max_new_tokens=4)
+
+    session = ChatSession(engine, params, augment=hook)
+    "".join(session.reply("鼻喷流感减毒活疫苗适用于哪个年龄段？"))
+    assert [s["file"] for s in session.sources][:1] == ["influenza_vaccination.md"]
+    assert session.history[0]["content"] == "鼻喷流感减毒活疫苗适用于哪个年龄段？"  # history keeps the plain question
+
+    app = create_app(engine, ServerSettings(defaults=params), augment=hook)
+    with running_server(app) as url:
+        reply = httpx.post(f"{url}/v1/chat/completions", timeout=120, json={
+            "model": "any", "messages": [{"role": "user", "content": "How often should an inhaler spacer be washed?"}]})
+    assert reply.status_code == 200
+    sources = reply.json()["sources"]
+    assert len(sources) == 2 and sources[0]["file"] == "asthma_inhaler_use.txt"
+    assert sources[0]["source"].startswith("asthma_inhaler_use.txt, chunk ")

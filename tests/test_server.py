@@ -2,49 +2,20 @@
 
 from __future__ import annotations
 
-import contextlib
-import socket
-import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
 
 from medgpt.infer.engine import GenerationParams, load_engine
-from medgpt.infer.server import ServerSettings, create_app
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def running(app):
-    """Serve `app` on a free loopback port in a thread; stopped (bounded) when the block ends."""
-    import uvicorn
-
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{server.config.port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
+from medgpt.infer.server import ServerSettings, create_app, running_server
 
 
 @pytest.fixture(scope="module")
 def bundled_server(bundled_model):
     engine = load_engine(bundled_model)
     settings = ServerSettings(defaults=GenerationParams(max_new_tokens=64), max_tokens_cap=48)
-    with running(create_app(engine, settings)) as url:
+    with running_server(create_app(engine, settings)) as url:
         yield url, engine
 
 
@@ -54,7 +25,7 @@ def tiny_server(tiny_model):
     sources = [{"source": "kb/fever.md", "text": "Fevers are common."}]
     settings = ServerSettings(defaults=GenerationParams(max_new_tokens=8), max_prompt_tokens=60, api_key="s3cret")
     app = create_app(engine, settings, augment=lambda messages: (messages, sources))
-    with running(app) as url:
+    with running_server(app) as url:
         yield url, app
 
 

@@ -8,7 +8,6 @@ import pytest
 
 from medgpt.infer.engine import GenerationParams, load_engine
 from test_infer import sharpen
-from test_server import free_port
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
@@ -17,6 +16,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 def page(tiny_model, tmp_path_factory):
     from gradio_client import Client
 
+    from medgpt.infer.server import free_port
     from medgpt.infer.webui import build_demo
 
     engine = load_engine(sharpen(tiny_model, tmp_path_factory.mktemp("sharp") / "model"), dtype="fp32")

@@ -94,15 +94,9 @@ class Step:
 
 
 def load_pipeline(path: str | Path | None, overrides: list[str] | dict[str, Any] | None = None) -> Pipeline:
-    """A pipeline from YAML plus overrides: `--key value` for every stage, `--NAME.key value` for one."""
+    """A pipeline from YAML plus command-line overrides (see `build_pipeline`)."""
     raw = read_yaml(path) if path else {}
-    over = parse_overrides(overrides) if isinstance(overrides, list) else dict(overrides or {})
-    per_stage: dict[str, dict[str, Any]] = defaultdict(dict)
-    for key in [k for k in over if "." in k]:
-        name, _, sub = key.partition(".")
-        per_stage[name][sub] = over.pop(key)
-    raw.update(over)
-    return build_pipeline(raw, per_stage)
+    return build_pipeline(raw, parse_overrides(overrides) if isinstance(overrides, list) else overrides)
 
 
 def _canonical(raw: dict[str, Any]) -> dict[str, Any]:
@@ -118,12 +112,25 @@ def _accepts(kind: str, key: str) -> bool:
     return any(key in {f.name for f in dataclasses.fields(cls)} for cls in classes)
 
 
-def build_pipeline(raw: dict[str, Any], per_stage: dict[str, dict[str, Any]] | None = None) -> Pipeline:
+def build_pipeline(raw: dict[str, Any], overrides: dict[str, Any] | None = None) -> Pipeline:
     """Validate every stage (unknown keys, values, missing data) before any of them runs, and wire each
-    stage's model to the one before it."""
+    stage's model to the one before it.
+
+    `overrides` win over the config: `key` over the shared keys and every stage's own, `NAME.key` over
+    stage NAME's.
+    """
+    per_stage: dict[str, dict[str, Any]] = defaultdict(dict)
+    everywhere: dict[str, Any] = {}
+    for key, value in _canonical(overrides or {}).items():
+        name, dot, sub = key.partition(".")
+        if dot:
+            per_stage[name][ALIASES.get(sub, sub)] = value
+        elif key in PIPELINE_KEYS or key in ("model", "adapter", "report_prompts"):
+            raw = {**raw, key: value}
+        else:
+            everywhere[key] = value
     shared = _canonical(raw)
-    per_stage = {name: _canonical(keys) for name, keys in (per_stage or {}).items()}
-    items = shared.pop("stages", None) or DEFAULT_STAGES
+    items = shared.pop("stages", DEFAULT_STAGES)
     handoff = str(shared.pop("handoff", "merge"))
     if handoff not in HANDOFFS:
         raise UserError(f"handoff {handoff!r}: expected one of {', '.join(HANDOFFS)}")
@@ -131,12 +138,13 @@ def build_pipeline(raw: dict[str, Any], per_stage: dict[str, dict[str, Any]] | N
     max_new_tokens = shared.pop("report_max_new_tokens", 128)
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise UserError(f"report_max_new_tokens {max_new_tokens!r}: expected a positive integer")
-    if not isinstance(items, list):
-        raise UserError("stages: expected a list of mappings, each with `stage:`")
+    if not isinstance(items, list) or not items:
+        raise UserError("stages: expected a non-empty list of mappings, each with `stage:`")
     report_prompts = shared.pop("report_prompts", None)
     if report_prompts is not None:
         report_prompts = str(report_prompts)
-    policy: dict[str, str | None] = {"model": str(shared.pop("model", DEFAULT_MODEL)), "adapter": shared.pop("adapter", None)}
+    policy: dict[str, str | None] = {"model": str(shared.pop("model", DEFAULT_MODEL)),
+                                     "adapter": shared.pop("adapter", None)}
     base = dict(policy)
     reward_model: str | None = None
     stages: list[Stage] = []
@@ -149,7 +157,7 @@ def build_pipeline(raw: dict[str, Any], per_stage: dict[str, dict[str, Any]] | N
             raise UserError(f"stages[{i}]: name {name!r}: use letters, digits, '.', '_' or '-'")
         if any(s.name == name for s in stages):
             raise UserError(f"stages[{i}]: two stages are named {name!r}: give one a `name:`")
-        own.update(per_stage.pop(name, {}))
+        own.update({**everywhere, **per_stage.pop(name, {})})
         stage = _build_stage(name, own, shared, policy, reward_model, handoff, run_dir)
         if any(s.output_dir == stage.output_dir for s in stages):
             raise UserError(f"stage {name}: output_dir {stage.output_dir} is used by another stage")

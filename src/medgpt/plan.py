@@ -304,69 +304,70 @@ def _layer_bytes(arch: Architecture, args: PlanArgs, full: bool, lora_in: int, l
     return norms + attention + mlp + lora
 
 
+def _trainable(args: PlanArgs, arch: Architecture) -> int:
+    value_head = arch.hidden + 1 if args.stage == "ppo" else 0  # medgpt's PPO: a value head on the policy
+    if args.method == "full":
+        return arch.params + value_head
+    head = arch.output_params if args.stage == "rm" else 0  # PEFT trains the classification head (modules_to_save)
+    return lora_params(arch, args.lora_rank, args.lora_target) + value_head + head
+
+
+def _activations(args: PlanArgs, arch: Architecture) -> dict[str, float]:
+    """Bytes of what the forward pass keeps for the backward pass, by part."""
+    full, gpu = args.method == "full", args.device == "gpu"
+    targets = {} if full else arch.layer_linears(lora_targets(arch, args.lora_target))
+    tokens = args.batch_size * (2 if args.stage in PAIRED else 1) * args.seq_len
+    per_token = _layer_bytes(arch, args, full, sum(i for i, _ in targets.values()), len(targets))
+    if args.gradient_checkpointing:  # each layer keeps only its input; one layer is recomputed at a time
+        parts = {"layers": tokens * (arch.layers * (2 if gpu else 4) * arch.hidden + per_token)}
+    else:
+        parts = {"layers": tokens * arch.layers * per_token}
+    if args.stage in FUSED_HEAD:
+        rows, cols = min(tokens, FUSED_TILE[0]), min(arch.vocab, FUSED_TILE[1])
+        # the tile buffer (bf16); without Triton (CPU) the backward also keeps ~8 fp32 temporaries of the tile
+        parts["lm_head"] = rows * cols * (2 if gpu else 2 + 8 * 4) + tokens * arch.hidden * 4
+    elif args.stage != "rm":
+        parts["lm_head"] = tokens * arch.vocab * (2 + 4 + 4)  # bf16 logits, fp32 log-softmax and its gradient
+    if not gpu:  # autocast's bf16 weight copies live until the backward pass has used them
+        layer_weights = sum(i * o for i, o in arch.layer_linears().values())
+        parts["autocast_weights"] = 2.0 * layer_weights * (1 if args.gradient_checkpointing else arch.layers)
+    if args.stage in ("ppo", "grpo"):
+        parts["generation_kv_cache"] = 2 * arch.layers * 2 * arch.kv_heads * arch.head_dim * tokens  # bf16 k, v
+    return parts
+
+
 def estimate(args: PlanArgs, arch: Architecture, reward_arch: Architecture | None = None) -> tuple[Estimate, int]:
     """The per-device estimate and the number of trainable parameters."""
-    full = args.method == "full"
-    gpu = args.device == "gpu"
-    layer_targets = {} if full else arch.layer_linears(lora_targets(arch, args.lora_target))
-    value_head = arch.hidden + 1 if args.stage == "ppo" else 0
-    if full:
-        trainable = arch.params + value_head
-    else:
-        trainable = lora_params(arch, args.lora_rank, args.lora_target) + value_head
-        if args.stage == "rm":
-            trainable += arch.output_params  # PEFT trains the classification head (modules_to_save)
-    n_gpus = args.gpus
+    full, gpu = args.method == "full", args.device == "gpu"
+    trainable = _trainable(args, arch)
 
     def split(nbytes: float, from_stage: int) -> float:
-        return nbytes / n_gpus if args.zero >= from_stage else nbytes
+        return nbytes / args.gpus if args.zero >= from_stage else nbytes
 
     weights = _weight_bytes(arch, args.method, args.device) + (0 if full else 4.0 * trainable)
+    if args.zero == 3 and args.gpus > 1:
+        weights = weights / args.gpus + 2.0 * arch.layer_params  # ZeRO-3 gathers one layer at a time to run it
     if full:
         gradients, optimizer = (2.0 * trainable, 12.0 * trainable) if gpu else (4.0 * trainable, 8.0 * trainable)
     else:
         gradients, optimizer = 4.0 * trainable, 8.0 * trainable
-    gathered = 2.0 * arch.layer_params if args.zero == 3 and n_gpus > 1 else 0.0  # ZeRO-3 gathers a layer to run it
-
-    sequences = args.batch_size * (2 if args.stage in PAIRED else 1)
-    tokens = sequences * args.seq_len
-    per_token = _layer_bytes(arch, args, full, sum(i for i, _ in layer_targets.values()), len(layer_targets))
-    stored_input = (2 if gpu else 4) * arch.hidden  # a checkpointed layer keeps only its input
-    if args.gradient_checkpointing:
-        layers = tokens * (arch.layers * stored_input + per_token)
-    else:
-        layers = tokens * arch.layers * per_token
-    detail = {"layers": layers}
-    if args.stage in FUSED_HEAD:
-        rows, cols = min(tokens, FUSED_TILE[0]), min(arch.vocab, FUSED_TILE[1])
-        # the tile buffer (bf16); without Triton (CPU) the backward also keeps ~8 fp32 temporaries of the tile
-        detail["lm_head"] = rows * cols * (2 if gpu else 2 + 8 * 4) + tokens * arch.hidden * 4
-    elif args.stage != "rm":
-        detail["lm_head"] = tokens * arch.vocab * (2 + 4 + 4)  # bf16 logits, fp32 log-softmax and its gradient
-    if not gpu:
-        layer_weights = sum(i * o for i, o in arch.layer_linears().values())
-        detail["autocast_weights"] = 2.0 * layer_weights * (1 if args.gradient_checkpointing else arch.layers)
-    if args.stage in ("ppo", "grpo"):
-        kv_cache = 2 * arch.layers * 2 * arch.kv_heads * arch.head_dim * tokens  # bf16 keys and values
-        detail["generation_kv_cache"] = kv_cache
+    detail = _activations(args, arch)
     activations = sum(v for k, v in detail.items() if k != "generation_kv_cache")
-    if "generation_kv_cache" in detail:  # generation and training take turns: the larger one counts
-        activations = max(activations, detail["generation_kv_cache"])
+    # generation and training take turns: the larger one counts
+    activations = max(activations, detail.get("generation_kv_cache", 0.0))
 
     wants_reference = args.reference if args.reference is not None else args.stage in ("dpo", "kto", "ppo")
-    frozen_copy = _weight_bytes(arch, args.method, args.device) if args.device == "gpu" else 4.0 * arch.params
-    reference = frozen_copy if wants_reference and full else 0.0
+    reference = _weight_bytes(arch, "full", args.device) if wants_reference and full else 0.0
     wants_reward = args.reward_model if args.reward_model is not None else args.stage == "ppo"
-    reward = 0.0
-    if wants_reward and reward_arch is not None:
-        reward = _weight_bytes(reward_arch, args.method, "gpu")  # loaded for inference: bf16 (or quantized) on both
+    # loaded for inference: bf16 (or quantized like the policy) on either device
+    reward = _weight_bytes(reward_arch, args.method, "gpu") if wants_reward and reward_arch is not None else 0.0
     head_gradient = 0.0
     if full:
         head_params = arch.output_params or arch.vocab * arch.hidden
         # the fused head accumulates it in fp32 and then casts it to the weight's dtype (a copy on GPU)
         head_gradient = (2.0 if gpu else 4.0) * head_params + (4.0 * head_params if gpu and args.stage in FUSED_HEAD else 0)
     return Estimate(
-        weights=split(weights, 3) + gathered,
+        weights=weights,
         gradients=split(gradients, 2),
         optimizer=split(optimizer, 1),
         activations=activations,

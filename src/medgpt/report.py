@@ -223,7 +223,8 @@ def stage_section(result: StageResult) -> tuple[str, list]:
 
 def answers_section(prompts: list[list[dict]], answers: dict[str, list[str]]) -> tuple[str, list]:
     headers = ["prompt", *answers]
-    rows = [[messages[-1]["content"], *(answers[label][i] for label in answers)] for i, messages in enumerate(prompts)]
+    rows = [[messages[-1]["content"], *(answers[label][i] or "(empty)" for label in answers)]
+            for i, messages in enumerate(prompts)]
     return "Answers side by side", [("text", "Greedy decoding, the same prompts for every model."),
                                     ("table", headers, rows)]
 

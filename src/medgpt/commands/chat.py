@@ -7,16 +7,20 @@ import argparse
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from medgpt.infer.options import add_engine_arguments, add_generation_arguments
+    from medgpt.rag import add_kb_arguments
 
     add_engine_arguments(parser)
     add_generation_arguments(parser)
+    add_kb_arguments(parser)
     parser.epilog = "In the chat: /clear forgets the conversation, /system TEXT sets the system prompt, /exit quits."
 
 
 def run(args: argparse.Namespace) -> int:
     from medgpt.infer.chat import ChatSession, run_chat
     from medgpt.infer.options import engine_from_args, params_from_args
+    from medgpt.rag import kb_from_args
 
     params = params_from_args(args)
-    run_chat(ChatSession(engine_from_args(args), params, system=args.system))
+    augment = kb_from_args(args)
+    run_chat(ChatSession(engine_from_args(args), params, system=args.system, augment=augment))
     return 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 # Flags of this command that may also come after the config, among the overrides.
 OWN_FLAGS = {"--from": "start_from", "--dry-run": "dry_run", "--no-report": "no_report"}
@@ -53,9 +54,12 @@ def run(args: argparse.Namespace) -> int:
         for step in plan(pipeline, args.start_from):
             stage = step.stage
             starts = stage.raw["model"] + (f" + adapter {stage.raw['adapter']}" if stage.raw.get("adapter") else "")
+            starts += f", reward model {stage.raw['reward_model']}" if stage.raw.get("reward_model") else ""
             print(f"  {stage.name:<12} {stage.kind:<5} {step.action:<7} hash {step.hash}  from {starts}")
         return 0
     outcomes = run_pipeline(pipeline, args.start_from, report=not args.no_report)
+    if os.environ.get("RANK", "0") != "0":
+        return 0  # under accelerate/torchrun every process runs the pipeline; one summary is enough
     print(f"pipeline finished: {pipeline.run_dir}")
     for o in outcomes:
         loss = o.metrics.get("train_loss")

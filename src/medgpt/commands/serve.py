@@ -7,6 +7,7 @@ import argparse
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from medgpt.infer.options import add_engine_arguments, add_generation_arguments
+    from medgpt.rag import add_kb_arguments
 
     parser.add_argument("--host", default="127.0.0.1", help="bind address (0.0.0.0 exposes the server to the network)")
     parser.add_argument("--port", type=int, default=8000)
@@ -17,18 +18,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--served-model-name", help="the id /v1/models reports (default: the model folder's name)")
     add_engine_arguments(parser)
     add_generation_arguments(parser)
+    add_kb_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     from medgpt.errors import UserError
     from medgpt.infer.options import api_key, engine_from_args, params_from_args
     from medgpt.infer.server import ServerSettings, create_app, serve
+    from medgpt.rag import kb_from_args
 
     if min(args.max_tokens_cap, args.max_prompt_tokens, args.max_queue) < 1:
         raise UserError("--max-tokens-cap, --max-prompt-tokens and --max-queue must be >= 1")
     settings = ServerSettings(defaults=params_from_args(args), system=args.system, max_tokens_cap=args.max_tokens_cap,
                               max_prompt_tokens=args.max_prompt_tokens, max_queue=args.max_queue,
                               api_key=api_key(args.api_key))
-    app = create_app(engine_from_args(args), settings, model_name=args.served_model_name)
+    augment = kb_from_args(args)
+    app = create_app(engine_from_args(args), settings, augment=augment, model_name=args.served_model_name)
     serve(app, host=args.host, port=args.port)
     return 0

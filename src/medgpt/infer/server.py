@@ -12,12 +12,13 @@ import json
 import logging
 import queue
 import secrets
+import socket
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import Future
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -301,3 +302,30 @@ def serve(app: FastAPI, host: str = "127.0.0.1", port: int = 8000) -> None:
     import uvicorn
 
     uvicorn.run(app, host=host, port=port, log_level="info")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def running_server(app: FastAPI, host: str = "127.0.0.1", port: int | None = None,
+                   timeout: float = 30) -> Iterator[str]:
+    """Serve `app` in a background thread (tests, benchmarks, notebooks); yields its URL, stops on exit."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port or free_port(host), log_level="warning"))
+    thread = threading.Thread(target=server.run, name="medgpt-server", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError(f"the server did not start on {host}:{server.config.port}")
+        time.sleep(0.05)
+    try:
+        yield f"http://{host}:{server.config.port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=timeout)

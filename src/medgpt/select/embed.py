@@ -128,6 +128,8 @@ class TfidfEmbedder(Embedder):
                              shape=(self.HASH_FEATURES, self.dim))
 
     def encode(self, texts: list[str], batch_size: int = 1024, show_progress: bool = False) -> np.ndarray:
+        if not texts:
+            return np.zeros((0, self.dim), dtype=np.float32)
         if self.idf is None:
             log.info("tfidf: no idf fitted yet; fitting on the %d texts being encoded", len(texts))
             self.fit(texts)

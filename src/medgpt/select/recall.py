@@ -233,6 +233,23 @@ def draw_random(records: list[dict], count: int, exclude: set[int], ngrams: Ngra
     return chosen
 
 
+def decontaminate(kept: list[tuple[int, int, float]], records: list[dict], eval_items: list[EvalItem],
+                  subjects: dict[str, dict], args: SelectArgs) -> tuple[list[tuple[int, int, float]], set[int], dict]:
+    """The leakage guard's second signal: drop recalled items that copy an eval question's n-grams."""
+    chosen = [t for t, _, _ in kept]
+    report = find_contamination([record_text(records[t], "conversation") for t in chosen],
+                                [records[t]["_loc"] for t in chosen], eval_items, args.contamination)
+    flagged = {chosen[i] for i in report["contaminated_train_indices"]}
+    if not args.keep_contaminated:
+        for t, e, _ in kept:
+            if t in flagged:
+                subjects[eval_items[e].subject]["contaminated"] += 1
+        kept = [k for k in kept if k[0] not in flagged]
+    for _, e, _ in kept:
+        subjects[eval_items[e].subject]["kept"] += 1
+    return kept, flagged, report
+
+
 def _histogram(values: list[float]) -> dict[str, list]:
     counts, _ = np.histogram(np.clip(values, 0, 1), bins=HIST_EDGES)
     return {"edges": HIST_EDGES, "counts": counts.tolist()}
@@ -260,18 +277,7 @@ def select(args: SelectArgs) -> dict[str, Any]:
     leaking = best >= args.max_sim
     kept, subjects = recall(eval_items, records, sims, ids, leaking, args)
 
-    # the leakage guard's second signal: n-gram copies of eval questions in what was recalled
-    chosen = [t for t, _, _ in kept]
-    report = find_contamination([record_text(records[t], "conversation") for t in chosen],
-                                [records[t]["_loc"] for t in chosen], eval_items, args.contamination)
-    flagged = {chosen[i] for i in report["contaminated_train_indices"]}
-    if not args.keep_contaminated:
-        for t, e, _ in kept:
-            if t in flagged:
-                subjects[eval_items[e].subject]["contaminated"] += 1
-        kept = [k for k in kept if k[0] not in flagged]
-    for t, e, _ in kept:
-        subjects[eval_items[e].subject]["kept"] += 1
+    kept, flagged, report = decontaminate(kept, records, eval_items, subjects, args)
 
     rng = random.Random(args.seed)
     ngrams = NgramIndex([e.text for e in eval_items], args.contamination.zh_ngram, args.contamination.en_ngram)

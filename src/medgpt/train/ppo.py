@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import importlib
 import json
 import logging
 import math
 import random
 import shutil
+import time
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -37,7 +39,8 @@ from transformers import TrainingArguments
 
 from medgpt.config import Config
 from medgpt.errors import UserError
-from medgpt.train import common
+from medgpt.train import common, prefs, rewards
+from medgpt.train.records import read_prompts
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +59,7 @@ class PPOConfig(TrainingArguments):
     per_device_eval_batch_size.
     """
 
-    reward_model: str | None = None  # reward model folder (full model, or the LoRA adapter `stage: rm` wrote)
-    reward_adapter: str | None = None  # LoRA seq-cls adapter on top of reward_model
+    reward_model: str | None = None  # what `stage: rm` wrote: a LoRA adapter with its score head, or a full model
     reward_fn: str | None = None  # comma-separated reward functions: registry names or module:function
     reward_kwargs: dict[str, Any] = field(default_factory=dict)  # keyword arguments for the reward functions
     missing_eos_penalty: float = 0.0  # subtracted from the score of a response cut off by max_new_tokens
@@ -92,8 +94,6 @@ class PPOConfig(TrainingArguments):
                              f"{self.mini_batch_size}")
         if not (self.reward_model or self.reward_fn):
             raise ValueError("ppo needs a reward: set reward_model (a `stage: rm` output) or reward_fn")
-        if self.reward_adapter and not self.reward_model:
-            raise ValueError("reward_adapter needs reward_model (the base model it was trained on)")
         if self.temperature <= 0:
             raise ValueError("temperature must be > 0 (PPO samples its rollouts)")
 
@@ -104,29 +104,29 @@ CONFIG_CLASS = PPOConfig
 # ---- rewards ------------------------------------------------------------------------------------
 
 
-def _keyword_reward(completions: list[list[dict]], keywords: str | list[str] = (), **_: Any) -> list[float]:
-    """The share of `keywords` a response mentions (case-insensitive)."""
+def keyword_reward(completions: list, keywords: str | list[str] = (), **_: Any) -> list[float]:
+    """The share of `keywords` a reply mentions (case-insensitive)."""
     words = [k.strip().lower() for k in (keywords.split(",") if isinstance(keywords, str) else keywords) if k.strip()]
     if not words:
         raise UserError("reward_fn keyword: set reward_kwargs: {keywords: [word, ...]}")
-    texts = [c[-1]["content"].lower() for c in completions]
+    texts = [rewards.completion_text(c).lower() for c in completions]
     return [sum(w in text for w in words) / len(words) for text in texts]
 
 
-def _length_reward(completion_ids: list[list[int]], target_length: int = 64, **_: Any) -> list[float]:
-    """1 at `target_length` tokens, falling linearly to 0 at none or twice as many: concise answers."""
-    return [max(0.0, 1.0 - abs(len(ids) - target_length) / target_length) for ids in completion_ids]
+REWARD_FUNCTIONS: dict[str, Callable[..., list[float | None]]] = {
+    "length": rewards.length_reward,  # reward_kwargs: {target_chars: 200}
+    "answer_format": rewards.answer_format,
+    "mcq_accuracy": rewards.mcq_accuracy,
+    "keyword": keyword_reward,  # reward_kwargs: {keywords: [...]}
+}
 
 
-REWARD_FUNCTIONS: dict[str, Callable[..., list[float]]] = {"keyword": _keyword_reward, "length": _length_reward}
-
-
-def reward_function(name: str) -> Callable[..., list[float]]:
-    """A reward function by registry name or `module:function` (called like TRL's GRPO reward functions)."""
+def reward_function(name: str) -> Callable[..., list[float | None]]:
+    """A reward function by registry name or `module:function`, called like TRL's GRPO reward functions."""
     if name in REWARD_FUNCTIONS:
         return REWARD_FUNCTIONS[name]
-    module, sep, attr = name.rpartition(":") if ":" in name else name.rpartition(".")
-    if not sep or not module:
+    module, _, attr = name.partition(":")
+    if not module or not attr:
         raise UserError(f"reward_fn {name!r}: expected one of {', '.join(REWARD_FUNCTIONS)} or module:function")
     try:
         fn = getattr(importlib.import_module(module), attr)
@@ -137,52 +137,14 @@ def reward_function(name: str) -> Callable[..., list[float]]:
     return fn
 
 
-class RewardModel:
-    """A frozen sequence-classification model scoring the whole conversation (its logit 0)."""
-
-    def __init__(self, cfg: Config, device: torch.device) -> None:
-        from medgpt.data.templates import get_template
-        from medgpt.models import adapter_base, load_model, load_tokenizer, read_meta
-
-        args: PPOConfig = cfg.train
-        base, adapter = args.reward_model, args.reward_adapter
-        if not adapter and (Path(base) / "adapter_config.json").exists():
-            base, adapter = adapter_base(base), base
-        if not base:
-            raise UserError(f"{adapter}: the reward adapter does not name its base model; set reward_model")
-        meta = read_meta(adapter or base)
-        self.tokenizer = load_tokenizer(adapter if adapter and (Path(adapter) / "tokenizer_config.json").exists()
-                                        else base, cfg.model.trust_remote_code)
-        self.template = get_template(meta.get("template", cfg.model.template), self.tokenizer)
-        model_args = dataclasses.replace(cfg.model, model=base, adapter=adapter)
-        self.model = load_model(model_args, training=False, head="seq_cls").to(device).requires_grad_(False)
-        self.model.config.pad_token_id = self.tokenizer.pad_token_id
-        self.system = cfg.data.system
-        self.batch_size = args.per_device_eval_batch_size
-        self.device = device
-
-    @torch.no_grad()
-    def __call__(self, prompts: list[list[dict]], completions: list[list[dict]], **_: Any) -> list[float]:
-        from trl.trainer.utils import pad
-
-        scores: list[float] = []
-        for start in range(0, len(prompts), self.batch_size):
-            ids = [torch.tensor(self.template.encode(self.tokenizer, p + c, system=self.system)["input_ids"])
-                   for p, c in zip(prompts[start:start + self.batch_size], completions[start:start + self.batch_size])]
-            input_ids = pad(ids, self.tokenizer.pad_token_id, "right").to(self.device)
-            mask = pad([torch.ones_like(i) for i in ids], 0, "right").to(self.device)
-            scores += self.model(input_ids=input_ids, attention_mask=mask).logits[:, 0].float().tolist()
-        return scores
-
-
-def build_scorers(cfg: Config, device: torch.device) -> list[Callable[..., list[float]]]:
+def build_scorers(args: PPOConfig, model_dtype: str, device: torch.device) -> list[Callable[..., list]]:
     """The reward model and reward functions whose scores are summed into one score per response."""
-    args: PPOConfig = cfg.train
-    scorers: list[Callable[..., list[float]]] = [RewardModel(cfg, device)] if args.reward_model else []
-    for name in (args.reward_fn or "").split(","):
-        if name.strip():
-            fn = reward_function(name.strip())
-            scorers.append(lambda fn=fn, **kw: fn(**kw, **args.reward_kwargs))
+    scorers: list[Callable[..., list]] = []
+    if args.reward_model:
+        scorers.append(rewards.RewardModel(args.reward_model, dtype=model_dtype,
+                                           batch_size=args.per_device_eval_batch_size, device=str(device)))
+    for name in filter(None, (n.strip() for n in (args.reward_fn or "").split(","))):
+        scorers.append(functools.partial(reward_function(name), **args.reward_kwargs))
     return scorers
 
 
@@ -254,23 +216,20 @@ def build_policy(cfg: Config, checkpoint: str | None):
 
 
 def load_prompts(cfg: Config, tokenizer, template) -> tuple[list[dict], dict]:
-    """Prompts (the conversation up to its last user turn) of the SFT records, with their token ids."""
+    """The prompts (with their token ids) and the columns reward functions may use (answer, reference).
+
+    Read like GRPO's: SFT conversations (up to the last user turn; the answer becomes `reference`),
+    multiple-choice rows, `{"question", "answer"}` and `{"query"}` rows.
+    """
     from medgpt.data.readers import filter_by_length
 
     if cfg.data.eval_data or cfg.data.val_size:
         raise UserError("ppo has no evaluation split: unset eval_data and val_size")
-    records, _, stats = common.load_records(cfg, "sft")
-    prompts = []
-    for record in records:
-        messages = record["messages"]
-        last_user = max(i for i, m in enumerate(messages) if m["role"] == "user")
-        prompt = messages[:last_user + 1]
-        reference = messages[last_user + 1]["content"] if last_user + 1 < len(messages) else None
-        ids = template.encode_prompt(tokenizer, prompt, system=cfg.data.system)
-        prompts.append({"prompt": prompt, "reference": reference, "ids": ids, "_loc": record.get("_loc", "?")})
+    records, _, stats = common.load_records(cfg, "prompts", read=read_prompts)
+    ids = [template.encode_prompt(tokenizer, r["prompt"], system=cfg.data.system) for r in records]
     limit = cfg.train.max_prompt_length
-    keep = filter_by_length(prompts, [len(p["ids"]) for p in prompts], limit, cfg.data.overlong, stats["train"])
-    prompts = [{**prompts[i], "ids": prompts[i]["ids"][-limit:]} for i in keep]  # keep the end: the question
+    keep = filter_by_length(records, [len(i) for i in ids], limit, cfg.data.overlong, stats["train"])
+    prompts = [{**records[i], "ids": ids[i][-limit:]} for i in keep]  # truncation keeps the end: the question
     if not prompts:
         raise UserError(f"{cfg.data.data}: every prompt is longer than max_prompt_length {limit}")
     return prompts, stats
@@ -393,7 +352,6 @@ class PPO:
         from accelerate.utils import set_seed
         from transformers import get_scheduler
 
-        from medgpt.data.templates import get_template
         from medgpt.models import load_tokenizer
 
         self.cfg, self.args = cfg, cfg.train
@@ -401,10 +359,10 @@ class PPO:
         self.accelerator = Accelerator(cpu=args.use_cpu, mixed_precision=args.mixed_precision)
         set_seed(args.seed)
         self.tokenizer = load_tokenizer(cfg.model.adapter or cfg.model.model, cfg.model.trust_remote_code)
-        self.template = get_template(cfg.model.template, self.tokenizer)
+        self.template = prefs.use_template(cfg, self.tokenizer)
         self.prompts, self.stats = load_prompts(cfg, self.tokenizer, self.template)
         self.stop_ids = stop_token_ids(self.tokenizer, self.template)
-        self.scorers = build_scorers(cfg, self.accelerator.device)
+        self.scorers = build_scorers(args, cfg.model.dtype, self.accelerator.device)
         self.checkpoint = common.last_checkpoint(cfg)
         state = json.loads((Path(self.checkpoint) / STATE_FILE).read_text()) if self.checkpoint else {}
         self.global_step = state.get("global_step", 0)
@@ -459,7 +417,7 @@ class PPO:
         columns = {"prompts": [p["prompt"] for p in picked],
                    "completions": [[{"role": "assistant", "content": t}] for t in texts],
                    "completion_ids": [r[:-1] if done else r for r, done in zip(responses, finished)],
-                   "reference": [p["reference"] for p in picked]}
+                   **{k: [p.get(k) for p in picked] for k in ("answer", "options", "reference")}}
         scores = torch.tensor([sum(s) for s in zip(*(self._score(fn, columns) for fn in self.scorers))],
                               dtype=torch.float32, device=acc.device)
         scores -= args.missing_eos_penalty * torch.tensor([not f for f in finished], dtype=torch.float32,
@@ -502,11 +460,13 @@ class PPO:
                  "finished": sum(finished) / len(finished)}
         return batch, stats
 
-    def _score(self, fn: Callable[..., list[float]], columns: dict[str, list]) -> list[float]:
+    def _score(self, fn: Callable[..., list], columns: dict[str, list]) -> list[float]:
+        """One function's scores; None (the function does not apply to that row) counts as 0."""
         scores = fn(**columns)
-        if len(scores) != len(columns["prompts"]) or any(s is None for s in scores):
-            raise UserError(f"reward function {getattr(fn, '__name__', fn)}: expected one number per response")
-        return [float(s) for s in scores]
+        if len(scores) != len(columns["prompts"]):
+            name = getattr(fn, "__name__", getattr(getattr(fn, "func", None), "__name__", fn))
+            raise UserError(f"reward function {name}: {len(scores)} scores for {len(columns['prompts'])} responses")
+        return [0.0 if s is None else float(s) for s in scores]
 
     def update(self, batch: Rollout) -> dict[str, float]:
         """`ppo_epochs` passes of clipped policy + value loss over the rollout in shuffled minibatches."""
@@ -581,8 +541,8 @@ def ppo_losses(batch: Rollout, logprobs: torch.Tensor, values: torch.Tensor, arg
     clipped_values = batch.values + (values - batch.values).clamp(-args.cliprange_value, args.cliprange_value)
     value_losses = torch.max((values - batch.returns) ** 2, (clipped_values - batch.returns) ** 2)
     ratio = torch.exp(logprobs - batch.logprobs)
-    pg_losses = -batch.advantages * ratio
-    pg_clipped = -batch.advantages * ratio.clamp(1 - args.cliprange, 1 + args.cliprange)
+    pg_losses = batch.advantages * ratio
+    pg_clipped = batch.advantages * ratio.clamp(1 - args.cliprange, 1 + args.cliprange)
     with torch.no_grad():
         stats = {"clip_frac": masked_mean((pg_clipped > pg_losses).float(), mask),
                  "approx_kl": 0.5 * masked_mean((logprobs - batch.logprobs) ** 2, mask),
@@ -594,8 +554,6 @@ def ppo_losses(batch: Rollout, logprobs: torch.Tensor, values: torch.Tensor, arg
 def run(cfg: Config) -> dict:
     """Train with PPO; returns the metrics of the last logged steps."""
     from tqdm.auto import tqdm
-
-    from medgpt.models import write_meta
 
     common.prepare_output(cfg)
     ppo = PPO(cfg)
@@ -614,7 +572,8 @@ def run(cfg: Config) -> dict:
         torch.manual_seed(args.seed + ppo.global_step * acc.num_processes + acc.process_index)
         batch, stats = ppo.rollout()
         stats.update(ppo.update(batch))
-        ppo.kl.update(stats["kl"], args.rollout_batch_size * acc.num_processes)
+        ppo.kl.update(acc.reduce(torch.tensor(stats["kl"], device=acc.device), "mean").item(),
+                      args.rollout_batch_size * acc.num_processes)
         ppo.global_step += 1
         for key, value in stats.items():
             pending[key].append(value)
@@ -626,22 +585,33 @@ def run(cfg: Config) -> dict:
             pending.clear()
             if acc.is_main_process:
                 _log(cfg.output_dir, ppo.global_step, last, writer)
-        if save_every and ppo.global_step % save_every == 0 and ppo.global_step < ppo.total_steps:
+        if save_every and ppo.global_step % save_every == 0:
             ppo.save_checkpoint()
     bar.close()
     if writer:
         writer.close()
     acc.wait_for_everyone()
+    metrics = {"global_step": ppo.global_step, **last}
     if acc.is_main_process:
-        out = cfg.output_dir
-        ppo.save_policy(out)
-        ppo.tokenizer.save_pretrained(str(out))
-        common.write_json(out / "data_stats.json", {split: s.to_dict() for split, s in ppo.stats.items()})
-        common.write_json(out / "final_metrics.json", {"global_step": ppo.global_step, **last})
-        write_meta(out, stage="ppo", method=cfg.run.method, base_model=cfg.model.model, adapter_base=cfg.model.adapter,
-                   template=cfg.model.template, complete=True,
-                   config={k: v for k, v in cfg.raw.items() if common._jsonable(v)})
-    return {"global_step": ppo.global_step, **last}
+        save_final(ppo, cfg, metrics)
+    return metrics
+
+
+def save_final(ppo: PPO, cfg: Config, metrics: dict[str, float]) -> None:
+    """The trained adapter (or model) with its tokenizer, counts, metrics and medgpt.json, as the other stages
+    leave them; medgpt.json is written last, marking the folder complete."""
+    from medgpt.models import write_meta
+    from medgpt.report import write_training_report
+
+    out = cfg.output_dir
+    ppo.save_policy(out)
+    ppo.tokenizer.save_pretrained(str(out))
+    common.write_json(out / "data_stats.json", {split: s.to_dict() for split, s in ppo.stats.items()})
+    common.write_json(out / "final_metrics.json", metrics)
+    write_meta(out, stage=cfg.run.stage, method=cfg.run.method, base_model=cfg.model.model,
+               adapter_base=cfg.model.adapter, template=cfg.model.template, complete=True,
+               config={k: v for k, v in cfg.raw.items() if common._jsonable(v)})
+    write_training_report(cfg)
 
 
 def _steps(value: float, total: int) -> int:
@@ -650,8 +620,6 @@ def _steps(value: float, total: int) -> int:
 
 
 def _log(output_dir: Path, step: int, stats: dict[str, float], writer) -> None:
-    import time
-
     with (output_dir / common.METRICS_FILE).open("a", encoding="utf-8") as f:
         f.write(json.dumps({"step": step, "time": time.time(), **stats}) + "\n")
     if writer:

@@ -1,0 +1,184 @@
+"""PPO on the tiny model: the reward goes up, an interrupted run resumes exactly where it stopped, and the
+pieces (GAE, the KL controller, rewards, config checks) do what the papers say."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+import torch
+
+from medgpt.config import build_config
+from medgpt.errors import UserError
+from medgpt.train import ppo
+
+MAX_NEW_TOKENS = 16
+
+
+def short_answers(completion_ids, **_):
+    """1 for a reply that ends at once, falling to 0 for one cut off at MAX_NEW_TOKENS."""
+    return [1 - len(ids) / MAX_NEW_TOKENS for ids in completion_ids]
+
+
+class Interrupted(Exception):
+    pass
+
+
+@pytest.fixture
+def one_thread():
+    """PPO on the tiny model is many small ops: one thread beats two contending ones, and is repeatable."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def stopping_model(tiny_model, tmp_path_factory) -> str:
+    """The tiny model, able to end its replies.
+
+    Its <|im_end|> embedding is the zero padding row and its logits are nearly flat over 49k tokens, so it
+    never stops. A random <|im_end|> row (tied to the output layer) gives that token a logit that varies
+    with the context, as in a trained model: when to stop is then something LoRA can learn.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = tmp_path_factory.mktemp("tiny-stopping")
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    embeddings = model.get_input_embeddings().weight
+    with torch.no_grad():
+        embeddings[tokenizer.eos_token_id] = torch.randn(embeddings.shape[1], generator=torch.Generator().manual_seed(1)) * 0.5
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def ppo_config(model: str, out, sample_data, **overrides):
+    raw = {"stage": "ppo", "model": model, "template": "chatml", "data": str(sample_data / "sft" / "medical_sft.jsonl"),
+           "output_dir": str(out), "reward_fn": "short", "max_new_tokens": MAX_NEW_TOKENS, "max_prompt_length": 128,
+           "rollout_batch_size": 8, "per_device_train_batch_size": 8, "ppo_epochs": 2, "learning_rate": 3e-4,
+           "logging_steps": 1, "save_strategy": "no", "report_prompts": "none", "seed": 42, **overrides}
+    return build_config(raw)
+
+
+def metrics(out) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_ppo_learns_to_give_short_answers(stopping_model, sample_data, tmp_path, monkeypatch, one_thread):
+    monkeypatch.setitem(ppo.REWARD_FUNCTIONS, "short", short_answers)
+    out = tmp_path / "ppo"
+    result = ppo.run(ppo_config(stopping_model, out, sample_data, max_steps=12))
+
+    rows = metrics(out)
+    assert [r["step"] for r in rows] == list(range(1, 13))
+    assert {"reward", "kl", "entropy", "value_loss", "policy_loss", "clip_frac", "approx_kl"} <= rows[0].keys()
+    rewards = [r["reward"] for r in rows]
+    first, last = sum(rewards[:3]) / 3, sum(rewards[-3:]) / 3
+    assert last > first + 0.25, rewards
+    assert rows[-1]["response_length"] < rows[0]["response_length"]
+    assert rows[-1]["kl"] > 0  # it moved away from the reference, which the penalty measures
+    assert result["global_step"] == 12
+
+    assert (out / "adapter_model.safetensors").exists() and (out / "tokenizer_config.json").exists()
+    meta = json.loads((out / "medgpt.json").read_text())
+    assert (meta["stage"], meta["complete"], meta["template"]) == ("ppo", True, "chatml")
+    assert list((out / "runs").glob("events.out.tfevents.*"))
+
+
+@pytest.mark.slow
+def test_interrupted_ppo_resumes_where_it_stopped(tiny_model, sample_data, tmp_path, monkeypatch, one_thread, caplog):
+    """A run cut off in step 3 and resumed from checkpoint-2 logs the same step 3 as an uninterrupted run."""
+    calls = []
+
+    def short_then_crash(completion_ids, **kw):
+        calls.append(1)
+        if len(calls) == 3:
+            raise Interrupted
+        return short_answers(completion_ids)
+
+    small = {"max_steps": 3, "rollout_batch_size": 4, "per_device_train_batch_size": 4, "max_new_tokens": 8,
+             "save_strategy": "steps", "save_steps": 1, "report_to": "none"}
+    monkeypatch.setitem(ppo.REWARD_FUNCTIONS, "short", short_answers)
+    ppo.run(ppo_config(tiny_model, tmp_path / "whole", sample_data, **small))
+    whole = metrics(tmp_path / "whole")
+
+    out = tmp_path / "cut"
+    monkeypatch.setitem(ppo.REWARD_FUNCTIONS, "short", short_then_crash)
+    with pytest.raises(Interrupted):
+        ppo.run(ppo_config(tiny_model, out, sample_data, **small))
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+    assert not (out / "medgpt.json").exists()
+
+    monkeypatch.setitem(ppo.REWARD_FUNCTIONS, "short", short_answers)
+    with caplog.at_level(logging.INFO, logger="medgpt"):
+        ppo.run(ppo_config(tiny_model, out, sample_data, resume=True, **small))
+    assert any("resumed from" in r.getMessage() and "checkpoint-2" in r.getMessage() for r in caplog.records)
+    resumed = metrics(out)
+    assert [r["step"] for r in resumed] == [1, 2, 3]
+    for key in ("reward", "kl", "policy_loss", "value_loss", "learning_rate", "kl_coef"):
+        assert resumed[2][key] == pytest.approx(whole[2][key], rel=1e-3, abs=1e-6), key
+    assert json.loads((out / "checkpoint-3" / "trainer_state.json").read_text())["global_step"] == 3
+    assert json.loads((out / "medgpt.json").read_text())["complete"] is True
+
+
+def test_gae_sums_discounted_future_rewards():
+    rewards = torch.tensor([[0.0, 0.0, 1.0, 0.0]])
+    values = torch.tensor([[0.5, 0.25, 0.0, 0.0]])
+    # gamma = lam = 1: the advantage is the return from t minus V(s_t)
+    assert ppo.gae(rewards, values, 1.0, 1.0).tolist() == [[0.5, 0.75, 1.0, 0.0]]
+    # lam = 0: the one-step TD error r_t + gamma V(s_t+1) - V(s_t)
+    assert ppo.gae(rewards, values, 0.5, 0.0).tolist() == [[-0.375, -0.25, 1.0, 0.0]]
+
+
+def test_adaptive_kl_controller_moves_towards_the_target(sample_data, tmp_path):
+    args = ppo_config("unused", tmp_path, sample_data, adaptive_kl=True, target_kl=2.0, horizon=100).train
+    controller = ppo.KLController(args, 0.1)
+    controller.update(kl=4.0, n_responses=10)  # too far from the reference: penalise more (by at most 20%)
+    assert controller.value == pytest.approx(0.1 * (1 + 0.2 * 10 / 100))
+    controller.update(kl=1.0, n_responses=10)
+    assert controller.value < 0.1 * (1 + 0.2 * 10 / 100)
+    fixed = ppo.KLController(ppo_config("unused", tmp_path, sample_data).train, 0.1)
+    fixed.update(kl=40.0, n_responses=10)
+    assert fixed.value == 0.1
+
+
+def test_clipped_losses_ignore_padding_and_clip_large_ratios(sample_data, tmp_path):
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    batch = ppo.Rollout(input_ids=None, attention_mask=None, responses=None, mask=mask, scores=None,
+                        logprobs=torch.zeros(1, 3), values=torch.zeros(1, 3),
+                        advantages=torch.tensor([[1.0, -1.0, 5.0]]), returns=torch.tensor([[1.0, 1.0, 9.0]]))
+    args = ppo_config("unused", tmp_path, sample_data).train
+    # ratio e^1 on both tokens: the positive advantage is clipped at 1.2, the negative one is not
+    losses = ppo.ppo_losses(batch, torch.tensor([[1.0, 1.0, 7.0]]), torch.tensor([[0.0, 0.0, 3.0]]), args)
+    assert losses["policy_loss"].item() == pytest.approx((-1.2 + torch.e) / 2)
+    assert losses["clip_frac"].item() == pytest.approx(0.5)
+    assert losses["value_loss"].item() == pytest.approx(0.5)
+
+
+def test_reward_functions_by_name_or_import_path():
+    assert ppo.reward_function("length") is ppo.REWARD_FUNCTIONS["length"]
+    from medgpt.train import rewards
+
+    assert ppo.reward_function("medgpt.train.rewards:answer_format") is rewards.answer_format
+    scores = ppo.keyword_reward([[{"role": "assistant", "content": "See a Doctor about the fever."}]],
+                                keywords=["doctor", "fever", "rest"])
+    assert scores == [pytest.approx(2 / 3)]
+    with pytest.raises(UserError, match="cannot import"):
+        ppo.reward_function("medgpt.nothing:here")
+    with pytest.raises(UserError, match="expected one of"):
+        ppo.reward_function("nonsense")
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"reward_fn": None}, "ppo needs a reward"),
+    ({"mini_batch_size": 6, "per_device_train_batch_size": 4}, "not a multiple"),
+    ({"rollout_batch_size": 2, "mini_batch_size": 4, "per_device_train_batch_size": 4}, "smaller than mini_batch_size"),
+    ({"kl_coeff": 0.1}, "kl_coeff (did you mean kl_coef?)"),
+])
+def test_bad_ppo_options_are_user_errors(sample_data, tmp_path, change, message):
+    with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)").replace("?", r"\?")):
+        ppo_config("unused", tmp_path, sample_data, **change)
