@@ -177,14 +177,14 @@ def test_orpo_loss_goes_down(tiny_model, tmp_path):
 def test_kto_loss_goes_down_on_pairs_and_unpaired_rows(tiny_model, tmp_path):
     pairs = keyword_pairs(tmp_path / "pairs.jsonl")
     unpaired = write_jsonl(tmp_path / "unpaired.jsonl", [
-        {"prompt": f"Is my {t} serious?", "completion": f"See a doctor about the {t}.", "label": True}
-        for t in TOPICS[:4]] + [{"prompt": f"Is my {t} serious?", "completion": f"Ignore the {t}.", "label": "false"}
-                                for t in TOPICS[4:8]])
+        {"prompt": f"Is my {t} serious?", "completion": f"See a doctor about the {t}." if good else f"Ignore the {t}.",
+         "label": good} for t, good in zip(TOPICS[:8], [True, False] * 4)])
     rows = train("kto", tiny_model, tmp_path / "out", f"{pairs},{unpaired}", method="full", max_steps=8,
                  learning_rate=3e-3, beta=0.1)
     losses = series(rows, "loss")
-    assert mean(losses[-2:]) < losses[0] - 0.05
-    assert mean(series(rows, "rewards/margins")[-2:]) > 0
+    assert losses[0] == pytest.approx(0.5, abs=1e-3)  # policy == reference at the start
+    assert mean(losses[-2:]) < 0.45
+    assert mean(series(rows, "rewards/margins")[-2:]) > 0.5
 
 
 def test_unpaired_reader_counts_and_locates(tmp_path):
@@ -237,10 +237,33 @@ def test_grpo_reader_builds_mcq_and_open_prompts(sample_data, tmp_path):
         read_prompts(str(bad), "prompts")
 
 
+def stopping_model(folder: Path, tokenizer_from: str) -> str:
+    """A tiny random Phi (its LM head has a bias) that ends a reply after each token with probability 0.15,
+    so sampled replies differ in length, as a pretrained model's do (a uniform random model never stops)."""
+    import math
+
+    import torch
+    from transformers import AutoTokenizer, PhiConfig, PhiForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_from)
+    torch.manual_seed(0)
+    model = PhiForCausalLM(PhiConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                     num_attention_heads=4, max_position_embeddings=512, eos_token_id=tok.eos_token_id,
+                                     pad_token_id=tok.pad_token_id))
+    with torch.no_grad():
+        model.lm_head.bias.zero_()
+        model.lm_head.bias[tok.eos_token_id] = math.log(0.15 / 0.85 * len(tok))
+    model.generation_config.eos_token_id = model.generation_config.pad_token_id = tok.eos_token_id
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return str(folder)
+
+
 @pytest.mark.slow
 def test_grpo_mean_reward_goes_up(tiny_model, tmp_path):
+    model = stopping_model(tmp_path / "model", tiny_model)
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"query": f"Tell me about {t}."} for t in TOPICS])
-    rows = train("grpo", tiny_model, tmp_path / "out", prompts, max_length=None, rewards="length", length_target=5,
-                 num_generations=4, max_completion_length=8, max_steps=12, learning_rate=1e-2, method="full")
+    rows = train("grpo", model, tmp_path / "out", prompts, max_length=None, rewards="length", length_target=5,
+                 num_generations=4, max_completion_length=8, max_steps=10, learning_rate=1e-2, method="full")
     rewards = series(rows, "reward")
-    assert mean(rewards[-3:]) > mean(rewards[:3]) + 0.1
+    assert mean(rewards[-3:]) > mean(rewards[:3]) + 0.15  # shorter replies: the model learns to stop early

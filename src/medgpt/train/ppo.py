@@ -541,8 +541,8 @@ def ppo_losses(batch: Rollout, logprobs: torch.Tensor, values: torch.Tensor, arg
     clipped_values = batch.values + (values - batch.values).clamp(-args.cliprange_value, args.cliprange_value)
     value_losses = torch.max((values - batch.returns) ** 2, (clipped_values - batch.returns) ** 2)
     ratio = torch.exp(logprobs - batch.logprobs)
-    pg_losses = batch.advantages * ratio
-    pg_clipped = batch.advantages * ratio.clamp(1 - args.cliprange, 1 + args.cliprange)
+    pg_losses = -batch.advantages * ratio
+    pg_clipped = -batch.advantages * ratio.clamp(1 - args.cliprange, 1 + args.cliprange)
     with torch.no_grad():
         stats = {"clip_frac": masked_mean((pg_clipped > pg_losses).float(), mask),
                  "approx_kl": 0.5 * masked_mean((logprobs - batch.logprobs) ** 2, mask),

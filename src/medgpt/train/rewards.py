@@ -18,8 +18,6 @@ _LETTER = r"[\(（\[【]?\s*([A-H])\s*[\)）\]】]?"
 # "答案是 B", "Answer: (B)", "the correct option is B", "选B" ...
 _STATED = re.compile(r"(?:answer|option|choice|答案|选项|应选|选择|选)\s*(?:is|are|should be|为|是|:|：)?\s*" + _LETTER
                      + r"(?![A-Za-z])", re.IGNORECASE)
-# a reply that starts with the letter: "B", "B.", "(B) ...", "B、..."
-_LEADING = re.compile(r"^\s*" + _LETTER + r"(?:$|[\s\.．、,，:：\)）])")
 _STANDALONE = re.compile(r"(?<![A-Za-z])([A-H])(?![A-Za-z])")
 _TERMINAL = tuple(".!?。！？…)）\"”")
 
@@ -32,15 +30,14 @@ def completion_text(completion: Any) -> str:
 
 
 def extract_choice(text: str, letters: str = "ABCD") -> str | None:
-    """The option letter a reply commits to, or None when it names none or several."""
-    for pattern in (_STATED, _LEADING):
-        found = {m.group(1).upper() for m in pattern.finditer(text)} & set(letters)
-        if len(found) == 1:
-            return found.pop()
-        if found:
-            return None
-    found = {m for m in _STANDALONE.findall(text)} & set(letters)
-    return found.pop() if len(found) == 1 else None
+    """The option letter a reply commits to: the one it states as the answer ("答案是B", "the answer is (B)"),
+    else the only option letter it names ("B", "B. Aspirin"). None when it names none, or hedges between
+    several ("A or B"), so listing every letter never earns the reward."""
+    stated = {m.upper() for m in _STATED.findall(text)} & set(letters)
+    if stated:
+        return stated.pop() if len(stated) == 1 else None
+    named = set(_STANDALONE.findall(text)) & set(letters)
+    return named.pop() if len(named) == 1 else None
 
 
 def _keys(completions: list, answer: list | None, options: list | None) -> list[tuple[str | None, str]]:

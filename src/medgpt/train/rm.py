@@ -2,11 +2,14 @@
 
 The model gets a sequence-classification head (one score per sequence) and learns to score the chosen
 response above the rejected one (Bradley-Terry loss). With LoRA the new `score` head is trained in full and
-saved with the adapter (PEFT puts it in modules_to_save for the SEQ_CLS task). Evaluation reports pairwise accuracy (`eval_accuracy`) on the
-eval split. `medgpt score` and the GRPO `reward_model` reward load the result.
+saved with the adapter (PEFT puts it in modules_to_save for the SEQ_CLS task). Evaluation reports pairwise
+accuracy (`eval_accuracy`) on the eval split. `medgpt score` and the GRPO `reward_model` reward load the
+result.
 """
 
 from __future__ import annotations
+
+import logging
 
 from trl import RewardConfig
 
@@ -14,12 +17,18 @@ from medgpt.config import Config
 from medgpt.train import common, prefs
 from medgpt.train.rewards import load_reward_model
 
+log = logging.getLogger(__name__)
+
 CONFIG_CLASS = RewardConfig
 
 
 def run(cfg: Config) -> dict:
     from trl import RewardTrainer
 
+    if cfg.data.overlong == "truncate":
+        log.warning("stage rm cannot truncate pairs (RewardTrainer would drop them uncounted): "
+                    "pairs longer than max_length are dropped and counted instead")
+        cfg.data.overlong = "drop"
     trainer, stats = prefs.build_trainer(cfg, RewardTrainer, task_type="SEQ_CLS",
                                          load=lambda cfg: load_reward_model(cfg.model, training=True))
     return common.train_and_save(trainer, cfg, stats)
