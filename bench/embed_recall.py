@@ -79,7 +79,7 @@ def bench_backend(name: str, rows: int) -> dict:
     embedder.encode(texts, batch_size=64)
     seconds = time.perf_counter() - start
     result = {"dim": embedder.dim, "load_s": round(load_s, 2), "rows": rows, "rows_per_s": round(rows / seconds, 1),
-              "chinese_separation": separation(embedder)}
+              "load_avg_1m": round(os.getloadavg()[0], 1), "chinese_separation": separation(embedder)}
     share = unk_share(embedder)
     if share is not None:
         result["chinese_unk_share"] = share
@@ -104,7 +104,7 @@ def bench_recall(size: int, queries: int = 1000, dim: int = 512, top_k: int = 50
     search_s = time.perf_counter() - start
     return {"vectors": size, "dim": dim, "queries": queries, "top_k": top_k, "index_s": round(build_s, 2),
             "search_s": round(search_s, 2), "queries_per_s": round(queries / search_s, 1),
-            "memory_gb": round(size * dim * 4 / 2**30, 2)}
+            "memory_gb": round(size * dim * 4 / 2**30, 2), "load_avg_1m": round(os.getloadavg()[0], 1)}
 
 
 def main() -> None:
@@ -116,18 +116,22 @@ def main() -> None:
     args = parser.parse_args()
     import faiss
 
+    out = Path(args.output)
+    # sections not run this time keep their earlier numbers (e.g. --sizes "" re-measures embedders only)
+    earlier = json.loads(out.read_text(encoding="utf-8")) if out.exists() else {}
     results = {
         "machine": {"cpus": os.cpu_count(), "faiss_threads": faiss.omp_get_max_threads(),
-                    "python": platform.python_version(), "load_avg_1m": round(os.getloadavg()[0], 1)},
-        "embedding": {}, "recall": [],
+                    "python": platform.python_version()},
+        "embedding": earlier.get("embedding", {}),
+        "recall": {str(r["vectors"]): r for r in earlier.get("recall", [])},
     }
     for name in [b for b in args.backends.split(",") if b]:
         results["embedding"][name] = bench_backend(name, args.rows)
         print(name, json.dumps(results["embedding"][name], ensure_ascii=False))
     for size in [int(s) for s in args.sizes.split(",") if s]:
-        results["recall"].append(bench_recall(size))
-        print(json.dumps(results["recall"][-1]))
-    out = Path(args.output)
+        results["recall"][str(size)] = bench_recall(size)
+        print(json.dumps(results["recall"][str(size)]))
+    results["recall"] = sorted(results["recall"].values(), key=lambda r: r["vectors"])
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from infer_throughput import machine, questions, save  # noqa: E402
+from infer_throughput import add_common_arguments, machine, questions, save, set_threads  # noqa: E402
 
 
 def load(url: str, prompts: list[list[dict]], clients: int, max_tokens: int) -> dict:
@@ -52,13 +52,12 @@ def load(url: str, prompts: list[list[dict]], clients: int, max_tokens: int) -> 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", help="default: the bundled SmolLM2-135M-Instruct")
-    parser.add_argument("--dtype", default="auto")
+    add_common_arguments(parser)
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--requests", type=int, default=32)
     parser.add_argument("--max-tokens", type=int, default=32)
-    parser.add_argument("--batch-size", type=int, default=16)
     args = parser.parse_args()
+    set_threads(args.threads)
 
     from medgpt.infer.engine import GenerationParams, load_engine
     from medgpt.infer.server import ServerSettings, create_app, running_server

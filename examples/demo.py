@@ -13,6 +13,8 @@ import shutil
 import sys
 import textwrap
 import time
+import unicodedata
+from itertools import zip_longest
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,18 +26,32 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
+def width_of(text: str) -> int:
+    """Terminal columns: CJK characters take two."""
+    return sum(2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
+
+
+def wrap(text: str, column: int) -> list[str]:
+    """Lines of at most `column` terminal columns (words kept whole where there are spaces)."""
+    lines = []
+    for paragraph in (text or "(empty)").splitlines():
+        for piece in textwrap.wrap(paragraph, column) or [""]:
+            line = ""
+            for char in piece:
+                if width_of(line) + width_of(char) > column:
+                    lines.append(line)
+                    line = ""
+                line += char
+            lines.append(line)
+    return lines
+
+
 def side_by_side(title_left: str, left: str, title_right: str, right: str, width: int) -> str:
     """Two answers in two columns of the terminal."""
-    from itertools import zip_longest
-
     column = max(20, (width - 3) // 2)
-
-    def wrap(text: str) -> list[str]:
-        return [line for part in (text or "(empty)").splitlines() for line in (textwrap.wrap(part, column) or [""])]
-
     rows = [(title_left, title_right), ("-" * column, "-" * column),
-            *zip_longest(wrap(left), wrap(right), fillvalue="")]
-    return "\n".join(f"{a:<{column}} | {b}" for a, b in rows)
+            *zip_longest(wrap(left, column), wrap(right, column), fillvalue="")]
+    return "\n".join(f"{a}{' ' * (column - width_of(a))} | {b}" for a, b in rows)
 
 
 def main(argv: list[str]) -> int:
@@ -63,6 +79,7 @@ def main(argv: list[str]) -> int:
         return 2
     elapsed = time.time() - started
 
+    logging.getLogger().setLevel(logging.WARNING)  # the summary below, without log lines in between
     width = shutil.get_terminal_size((120, 40)).columns
     last = pipeline.stages[-1].name
     answers = json.loads((pipeline.run_dir / "answers.json").read_text(encoding="utf-8"))
@@ -75,7 +92,7 @@ def main(argv: list[str]) -> int:
         print(f"  {o.name:<4} {state}")
     for i, messages in enumerate(load_prompts(pipeline.report_prompts)):
         print("\n" + "=" * width)
-        print(textwrap.fill(f"Q{i + 1}: {messages[-1]['content']}", width))
+        print("\n".join(wrap(f"Q{i + 1}: {messages[-1]['content']}", width)))
         print(side_by_side("base model", answers["base"]["answers"][i], f"after {last}",
                            answers[last]["answers"][i], width))
     final = final_model(pipeline)

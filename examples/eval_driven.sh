@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Eval-driven training on the shipped sample data with the bundled model, against a random control:
 #   select (and a random baseline of the same size) -> SFT each -> eval mcq each -> eval compare.
-# Usage: bash examples/eval_driven.sh [OUT_DIR]      (MEDGPT=... to use another medgpt executable)
+# Usage: bash examples/eval_driven.sh [OUT_DIR]
+#   MEDGPT=path/to/medgpt to use another executable; TRAIN_ARGS="--num_train_epochs 3" to change the SFT recipe
 set -euo pipefail
 
 OUT=${1:-outputs/eval_driven}
@@ -18,7 +19,8 @@ EVAL=(--data "$SAMPLE/mcq" --split val --template chatml --style ceval)
 # 2. the same SFT recipe on each (a finished run is not trained again)
 for run in selected baseline_random; do
     if [ ! -f "$OUT/sft-$run/adapter_config.json" ]; then
-        "$MEDGPT" train "$CONFIG" --data "$OUT/select/$run.jsonl" --output_dir "$OUT/sft-$run"
+        # shellcheck disable=SC2086  # TRAIN_ARGS holds several --key value pairs
+        "$MEDGPT" train "$CONFIG" --data "$OUT/select/$run.jsonl" --output_dir "$OUT/sft-$run" ${TRAIN_ARGS:-}
     fi
 done
 

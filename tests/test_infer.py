@@ -311,3 +311,16 @@ def test_chat_session_history_clear_and_retrieval_hook(engine):
     assert [len(m) for m in seen] == [1, 3, 1]  # the second turn saw the first; /clear forgot both
     assert seen[1][1] == {"role": "assistant", "content": first_answer}
     assert next(lines) == "never read" and len(session.history) == 2
+
+
+def test_model_generation_config_does_not_leak_into_requests(engine):
+    """Only the request's own settings apply, whatever the checkpoint's generation_config recommends."""
+    question = QUESTIONS[:1]
+    before = engine.generate(question, GenerationParams(max_new_tokens=10))[0].text
+    config = engine.model.generation_config
+    saved = config.to_dict()
+    try:
+        config.update(repetition_penalty=5.0, no_repeat_ngram_size=1, do_sample=True, temperature=3.0)
+        assert engine.generate(question, GenerationParams(max_new_tokens=10))[0].text == before
+    finally:
+        config.update(**saved)

@@ -15,7 +15,7 @@ from medgpt.train import run_training
 from medgpt.train.records import read_prompts, read_unpaired
 from medgpt.train.rewards import answer_format, extract_choice, length_reward, mcq_accuracy
 
-FAST = dict(template="chatml", per_device_train_batch_size=4, logging_steps=1, gradient_checkpointing=False,
+FAST = dict(template="chatml", per_device_train_batch_size=4, logging_steps=1, activation_checkpointing=False,
             report_to="none", report_prompts="none", save_strategy="no", seed=0, max_length=64,
             lr_scheduler_type="constant")
 TOPICS = ["fever", "cough", "rash", "headache", "back pain", "sore throat", "dizziness", "nausea",
@@ -213,6 +213,7 @@ def test_mcq_accuracy_on_fixed_completions():
     assert mcq_accuracy(chat, answer=["B"]) == [1.0]
     assert mcq_accuracy(["B", "B"], answer=[None, "B"]) == [None, 1.0]  # open questions are left out
     assert extract_choice("E", "ABCDE") == "E" and extract_choice("E") is None
+    assert extract_choice("The answer is a combination of two drugs.") is None
 
 
 def test_format_and_length_rewards():

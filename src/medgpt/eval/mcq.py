@@ -13,7 +13,7 @@ import json
 import logging
 import re
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +62,6 @@ class McqArgs:
     max_length: int = 2048
     max_new_tokens: int = 32
     limit: int | None = None  # questions per subject (quick checks)
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 # ---- data ----------------------------------------------------------------------------------------

@@ -334,8 +334,11 @@ class TransformersEngine(BaseEngine):
         attention = torch.tensor([[0] * p + [1] * len(r.prompt_ids) for p, r in zip(pads, requests)],
                                  device=self.device)
         state = _Batch(requests, pads, self.tokenizer, self.stop_ids, self.stop_strings)
+        # every processor is per row (above); the neutral values keep the model's own generation_config from adding
+        # a batch-wide repetition penalty or n-gram ban on top
         config = GenerationConfig(max_new_tokens=max(r.params.max_new_tokens for r in requests), do_sample=False,
-                                  num_beams=1, pad_token_id=pad_id, eos_token_id=sorted(self.stop_ids) or None)
+                                  num_beams=1, repetition_penalty=1.0, no_repeat_ngram_size=0, min_length=0,
+                                  pad_token_id=pad_id, eos_token_id=sorted(self.stop_ids) or None)
         with self._lock, torch.inference_mode():
             self.model.generate(input_ids=input_ids, attention_mask=attention, generation_config=config,
                                 logits_processor=LogitsProcessorList([_processor(state)]),

@@ -143,6 +143,7 @@ def build_index(sources: list[str | Path], out: str | Path, embedder: str = DEFA
     if chunk_size < 1 or not 0 <= overlap < chunk_size:
         raise UserError(f"chunk size {chunk_size} / overlap {overlap}: need size >= 1 and 0 <= overlap < size")
     out = Path(out)
+    _check_out(out)
     files = collect_files(sources)
     settings = {"embedder": embedder, "chunk_size": chunk_size, "overlap": overlap}
     encoder = get_embedder(embedder)
@@ -236,10 +237,14 @@ def _write_index(out: Path, meta: dict, chunks: list[Chunk], texts: list[str], e
     _swap_in(tmp, out)
 
 
+def _check_out(out: Path) -> None:
+    """Refuse to replace something that is not an index (an empty folder is fine)."""
+    if out.exists() and (not out.is_dir() or (not (out / "meta.json").exists() and any(out.iterdir()))):
+        raise UserError(f"{out}: exists and is not a medgpt index; choose another --out")
+
+
 def _swap_in(tmp: Path, out: Path) -> None:
     """Replace the folder `out` by `tmp`; at every moment one complete index sits at `out` or beside it."""
-    if out.exists() and not (out / "meta.json").exists() and any(out.iterdir()):
-        raise UserError(f"{out}: exists and is not a medgpt index; choose another --out")
     old = out.with_name(f".{out.name}.old-{os.getpid()}")
     if out.exists():
         os.replace(out, old)

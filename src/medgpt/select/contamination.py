@@ -104,8 +104,9 @@ def similar_pairs(train_vectors, eval_vectors, threshold: float, top_k: int = 5)
 
 
 def find_contamination(train_texts: list[str], train_ids: list[str], eval_items: list, args: ContaminationArgs,
-                       train_vectors=None, eval_vectors=None) -> dict[str, Any]:
-    """Pairs (training item, eval item) flagged by n-gram overlap or embedding similarity, and a summary."""
+                       train_vectors=None, eval_vectors=None) -> tuple[dict[str, Any], set[int]]:
+    """A report of the (training item, eval item) pairs flagged by n-gram overlap or embedding similarity,
+    and the indices of the flagged training items."""
     from tqdm.auto import tqdm
 
     ngrams = NgramIndex([e.text for e in eval_items], args.zh_ngram, args.en_ngram)
@@ -127,8 +128,7 @@ def find_contamination(train_texts: list[str], train_ids: list[str], eval_items:
     }
     settings = {"zh_ngram": args.zh_ngram, "en_ngram": args.en_ngram, "ngram_ratio": args.ngram_ratio,
                 "sim_threshold": args.sim_threshold if train_vectors is not None else None}
-    return {"summary": summary, "settings": settings, "pairs": listed,
-            "contaminated_train_indices": sorted({t for t, _ in pairs})}
+    return {"summary": summary, "settings": settings, "pairs": listed}, {t for t, _ in pairs}
 
 
 # ---- command line (wired as `medgpt data contamination`) ----------------------------------------------
@@ -177,8 +177,8 @@ def run_contamination(args: argparse.Namespace) -> int:
         eval_vectors = embedder.encode([e.text for e in eval_items])
         train_vectors = embedder.encode(texts, show_progress=len(texts) > 1000)
     settings = ContaminationArgs(args.zh_ngram, args.en_ngram, args.ngram_ratio, args.sim_threshold)
-    report = find_contamination(texts, [r["_loc"] for r in records], eval_items, settings, train_vectors, eval_vectors)
-    report.pop("contaminated_train_indices")
+    report, _ = find_contamination(texts, [r["_loc"] for r in records], eval_items, settings, train_vectors,
+                                   eval_vectors)
     report.update(train=args.train, against=args.against, embedder=args.embedder)
     write_json(Path(args.output), report)
     s = report["summary"]

@@ -237,9 +237,9 @@ def decontaminate(kept: list[tuple[int, int, float]], records: list[dict], eval_
                   subjects: dict[str, dict], args: SelectArgs) -> tuple[list[tuple[int, int, float]], set[int], dict]:
     """The leakage guard's second signal: drop recalled items that copy an eval question's n-grams."""
     chosen = [t for t, _, _ in kept]
-    report = find_contamination([record_text(records[t], "conversation") for t in chosen],
-                                [records[t]["_loc"] for t in chosen], eval_items, args.contamination)
-    flagged = {chosen[i] for i in report["contaminated_train_indices"]}
+    report, hits = find_contamination([record_text(records[t], "conversation") for t in chosen],
+                                      [records[t]["_loc"] for t in chosen], eval_items, args.contamination)
+    flagged = {chosen[i] for i in hits}
     if not args.keep_contaminated:
         for t, e, _ in kept:
             if t in flagged:
@@ -297,9 +297,8 @@ def select(args: SelectArgs) -> dict[str, Any]:
         baseline = draw_random(records, len(selected), unsafe, ngrams, args.contamination.ngram_ratio,
                                random.Random(args.seed + 1))
         write_jsonl(out / BASELINE, convert([records[t] for t in baseline], "sharegpt"))
-    final = find_contamination([record_text(records[t], "conversation") for t in selected],
-                               [records[t]["_loc"] for t in selected], eval_items, args.contamination)
-    final.pop("contaminated_train_indices")
+    final, _ = find_contamination([record_text(records[t], "conversation") for t in selected],
+                                  [records[t]["_loc"] for t in selected], eval_items, args.contamination)
     write_json(out / CONTAMINATION, final)
 
     for s in subjects.values():

@@ -306,8 +306,8 @@ def response_stats(model: ActorCritic | torch.nn.Module, batch: Rollout, tempera
     return logprobs, entropy, values
 
 
-def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
-    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1) if dim is not None else (x * mask).sum() / mask.sum().clamp(min=1)
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (x * mask).sum() / mask.sum().clamp(min=1)
 
 
 def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
@@ -360,9 +360,9 @@ class PPO:
         set_seed(args.seed)
         self.tokenizer = load_tokenizer(cfg.model.adapter or cfg.model.model, cfg.model.trust_remote_code)
         self.template = prefs.use_template(cfg, self.tokenizer)
+        self.scorers = build_scorers(args, cfg.model.dtype, self.accelerator.device)
         self.prompts, self.stats = load_prompts(cfg, self.tokenizer, self.template)
         self.stop_ids = stop_token_ids(self.tokenizer, self.template)
-        self.scorers = build_scorers(args, cfg.model.dtype, self.accelerator.device)
         self.checkpoint = common.last_checkpoint(cfg)
         state = json.loads((Path(self.checkpoint) / STATE_FILE).read_text()) if self.checkpoint else {}
         self.global_step = state.get("global_step", 0)
@@ -425,39 +425,36 @@ class PPO:
 
         prompt_ids = pad([torch.tensor(p["ids"]) for p in picked], self.tokenizer.pad_token_id, "left")
         prompt_mask = pad([torch.ones(len(p["ids"]), dtype=torch.long) for p in picked], 0, "left")
-        response_ids = pad([torch.tensor(r) for r in responses],
-                           self.tokenizer.pad_token_id, "right")
+        response_ids = pad([torch.tensor(r) for r in responses], self.tokenizer.pad_token_id, "right")
         response_mask = pad([torch.ones(len(r), dtype=torch.long) for r in responses], 0, "right")
         batch = Rollout(input_ids=torch.cat([prompt_ids, response_ids], 1).to(acc.device),
                         attention_mask=torch.cat([prompt_mask, response_mask], 1).to(acc.device),
                         responses=response_ids.to(acc.device), mask=response_mask.float().to(acc.device),
                         scores=scores)
 
-        logprobs, ref_logprobs, values, entropy = [], [], [], []
+        parts = []  # (logprobs, entropy, values, reference logprobs) per chunk
         for rows in torch.arange(len(picked), device=acc.device).split(chunk):
             part = batch.rows(rows)
             with acc.autocast():
-                lp, ent, v = response_stats(self.model, part, args.temperature)
+                logprobs, entropy, values = response_stats(self.model, part, args.temperature)
                 with self.as_reference() as reference:
-                    ref_lp, _, _ = response_stats(reference, part, args.temperature, with_values=False)
-            logprobs.append(lp), values.append(v.float()), ref_logprobs.append(ref_lp), entropy.append(ent)
+                    ref_logprobs = response_stats(reference, part, args.temperature, with_values=False)[0]
+            parts.append((logprobs, entropy, values.float(), ref_logprobs))
+        logprobs, entropy, values, ref_logprobs = (torch.cat(t) for t in zip(*parts))
         mask = batch.mask
-        batch.logprobs = torch.cat(logprobs) * mask
-        batch.values = torch.cat(values) * mask
-        kl = (batch.logprobs - torch.cat(ref_logprobs) * mask)
+        batch.logprobs, batch.values = logprobs * mask, values * mask
+        kl = (logprobs - ref_logprobs) * mask
         rewards = -self.kl.value * kl
-        last = mask.sum(1).long().clamp(min=1) - 1
-        rewards[torch.arange(len(picked)), last] += scores
+        rewards[torch.arange(len(picked)), mask.sum(1).long() - 1] += scores  # the score lands on the last token
         if args.whiten_rewards:
             rewards = masked_whiten(rewards, mask, shift_mean=False) * mask
         advantages = gae(rewards, batch.values, args.gamma, args.lam)
         batch.returns = advantages + batch.values
         batch.advantages = masked_whiten(advantages, mask) * mask
         stats = {"reward": scores.mean().item(), "reward_std": scores.std().item() if len(scores) > 1 else 0.0,
-                 "kl": kl.sum(1).mean().item(), "entropy": masked_mean(torch.cat(entropy), mask).item(),
-                 "non_score_reward": (rewards.sum(1) - scores).mean().item() if not args.whiten_rewards else 0.0,
-                 "response_length": mask.sum(1).mean().item(), "kl_coef": self.kl.value,
-                 "finished": sum(finished) / len(finished)}
+                 "kl": kl.sum(1).mean().item(), "non_score_reward": -self.kl.value * kl.sum(1).mean().item(),
+                 "entropy": masked_mean(entropy, mask).item(), "response_length": mask.sum(1).mean().item(),
+                 "finished": sum(finished) / len(finished), "kl_coef": self.kl.value}
         return batch, stats
 
     def _score(self, fn: Callable[..., list], columns: dict[str, list]) -> list[float]:
@@ -479,8 +476,8 @@ class PPO:
                     part = batch.rows(rows)
                     logprobs, entropy, values = response_stats(self.model, part, args.temperature)
                     losses = ppo_losses(part, logprobs, values.float(), args)
-                    acc.backward((losses["policy_loss"] + args.vf_coef * losses["value_loss"]) * len(rows) / len(minibatch))
-                    losses["entropy"] = masked_mean(entropy, part.mask)
+                    loss = losses["policy_loss"] + args.vf_coef * losses["value_loss"]
+                    acc.backward(loss * len(rows) / len(minibatch))
                     for key, value in losses.items():
                         totals[key].append(value.item())
                 if args.max_grad_norm:
@@ -488,9 +485,17 @@ class PPO:
                 self.optimizer.step()
                 self.scheduler.step()
                 self.optimizer.zero_grad()
-        stats = {k: sum(v) / len(v) for k, v in totals.items()}
-        stats["update_entropy"] = stats.pop("entropy")
-        stats["learning_rate"] = self.scheduler.get_last_lr()[0]
+        return {**{k: sum(v) / len(v) for k, v in totals.items()}, "learning_rate": self.scheduler.get_last_lr()[0]}
+
+    def step(self) -> dict[str, float]:
+        """One rollout, its PPO updates and the KL controller's move; seeded by the step number."""
+        acc = self.accelerator
+        torch.manual_seed(self.args.seed + self.global_step * acc.num_processes + acc.process_index)
+        batch, stats = self.rollout()
+        stats.update(self.update(batch))
+        kl = acc.reduce(torch.tensor(stats["kl"], device=acc.device), "mean").item()
+        self.kl.update(kl, self.args.rollout_batch_size * acc.num_processes)
+        self.global_step += 1
         return stats
 
     def save_checkpoint(self) -> None:
@@ -569,12 +574,7 @@ def run(cfg: Config) -> dict:
     last: dict[str, float] = {}
     bar = tqdm(total=ppo.total_steps, initial=ppo.global_step, desc="ppo", disable=not acc.is_local_main_process)
     while ppo.global_step < ppo.total_steps:
-        torch.manual_seed(args.seed + ppo.global_step * acc.num_processes + acc.process_index)
-        batch, stats = ppo.rollout()
-        stats.update(ppo.update(batch))
-        ppo.kl.update(acc.reduce(torch.tensor(stats["kl"], device=acc.device), "mean").item(),
-                      args.rollout_batch_size * acc.num_processes)
-        ppo.global_step += 1
+        stats = ppo.step()
         for key, value in stats.items():
             pending[key].append(value)
         bar.update()

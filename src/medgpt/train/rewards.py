@@ -1,23 +1,22 @@
 """Reward functions for GRPO on medical data, and scoring with a trained reward model.
 
 A reward function takes TRL's keyword arguments (`prompts`, `completions` and every other dataset column,
-here `answer` and `reference`) and returns one float per completion, or None where it does not apply: TRL
+here `answer`, `options` and `reference`) and returns one float per completion, or None where it does not apply: TRL
 then leaves it out for that completion, so multiple-choice and open questions can share a data set.
 """
 
 from __future__ import annotations
 
-import logging
 import re
 from pathlib import Path
 from typing import Any
 
-log = logging.getLogger(__name__)
+from medgpt.errors import UserError
 
 _LETTER = r"[\(（\[【]?\s*([A-H])\s*[\)）\]】]?"
 # "答案是 B", "Answer: (B)", "the correct option is B", "选B" ...
-_STATED = re.compile(r"(?:answer|option|choice|答案|选项|应选|选择|选)\s*(?:is|are|should be|为|是|:|：)?\s*" + _LETTER
-                     + r"(?![A-Za-z])", re.IGNORECASE)
+_STATED = re.compile(r"(?i:answer|option|choice|答案|选项|应选|选择|选)\s*(?i:is|should be|为|是|:|：)?\s*" + _LETTER
+                     + r"(?![A-Za-z])")
 _STANDALONE = re.compile(r"(?<![A-Za-z])([A-H])(?![A-Za-z])")
 _TERMINAL = tuple(".!?。！？…)）\"”")
 
@@ -118,12 +117,14 @@ class RewardModel:
         folder = Path(resolve_model(path))
         meta = read_meta(folder)
         if (folder / "adapter_config.json").exists():
-            base = adapter_base(str(folder)) or meta.get("base_model")
+            base = adapter_base(str(folder))
+            if not base or not Path(base).exists():  # trained elsewhere: the name the config gave
+                base = meta.get("base_model") or base
             args = ModelArgs(model=base, adapter=str(folder), dtype=dtype)
         else:
             args = ModelArgs(model=str(folder), dtype=dtype)
         if meta.get("stage") not in (None, "rm"):
-            log.warning("%s was trained by stage %s, not rm: its scores may mean nothing", folder, meta["stage"])
+            raise UserError(f"{path}: trained by stage {meta['stage']}, not a reward model (stage rm)")
         self.tokenizer = load_tokenizer(str(folder))
         self.model = load_reward_model(args)
         self.model.config.pad_token_id = self.tokenizer.pad_token_id
