@@ -138,6 +138,7 @@ def test_template_from_metadata_and_by_name(sharp_model, tmp_path):
         load_engine(str(folder), template="nope")
 
 
+@pytest.mark.slow
 def test_adapter_applies_without_merging(sharp_model, tmp_path):
     import torch
     from peft import LoraConfig, get_peft_model

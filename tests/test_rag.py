@@ -128,8 +128,9 @@ def test_changed_file_is_reindexed_and_unchanged_files_are_not(sample_data, tmp_
 
 def _pdf(pages: list[str]) -> bytes:
     """A minimal PDF with one line of Helvetica text per page."""
+    kids = " ".join(f"{4 + 2 * i} 0 R" for i in range(len(pages)))
     objects = ["<< /Type /Catalog /Pages 2 0 R >>",
-               f"<< /Type /Pages /Kids [{' '.join(f'{4 + 2 * i} 0 R' for i in range(len(pages)))}] /Count {len(pages)} >>",
+               f"<< /Type /Pages /Kids [{kids}] /Count {len(pages)} >>",
                "<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>"]
     for i, text in enumerate(pages):
         stream = f"BT /F1 12 Tf 72 712 Td ({text}) Tj ET"

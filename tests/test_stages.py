@@ -121,11 +121,17 @@ def reward_model(tiny_model, tmp_path_factory) -> tuple[Path, list[dict]]:
 
 
 def test_rm_learns_pairwise_preference(reward_model):
-    _, rows = reward_model
+    from transformers import AutoTokenizer
+
+    from medgpt.data.templates import get_template
+
+    folder, rows = reward_model
     before, *_, after = series(rows, "eval_accuracy")
     margins = series(rows, "eval_margin")
     assert after == 1.0 and margins[-1] > margins[0] + 1.0
     assert mean(series(rows, "accuracy")[-3:]) == 1.0
+    # the named template was rendered by TRL and is saved with the model
+    assert AutoTokenizer.from_pretrained(folder).chat_template == get_template("chatml").chat_template()
 
 
 def test_score_command_ranks_pairs(reward_model, tmp_path, capsys):
@@ -156,9 +162,14 @@ def test_score_command_ranks_pairs(reward_model, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_dpo_margins_grow(tiny_model, tmp_path):
-    data = keyword_pairs(tmp_path / "pairs.jsonl")
+    long = write_jsonl(tmp_path / "long.jsonl", [{"question": "Tell me everything.", "response_chosen": "word " * 100,
+                                                  "response_rejected": "no"}])
+    data = f"{keyword_pairs(tmp_path / 'pairs.jsonl')},{long}"
     rows = train("dpo", tiny_model, tmp_path / "out", data, max_steps=8, learning_rate=5e-3, beta=0.1,
                  loss_type="sigmoid")
+    stats = json.loads((tmp_path / "out" / "data_stats.json").read_text())["train"]
+    assert (stats["read"], stats["kept"], stats["dropped"]) == (13, 12, {"longer than max_length": 1})
+    assert stats["examples"]["longer than max_length"] == [f"{long}:1"]
     margins = series(rows, "rewards/margins")
     assert margins[0] == pytest.approx(0.0, abs=1e-3)  # the adapter starts at zero: policy == reference
     assert mean(margins[-2:]) > 0.5

@@ -247,7 +247,8 @@ class Estimate:
 
     @property
     def peak(self) -> float:
-        held = self.weights + self.optimizer + self.reference_model + self.reward_model + self.value_model + self.overhead
+        held = (self.weights + self.optimizer + self.reference_model + self.reward_model + self.value_model
+                + self.overhead)
         return held + max(self.activations + self.head_gradient, self.gradients)
 
     def gib(self) -> dict[str, float]:
@@ -365,7 +366,9 @@ def estimate(args: PlanArgs, arch: Architecture, reward_arch: Architecture | Non
     if full:
         head_params = arch.output_params or arch.vocab * arch.hidden
         # the fused head accumulates it in fp32 and then casts it to the weight's dtype (a copy on GPU)
-        head_gradient = (2.0 if gpu else 4.0) * head_params + (4.0 * head_params if gpu and args.stage in FUSED_HEAD else 0)
+        head_gradient = (2.0 if gpu else 4.0) * head_params
+        if gpu and args.stage in FUSED_HEAD:
+            head_gradient += 4.0 * head_params
     return Estimate(
         weights=weights,
         gradients=split(gradients, 2),

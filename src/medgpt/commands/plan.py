@@ -5,8 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-STAGES = ("pt", "sft", "rm", "ppo", "dpo", "kto", "orpo", "grpo")  # the same as medgpt.plan
-METHODS = ("full", "lora", "qlora4", "qlora8")
+from medgpt.plan import DEVICES, METHODS, PAIRED, STAGES  # medgpt.plan imports only the standard library at the top
 ROWS = (("weights", "weights"), ("gradients", "gradients"), ("optimizer", "optimizer states"),
         ("activations", "activations"), ("reference_model", "reference model"), ("reward_model", "reward model"),
         ("value_model", "value model"), ("overhead", "CUDA context and slack"))
@@ -14,10 +13,11 @@ ROWS = (("weights", "weights"), ("gradients", "gradients"), ("optimizer", "optim
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="HuggingFaceTB/SmolLM2-135M-Instruct",
-                        help="model folder, hub id, or a built-in name such as Qwen/Qwen2.5-7B (only the config is read)")
+                        help="model folder, hub id, or a built-in name such as Qwen/Qwen2.5-7B "
+                             "(only the config is read)")
     parser.add_argument("--stage", choices=STAGES, default="sft")
     parser.add_argument("--method", choices=METHODS, default="lora")
-    parser.add_argument("--device", choices=("gpu", "cpu"), default="gpu",
+    parser.add_argument("--device", choices=DEVICES, default="gpu",
                         help="gpu: bf16 mixed precision with fp32 master weights; cpu: fp32 weights + bf16 autocast")
     parser.add_argument("--batch-size", type=int, default=1, help="micro-batch per device (default: 1)")
     parser.add_argument("--seq-len", type=int, default=1024, help="tokens per sequence (default: 1024)")
@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(report, indent=2))
         return 0
     a, sizes = result.arch, report["per_device_gib"]
-    pairs = " (x2: chosen + rejected)" if args.stage in ("rm", "dpo", "kto", "orpo") else ""
+    pairs = " (x2: chosen + rejected)" if args.stage in PAIRED else ""
     print(f"{a.name}  [{a.source}]")
     print(f"{args.stage}, {args.method}, device {args.device}: {a.params / 1e9:.3f} B params, "
           f"{result.trainable / 1e6:,.2f} M trainable ({100 * result.trainable / a.params:.2f}%)")

@@ -18,13 +18,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from medgpt.infer.options import engine_from_args, params_from_args
-    from medgpt.infer.predict import predict_file
+    from medgpt.infer.predict import predict_file, read_inputs
 
     params = params_from_args(args)
+    rows = read_inputs(args.input)  # a bad row fails before the model loads
     engine = engine_from_args(args)
     chunk = 4 * (getattr(engine, "max_batch_size", None) or 16)
     stats = predict_file(engine, args.input, args.output, params, system=args.system, chunk_size=chunk,
-                         overwrite=args.overwrite)
+                         overwrite=args.overwrite, rows=rows)
     print(f"{args.output}: {stats['rows']} rows ({stats['generated']} answered now, {stats['resumed']} before), "
           f"{stats['completion_tokens']} tokens generated")
     return 0

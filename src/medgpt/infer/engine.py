@@ -312,6 +312,8 @@ class TransformersEngine(BaseEngine):
         self.stop_ids, self.stop_strings = stop_tokens(self.tokenizer, self.template, self.model)
         self.name = Path(adapter or args.model).name
         self._lock = threading.Lock()  # one generate at a time on one model
+        log.info("loaded %s%s on %s (%s), template %s", args.model, f" + adapter {adapter}" if adapter else "",
+                 device, str(self.model.dtype).removeprefix("torch."), self.template.name)
 
     def run(self, requests: list[Request]) -> list[Completion]:
         """Generate for prompts of any length in batches of similar length; results keep the input order."""

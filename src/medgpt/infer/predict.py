@@ -104,12 +104,13 @@ def finished_rows(partial: Path, inputs: list[dict]) -> int:
 
 
 def predict_file(engine: Engine, input_path: str | Path, output_path: str | Path, params: GenerationParams,
-                 system: str | None = None, chunk_size: int = 64, overwrite: bool = False) -> dict:
-    """Answer every row of `input_path` into `output_path`; returns counts and token totals."""
+                 system: str | None = None, chunk_size: int = 64, overwrite: bool = False,
+                 rows: list[tuple[dict, list[dict]]] | None = None) -> dict:
+    """Answer every row of `input_path` (or its `rows`, already read) into `output_path`; returns counts."""
     from tqdm.auto import tqdm
 
     params.validate()
-    rows = read_inputs(input_path)
+    rows = rows if rows is not None else read_inputs(input_path)
     inputs = [row for row, _ in rows]
     output = Path(output_path)
     partial = output.with_name(output.name + ".partial")

@@ -9,12 +9,9 @@ Every chunk is a verbatim slice of the document, so a citation can point at its 
 
 from __future__ import annotations
 
-import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
-
-log = logging.getLogger(__name__)
 
 EXTENSIONS = (".txt", ".md", ".pdf", ".docx")
 TEXT_ENCODINGS = ("utf-8-sig", "gb18030")  # UTF-8 first; GB18030 covers the older Chinese files (GBK, GB2312)

@@ -273,5 +273,6 @@ def load_index(path: str | Path) -> KnowledgeBase:
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise UserError(f"{path}: damaged index ({type(exc).__name__}: {exc}); re-index with --rebuild") from exc
     if len(chunks) != len(embeddings):
-        raise UserError(f"{path}: damaged index ({len(chunks)} chunks, {len(embeddings)} vectors); re-index with --rebuild")
+        raise UserError(f"{path}: damaged index ({len(chunks)} chunks, {len(embeddings)} vectors); "
+                        "re-index with --rebuild")
     return KnowledgeBase(path, meta, chunks, embeddings, bm25, state)
