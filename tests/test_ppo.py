@@ -48,8 +48,9 @@ def stopping_model(tiny_model, tmp_path_factory) -> str:
     model = AutoModelForCausalLM.from_pretrained(tiny_model)
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     embeddings = model.get_input_embeddings().weight
+    row = torch.randn(embeddings.shape[1], generator=torch.Generator().manual_seed(1)) * 0.5
     with torch.no_grad():
-        embeddings[tokenizer.eos_token_id] = torch.randn(embeddings.shape[1], generator=torch.Generator().manual_seed(1)) * 0.5
+        embeddings[tokenizer.eos_token_id] = row
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return str(folder)

@@ -402,8 +402,9 @@ class PPO:
         from trl.trainer.utils import pad
 
         args, acc = self.args, self.accelerator
-        picked = [self.prompts[i] for i in prompts_for_step(len(self.prompts), self.global_step, args.rollout_batch_size,
-                                                            acc.process_index, acc.num_processes, args.seed)]
+        order = prompts_for_step(len(self.prompts), self.global_step, args.rollout_batch_size, acc.process_index,
+                                 acc.num_processes, args.seed)
+        picked = [self.prompts[i] for i in order]
         policy = self.unwrapped.policy
         self.model.eval()
         chunk = args.per_device_eval_batch_size
@@ -540,20 +541,20 @@ def stop_token_ids(tokenizer, template) -> list[int]:
     return list(dict.fromkeys(ids))
 
 
-def ppo_losses(batch: Rollout, logprobs: torch.Tensor, values: torch.Tensor, args: PPOConfig) -> dict[str, torch.Tensor]:
+def ppo_losses(batch: Rollout, logprobs: torch.Tensor, values: torch.Tensor, args: PPOConfig) -> dict[str, Any]:
     """Clipped surrogate policy loss and clipped value loss (Schulman et al. 2017), over response tokens."""
     mask = batch.mask
     clipped_values = batch.values + (values - batch.values).clamp(-args.cliprange_value, args.cliprange_value)
-    value_losses = torch.max((values - batch.returns) ** 2, (clipped_values - batch.returns) ** 2)
+    unclipped_error, clipped_error = (values - batch.returns) ** 2, (clipped_values - batch.returns) ** 2
     ratio = torch.exp(logprobs - batch.logprobs)
     pg_losses = -batch.advantages * ratio
     pg_clipped = -batch.advantages * ratio.clamp(1 - args.cliprange, 1 + args.cliprange)
     with torch.no_grad():
         stats = {"clip_frac": masked_mean((pg_clipped > pg_losses).float(), mask),
                  "approx_kl": 0.5 * masked_mean((logprobs - batch.logprobs) ** 2, mask),
-                 "value_clip_frac": masked_mean(((clipped_values - batch.returns) ** 2 > (values - batch.returns) ** 2).float(), mask)}
+                 "value_clip_frac": masked_mean((clipped_error > unclipped_error).float(), mask)}
     return {"policy_loss": masked_mean(torch.max(pg_losses, pg_clipped), mask),
-            "value_loss": 0.5 * masked_mean(value_losses, mask), **stats}
+            "value_loss": 0.5 * masked_mean(torch.max(unclipped_error, clipped_error), mask), **stats}
 
 
 def run(cfg: Config) -> dict:
