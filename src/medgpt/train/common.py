@@ -140,8 +140,6 @@ def load_policy(cfg: Config, head: str = "causal_lm", num_labels: int = 1):
 
 def train_and_save(trainer, cfg: Config, stats: dict, extra_metrics: Callable[[Any], dict] | None = None) -> dict:
     """Train (resuming if asked), evaluate, save the final model and everything beside it, return metrics."""
-    from medgpt.models import write_meta
-
     prepare_output(cfg)
     result = trainer.train(resume_from_checkpoint=last_checkpoint(cfg))
     metrics: dict[str, Any] = dict(result.metrics)
@@ -156,16 +154,26 @@ def train_and_save(trainer, cfg: Config, stats: dict, extra_metrics: Callable[[A
     trainer.save_model(str(out))
     if trainer.is_world_process_zero():
         (out / "training_args.bin").unlink(missing_ok=True)  # a pickle; the config is in medgpt.json
-        trainer.processing_class.save_pretrained(str(out))
-        write_json(out / "data_stats.json", {split: s.to_dict() for split, s in stats.items()})
-        write_json(out / "final_metrics.json", metrics)
-        write_meta(out, stage=cfg.run.stage, method=cfg.run.method, base_model=cfg.model.model,
-                   adapter_base=cfg.model.adapter, template=cfg.model.template, complete=True,
-                   config={k: v for k, v in cfg.raw.items() if _jsonable(v)})
-        from medgpt.report import write_training_report
-
-        write_training_report(cfg)
+        save_outputs(cfg, trainer.processing_class, stats, metrics)
     return metrics
+
+
+def save_outputs(cfg: Config, tokenizer, stats: dict, metrics: dict) -> None:
+    """Everything beside the saved weights: tokenizer, counts, metrics, the report, and medgpt.json.
+
+    medgpt.json is written last: its presence marks the folder complete.
+    """
+    from medgpt.models import write_meta
+    from medgpt.report import write_training_report
+
+    out = cfg.output_dir
+    tokenizer.save_pretrained(str(out))
+    write_json(out / "data_stats.json", {split: s.to_dict() for split, s in stats.items()})
+    write_json(out / "final_metrics.json", metrics)
+    write_training_report(cfg)
+    write_meta(out, stage=cfg.run.stage, method=cfg.run.method, base_model=cfg.model.model,
+               adapter_base=cfg.model.adapter, template=cfg.model.template, complete=True,
+               config={k: v for k, v in cfg.raw.items() if _jsonable(v)})
 
 
 def _jsonable(value: Any) -> bool:

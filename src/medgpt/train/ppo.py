@@ -601,18 +601,8 @@ def run(cfg: Config) -> dict:
 def save_final(ppo: PPO, cfg: Config, metrics: dict[str, float]) -> None:
     """The trained adapter (or model) with its tokenizer, counts, metrics and medgpt.json, as the other stages
     leave them; medgpt.json is written last, marking the folder complete."""
-    from medgpt.models import write_meta
-    from medgpt.report import write_training_report
-
-    out = cfg.output_dir
-    ppo.save_policy(out)
-    ppo.tokenizer.save_pretrained(str(out))
-    common.write_json(out / "data_stats.json", {split: s.to_dict() for split, s in ppo.stats.items()})
-    common.write_json(out / "final_metrics.json", metrics)
-    write_meta(out, stage=cfg.run.stage, method=cfg.run.method, base_model=cfg.model.model,
-               adapter_base=cfg.model.adapter, template=cfg.model.template, complete=True,
-               config={k: v for k, v in cfg.raw.items() if common._jsonable(v)})
-    write_training_report(cfg)
+    ppo.save_policy(cfg.output_dir)
+    common.save_outputs(cfg, ppo.tokenizer, ppo.stats, metrics)
 
 
 def _steps(value: float, total: int) -> int:
