@@ -188,12 +188,12 @@ def test_contamination_command(corpus, sample_data, tmp_path, capsys):
     contamination.add_contamination_arguments(parser)
     report_path = tmp_path / "report.json"
     args = parser.parse_args([str(corpus), "--against", str(sample_data / "mcq"), "--output", str(report_path),
-                              "--fail"])
+                              "--fail", "--text", "user"])
     assert contamination.run_contamination(args) == 1
     report = json.loads(report_path.read_text())
     flagged = {p["train"]: p for p in report["pairs"]}
     verbatim, edited = flagged[f"{corpus}:134"], flagged[f"{corpus}:135"]
-    assert verbatim["eval"] == "physician/1" and verbatim["ngram_overlap"] == 1.0 and verbatim["similarity"] > 0.8
+    assert verbatim["eval"] == "physician/1" and verbatim["ngram_overlap"] == 1.0 and verbatim["similarity"] > 0.99
     assert edited["eval"] == "physician/0" and edited["ngram_overlap"] == 1.0
     assert report["summary"]["contaminated_eval"] == 2 and report["summary"]["contaminated_train"] == 2
     assert "physician/0" in capsys.readouterr().out

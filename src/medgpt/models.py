@@ -250,7 +250,8 @@ def load_model(args: ModelArgs, training: bool = False, head: str = "causal_lm",
     if head == "causal_lm":
         model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
     elif head == "seq_cls":
-        model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=num_labels, **kwargs)
+        kwargs["config"].num_labels = num_labels  # transformers 5 refuses num_labels beside a config
+        model = AutoModelForSequenceClassification.from_pretrained(folder, **kwargs)
     else:
         raise ValueError(f"unknown head {head!r}")
     if args.adapter:

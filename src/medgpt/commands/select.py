@@ -31,9 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="what of a training conversation is embedded: its user turns (default) or all turns")
     parser.add_argument("--top-k", type=int, default=50, help="training items recalled per eval item (default 50)")
     parser.add_argument("--min-sim", type=float, default=0.5, help="lowest similarity kept (default 0.5, calibrated for `use`)")
-    parser.add_argument("--max-sim", type=float, default=0.8,
+    parser.add_argument("--max-sim", type=float, default=0.9,
                         help="similarity at which a training item counts as a copy of an eval item and is never "
-                             "written (default 0.8, calibrated for `use`)")
+                             "written (default 0.9, calibrated for `use`)")
     parser.add_argument("--random-ratio", type=float, default=0.0,
                         help="share of the output drawn at random from the rest of the corpus (default 0)")
     parser.add_argument("--baseline", choices=("random",), help="also write a random sample of the same size")

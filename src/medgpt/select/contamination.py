@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 ZH_N, EN_N = 8, 13
 NGRAM_RATIO = 0.5
-SIM_THRESHOLD = 0.8
+SIM_THRESHOLD = 0.9
 _CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
 _WORD = re.compile(r"[a-z0-9]+")
 

@@ -48,7 +48,7 @@ class SelectArgs:
     corpus_text: str = "user"
     top_k: int = 50
     min_sim: float = 0.5
-    max_sim: float = 0.8
+    max_sim: float = 0.9
     random_ratio: float = 0.0
     baseline: str | None = None  # "random"
     seed: int = 42
