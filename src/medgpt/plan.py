@@ -290,19 +290,29 @@ def _weight_bytes(arch: Architecture, method: str, device: str) -> float:
     return 2.0 * arch.params
 
 
-def _layer_bytes(arch: Architecture, args: PlanArgs, full: bool, lora_in: int, lora_layers: int) -> float:
-    """Bytes saved for the backward pass per token in one decoder layer (see the module docstring)."""
+def _layer_bytes(arch: Architecture, args: PlanArgs, lora_in: int, lora_layers: int) -> float:
+    """Bytes one decoder layer keeps for the backward pass per token (see the module docstring).
+
+    A frozen projection keeps only its weight, not its input, so LoRA saves the inputs of the frozen
+    layers but adds, per adapted layer, its dropout mask and its input cast to bf16.
+    """
     h, i = arch.hidden, arch.intermediate
     q = arch.heads * arch.head_dim
-    attention = 2 * q + 2 * 2 * q + 2 * q + 2 * q  # rotated q; k and v repeated to every head; SDPA out; o_proj in
-    mlp = 4 * 2 * i  # gate, SiLU(gate), up, their product (bf16)
-    if args.device == "gpu":
-        norms = 2 * (4 * h + 2 * h + (2 * h if full else 0))  # fp32 upcast, bf16 output (+ its input to the weight)
-    else:
-        norms = 2 * (4 * h + (4 * h if full else 0))  # fp32 residual stream (+ the normalized input to the weight)
-        norms += 5 * 2 * h  # autocast casts the fp32 norm output to bf16 once per projection (q, k, v, gate, up)
-    lora = (3 if args.lora_dropout > 0 else 2) * lora_in + 2 * args.lora_rank * lora_layers
-    return norms + attention + mlp + lora
+    gpu = args.device == "gpu"
+    # rotated q; k and v repeated to every head (SDPA with a padding mask); SDPA's output, which o_proj reads
+    # as a view; and the bf16 attention mask SDPA keeps for each layer
+    attention = 2 * q + 2 * 2 * q + 2 * q + 2 * args.seq_len
+    if args.method == "full":
+        mlp = 4 * 2 * i  # gate, SiLU(gate), up, their product (down_proj's input), bf16
+        if gpu:  # each RMSNorm: its fp32 upcast input, the bf16 normalized input to its weight, its output
+            norms = 2 * (4 * h + 2 * h + 2 * h)
+        else:  # fp32 input and normalized input to the weight; autocast casts the output to bf16 once per
+            norms = 2 * (4 * h + 4 * h) + 5 * 2 * h  # projection that reads it (q, k, v, gate, up)
+        return attention + mlp + norms
+    mlp = 3 * 2 * i  # gate, SiLU(gate), up
+    norms = 2 * 4 * h  # the fp32 input of each RMSNorm
+    mask = (1 if gpu else 4) if args.lora_dropout > 0 else 0  # a bool mask on GPU; a float noise tensor on CPU
+    return attention + mlp + norms + (2 + mask) * lora_in + 2 * args.lora_rank * lora_layers
 
 
 def _trainable(args: PlanArgs, arch: Architecture) -> int:
@@ -318,15 +328,17 @@ def _activations(args: PlanArgs, arch: Architecture) -> dict[str, float]:
     full, gpu = args.method == "full", args.device == "gpu"
     targets = {} if full else arch.layer_linears(lora_targets(arch, args.lora_target))
     tokens = args.batch_size * (2 if args.stage in PAIRED else 1) * args.seq_len
-    per_token = _layer_bytes(arch, args, full, sum(i for i, _ in targets.values()), len(targets))
+    per_token = _layer_bytes(arch, args, sum(i for i, _ in targets.values()), len(targets))
     if args.gradient_checkpointing:  # each layer keeps only its input; one layer is recomputed at a time
         parts = {"layers": tokens * (arch.layers * (2 if gpu else 4) * arch.hidden + per_token)}
     else:
         parts = {"layers": tokens * arch.layers * per_token}
     if args.stage in FUSED_HEAD:
         rows, cols = min(tokens, FUSED_TILE[0]), min(arch.vocab, FUSED_TILE[1])
-        # the tile buffer (bf16); without Triton (CPU) the backward also keeps ~8 fp32 temporaries of the tile
-        parts["lm_head"] = rows * cols * (2 if gpu else 2 + 8 * 4) + tokens * arch.hidden * 4
+        # the bf16 tile and the weight chunk it multiplies; without Triton (CPU) the backward also holds about
+        # 8 fp32 temporaries of the tile; the fp32 final hidden states are kept for the backward pass
+        parts["lm_head"] = (rows * cols * (2 if gpu else 2 + 8 * 4) + cols * arch.hidden * 2
+                            + tokens * arch.hidden * (2 if gpu else 4))
     elif args.stage != "rm":
         parts["lm_head"] = tokens * arch.vocab * (2 + 4 + 4)  # bf16 logits, fp32 log-softmax and its gradient
     if not gpu:  # autocast's bf16 weight copies live until the backward pass has used them

@@ -49,7 +49,7 @@ def _score_file(scorer, args: argparse.Namespace) -> int:
     if not records:
         raise UserError(f"{args.input}: no pairs to score ({stats.summary()})")
     pairs = [(r["prompt"], r[key]) for r in records for key in (("chosen", "rejected") if "chosen" in r else ("response",))]
-    scores = iter(scorer.score([p for p, _ in pairs], [c for _, c in pairs]))
+    scores = iter(scorer.score([p for p, _ in pairs], [c for _, c in pairs], progress=True))
     rows, wins, prefs = [], 0, 0
     for record in records:
         row = {k: v for k, v in record.items() if k != "_loc"}

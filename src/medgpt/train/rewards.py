@@ -7,6 +7,7 @@ then leaves it out for that completion, so multiple-choice and open questions ca
 
 from __future__ import annotations
 
+import contextlib
 import re
 from pathlib import Path
 from typing import Any
@@ -90,12 +91,16 @@ def load_reward_model(args, training: bool = False):
     The label count is set on the config: from_pretrained rejects `num_labels` next to a config object.
     """
     from transformers import AutoModelForSequenceClassification
+    from trl.trainer.reward_trainer import suppress_seqcls_warning
 
     from medgpt.models import model_kwargs
 
     folder, kwargs = model_kwargs(args, training)
     kwargs["config"].num_labels = 1
-    model = AutoModelForSequenceClassification.from_pretrained(folder, **kwargs)
+    # from a causal LM the score head is new (trained, or loaded from the adapter): not worth a warning
+    quiet = suppress_seqcls_warning() if args.adapter or training else contextlib.nullcontext()
+    with quiet:
+        model = AutoModelForSequenceClassification.from_pretrained(folder, **kwargs)
     if args.adapter:
         from peft import PeftModel
 
@@ -140,13 +145,15 @@ class RewardModel:
             out.append(self.tokenizer.apply_chat_template(list(prompt) + reply, tokenize=False))
         return out
 
-    def score(self, prompts: list[list[dict]], responses: list[Any]) -> list[float]:
+    def score(self, prompts: list[list[dict]], responses: list[Any], progress: bool = False) -> list[float]:
         """One scalar per pair; higher is better."""
         import torch
+        from tqdm import tqdm
 
         texts = self.texts(prompts, responses)
         scores: list[float] = []
-        for start in range(0, len(texts), self.batch_size):
+        starts = range(0, len(texts), self.batch_size)
+        for start in tqdm(starts, desc="scoring", unit="batch", disable=None if progress else True, leave=False):
             batch = self.tokenizer(texts[start:start + self.batch_size], return_tensors="pt", padding=True,
                                    padding_side="right", add_special_tokens=False).to(self.device)
             with torch.inference_mode():
