@@ -30,6 +30,7 @@ def tiny_sft(model: str, out: Path, sample_data: Path, **overrides) -> dict:
         "data": str(sample_data / "sft" / "medical_sft.jsonl"), "max_samples": 16, "val_size": 0,
         "num_train_epochs": 1, "max_steps": 12, "per_device_train_batch_size": 4, "learning_rate": 3e-3,
         "logging_steps": 2, "save_steps": 100, "eval_strategy": "no", "report_to": "none", "warmup_steps": 0,
+        "report_prompts": "none",
         **overrides,
     }
     return run_training(load_config(SFT_EXAMPLE, options))
@@ -136,9 +137,9 @@ def test_help_does_not_import_heavy_libraries():
 def test_sft_bundled_model_lora_loss_goes_down(bundled_model, tmp_path, sample_data):
     out = tmp_path / "sft-bundled"
     run_training(load_config(SFT_EXAMPLE, {
-        "output_dir": str(out), "max_samples": 8, "val_size": 0, "max_length": 256, "num_train_epochs": 6,
-        "max_steps": 12, "per_device_train_batch_size": 4, "learning_rate": 1e-3, "logging_steps": 2,
-        "save_steps": 100, "eval_strategy": "no", "report_to": "none", "warmup_steps": 0,
+        "output_dir": str(out), "max_samples": 8, "val_size": 0, "max_length": 256, "num_train_epochs": 4,
+        "max_steps": 8, "per_device_train_batch_size": 4, "learning_rate": 1e-3, "logging_steps": 2,
+        "save_steps": 100, "eval_strategy": "no", "report_to": "none", "warmup_steps": 0, "report_prompts": "none",
     }))
     curve = losses(out)
     assert curve[-1] < curve[0] * 0.8, curve
