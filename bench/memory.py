@@ -10,6 +10,7 @@ truncated), so the planner is asked about exactly the shapes that ran.
 
     python bench/memory.py                   # all cases -> bench/results/memory.json
     python bench/memory.py --only tiny       # cases whose name contains "tiny"
+    python bench/memory.py --reestimate      # keep the measurements, recompute the planner's side
 """
 
 from __future__ import annotations
@@ -118,6 +119,7 @@ def model_paths() -> dict[str, str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", help="run the cases whose name contains this")
+    parser.add_argument("--reestimate", action="store_true", help="recompute the estimates of the saved results")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -125,6 +127,10 @@ def main() -> None:
         return
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     paths = model_paths()
+    if args.reestimate:
+        previous = json.loads(RESULTS.read_text())["cases"]
+        write_report([compare({**row, "model_path": paths[row["model"]]}, row) for row in previous])
+        return
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0",
            "TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "error"}
     rows = []
@@ -139,11 +145,20 @@ def main() -> None:
         if done.returncode or line is None:
             print(f"{name}: failed\n{done.stderr[-3000:]}", file=sys.stderr)
             continue
-        row = {**{k: v for k, v in case.items() if k != "model_path"}, **json.loads(line[7:]), **estimate(case)}
-        row["error_pct"] = round(100 * (row["estimate_mib"] - row["measured_mib"]) / row["measured_mib"], 1)
-        rows.append(row)
-        print(f"{name:<22} measured {row['measured_mib']:8.1f} MiB   estimate {row['estimate_mib']:8.1f} MiB   "
-              f"error {row['error_pct']:+6.1f}%", flush=True)
+        rows.append(compare(case, json.loads(line[7:])))
+    write_report(rows)
+
+
+def compare(case: dict, measured: dict) -> dict:
+    """One result row: the case, its measurement, the planner's estimate and the relative error."""
+    row = {**{k: v for k, v in case.items() if k != "model_path"}, **measured, **estimate(case)}
+    row["error_pct"] = round(100 * (row["estimate_mib"] - row["measured_mib"]) / row["measured_mib"], 1)
+    print(f"{row['name']:<22} measured {row['measured_mib']:8.1f} MiB   estimate {row['estimate_mib']:8.1f} MiB   "
+          f"error {row['error_pct']:+6.1f}%", flush=True)
+    return row
+
+
+def write_report(rows: list[dict]) -> None:
     errors = [abs(r["error_pct"]) for r in rows]
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     report = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()},

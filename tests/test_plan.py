@@ -132,3 +132,36 @@ def test_plan_bad_input(capsys, tmp_path):
         load_architecture(str(tmp_path))
     with pytest.raises(UserError, match="not in the built-in table"):
         load_architecture("./no-such-model")
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_cpu_activations_match_what_pytorch_saves(tiny_model, method):
+    """The per-layer count against the tensors autograd actually keeps in a forward pass on this CPU."""
+    import torch
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from medgpt.models import LoraArgs, lora_config
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    if method == "lora":
+        model = get_peft_model(model, lora_config(LoraArgs()))
+    model.train()
+    batch, seq_len = 2, 128
+    ids = torch.randint(0, 1000, (batch, seq_len))
+    mask = torch.ones(batch, seq_len, dtype=torch.long)
+    mask[1, :10] = 0  # padding, as in a real batch
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def keep(t):
+        if t.untyped_storage().data_ptr() not in params:
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    backbone = model.get_base_model().model if method == "lora" else model.model
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
+        backbone(input_ids=ids, attention_mask=mask)
+    args = PlanArgs(tiny_model, method=method, device="cpu", batch_size=batch, seq_len=seq_len)
+    parts = estimate(args, load_architecture(tiny_model))[0].detail
+    assert parts["layers"] + parts["autocast_weights"] == pytest.approx(sum(saved.values()), rel=0.12)

@@ -157,6 +157,23 @@ def test_score_command_ranks_pairs(reward_model, tmp_path, capsys):
     assert f"{bad}:1: missing field" in capsys.readouterr().err
 
 
+def test_reward_model_is_a_grpo_reward(reward_model):
+    from medgpt.train.grpo import GRPOArgs, reward_funcs
+
+    folder, _ = reward_model
+    funcs = reward_funcs(GRPOArgs(rewards="auto", reward_model=str(folder)))
+    assert [getattr(f, "__name__", None) for f in funcs] == ["mcq_accuracy", "answer_format", "reward_model"]
+    prompt = [{"role": "user", "content": "What should I do about my cough?"}]
+    replies = [[{"role": "assistant", "content": "See a doctor about the cough."}],
+               [{"role": "assistant", "content": "Ignore the cough."}]]
+    good, bad = funcs[2](prompts=[prompt, prompt], completions=replies, answer=[None, None])
+    assert good > bad
+    with pytest.raises(UserError, match="reward_model needs"):
+        reward_funcs(GRPOArgs(rewards="mcq_accuracy,reward_model"))
+    with pytest.raises(UserError, match="expected auto or"):
+        reward_funcs(GRPOArgs(rewards="accuracy"))
+
+
 # ---- dpo, orpo, kto --------------------------------------------------------------------------------
 
 

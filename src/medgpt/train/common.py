@@ -82,6 +82,22 @@ def enable_eval(cfg: Config, eval_ds) -> None:
         cfg.train.do_eval = True
 
 
+def sft_trainer(cfg: Config, tokenizer, train_ds, eval_ds):
+    """TRL's SFTTrainer as the pt and sft stages use it (datasets already tokenized or plain text)."""
+    from trl import SFTTrainer
+
+    enable_eval(cfg, eval_ds)
+    return SFTTrainer(
+        model=load_policy(cfg),
+        args=cfg.train,
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        processing_class=tokenizer,
+        peft_config=peft_config(cfg),
+        callbacks=[metrics_callback(cfg.output_dir)],
+    )
+
+
 def metrics_callback(output_dir: Path):
     """A TrainerCallback appending every log (loss, lr, eval metrics) to metrics.jsonl."""
     from transformers import TrainerCallback

@@ -13,7 +13,8 @@ order `reward_weights` follows):
 - `reward_model`: the score of a reward model trained by stage rm (`reward_model: outputs/rm`).
 
 `auto` is mcq_accuracy, answer_format, and reward_model when one is set. A reward that does not apply to a
-row (mcq_accuracy on an open question) is left out for it, so one data set may mix both kinds. On a GPU with vLLM installed, generation runs in vLLM (colocated) unless use_vllm is set.
+row (mcq_accuracy on an open question) is left out for it, so one data set may mix both kinds. On a GPU
+with vLLM installed, generation runs in vLLM (colocated) unless use_vllm is set.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ class GRPOArgs:
 
 EXTRA_ARGS = (GRPOArgs,)
 
-prompt_datasets = partial(prefs.pref_datasets, kind="prompts", read=read_prompts, responses=(),
+prompt_datasets = partial(prefs.conversation_datasets, kind="prompts", read=read_prompts, responses=(),
                           carry=("answer", "options", "reference"))
 
 

@@ -18,7 +18,7 @@ from medgpt.train.records import read_unpaired
 
 CONFIG_CLASS = KTOConfig
 
-unpaired_datasets = partial(prefs.pref_datasets, kind="unpaired", read=read_unpaired, responses=("completion",),
+unpaired_datasets = partial(prefs.conversation_datasets, kind="unpaired", read=read_unpaired, responses=("completion",),
                             carry=("label",))
 
 

@@ -1,5 +1,6 @@
 """What the preference and RL stages (rm, dpo, orpo, kto, grpo) share: the chat template TRL renders with,
-preference records as TRL's conversational datasets, and the frozen reference model.
+records as TRL's conversational datasets (overlong ones dropped and counted), the frozen reference model,
+and the trainer set-up.
 
 TRL renders conversations with `tokenizer.apply_chat_template`, so a named template's Jinja form is set on
 the tokenizer: prompts are then rendered exactly as in SFT (and saved with the model for inference).
@@ -49,7 +50,7 @@ def to_rows(records: list[dict], tokenizer, template, cfg: Config, stats, respon
              **{key: records[i][key] for key in responses + carry}} for i in keep]
 
 
-def pref_datasets(cfg: Config, tokenizer, kind: str = "pref", read: Callable | None = None,
+def conversation_datasets(cfg: Config, tokenizer, kind: str = "pref", read: Callable | None = None,
                   responses: tuple[str, ...] = ("chosen", "rejected"), carry: tuple[str, ...] = ()):
     """Train and eval datasets of conversational rows ({"prompt", "chosen", "rejected"} by default) and the
     read counts; `kind`/`read` name another record kind and its reader."""
@@ -75,7 +76,7 @@ def reference_model(cfg: Config):
     return load_model(cfg.model, training=True).eval()
 
 
-def build_trainer(cfg: Config, trainer_cls, datasets: Callable = pref_datasets, load: Callable = common.load_policy,
+def build_trainer(cfg: Config, trainer_cls, datasets: Callable = conversation_datasets, load: Callable = common.load_policy,
                   task_type: str = "CAUSAL_LM", **trainer_kwargs):
     """A TRL trainer on the model `load(cfg)` returns, the data `datasets(cfg, tokenizer)` returns, the
     configured LoRA and the metrics log; returns (trainer, read counts)."""

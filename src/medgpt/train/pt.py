@@ -54,8 +54,6 @@ def configure(cfg: Config) -> None:
 
 def build_trainer(cfg: Config):
     """The SFTTrainer with its datasets already cut into blocks, and the read counts."""
-    from trl import SFTTrainer
-
     from medgpt.models import load_tokenizer
 
     configure(cfg)
@@ -63,16 +61,7 @@ def build_trainer(cfg: Config):
     train, evals, stats = common.load_records(cfg, "pt")
     train_ds = common.to_dataset(common.strip_locations(train))
     eval_ds = common.to_dataset(common.strip_locations(evals))
-    common.enable_eval(cfg, eval_ds)
-    trainer = SFTTrainer(
-        model=common.load_policy(cfg),
-        args=cfg.train,
-        train_dataset=train_ds,
-        eval_dataset=eval_ds,
-        processing_class=tokenizer,
-        peft_config=common.peft_config(cfg),
-        callbacks=[common.metrics_callback(cfg.output_dir)],
-    )
+    trainer = common.sft_trainer(cfg, tokenizer, train_ds, eval_ds)
     return trainer, stats
 
 

@@ -27,20 +27,8 @@ def build_datasets(cfg: Config, tokenizer):
 
 
 def run(cfg: Config) -> dict:
-    from trl import SFTTrainer
-
     from medgpt.models import load_tokenizer
 
     tokenizer = load_tokenizer(cfg.model.adapter or cfg.model.model, cfg.model.trust_remote_code)
     train_ds, eval_ds, stats = build_datasets(cfg, tokenizer)
-    common.enable_eval(cfg, eval_ds)
-    trainer = SFTTrainer(
-        model=common.load_policy(cfg),
-        args=cfg.train,
-        train_dataset=train_ds,
-        eval_dataset=eval_ds,
-        processing_class=tokenizer,
-        peft_config=common.peft_config(cfg),
-        callbacks=[common.metrics_callback(cfg.output_dir)],
-    )
-    return common.train_and_save(trainer, cfg, stats)
+    return common.train_and_save(common.sft_trainer(cfg, tokenizer, train_ds, eval_ds), cfg, stats)
