@@ -9,6 +9,7 @@ import math
 import sys
 
 from medgpt.errors import UserError
+from medgpt.select import contamination
 
 KINDS = ("pt", "sft", "pref")
 FORMATS = ("sharegpt", "openai", "alpaca", "pref")
@@ -44,10 +45,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                          help="sharegpt, openai (TRL conversational), alpaca (sft), "
                               "pref (question/response_chosen/response_rejected)")
     convert.add_argument("--out", required=True, help="output .jsonl file")
+    contamination.add_contamination_arguments(sub.add_parser(
+        "contamination", help="find training items that copy or paraphrase eval items",
+        description="Character n-gram (Chinese) / word 13-gram (English) overlap and embedding similarity "
+                    "between training data and an eval set, listing which training items contaminate which eval items."))
 
 
 def run(args: argparse.Namespace) -> int:
-    return _check(args) if args.action == "check" else _convert(args)
+    actions = {"check": _check, "convert": _convert, "contamination": contamination.run_contamination}
+    return actions[args.action](args)
 
 
 def _read(source: str, args: argparse.Namespace, on_error: str):
