@@ -112,6 +112,7 @@ def test_overrides_are_typed_and_win_over_yaml():
     cfg = load_config(SFT_EXAMPLE, ["--lr", "1e-4", "--max_steps=3", "--packing", "--method", "full"])
     assert cfg.train.learning_rate == pytest.approx(1e-4) and cfg.train.max_steps == 3
     assert cfg.train.packing is True and cfg.run.method == "full"
+    assert load_config(SFT_EXAMPLE, ["--eval_strategy", "no"]).train.eval_strategy == "no"
     with pytest.raises(UserError, match="max_steps: 'many' is not a valid int"):
         load_config(SFT_EXAMPLE, ["--max_steps", "many"])
 

@@ -89,6 +89,8 @@ def _unwrap_optional(tp):
 def coerce(key: str, value: Any, tp: Any) -> Any:
     """Turn a YAML or command-line value into the field's type (YAML reads 1e-4 as a string)."""
     tp = _unwrap_optional(tp)
+    if value is False and tp is not bool and tp is not Any:
+        return "no"  # YAML 1.1 reads `eval_strategy: no` as false
     if value is None or tp is Any or isinstance(tp, str):
         return value
     origin = typing.get_origin(tp)
