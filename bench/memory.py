@@ -2,8 +2,9 @@
 
 Each case trains a few steps through medgpt's own stages (SFT and DPO, full and LoRA, the tiny random model
 and the bundled SmolLM2-135M) in a fresh subprocess. The measurement is the peak resident set size
-(getrusage ru_maxrss) minus the resident size just before the model is loaded, after every import and
-with the data already written. glibc is told to serve large allocations from mmap and to return freed
+through the end of the training loop (VmHWM, reset just before the stage starts) minus the resident size
+at that moment, after every import and with the data already written; `process_peak_mib` adds what the
+stage's final save takes afterwards. glibc is told to serve large allocations from mmap and to return freed
 memory at once (MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_), so resident memory follows what is live
 instead of what the allocator keeps cached. Every sequence is exactly `seq_len` tokens (long records,
 truncated), so the planner is asked about exactly the shapes that ran.
@@ -41,7 +42,7 @@ CASES = [
     ("smollm2-dpo-full", "bundled", "dpo", "full", 1, 256, False),
     ("smollm2-dpo-lora", "bundled", "dpo", "lora", 1, 256, False),
 ]
-STEPS = 3  # the optimizer states exist from the end of step 1, so steps 2-3 reach the steady-state peak
+STEPS = 2  # the optimizer states exist from the end of step 1, so step 2 reaches the steady-state peak
 
 
 def write_data(folder: Path, stage: str) -> Path:
@@ -63,18 +64,40 @@ def write_data(folder: Path, stage: str) -> Path:
     return path
 
 
-def worker(case: dict) -> dict:
-    """Run one case in this process and return the measured peak (called in a fresh subprocess)."""
-    import resource
+def peak_rss() -> int:
+    """The process's peak resident set size since the last reset (VmHWM), in bytes."""
+    status = Path("/proc/self/status").read_text()
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:"))) * 1024
 
+
+def worker(case: dict) -> dict:
+    """Run one case in this process and return the measured peak (called in a fresh subprocess).
+
+    The peak is taken at the end of the training loop (before the stage saves the model and its files):
+    the planner is about training, and on a GPU the final save happens in host memory.
+    """
     import psutil
     import torch  # noqa: F401  (imported before the baseline)
     import trl  # noqa: F401
+    from transformers import TrainerCallback
 
     from medgpt.config import build_config
-    from medgpt.train import run_training, stage_module
+    from medgpt.train import common, run_training, stage_module
 
     stage_module(case["stage"])  # import the stage (and its TRL trainer) before the baseline
+    seen: dict[str, int] = {}
+
+    class TrainingPeak(TrainerCallback):
+        def on_train_end(self, *args, **kwargs):
+            seen["peak"] = peak_rss()
+
+    train_and_save = common.train_and_save
+
+    def measured(trainer, *args, **kwargs):
+        trainer.add_callback(TrainingPeak())
+        return train_and_save(trainer, *args, **kwargs)
+
+    common.train_and_save = measured
     with tempfile.TemporaryDirectory() as tmp:
         data = write_data(Path(tmp), case["stage"])
         cfg = build_config({
@@ -85,11 +108,12 @@ def worker(case: dict) -> dict:
             "dataloader_num_workers": 0, "seed": 0,
         })
         baseline = psutil.Process().memory_info().rss
+        Path("/proc/self/clear_refs").write_text("5")  # restart the peak (VmHWM) from the current size
         start = time.time()
         metrics = run_training(cfg)
         seconds = time.time() - start
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-    return {"baseline_rss_mib": baseline / MIB, "peak_rss_mib": peak / MIB, "measured_mib": (peak - baseline) / MIB,
+    return {"baseline_rss_mib": baseline / MIB, "peak_rss_mib": seen["peak"] / MIB,
+            "measured_mib": (seen["peak"] - baseline) / MIB, "process_peak_mib": (peak_rss() - baseline) / MIB,
             "train_seconds": round(seconds, 1), "train_loss": metrics.get("train_loss")}
 
 

@@ -83,8 +83,11 @@ def test_activations_follow_the_setup(qwen7b):
     base = estimate(args, qwen7b)[0].activations
     assert estimate(replace(args, gradient_checkpointing=True), qwen7b)[0].activations < base / 5
     assert estimate(replace(args, batch_size=4), qwen7b)[0].activations > 1.9 * base
-    dpo = estimate(replace(args, stage="dpo"), qwen7b)[0].activations  # chosen + rejected
-    assert dpo > 1.9 * base
+    no_dropout = estimate(replace(args, lora_dropout=0.0), qwen7b)[0].activations
+    assert no_dropout < base  # LoRA's dropout keeps a mask per adapted layer
+    dpo = estimate(replace(args, stage="dpo"), qwen7b)[0].activations  # chosen + rejected, dropout switched off
+    assert dpo == estimate(replace(args, stage="dpo", lora_dropout=0.0), qwen7b)[0].activations
+    assert dpo > 1.9 * no_dropout
 
 
 def test_extra_models_per_stage(qwen7b):

@@ -14,8 +14,9 @@ What is counted (bytes per parameter; P = all parameters, T = trainable ones):
       autocast's bf16 copies of the decoder's linear weights, kept for the backward pass (2 per weight)
 
 Activations are counted tensor by tensor for a Llama-style decoder layer (RMSNorm, rotary attention
-through SDPA with a padding mask, gated MLP) as PyTorch saves them for the backward pass; with gradient
-checkpointing only each layer's input is kept, plus one layer being recomputed. The LM head is TRL's
+through SDPA with a padding mask, gated MLP) as autograd saves them for the backward pass (checked against
+the saved tensors in tests/test_plan.py); LoRA's dropout masks count only where the trainer keeps dropout
+on. With gradient checkpointing only each layer's input is kept, plus one layer being recomputed. The LM head is TRL's
 fused log-prob head (tiles of 4096 tokens x 32768 vocabulary entries) for the TRL stages, and full
 logits for PPO and ORPO. The peak counts the larger of "all activations + the LM head's gradient" (the
 start of the backward pass) and "all gradients" (its end), since the backward pass frees activations as
@@ -41,6 +42,7 @@ METHODS = ("full", "lora", "qlora4", "qlora8")
 DEVICES = ("gpu", "cpu")
 PAIRED = ("rm", "dpo", "kto", "orpo")  # chosen and rejected (or KTO's KL pairs) go through the model together
 FUSED_HEAD = ("pt", "sft", "dpo", "kto", "grpo")  # TRL trainers with the fused log-prob LM head
+NO_DROPOUT = ("rm", "ppo", "dpo", "kto", "orpo")  # trainers that switch dropout off (TRL's disable_dropout=True)
 FUSED_TILE = (4096, 32768)  # trl.kernels.chunked_logprob: TOKEN_CHUNK_SIZE, _CHUNKED_LOGPROB_CHUNK_SIZE
 NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4-bit codes + 8-bit absmax per 64 + fp32 per 256 absmax (double quant)
 GPU_OVERHEAD = 1.0 * GIB  # CUDA context, cuBLAS workspace and allocator slack
@@ -311,7 +313,8 @@ def _layer_bytes(arch: Architecture, args: PlanArgs, lora_in: int, lora_layers: 
         return attention + mlp + norms
     mlp = 3 * 2 * i  # gate, SiLU(gate), up
     norms = 2 * 4 * h  # the fp32 input of each RMSNorm
-    mask = (1 if gpu else 4) if args.lora_dropout > 0 else 0  # a bool mask on GPU; a float noise tensor on CPU
+    dropout = args.lora_dropout > 0 and args.stage not in NO_DROPOUT
+    mask = (1 if gpu else 4) if dropout else 0  # a bool mask on GPU; a float noise tensor on CPU
     return attention + mlp + norms + (2 + mask) * lora_in + 2 * args.lora_rank * lora_layers
 
 
@@ -335,10 +338,10 @@ def _activations(args: PlanArgs, arch: Architecture) -> dict[str, float]:
         parts = {"layers": tokens * arch.layers * per_token}
     if args.stage in FUSED_HEAD:
         rows, cols = min(tokens, FUSED_TILE[0]), min(arch.vocab, FUSED_TILE[1])
-        # the bf16 tile and the weight chunk it multiplies; without Triton (CPU) the backward also holds about
-        # 8 fp32 temporaries of the tile; the fp32 final hidden states are kept for the backward pass
-        parts["lm_head"] = (rows * cols * (2 if gpu else 2 + 8 * 4) + cols * arch.hidden * 2
-                            + tokens * arch.hidden * (2 if gpu else 4))
+        # the bf16 tile; on CPU also the bf16 copy of the fp32 weight chunk it multiplies and about 8 fp32
+        # temporaries of the tile (PyTorch ops instead of a Triton kernel); the final hidden states are kept
+        tile = rows * cols * 2 if gpu else rows * cols * (2 + 8 * 4) + cols * arch.hidden * 2
+        parts["lm_head"] = tile + tokens * arch.hidden * (2 if gpu else 4)
     elif args.stage != "rm":
         parts["lm_head"] = tokens * arch.vocab * (2 + 4 + 4)  # bf16 logits, fp32 log-softmax and its gradient
     if not gpu:  # autocast's bf16 weight copies live until the backward pass has used them
