@@ -77,7 +77,8 @@ def main() -> None:
     args = parser.parse_args()
     set_threads(args.threads)
 
-    from medgpt.infer.engine import GenerationParams, load_engine
+    from medgpt.infer.base import GenerationParams
+    from medgpt.infer.engine import load_engine
 
     engine = load_engine(args.model, dtype=args.dtype, max_batch_size=args.batch_size)
     prompts = questions(args.questions)

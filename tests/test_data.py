@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from medgpt.cli import main
-from medgpt.data.readers import (DataStats, convert, detect_kind, filter_by_length, read_records,
-                                 write_jsonl, write_stats)
+from medgpt.data.encode import filter_by_length
+from medgpt.data.readers import DataStats, convert, detect_kind, read_records, write_jsonl, write_stats
 from medgpt.errors import UserError
 
 SAMPLE = Path(__file__).resolve().parents[1] / "src" / "medgpt" / "sample_data"

@@ -65,7 +65,7 @@ def test_loglik_picks_the_letter_with_the_largest_logit(tiny_model, sample_data)
     """Batched, left-padded scoring agrees with one unpadded float32 forward per question."""
     import torch
 
-    from medgpt.infer.engine import resolve_template
+    from medgpt.infer.base import resolve_template
     from medgpt.models import ModelArgs, load_model, load_tokenizer
 
     tokenizer = load_tokenizer(tiny_model)
@@ -75,7 +75,7 @@ def test_loglik_picks_the_letter_with_the_largest_logit(tiny_model, sample_data)
     shots = mcq.load_questions(str(sample_data / "mcq"), "dev")
     flat = [q for qs in questions.values() for q in qs]
     # different shot counts give prompts of very different lengths, so batches are padded
-    prompts = [scorer.encode(mcq.prompt_messages(q, shots[q.subject][:i % 3], "cmmlu")) for i, q in enumerate(flat)]
+    prompts = [scorer.encode(mcq.question_messages(q, shots[q.subject][:i % 3], "cmmlu")) for i, q in enumerate(flat)]
     assert len({len(p) for p in prompts}) > 5
     scores = scorer.letter_logprobs(prompts)
     for prompt, row in zip(prompts, scores):
@@ -95,7 +95,7 @@ def test_prompts_follow_the_official_wording(sample_data):
     text = mcq.prompt_text(q, [shot], "cmmlu")
     assert text.startswith("以下是关于医师资格的单项选择题，请直接给出正确答案的选项。\n\n题目：")
     assert f"答案是：{shot.answer}\n\n题目：霍乱" in text and text.endswith("答案是：")
-    messages = mcq.prompt_messages(q, [shot], "ceval")
+    messages = mcq.question_messages(q, [shot], "ceval")
     assert [m["role"] for m in messages] == ["user", "assistant", "user"]
     assert messages[1]["content"] == shot.answer and messages[0]["content"].startswith("以下是中国关于")
 

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from medgpt.errors import UserError
-from medgpt.infer.engine import GenerationParams, held_back, load_engine, stop_position
+from medgpt.infer.base import GenerationParams
+from medgpt.infer.engine import held_back, load_engine, stop_position
 
 QUESTIONS = [
     [{"role": "user", "content": "What is hypertension?"}],
@@ -114,7 +115,7 @@ def test_seeded_sampling_is_per_request(engine):
     other_seed = GenerationParams(max_new_tokens=10, temperature=1.0, top_k=50, top_p=0.95, seed=8)
     assert engine.generate(QUESTIONS[:1], other_seed)[0].text != alone
     # in a batch beside rows with other settings, a seeded row samples exactly as it does alone
-    from medgpt.infer.engine import Request
+    from medgpt.infer.base import Request
 
     rows = [Request(engine.encode(QUESTIONS[1]), GenerationParams(max_new_tokens=4)),
             Request(engine.encode(QUESTIONS[0]), params),
@@ -165,8 +166,9 @@ def test_bundled_model_answers_sanely_in_bf16(bundled_model):
     engine = load_engine(bundled_model)  # auto: bf16 where the CPU has fast bf16
     answers = engine.generate([[{"role": "user", "content": "What is the capital of France?"}],
                                [{"role": "user", "content": "Say hello."}]], GenerationParams(max_new_tokens=24))
-    assert "Paris" in answers[0].text
-    assert "hello" in answers[1].text.lower() and answers[1].finish_reason == "stop"
+    # facts and a stop of its own, not one wording: fp32 (CPUs without native bf16) and bf16 word it differently
+    assert "Paris" in answers[0].text and answers[0].finish_reason == "stop"
+    assert "hello" in answers[1].text.lower()
 
 
 # -- vLLM: everything short of a GPU ---------------------------------------------------------------

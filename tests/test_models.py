@@ -9,7 +9,7 @@ import pytest
 
 from medgpt import DEFAULT_MODEL
 from medgpt.errors import UserError
-from medgpt.models import ModelArgs, load_config, load_model, lora_config, LoraArgs, resolve_model
+from medgpt.models import ModelArgs, load_model, lora_config, LoraArgs, model_config, resolve_model
 
 
 def test_local_folder_wins(tiny_model):
@@ -45,10 +45,10 @@ def test_quantization_without_cuda_is_a_clear_error(tiny_model):
 
 
 def test_rope_scaling_is_applied_to_the_config(tiny_model):
-    config = load_config(ModelArgs(model=tiny_model, rope_scaling="linear", rope_factor=4.0), tiny_model)
+    config = model_config(ModelArgs(model=tiny_model, rope_scaling="linear", rope_factor=4.0), tiny_model)
     assert config.rope_parameters["rope_type"] == "linear" and config.rope_parameters["factor"] == 4.0
     with pytest.raises(UserError, match="rope_scaling"):
-        load_config(ModelArgs(model=tiny_model, rope_scaling="cubic"), tiny_model)
+        model_config(ModelArgs(model=tiny_model, rope_scaling="cubic"), tiny_model)
 
 
 def test_trust_remote_code_is_off_by_default():

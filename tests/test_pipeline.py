@@ -12,7 +12,7 @@ import pytest
 
 from medgpt.cli import main
 from medgpt.errors import UserError
-from medgpt.pipeline import build_pipeline, load_pipeline, plan, read_manifest, run_pipeline
+from medgpt.pipeline import build_pipeline, load_pipeline, plan_steps, read_manifest, run_pipeline
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -61,13 +61,13 @@ def test_pipeline_skips_restarts_and_resumes(tiny_model, sample_data, tmp_path, 
     assert dpo_weights.stat().st_mtime_ns == mtime
 
     # a changed DPO option changes DPO's hash only; a changed SFT option re-runs everything after it too
-    changed = plan(build_pipeline(tiny_config(tiny_model, sample_data, run_dir, beta=0.5)))
+    changed = plan_steps(build_pipeline(tiny_config(tiny_model, sample_data, run_dir, beta=0.5)))
     assert actions(changed) == {"sft": "skip", "dpo": "train"}
     assert changed[1].hash != manifest["stages"]["dpo"]["hash"]
     assert changed[0].hash == manifest["stages"]["sft"]["hash"]
     sft_changed = tiny_config(tiny_model, sample_data, run_dir)
     sft_changed["stages"][0]["learning_rate"] = 1e-3
-    assert actions(plan(build_pipeline(sft_changed))) == {"sft": "train", "dpo": "train"}
+    assert actions(plan_steps(build_pipeline(sft_changed))) == {"sft": "train", "dpo": "train"}
 
     # --from dpo trains DPO again from scratch and keeps SFT
     restarted = run_pipeline(build_pipeline(raw), start_from="dpo", report=False)
@@ -119,6 +119,17 @@ def test_handoff_adapter_and_reward_model_wiring(tiny_model, sample_data, tmp_pa
     ({"handoff": "copy"}, "handoff 'copy'"),
     ({"stages": [{"data": "x"}]}, "stages[0]: expected a mapping with `stage:`"),
     ({"stages": []}, "stages: expected a non-empty list"),
+    # each stage's own checks (its `configure`) run for every stage before the first one starts
+    ({"stages": [{"stage": "sft", "data": "x"}, {"stage": "ppo", "data": "y", "reward_fn": "length", "val_size": 0.1}]},
+     "stage ppo: ppo has no evaluation split"),
+    ({"stages": [{"stage": "sft", "data": "x"}, {"stage": "ppo", "data": "y"}]}, "stage ppo: ppo needs a reward"),
+    ({"stages": [{"stage": "sft", "data": "x"}, {"stage": "grpo", "data": "y", "val_size": 0.1,
+                                                  "per_device_eval_batch_size": 3}]},
+     "stage grpo: invalid training options: The global eval batch size (3 * 1) must be divisible"),
+    ({"stages": [{"stage": "sft", "data": "x"}, {"stage": "grpo", "data": "y", "reward_fn": "accuracy"}]},
+     "stage grpo: reward_fn"),
+    ({"stages": [{"stage": "pt", "data": "x", "block_size": 64, "max_length": 128}, {"stage": "sft", "data": "y"}]},
+     "stage pt: block_size 64 and max_length 128 disagree"),
 ])
 def test_bad_config_fails_before_anything_runs(tmp_path, change, message):
     raw = {"output_dir": str(tmp_path / "run"), "stages": [{"stage": "sft", "data": "x.jsonl"}], **change}

@@ -12,6 +12,7 @@ import torch
 from medgpt.config import build_config
 from medgpt.errors import UserError
 from medgpt.train import ppo
+from medgpt.train.rewards import REWARD_FUNCTIONS, keyword_reward, reward_function
 
 MAX_NEW_TOKENS = 16
 
@@ -70,7 +71,7 @@ def metrics(out) -> list[dict]:
 
 @pytest.mark.slow
 def test_ppo_learns_to_give_short_answers(stopping_model, sample_data, tmp_path, monkeypatch, one_thread):
-    monkeypatch.setitem(ppo.REWARD_FUNCTIONS, "short", short_answers)
+    monkeypatch.setitem(REWARD_FUNCTIONS, "short", short_answers)
     out = tmp_path / "ppo"
     result = ppo.run(ppo_config(stopping_model, out, sample_data, max_steps=12))
 
@@ -103,18 +104,18 @@ def test_interrupted_ppo_resumes_where_it_stopped(tiny_model, sample_data, tmp_p
 
     small = {"max_steps": 3, "rollout_batch_size": 4, "per_device_train_batch_size": 4, "max_new_tokens": 8,
              "save_strategy": "steps", "save_steps": 1, "report_to": "none"}
-    monkeypatch.setitem(ppo.REWARD_FUNCTIONS, "short", short_answers)
+    monkeypatch.setitem(REWARD_FUNCTIONS, "short", short_answers)
     ppo.run(ppo_config(tiny_model, tmp_path / "whole", sample_data, **small))
     whole = metrics(tmp_path / "whole")
 
     out = tmp_path / "cut"
-    monkeypatch.setitem(ppo.REWARD_FUNCTIONS, "short", short_then_crash)
+    monkeypatch.setitem(REWARD_FUNCTIONS, "short", short_then_crash)
     with pytest.raises(Interrupted):
         ppo.run(ppo_config(tiny_model, out, sample_data, **small))
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
     assert not (out / "medgpt.json").exists()
 
-    monkeypatch.setitem(ppo.REWARD_FUNCTIONS, "short", short_answers)
+    monkeypatch.setitem(REWARD_FUNCTIONS, "short", short_answers)
     with caplog.at_level(logging.INFO, logger="medgpt"):
         ppo.run(ppo_config(tiny_model, out, sample_data, resume=True, **small))
     assert any("resumed from" in r.getMessage() and "checkpoint-2" in r.getMessage() for r in caplog.records)
@@ -161,17 +162,17 @@ def test_clipped_losses_ignore_padding_and_clip_large_ratios(sample_data, tmp_pa
 
 
 def test_reward_functions_by_name_or_import_path():
-    assert ppo.reward_function("length") is ppo.REWARD_FUNCTIONS["length"]
+    assert reward_function("length") is REWARD_FUNCTIONS["length"]
     from medgpt.train import rewards
 
-    assert ppo.reward_function("medgpt.train.rewards:answer_format") is rewards.answer_format
-    scores = ppo.keyword_reward([[{"role": "assistant", "content": "See a Doctor about the fever."}]],
-                                keywords=["doctor", "fever", "rest"])
+    assert reward_function("medgpt.train.rewards:answer_format") is rewards.answer_format
+    scores = keyword_reward([[{"role": "assistant", "content": "See a Doctor about the fever."}]],
+                            keywords=["doctor", "fever", "rest"])
     assert scores == [pytest.approx(2 / 3)]
     with pytest.raises(UserError, match="cannot import"):
-        ppo.reward_function("medgpt.nothing:here")
+        reward_function("medgpt.nothing:here")
     with pytest.raises(UserError, match="expected one of"):
-        ppo.reward_function("nonsense")
+        reward_function("nonsense")
 
 
 @pytest.mark.parametrize("change, message", [

@@ -205,7 +205,8 @@ def test_chat_and_server_answer_with_sources(kb_index, tiny_model):
 
     from medgpt.cli import build_parser
     from medgpt.infer.chat import ChatSession
-    from medgpt.infer.engine import GenerationParams, load_engine
+    from medgpt.infer.base import GenerationParams
+    from medgpt.infer.engine import load_engine
     from medgpt.infer.server import ServerSettings, create_app, running_server
     from medgpt.rag import kb_from_args
 

@@ -7,7 +7,8 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from medgpt.infer.engine import GenerationParams, load_engine
+from medgpt.infer.base import GenerationParams
+from medgpt.infer.engine import load_engine
 from medgpt.infer.server import ServerSettings, create_app, running_server
 
 

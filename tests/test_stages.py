@@ -12,8 +12,8 @@ from medgpt.cli import main
 from medgpt.config import build_config
 from medgpt.errors import UserError
 from medgpt.train import run_training
-from medgpt.train.records import read_prompts, read_unpaired
-from medgpt.train.rewards import answer_format, extract_choice, length_reward, mcq_accuracy
+from medgpt.data.records import read_prompts, read_unpaired
+from medgpt.train.rewards import answer_format, committed_choice, length_reward, mcq_accuracy
 
 FAST = dict(template="chatml", per_device_train_batch_size=4, logging_steps=1, activation_checkpointing=False,
             report_to="none", report_prompts="none", save_strategy="no", seed=0, max_length=64,
@@ -158,10 +158,10 @@ def test_score_command_ranks_pairs(reward_model, tmp_path, capsys):
 
 
 def test_reward_model_is_a_grpo_reward(reward_model):
-    from medgpt.train.grpo import GRPOArgs, reward_funcs
+    from medgpt.train.rewards import RewardArgs, build_rewards
 
     folder, _ = reward_model
-    funcs = reward_funcs(GRPOArgs(rewards="auto", reward_model=str(folder)))
+    funcs = build_rewards(RewardArgs(reward_fn="auto", reward_model=str(folder)))
     assert [getattr(f, "__name__", None) for f in funcs] == ["mcq_accuracy", "answer_format", "reward_model"]
     prompt = [{"role": "user", "content": "What should I do about my cough?"}]
     replies = [[{"role": "assistant", "content": "See a doctor about the cough."}],
@@ -169,9 +169,9 @@ def test_reward_model_is_a_grpo_reward(reward_model):
     good, bad = funcs[2](prompts=[prompt, prompt], completions=replies, answer=[None, None])
     assert good > bad
     with pytest.raises(UserError, match="reward_model needs"):
-        reward_funcs(GRPOArgs(rewards="mcq_accuracy,reward_model"))
+        build_rewards(RewardArgs(reward_fn="mcq_accuracy,reward_model"))
     with pytest.raises(UserError, match="expected auto or"):
-        reward_funcs(GRPOArgs(rewards="accuracy"))
+        build_rewards(RewardArgs(reward_fn="accuracy"))
 
 
 # ---- dpo, orpo, kto --------------------------------------------------------------------------------
@@ -240,8 +240,8 @@ def test_mcq_accuracy_on_fixed_completions():
     chat = [[{"role": "assistant", "content": "选B"}]]
     assert mcq_accuracy(chat, answer=["B"]) == [1.0]
     assert mcq_accuracy(["B", "B"], answer=[None, "B"]) == [None, 1.0]  # open questions are left out
-    assert extract_choice("E", "ABCDE") == "E" and extract_choice("E") is None
-    assert extract_choice("The answer is a combination of two drugs.") is None
+    assert committed_choice("E", "ABCDE") == "E" and committed_choice("E") is None
+    assert committed_choice("The answer is a combination of two drugs.") is None
 
 
 def test_format_and_length_rewards():
@@ -292,7 +292,8 @@ def stopping_model(folder: Path, tokenizer_from: str) -> str:
 def test_grpo_mean_reward_goes_up(tiny_model, tmp_path):
     model = stopping_model(tmp_path / "model", tiny_model)
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"query": f"Tell me about {t}."} for t in TOPICS])
-    rows = train("grpo", model, tmp_path / "out", prompts, max_length=None, rewards="length", length_target=5,
-                 num_generations=4, max_completion_length=8, max_steps=10, learning_rate=1e-2, method="full")
+    rows = train("grpo", model, tmp_path / "out", prompts, max_length=None, reward_fn="length",
+                 reward_kwargs={"target_chars": 5}, num_generations=4, max_completion_length=8, max_steps=10,
+                 learning_rate=1e-2, method="full")
     rewards = series(rows, "reward")
     assert mean(rewards[-3:]) > mean(rewards[:3]) + 0.15  # shorter replies: the model learns to stop early

@@ -6,7 +6,8 @@ import os
 
 import pytest
 
-from medgpt.infer.engine import GenerationParams, load_engine
+from medgpt.infer.base import GenerationParams
+from medgpt.infer.engine import load_engine
 from test_infer import sharpen
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")

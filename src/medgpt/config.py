@@ -1,6 +1,6 @@
 """Typed run configuration: one flat YAML (plus `--key value` overrides) for every stage.
 
-A config's keys are the fields of the dataclasses below, of the stage's own extra dataclasses, and of the
+A config's keys are the fields of the dataclasses below, of the stage's own STAGE_ARGS dataclass, and of the
 stage's TRL config class (a `transformers.TrainingArguments` subclass), so every TRL option is reachable
 without a second argument system. Unknown keys are an error, with a suggestion.
 """
@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from medgpt.data.readers import ON_ERROR, OVERLONG
 from medgpt.errors import UserError
 from medgpt.models import LoraArgs, ModelArgs
 
@@ -71,7 +72,7 @@ class Config:
     data: DataArgs
     lora: LoraArgs
     train: Any
-    extra: dict[str, Any] = field(default_factory=dict)
+    stage_args: Any = None  # the instance of the stage module's STAGE_ARGS dataclass, if it has one
     raw: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -163,7 +164,8 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def build_config(raw: dict[str, Any], stage_module=None) -> Config:
-    """Validate a flat dict of options and split it into the typed parts of a `Config`."""
+    """Validate a flat dict of options, split it into the typed parts of a `Config` and settle it: the shared
+    rules, then the stage's own `configure(cfg)`. The result is fixed: nothing changes it while the stage runs."""
     raw = {ALIASES.get(k, k): v for k, v in raw.items()}
     stage = str(raw.get("stage", "sft"))
     if stage_module is None:
@@ -171,12 +173,12 @@ def build_config(raw: dict[str, Any], stage_module=None) -> Config:
 
         stage_module = find(stage)
     ours = {"run": RunArgs, "model": ModelArgs, "data": DataArgs, "lora": LoraArgs}
-    extras = {cls.__name__: cls for cls in getattr(stage_module, "EXTRA_ARGS", ())}
+    stage_cls = getattr(stage_module, "STAGE_ARGS", None)
     train_cls = stage_module.CONFIG_CLASS
     known = {}
-    for cls in [*ours.values(), *extras.values(), train_cls]:
+    for cls in [*ours.values(), *([stage_cls] if stage_cls else []), train_cls]:
         known.update({name: (cls, tp) for name, tp in _fields(cls).items()})
-    unknown = [k for k in raw if k not in known or k == "extra"]
+    unknown = [k for k in raw if k not in known or k == "extra"]  # ModelArgs.extra is for code, not configs
     if unknown:
         hints = [f"{k} (did you mean {m[0]}?)" if (m := difflib.get_close_matches(k, known, 1)) else k for k in unknown]
         raise UserError(f"unknown config key(s) for stage {stage}: {', '.join(hints)}")
@@ -192,22 +194,26 @@ def build_config(raw: dict[str, Any], stage_module=None) -> Config:
     if run.method == "qlora" and not parts["model"].quantization_bit:
         parts["model"].quantization_bit = 4
     data: DataArgs = parts["data"]
-    if data.on_error not in ("fail", "skip"):
-        raise UserError(f"on_error {data.on_error!r}: expected fail or skip")
-    if data.overlong not in ("drop", "truncate"):
-        raise UserError(f"overlong {data.overlong!r}: expected drop or truncate")
+    for name, value, allowed in (("on_error", data.on_error, ON_ERROR), ("overlong", data.overlong, OVERLONG)):
+        if value not in allowed:
+            raise UserError(f"{name} {value!r}: expected {' or '.join(allowed)}")
     train_values = {k: v for k, v in values.items() if k in _fields(train_cls)}
     train_values.setdefault("output_dir", f"outputs/{stage}")
     train_values.update(_device_defaults(raw))
     train_values.setdefault("report_to", ["tensorboard"])
     train_values.setdefault("logging_steps", 5)
     train_values.setdefault("save_total_limit", 2)
+    if (data.eval_data or data.val_size) and "eval_strategy" not in raw:
+        train_values["eval_strategy"] = "epoch"  # an eval split with no schedule set: evaluate once per epoch
     try:
         train = train_cls(**train_values)
     except (ValueError, TypeError) as exc:
         raise UserError(f"invalid training options: {exc}") from exc
-    return Config(run=run, model=parts["model"], data=data, lora=parts["lora"], train=train,
-                  extra={name: make(cls) for name, cls in extras.items()}, raw=raw)
+    cfg = Config(run=run, model=parts["model"], data=data, lora=parts["lora"], train=train,
+                 stage_args=make(stage_cls) if stage_cls else None, raw=raw)
+    if configure := getattr(stage_module, "configure", None):
+        configure(cfg)
+    return cfg
 
 
 def _device_defaults(raw: dict[str, Any]) -> dict[str, Any]:

@@ -10,12 +10,13 @@ Resolution order for a model argument:
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import logging
 import os
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -74,7 +75,8 @@ def resolve_model(name: str | None = None, trust_remote_code: bool = False) -> s
     try:
         folder = snapshot_download(name, allow_patterns=patterns)
     except Exception as exc:
-        raise UserError(f"model {name!r}: not local, not cached, and the hub download failed ({type(exc).__name__})") from exc
+        raise UserError(f"model {name!r}: not local, not cached, and the hub download failed "
+                        f"({type(exc).__name__})") from exc
     if not any(Path(folder).glob("*.safetensors")):
         raise UserError(f"model {name!r}: no safetensors weights on the hub (medgpt loads safetensors only)")
     return folder
@@ -139,17 +141,108 @@ def adapter_base(adapter: str) -> str | None:
     return json.loads(config.read_text()).get("base_model_name_or_path")
 
 
-def load_tokenizer(name_or_path: str | None = None, trust_remote_code: bool = False):
-    """Load a tokenizer and make sure it can pad (left padding is set by generation code)."""
+def is_adapter(folder: str | Path) -> bool:
+    return (Path(folder) / "adapter_config.json").exists()
+
+
+def has_tokenizer(folder: str | Path) -> bool:
+    return (Path(folder) / "tokenizer_config.json").exists()
+
+
+def tokenizer_from(folder: str | Path, trust_remote_code: bool = False):
+    """The tokenizer saved in a local folder, made able to pad (left padding is set by generation code)."""
     from transformers import AutoTokenizer
 
-    folder = resolve_model(name_or_path, trust_remote_code)
-    if (Path(folder) / "adapter_config.json").exists() and not (Path(folder) / "tokenizer_config.json").exists():
-        folder = resolve_model(adapter_base(folder), trust_remote_code)
-    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def load_tokenizer(name_or_path: str | None = None, trust_remote_code: bool = False):
+    """The tokenizer of a model (an adapter without its own tokenizer: its base model's)."""
+    folder = resolve_model(name_or_path, trust_remote_code)
+    if is_adapter(folder) and not has_tokenizer(folder):
+        folder = resolve_model(adapter_base(folder), trust_remote_code)
+    return tokenizer_from(folder, trust_remote_code)
+
+
+def open_tokenizer(args: ModelArgs):
+    """The tokenizer a stage trains with: the adapter's own where it has one, else the model's."""
+    if args.adapter and has_tokenizer(args.adapter):
+        return tokenizer_from(args.adapter, args.trust_remote_code)
+    return load_tokenizer(args.model, args.trust_remote_code)
+
+
+def recorded_template(name: str | None, *metas: dict) -> str:
+    """The template named, else the first one recorded in the medgpt.json given (adapter's before model's),
+    else `auto` (the tokenizer's own)."""
+    return name or next((m["template"] for m in metas if m.get("template")), None) or "auto"
+
+
+@dataclass
+class OpenModel:
+    """A model opened for use: one resolution of its name, one read of its medgpt.json."""
+
+    model: Any | None  # None when weights were not asked for (vLLM loads its own)
+    tokenizer: Any
+    template: Any  # a medgpt.data.templates Template; None for template `none` (plain-text prompts)
+    folder: str  # resolved local folder of the base model
+    adapter: str | None  # resolved local folder of the LoRA adapter
+    meta: dict  # medgpt.json of the adapter (or model) folder
+    name: str  # display name: the folder name of the adapter or model
+    tokenizer_folder: str  # where the tokenizer came from (the adapter's own, else the base model's)
+    args: ModelArgs  # how the weights load (model = the resolved folder)
+
+    def load_weights(self, head: str = "causal_lm", training: bool = False):
+        """Load (or load again, with another head) the weights and the adapter; also sets `self.model`."""
+        self.model = load_weights(self.args, self.folder, training, head)
+        return self.model
+
+
+def open_model(model: str | None = None, adapter: str | None = None, template: str | None = None,
+               dtype: str = "auto", trust_remote_code: bool = False, attn_implementation: str | None = None,
+               head: str = "causal_lm", training: bool = False, weights: bool = True, **extra: Any) -> OpenModel:
+    """Open a model (and adapter) for generation, scoring or evaluation.
+
+    `model` may itself be an adapter folder. An adapter without a model runs on its base: the one its
+    adapter_config.json names, or medgpt.json's base_model where that recorded path does not exist here.
+    `template`: a name, `none` (no template), or None (the one recorded in medgpt.json, else the tokenizer's).
+    `extra`: the other ModelArgs fields (quantization_bit, rope_scaling, rope_factor, extra).
+    """
+    display = adapter or model or DEFAULT_MODEL
+    folder = resolve_model(model, trust_remote_code) if model else None
+    if folder and adapter is None and is_adapter(folder):
+        adapter, folder = folder, None
+    if adapter:
+        adapter = resolve_model(adapter, trust_remote_code)
+    adapter_meta = read_meta(adapter) if adapter else {}
+    if folder is None:
+        base = adapter_base(adapter) if adapter else None
+        if adapter and (not base or not Path(base).expanduser().exists()):  # trained elsewhere: the config's name
+            base = adapter_meta.get("base_model") or base
+        folder = resolve_model(base, trust_remote_code)
+    model_meta = read_meta(folder)
+    tokenizer_folder = adapter if adapter and has_tokenizer(adapter) else folder
+    tokenizer = tokenizer_from(tokenizer_folder, trust_remote_code)
+    chosen = None
+    if template != "none":
+        from medgpt.data.templates import get_template
+
+        chosen = get_template(recorded_template(template, adapter_meta, model_meta), tokenizer)
+    args = ModelArgs(model=folder, adapter=adapter, template=chosen.name if chosen else "auto", dtype=dtype,
+                     trust_remote_code=trust_remote_code, attn_implementation=attn_implementation, **extra)
+    opened = OpenModel(model=None, tokenizer=tokenizer, template=chosen, folder=folder, adapter=adapter,
+                       meta=adapter_meta if adapter else model_meta, name=Path(display).name,
+                       tokenizer_folder=tokenizer_folder, args=args)
+    if weights:
+        opened.load_weights(head, training)
+    return opened
+
+
+def open_args(args: ModelArgs, **kwargs: Any) -> OpenModel:
+    """open_model with the fields of `args` (a stage's model options); `kwargs` add to or override them."""
+    return open_model(**{**{f.name: getattr(args, f.name) for f in fields(args)}, **kwargs})
 
 
 def cuda_available() -> bool:
@@ -206,7 +299,7 @@ def quantization_config(bits: int | None, compute_dtype):
                               bnb_4bit_compute_dtype=compute_dtype)
 
 
-def load_config(args: ModelArgs, folder: str):
+def model_config(args: ModelArgs, folder: str):
     """The model config with RoPE scaling applied (for longer contexts than the model was trained on)."""
     from transformers import AutoConfig
 
@@ -225,12 +318,17 @@ def load_config(args: ModelArgs, folder: str):
 def model_kwargs(args: ModelArgs, training: bool = False) -> tuple[str, dict]:
     """The local folder and the from_pretrained keyword arguments for `args` (used by TRL trainers too)."""
     folder = resolve_model(args.model, args.trust_remote_code)
+    return folder, pretrained_kwargs(args, folder, training)
+
+
+def pretrained_kwargs(args: ModelArgs, folder: str, training: bool = False) -> dict:
+    """The from_pretrained keyword arguments for `args`, the model being in the local `folder`."""
     dtype = torch_dtype(args.dtype, training)
     kwargs: dict[str, Any] = {
         "dtype": dtype,
         "trust_remote_code": args.trust_remote_code,
         "use_safetensors": True,
-        "config": load_config(args, folder),
+        "config": model_config(args, folder),
     }
     if args.attn_implementation:
         kwargs["attn_implementation"] = args.attn_implementation
@@ -239,19 +337,30 @@ def model_kwargs(args: ModelArgs, training: bool = False) -> tuple[str, dict]:
         kwargs["quantization_config"] = quant
         kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))}
     kwargs.update(args.extra)
-    return folder, kwargs
+    return kwargs
 
 
 def load_model(args: ModelArgs, training: bool = False, head: str = "causal_lm", num_labels: int = 1):
     """Load a model (and its adapter, if any) for training or inference."""
+    return load_weights(args, resolve_model(args.model, args.trust_remote_code), training, head, num_labels)
+
+
+def load_weights(args: ModelArgs, folder: str, training: bool = False, head: str = "causal_lm",
+                 num_labels: int = 1):
+    """The weights in the local `folder` (with `args.adapter`, if any); `head` causal_lm, or seq_cls (scores)."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    folder, kwargs = model_kwargs(args, training)
+    kwargs = pretrained_kwargs(args, folder, training)
     if head == "causal_lm":
         model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
     elif head == "seq_cls":
+        from trl.trainer.reward_trainer import suppress_seqcls_warning
+
         kwargs["config"].num_labels = num_labels  # transformers 5 refuses num_labels beside a config
-        model = AutoModelForSequenceClassification.from_pretrained(folder, **kwargs)
+        # from a causal LM the score head is new (trained, or loaded from the adapter): not worth a warning
+        quiet = suppress_seqcls_warning() if args.adapter or training else contextlib.nullcontext()
+        with quiet:
+            model = AutoModelForSequenceClassification.from_pretrained(folder, **kwargs)
     else:
         raise ValueError(f"unknown head {head!r}")
     if args.adapter:
@@ -312,11 +421,9 @@ def merge_adapter(adapter: str, out: str, base: str | None = None, dtype: str = 
     base = base or adapter_base(adapter)
     if not base:
         raise UserError(f"{adapter}: the adapter does not name its base model; pass --base")
-    meta = read_meta(adapter)
-    args = ModelArgs(model=base, adapter=adapter, dtype=dtype, trust_remote_code=trust_remote_code)
-    model = load_model(args).merge_and_unload()
-    tok_source = adapter if (Path(adapter) / "tokenizer_config.json").exists() else base
-    tokenizer = load_tokenizer(tok_source, trust_remote_code)
+    opened = open_model(base, adapter, template="none", dtype=dtype, trust_remote_code=trust_remote_code)
+    model = opened.model.merge_and_unload()
+    tokenizer, meta = opened.tokenizer, opened.meta
     template = meta.get("template", "auto")
     if template != "auto":
         from medgpt.data.templates import get_template

@@ -45,7 +45,7 @@ PIPELINE_KEYS = ("stages", "handoff", "output_dir", "report_max_new_tokens")
 # Keys that change how a stage runs but not what it produces: left out of its hash.
 CONTROL_KEYS = ("resume", "report_prompts")
 DATA_KEYS = ("data", "eval_data")
-MODEL_KEYS = ("model", "adapter", "reward_model", "reward_adapter")
+MODEL_KEYS = ("model", "adapter", "reward_model")
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -63,10 +63,6 @@ class Stage:
     @property
     def output_dir(self) -> Path:
         return self.cfg.output_dir
-
-    def config(self) -> Config:
-        """A fresh Config: stages change theirs while running."""
-        return build_config(dict(self.raw))
 
 
 @dataclass
@@ -108,13 +104,13 @@ def _accepts(kind: str, key: str) -> bool:
     from medgpt.train import stage_module
 
     module = stage_module(kind)
-    classes = [module.CONFIG_CLASS, *getattr(module, "EXTRA_ARGS", ())]
+    classes = [module.CONFIG_CLASS, *filter(None, [getattr(module, "STAGE_ARGS", None)])]
     return any(key in {f.name for f in dataclasses.fields(cls)} for cls in classes)
 
 
 def build_pipeline(raw: dict[str, Any], overrides: dict[str, Any] | None = None) -> Pipeline:
-    """Validate every stage (unknown keys, values, missing data) before any of them runs, and wire each
-    stage's model to the one before it.
+    """Validate every stage (unknown keys, values, each stage's own `configure` checks, missing data) before
+    any of them runs, and wire each stage's model to the one before it.
 
     `overrides` win over the config: `key` over the shared keys and every stage's own, `NAME.key` over
     stage NAME's.
@@ -271,7 +267,7 @@ def _complete(stage: Stage) -> bool:
     return trained and (not stage.merge or (stage.output_dir / "merged" / "config.json").exists())
 
 
-def plan(p: Pipeline, start_from: str | None = None, manifest: dict | None = None) -> list[Step]:
+def plan_steps(p: Pipeline, start_from: str | None = None, manifest: dict | None = None) -> list[Step]:
     """What a run would do with each stage, from the manifest (computed before anything runs)."""
     names = [s.name for s in p.stages]
     if start_from is not None and start_from not in names:
@@ -360,7 +356,7 @@ def run_pipeline(p: Pipeline, start_from: str | None = None, report: bool = True
 
     procs = _Processes()
     manifest = read_manifest(p.run_dir)
-    steps = plan(p, start_from, manifest)
+    steps = plan_steps(p, start_from, manifest)
     if report:
         from medgpt.report import load_prompts
 
@@ -380,8 +376,7 @@ def run_pipeline(p: Pipeline, start_from: str | None = None, report: bool = True
                 manifest["stages"][stage.name] = entry
                 _write_manifest(p.run_dir, manifest)
             procs.wait()
-            cfg = stage.config()
-            cfg.run.resume = step.action == "resume"
+            cfg = dataclasses.replace(stage.cfg, run=dataclasses.replace(stage.cfg.run, resume=step.action == "resume"))
             metrics = run_training(cfg)
             del cfg
             gc.collect()

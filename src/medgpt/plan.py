@@ -35,10 +35,11 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from medgpt.errors import UserError
+from medgpt.train import STAGES
 
 GIB = 2**30
-STAGES = ("pt", "sft", "rm", "ppo", "dpo", "kto", "orpo", "grpo")
-METHODS = ("full", "lora", "qlora4", "qlora8")
+# the training methods as the planner tells them apart: method qlora with quantization_bit 4 or 8
+PLAN_METHODS = ("full", "lora", "qlora4", "qlora8")
 DEVICES = ("gpu", "cpu")
 PAIRED = ("rm", "dpo", "kto", "orpo")  # chosen and rejected (or KTO's KL pairs) go through the model together
 FUSED_HEAD = ("pt", "sft", "dpo", "kto", "grpo")  # TRL trainers with the fused log-prob LM head
@@ -216,7 +217,7 @@ class PlanArgs:
     def validate(self) -> PlanArgs:
         checks = [
             (self.stage in STAGES, f"stage {self.stage!r}: expected one of {', '.join(STAGES)}"),
-            (self.method in METHODS, f"method {self.method!r}: expected one of {', '.join(METHODS)}"),
+            (self.method in PLAN_METHODS, f"method {self.method!r}: expected one of {', '.join(PLAN_METHODS)}"),
             (self.device in DEVICES, f"device {self.device!r}: expected gpu or cpu"),
             (self.batch_size >= 1 and self.seq_len >= 1, "batch size and sequence length must be >= 1"),
             (self.gpus >= 1, "gpus must be >= 1"),
@@ -241,16 +242,14 @@ class Estimate:
     optimizer: float
     activations: float
     reference_model: float
-    reward_model: float
-    value_model: float
+    reward_model: float  # PPO's value head lives on the policy: its few parameters are in weights
     overhead: float
     head_gradient: float  # the output layer's gradient, allocated first in the backward pass
     detail: dict[str, float] = field(default_factory=dict)  # activations by part
 
     @property
     def peak(self) -> float:
-        held = (self.weights + self.optimizer + self.reference_model + self.reward_model + self.value_model
-                + self.overhead)
+        held = self.weights + self.optimizer + self.reference_model + self.reward_model + self.overhead
         return held + max(self.activations + self.head_gradient, self.gradients)
 
     def gib(self) -> dict[str, float]:
@@ -391,7 +390,6 @@ def estimate(args: PlanArgs, arch: Architecture, reward_arch: Architecture | Non
         activations=activations,
         reference_model=split(reference, 3),
         reward_model=split(reward, 3),
-        value_model=0.0,
         overhead=GPU_OVERHEAD if gpu else 0.0,
         head_gradient=split(head_gradient, 2),
         detail=detail,

@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from medgpt.data.readers import read_log
 from medgpt.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -68,25 +69,10 @@ def load_prompts(source: str | None) -> list[list[dict]]:
     conversations), the shipped sample prompts when None, no prompts for `none`."""
     if source is not None and str(source).strip().lower() in NO_PROMPTS:
         return []
-    from medgpt.train.records import read_prompts
+    from medgpt.data.records import read_prompts
 
     records, _ = read_prompts(str(source or SAMPLE_PROMPTS), "prompts")
     return [r["prompt"] for r in records]
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    """Rows of a metrics log; a line cut off by an interrupted write is skipped."""
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(row, dict):
-            rows.append(row)
-    return rows
 
 
 def read_json(path: Path) -> dict:
@@ -123,7 +109,8 @@ def generate_answers(refs: dict[str, ModelRef], prompts: list[list[dict]], cache
     """Greedy answers of each model to the prompts, one model in memory at a time; cached answers are reused."""
     from tqdm.auto import tqdm
 
-    from medgpt.infer.engine import GenerationParams, load_engine
+    from medgpt.infer.base import GenerationParams
+    from medgpt.infer.engine import load_engine
 
     cache = read_json(cache_file)
     out: dict[str, list[str]] = {}
@@ -199,7 +186,7 @@ def _number(value: Any) -> str:
 def stage_section(result: StageResult) -> tuple[str, list]:
     """Curves, final metrics and data counts of one stage."""
     blocks: list = [("text", f"Stage `{result.stage}`, output `{result.folder}`.")]
-    png = plot_curves(read_jsonl(result.folder / "metrics.jsonl"), f"{result.name} ({result.stage})")
+    png = plot_curves(read_log(result.folder / "metrics.jsonl"), f"{result.name} ({result.stage})")
     if png:
         blocks.append(("image", f"{result.name}.png", png))
     else:

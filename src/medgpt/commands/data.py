@@ -8,16 +8,14 @@ import json
 import math
 import sys
 
+from medgpt.data.readers import FORMATS, KINDS, ON_ERROR  # the standard library only: fast --help
 from medgpt.errors import UserError
 from medgpt.select import contamination
-
-KINDS = ("pt", "sft", "pref")
-FORMATS = ("sharegpt", "openai", "alpaca", "pref")
 
 
 def _source_arguments(parser: argparse.ArgumentParser, kinds: tuple[str, ...]) -> None:
     parser.add_argument("--kind", choices=kinds, help="data kind (default: guessed from the first record)")
-    parser.add_argument("--on-error", choices=("fail", "skip"), default="fail",
+    parser.add_argument("--on-error", choices=ON_ERROR, default="fail",
                         help="fail: a bad record is an error; skip: drop and count it (default: fail)")
     parser.add_argument("--subset", help="hub data set configuration name")
     parser.add_argument("--split", default="train", help="hub data set split (default: train)")

@@ -99,11 +99,11 @@ def _gen(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from medgpt.eval.compare import compare, to_markdown, to_text
+    from medgpt.eval.compare import compare, markdown_table, to_text
 
     labels = [s.strip() for s in args.labels.split(",")] if args.labels else None
     table = compare(args.files, labels)
-    markdown = to_markdown(table)
+    markdown = markdown_table(table)
     print(markdown if args.format == "markdown" else to_text(table), end="")
     if args.markdown:
         from medgpt.data.stats import atomic_writer

@@ -45,13 +45,13 @@ def split_own_flags(args: argparse.Namespace) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from medgpt.pipeline import final_model, load_pipeline, plan, run_pipeline
+    from medgpt.pipeline import final_model, load_pipeline, plan_steps, run_pipeline
 
     overrides = split_own_flags(args)
     pipeline = load_pipeline(args.config, overrides)
     if args.dry_run:
         print(f"run folder: {pipeline.run_dir}  (handoff: {pipeline.handoff})")
-        for step in plan(pipeline, args.start_from):
+        for step in plan_steps(pipeline, args.start_from):
             stage = step.stage
             starts = stage.raw["model"] + (f" + adapter {stage.raw['adapter']}" if stage.raw.get("adapter") else "")
             starts += f", reward model {stage.raw['reward_model']}" if stage.raw.get("reward_model") else ""

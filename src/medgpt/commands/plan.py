@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 
-from medgpt.plan import DEVICES, METHODS, PAIRED, STAGES  # medgpt.plan imports only the standard library at the top
+from medgpt.plan import DEVICES, PAIRED, PLAN_METHODS, STAGES  # medgpt.plan imports only the standard library at the top
 ROWS = (("weights", "weights"), ("gradients", "gradients"), ("optimizer", "optimizer states"),
         ("activations", "activations"), ("reference_model", "reference model"), ("reward_model", "reward model"),
-        ("value_model", "value model"), ("overhead", "CUDA context and slack"))
+        ("overhead", "CUDA context and slack"))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -16,7 +16,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="model folder, hub id, or a built-in name such as Qwen/Qwen2.5-7B "
                              "(only the config is read)")
     parser.add_argument("--stage", choices=STAGES, default="sft")
-    parser.add_argument("--method", choices=METHODS, default="lora")
+    parser.add_argument("--method", choices=PLAN_METHODS, default="lora")
     parser.add_argument("--device", choices=DEVICES, default="gpu",
                         help="gpu: bf16 mixed precision with fp32 master weights; cpu: fp32 weights + bf16 autocast")
     parser.add_argument("--batch-size", type=int, default=1, help="micro-batch per device (default: 1)")

@@ -23,7 +23,7 @@ def run(args: argparse.Namespace) -> int:
     params = params_from_args(args)
     rows = read_inputs(args.input)  # a bad row fails before the model loads
     engine = engine_from_args(args)
-    chunk = 4 * (getattr(engine, "max_batch_size", None) or 16)
+    chunk = 4 * engine.max_batch_size
     stats = predict_file(engine, args.input, args.output, params, system=args.system, chunk_size=chunk,
                          overwrite=args.overwrite, rows=rows)
     print(f"{args.output}: {stats['rows']} rows ({stats['generated']} answered now, {stats['resumed']} before), "

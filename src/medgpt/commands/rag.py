@@ -91,7 +91,8 @@ def _search(args: argparse.Namespace) -> int:
 
 
 def _ask(args: argparse.Namespace) -> int:
-    from medgpt.infer.engine import GenerationParams, load_engine
+    from medgpt.infer.base import GenerationParams
+    from medgpt.infer.engine import load_engine
     from medgpt.rag.retrieve import augment, cited
 
     messages, sources = augment([{"role": "user", "content": args.question}], args.index, k=args.top_k,

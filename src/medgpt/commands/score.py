@@ -7,6 +7,7 @@ import argparse
 import json
 import sys
 
+from medgpt.data.readers import ON_ERROR  # the standard library only: fast --help
 from medgpt.errors import UserError
 
 
@@ -18,7 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input", help="jsonl/json/csv/parquet of {prompt, response} pairs (or question/answer), "
                                         "or preference pairs (both responses scored, pairwise accuracy reported)")
     parser.add_argument("--output", help="write the scored rows here as jsonl (default: print them)")
-    parser.add_argument("--on-error", choices=("fail", "skip"), default="fail",
+    parser.add_argument("--on-error", choices=ON_ERROR, default="fail",
                         help="fail: a bad row is an error; skip: drop and count it (default: fail)")
     parser.add_argument("--batch-size", type=int, default=8, help="pairs per forward pass (default: 8)")
     parser.add_argument("--dtype", default="auto", help="auto (bf16 where the hardware has it), fp32, bf16, fp16")
@@ -43,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _score_file(scorer, args: argparse.Namespace) -> int:
     from medgpt.data.readers import write_jsonl
-    from medgpt.train.records import read_scored
+    from medgpt.data.records import read_scored
 
     records, stats = read_scored(args.input, "scored", on_error=args.on_error)
     if not records:

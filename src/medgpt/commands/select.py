@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from medgpt.data.readers import ON_ERROR  # the standard library only: fast --help
 from medgpt.errors import UserError
 
 
@@ -39,7 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--baseline", choices=("random",), help="also write a random sample of the same size")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--max-samples", type=int, help="read at most this many corpus records")
-    parser.add_argument("--on-error", default="skip", choices=("fail", "skip"),
+    parser.add_argument("--on-error", default="skip", choices=ON_ERROR,
                         help="a bad corpus record: skip and count it (default), or stop")
     parser.add_argument("--shard", help="I/N: embed only every N-th chunk starting at I, then stop (parallel embedding)")
     parser.add_argument("--ngram-ratio", type=float, default=0.5,

@@ -29,10 +29,11 @@ def run(args: argparse.Namespace) -> int:
 
     if min(args.max_tokens_cap, args.max_prompt_tokens, args.max_queue) < 1:
         raise UserError("--max-tokens-cap, --max-prompt-tokens and --max-queue must be >= 1")
-    settings = ServerSettings(defaults=params_from_args(args), system=args.system, max_tokens_cap=args.max_tokens_cap,
+    settings = ServerSettings(defaults=params_from_args(args), max_tokens_cap=args.max_tokens_cap,
                               max_prompt_tokens=args.max_prompt_tokens, max_queue=args.max_queue,
                               api_key=api_key(args.api_key))
     augment = kb_from_args(args)
-    app = create_app(engine_from_args(args), settings, augment=augment, model_name=args.served_model_name)
+    engine = engine_from_args(args, system=args.system)
+    app = create_app(engine, settings, augment=augment, model_name=args.served_model_name)
     serve(app, host=args.host, port=args.port)
     return 0

@@ -10,6 +10,10 @@ Each record also carries `"_loc": "path:N"` so later steps (token-length filteri
 can point at the source; callers strip it. N is the physical line for .txt/.jsonl/.csv (blank lines
 count), the element index for a JSON array, the row index for parquet and hub data sets.
 
+Callers with record kinds of their own read through the same loop: `read_records(..., normalize=fn)`.
+The public helpers (`as_object`, `message_list`, `turns`, `check_order`, `with_system`, `query_messages`,
+`to_sft`, `to_pref`) are the validation rules a normalizer builds on, and `iter_rows` gives the raw rows.
+
 A record that cannot be used either stops the read with `UserError("path:N: reason: detail")`
 (`on_error="fail"`) or is dropped and counted under its reason (`on_error="skip"`); reasons are the
 short stable strings in `REASONS`. A file that cannot be read at all is always an error. Files in a
@@ -31,8 +35,9 @@ from medgpt.data.stats import DataStats, atomic_writer, preview, write_stats
 from medgpt.errors import UserError
 
 __all__ = [
-    "DataStats", "RecordError", "convert", "detect_kind", "filter_by_length", "read_records",
-    "write_jsonl", "write_stats",
+    "DataStats", "RecordError", "as_object", "check_choice", "check_order", "convert", "detect_kind", "expand",
+    "hub_rows", "item_rows", "iter_rows", "message_list", "query_messages", "read_log", "read_records", "text_message",
+    "to_pref", "to_pt", "to_sft", "turns", "with_system", "write_jsonl", "write_stats",
 ]
 
 logger = logging.getLogger(__name__)
@@ -64,7 +69,8 @@ class RecordError(ValueError):
         self.reason = reason
 
 
-def _choice(name: str, value: str, allowed: Iterable[str]) -> str:
+def check_choice(name: str, value: str, allowed: Iterable[str]) -> str:
+    """`value` when it is one of `allowed`; otherwise the user's error, naming the choices."""
     if value not in allowed:
         raise UserError(f"{name} must be one of {', '.join(allowed)}, not {value!r}")
     return value
@@ -82,8 +88,10 @@ def _looks_like_path(item: str) -> bool:
     return item.startswith(("/", "./", "../", "~")) or Path(item).suffix.lower() in EXTENSIONS["pt"]
 
 
-def _expand(source: str | Path | list[str], kind: str, stats: DataStats) -> list[Path | str]:
-    """Files to read in order (folders recursively, sorted) and hub names, recording skipped files."""
+def expand(source: str | Path | list[str], kind: str, stats: DataStats) -> list[Path | str]:
+    """Files to read in order (folders recursively, sorted) and hub names, recording skipped files.
+    A kind other than pt, sft and pref (records a caller normalizes itself) takes the sft file types."""
+    extensions = EXTENSIONS.get(kind, EXTENSIONS["sft"])
     if isinstance(source, (list, tuple)):
         items = list(source)
     else:
@@ -94,15 +102,15 @@ def _expand(source: str | Path | list[str], kind: str, stats: DataStats) -> list
         path = Path(item).expanduser()
         if path.is_dir():
             files = sorted(p for p in path.rglob("*") if p.is_file())
-            readable = [p for p in files if p.suffix.lower() in EXTENSIONS[kind]]
+            readable = [p for p in files if p.suffix.lower() in extensions]
             stats.skipped_files += [str(p) for p in files if p not in readable]
             if not readable:
-                raise UserError(f"{path}: no {kind} data files ({', '.join(EXTENSIONS[kind])}) in this folder")
+                raise UserError(f"{path}: no {kind} data files ({', '.join(extensions)}) in this folder")
             found += readable
         elif path.is_file():
-            if path.suffix.lower() not in EXTENSIONS[kind]:
+            if path.suffix.lower() not in extensions:
                 raise UserError(f"{path}: cannot read {path.suffix or 'extension-less'} files as {kind} data "
-                                f"(expected {', '.join(EXTENSIONS[kind])})")
+                                f"(expected {', '.join(extensions)})")
             found.append(path)
         elif _looks_like_path(item):
             raise UserError(f"{item}: no such file or folder")
@@ -238,22 +246,25 @@ def _parquet_rows(path: Path) -> Iterator[Row]:
             index += 1
 
 
-def _hub_rows(name: str, subset: str | None, split: str) -> Iterator[Row]:
+def hub_rows(name: str, subset: str | None, split: str) -> Iterator[Row]:
+    """The rows of a hub data set; one that cannot be loaded (offline, unknown name) is the user's error."""
     try:
         import datasets
 
         dataset = datasets.load_dataset(name, subset, split=split)
     except Exception as exc:  # offline, unknown name, bad subset/split: all the user's to fix
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise UserError(f"{name}: not a local file or folder, and the hub data set cannot be loaded: "
+        where = ", ".join(part for part in (subset, split) if part)
+        raise UserError(f"{name} ({where}): not a local path, and the hub data set cannot be loaded: "
                         f"{reason}") from None
     for index, row in enumerate(dataset):
         yield f"{name}:{index}", row
 
 
-def _rows(item: Path | str, subset: str | None, split: str) -> Iterator[Row]:
+def item_rows(item: Path | str, subset: str | None = None, split: str = "train") -> Iterator[Row]:
+    """The raw rows of one file (by its extension) or, for a name, of a hub data set."""
     if isinstance(item, str):
-        return _hub_rows(item, subset, split)
+        return hub_rows(item, subset, split)
     suffix = item.suffix.lower()
     if suffix == ".parquet":
         return _parquet_rows(item)
@@ -264,10 +275,39 @@ def _rows(item: Path | str, subset: str | None, split: str) -> Iterator[Row]:
     return {".txt": _txt_rows, ".jsonl": _jsonl_rows, ".json": _json_rows, ".csv": _csv_rows}[suffix](item, data)
 
 
+def iter_rows(source: str | Path | list[str], kind: str, stats: DataStats, subset: str | None = None,
+              split: str = "train") -> Iterator[Row]:
+    """The raw rows of every file and hub data set of `source` in order. The source is checked now, the
+    rows are read as they are taken; `stats` records the skipped files and each file as its reading starts."""
+    items = expand(source, kind, stats)
+    if stats.skipped_files:
+        logger.warning("skipping %d file(s) that are not %s data: %s", len(stats.skipped_files), kind,
+                       preview(stats.skipped_files))
+
+    def rows() -> Iterator[Row]:
+        for item in items:
+            stats.files.append(str(item))
+            yield from item_rows(item, subset, split)
+
+    return rows()
+
+
+def read_log(path: str | Path) -> list[dict]:
+    """The object rows of a JSON-lines log another process may be writing: a missing file is no rows,
+    and a line that is not an object (one cut off by an interrupted write) is skipped."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return []
+    return [raw for _, raw in _jsonl_rows(path, data) if isinstance(raw, dict)]
+
+
 # ---- raw objects -> canonical records ----------------------------------------------------------
 
 
-def _object(raw: Any) -> dict:
+def as_object(raw: Any) -> dict:
+    """`raw` when it is a JSON object; every record format is one."""
     if not isinstance(raw, dict):
         raise RecordError("not an object", f"got {_type(raw)}")
     return raw
@@ -282,7 +322,7 @@ def _field(obj: dict, key: str, kind: type | tuple[type, ...] = str) -> Any:
     return value
 
 
-def _text(obj: dict, key: str, role: str) -> dict:
+def text_message(obj: dict, key: str, role: str) -> dict:
     """A required non-empty string field as one message."""
     content = _field(obj, key)
     if not content.strip():
@@ -313,7 +353,7 @@ def _history(obj: dict) -> list[dict]:
     return messages
 
 
-def _with_system(obj: dict, messages: list[dict]) -> list[dict]:
+def with_system(obj: dict, messages: list[dict]) -> list[dict]:
     """Prepend the top-level `system` field unless the messages start with their own system turn."""
     return messages if messages and messages[0]["role"] == "system" else _system(obj) + messages
 
@@ -337,22 +377,22 @@ def _message(turn: Any, where: str) -> dict | None:
     return {"role": role, "content": content}
 
 
-def _messages(value: Any, key: str) -> list[dict]:
+def message_list(value: Any, key: str) -> list[dict]:
     """A list of messages (or one message object, as ShareGPT-style preference data writes `chosen`)."""
     if not isinstance(value, (list, dict)):
         raise RecordError("wrong type", f'"{key}" is {_type(value)}, expected a list of messages')
-    turns = [value] if isinstance(value, dict) else value
-    return [m for index, turn in enumerate(turns) if (m := _message(turn, f'"{key}[{index}]"')) is not None]
+    items = [value] if isinstance(value, dict) else value
+    return [m for index, turn in enumerate(items) if (m := _message(turn, f'"{key}[{index}]"')) is not None]
 
 
-def _turns(obj: dict, key: str, role: str) -> list[dict]:
+def turns(obj: dict, key: str, role: str) -> list[dict]:
     """A preference field: a string (one message with `role`) or messages."""
     value = _field(obj, key, (str, dict, list))
-    return [_text(obj, key, role)] if isinstance(value, str) else _messages(value, key)
+    return [text_message(obj, key, role)] if isinstance(value, str) else message_list(value, key)
 
 
-def _check_order(messages: list[dict], key: str, first: str = "user", last: str | None = None,
-                 system: bool = True) -> None:
+def check_order(messages: list[dict], key: str, first: str = "user", last: str | None = None,
+                system: bool = True) -> None:
     """After an optional leading system message, roles alternate starting with `first`."""
     body = messages[1:] if system and messages and messages[0]["role"] == "system" else messages
     if not body:
@@ -367,95 +407,103 @@ def _check_order(messages: list[dict], key: str, first: str = "user", last: str 
         raise RecordError("roles out of order", f'"{key}" ends with a {body[-1]["role"]} message, expected {last}')
 
 
-def _to_pt(raw: Any) -> dict:
-    text = _field(_object(raw), "text")
+def query_messages(obj: dict, key: str = "instruction") -> list[dict]:
+    """The prompt of a one-question row: the `system` field, the `history` pairs and the string field `key`
+    as the user turn; an `instruction` is followed by the row's `input` (the Alpaca rule)."""
+    question = _field(obj, key)
+    extra = (obj.get("input") or "") if key == "instruction" else ""
+    if not isinstance(extra, str):
+        raise RecordError("wrong type", f'"input" is {_type(extra)}')
+    query = "\n".join(part for part in (question, extra) if part.strip())
+    if not query:
+        raise RecordError("empty message", f'"{key}"')
+    return _system(obj) + _history(obj) + [{"role": "user", "content": query}]
+
+
+def to_pt(raw: Any) -> dict:
+    """A `text` row as a pt record."""
+    text = _field(as_object(raw), "text")
     if not text.strip():
         raise RecordError("empty text")
     return {"text": text}
 
 
-def _to_sft(raw: Any) -> dict:
-    obj = _object(raw)
+def to_sft(raw: Any) -> dict:
+    """A ShareGPT, OpenAI or Alpaca row as an sft record: a conversation ending with an assistant turn."""
+    obj = as_object(raw)
     key = next((k for k in ("conversations", "messages") if obj.get(k) is not None), None)
     if key:
-        messages = _with_system(obj, _messages(obj[key], key))
+        messages = with_system(obj, message_list(obj[key], key))
     elif "instruction" in obj:
-        key, instruction, extra = "instruction", _field(obj, "instruction"), obj.get("input") or ""
-        if not isinstance(extra, str):
-            raise RecordError("wrong type", f'"input" is {_type(extra)}')
-        query = "\n".join(part for part in (instruction, extra) if part.strip())
-        if not query:
-            raise RecordError("empty message", '"instruction"')
-        answer = _text(obj, "output", "assistant")
-        messages = _system(obj) + _history(obj) + [{"role": "user", "content": query}, answer]
+        key = "instruction"
+        messages = query_messages(obj, key) + [text_message(obj, "output", "assistant")]
     else:
         raise RecordError("missing field", '"conversations" or "messages" or "instruction"')
-    _check_order(messages, key, last="assistant")
+    check_order(messages, key, last="assistant")
     return {"messages": messages}
 
 
-def _to_pref(raw: Any) -> dict:
-    obj = _object(raw)
+def to_pref(raw: Any) -> dict:
+    """A seed-format (`question`/`response_chosen`) or TRL-form (`prompt`/`chosen`) row as a pref record."""
+    obj = as_object(raw)
     if "question" in obj or "response_chosen" in obj:
-        prompt = _system(obj) + _history(obj) + [_text(obj, "question", "user")]
-        chosen, rejected = ([_text(obj, f"response_{k}", "assistant")] for k in ("chosen", "rejected"))
+        prompt = _system(obj) + _history(obj) + [text_message(obj, "question", "user")]
+        chosen, rejected = ([text_message(obj, f"response_{k}", "assistant")] for k in ("chosen", "rejected"))
     elif "chosen" in obj or "rejected" in obj:
         key = next((k for k in ("prompt", "conversations", "messages") if obj.get(k) is not None), None)
         if key is None:
             raise RecordError("missing field", '"prompt" or "conversations"')
-        prompt = _with_system(obj, _turns(obj, key, "user"))
-        chosen, rejected = (_turns(obj, k, "assistant") for k in ("chosen", "rejected"))
+        prompt = with_system(obj, turns(obj, key, "user"))
+        chosen, rejected = (turns(obj, k, "assistant") for k in ("chosen", "rejected"))
     else:
         raise RecordError("missing field", '"question", "response_chosen", "response_rejected" '
                                            'or "prompt", "chosen", "rejected"')
-    _check_order(prompt, "prompt", last="user")
+    check_order(prompt, "prompt", last="user")
     for key, messages in (("chosen", chosen), ("rejected", rejected)):
-        _check_order(messages, key, first="assistant", last="assistant", system=False)
+        check_order(messages, key, first="assistant", last="assistant", system=False)
     if [m["content"].strip() for m in chosen] == [m["content"].strip() for m in rejected]:
         raise RecordError("identical chosen and rejected")
     return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
 
 
-_NORMALIZERS: dict[str, Callable[[Any], dict]] = {"pt": _to_pt, "sft": _to_sft, "pref": _to_pref}
+NORMALIZERS: dict[str, Callable[[Any], dict]] = {"pt": to_pt, "sft": to_sft, "pref": to_pref}
 
 
 # ---- public API --------------------------------------------------------------------------------
 
 
 def read_records(source: str | list[str], kind: str, on_error: str = "fail", subset: str | None = None,
-                 split: str = "train", max_samples: int | None = None) -> tuple[list[dict], DataStats]:
+                 split: str = "train", max_samples: int | None = None,
+                 normalize: Callable[[Any], dict | list[dict]] | None = None) -> tuple[list[dict], DataStats]:
     """Read `source` (file, folder, comma-separated list, or hub data set name) as canonical `kind`
-    records with `_loc`. Reading stops once `max_samples` records are kept."""
-    normalize = _NORMALIZERS[_choice("kind", kind, KINDS)]
-    _choice("on_error", on_error, ON_ERROR)
+    records with `_loc`. Reading stops once `max_samples` records are kept.
+
+    `normalize(raw row)` replaces the kind's own normalizer for records a caller defines: it returns one
+    record or several (a preference pair as two unpaired rows) or raises `RecordError`. `kind` then only
+    names the records in logs and errors, and any kind but pt, sft and pref is read from the sft file types."""
+    if normalize is None:
+        normalize = NORMALIZERS[check_choice("kind", kind, KINDS)]
+    check_choice("on_error", on_error, ON_ERROR)
     stats, records = DataStats(), []
-    items = _expand(source, kind, stats)
-    if stats.skipped_files:
-        logger.warning("skipping %d file(s) that are not %s data: %s", len(stats.skipped_files), kind,
-                       preview(stats.skipped_files))
-    for item in items:
+    rows = iter_rows(source, kind, stats, subset, split)
+    for loc, raw in rows if max_samples is None or max_samples > 0 else ():
+        if raw is None:
+            stats.blank += 1
+            continue
+        stats.read += 1
+        try:
+            if isinstance(raw, RecordError):
+                raise raw
+            out = normalize(raw)
+        except RecordError as exc:
+            if on_error == "fail":
+                raise UserError(f"{loc}: {exc}") from None
+            logger.debug("dropped %s: %s", loc, exc)
+            stats.drop(exc.reason, loc)
+            continue
+        records += [{**record, "_loc": loc} for record in (out if isinstance(out, list) else [out])]
         if max_samples is not None and len(records) >= max_samples:
             break
-        stats.files.append(str(item))
-        for loc, raw in _rows(item, subset, split):
-            if raw is None:
-                stats.blank += 1
-                continue
-            stats.read += 1
-            try:
-                if isinstance(raw, RecordError):
-                    raise raw
-                record = normalize(raw)
-            except RecordError as exc:
-                if on_error == "fail":
-                    raise UserError(f"{loc}: {exc}") from None
-                logger.debug("dropped %s: %s", loc, exc)
-                stats.drop(exc.reason, loc)
-                continue
-            record["_loc"] = loc
-            records.append(record)
-            if max_samples is not None and len(records) >= max_samples:
-                break
     label = ",".join(map(str, source)) if isinstance(source, (list, tuple)) else str(source)
     logger.log(logging.WARNING if stats.dropped else logging.INFO, "%s (%s): %s", label, kind, stats.summary())
     return records, stats
@@ -463,10 +511,10 @@ def read_records(source: str | list[str], kind: str, on_error: str = "fail", sub
 
 def detect_kind(source: str | list[str], subset: str | None = None, split: str = "train") -> str:
     """Guess the kind from the fields of the first record, so `medgpt data check PATH` needs no --kind."""
-    for item in _expand(source, "pt", DataStats()):
+    for item in expand(source, "pt", DataStats()):
         if isinstance(item, Path) and item.suffix.lower() == ".txt":
             return "pt"
-        for loc, raw in _rows(item, subset, split):
+        for loc, raw in item_rows(item, subset, split):
             if not isinstance(raw, dict):
                 continue
             if raw.keys() & {"question", "response_chosen", "chosen", "rejected"}:
@@ -477,26 +525,6 @@ def detect_kind(source: str | list[str], subset: str | None = None, split: str =
                 return "pt"
             raise UserError(f"{loc}: cannot tell the kind from the fields {sorted(raw)}; pass --kind")
     raise UserError(f"{source}: no record to guess the kind from; pass --kind")
-
-
-def filter_by_length(rows: list[dict], lengths: list[int], max_length: int, overlong: str,
-                     stats: DataStats) -> list[int]:
-    """Indices of `rows` to keep given their token `lengths`. "drop" counts each overlong row as a drop
-    ("longer than max_length"); "truncate" keeps it (the trainer cuts it) and counts it in
-    `stats.truncated`, which is not a drop."""
-    _choice("overlong", overlong, OVERLONG)
-    if len(rows) != len(lengths):
-        raise ValueError(f"{len(rows)} rows but {len(lengths)} lengths")
-    keep = []
-    for index, (row, length) in enumerate(zip(rows, lengths)):
-        if length > max_length and overlong == "drop":
-            stats.drop("longer than max_length", row.get("_loc", f"#{index}"))
-            continue
-        stats.truncated += int(length > max_length)
-        keep.append(index)
-    if len(keep) < len(rows) or stats.truncated:
-        logger.info("max_length %d: %s", max_length, stats.summary())
-    return keep
 
 
 def _kind_of(record: dict) -> str:
@@ -547,7 +575,7 @@ _CONVERTERS: dict[tuple[str, str], Callable[[dict, str], dict]] = {
 def convert(records: Iterable[dict], to: str) -> list[dict]:
     """Canonical records -> `sharegpt`, `openai`, `alpaca` (sft, with `history`) or `pref` (the seed
     preference format); `_loc` is used in errors and not copied."""
-    _choice("to", to, FORMATS)
+    check_choice("to", to, FORMATS)
     out = []
     for record in records:
         kind, loc = _kind_of(record), record.get("_loc", "record")

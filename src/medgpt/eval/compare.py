@@ -73,7 +73,7 @@ def _cells(table: dict) -> tuple[list[str], list[list[str]]]:
     return head, body
 
 
-def to_markdown(table: dict) -> str:
+def markdown_table(table: dict) -> str:
     head, body = _cells(table)
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in body]

@@ -14,6 +14,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from medgpt.data.readers import as_object, read_records
 from medgpt.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -80,48 +81,24 @@ def score_pairs(predictions: list[str], references: list[str], mode: str = "char
 
 
 def read_rows(path: str | Path, fields: tuple[str, ...]) -> list[dict]:
-    """jsonl (or a JSON array) rows that must hold `fields` as strings; errors say path:line."""
-    path = Path(path).expanduser()
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path}: cannot read: {exc}") from None
-    if path.suffix.lower() == ".json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise UserError(f"{path}:{exc.lineno}: invalid JSON: {exc.msg}") from None
-        if not isinstance(data, list):
-            raise UserError(f"{path}: expected a JSON array of objects")
-        numbered = [(f"{path}:{i}", row) for i, row in enumerate(data)]
-    else:
-        numbered = []
-        for number, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    numbered.append((f"{path}:{number}", json.loads(line)))
-                except json.JSONDecodeError as exc:
-                    raise UserError(f"{path}:{number}: invalid JSON: {exc.msg}") from None
-    rows = []
-    for loc, row in numbered:
-        if not isinstance(row, dict):
-            raise UserError(f"{loc}: expected an object with {', '.join(fields)}")
+    """Rows (jsonl, a JSON array, CSV or parquet) that must hold `fields` as strings; errors say path:line."""
+    rows, _ = read_records(str(path), "rows", normalize=as_object)
+    for row in rows:
         bad = [f for f in fields if not isinstance(row.get(f), str)]
         if bad:
-            raise UserError(f"{loc}: missing or non-string field {', '.join(map(repr, bad))}")
-        rows.append({**row, "_loc": loc})
+            raise UserError(f"{row['_loc']}: missing or non-string field {', '.join(map(repr, bad))}")
     if not rows:
         raise UserError(f"{path}: no rows")
     return rows
 
 
-def generate_answers(engine, rows: list[dict], max_new_tokens: int, system: str | None, partial: Path,
+def generate_predictions(engine, rows: list[dict], max_new_tokens: int, system: str | None, partial: Path,
                      key: dict, chunk: int = 32) -> list[str]:
     """Answers in input order; finished chunks go to `partial` (headed by `key`, what produced them) so an
     interrupted run with the same settings picks up where it stopped."""
     from tqdm.auto import tqdm
 
-    from medgpt.infer.engine import GenerationParams
+    from medgpt.infer.base import GenerationParams
 
     lines = partial.read_text(encoding="utf-8").splitlines() if partial.exists() else []
     done: list[str] = []
@@ -165,7 +142,7 @@ def run_gen(data: str | None, model: str | None = None, predictions: str | None 
         partial = partial or Path(f".gen-{Path(data).stem}.partial.jsonl")
         key = {"model": model, "adapter": adapter, "template": template, "data": str(Path(data).resolve()),
                "max_new_tokens": max_new_tokens, "system": system}
-        preds = generate_answers(engine, rows, max_new_tokens, system, partial, key)
+        preds = generate_predictions(engine, rows, max_new_tokens, system, partial, key)
         partial.unlink(missing_ok=True)
     metrics, scores = score_pairs(preds, [r["answer"] for r in rows], mode)
     items = [{**({"question": r["question"]} if "question" in r else {}), "answer": r["answer"], "prediction": p,

@@ -8,8 +8,6 @@ wording of each benchmark; with a chat template, few-shot examples become earlie
 
 from __future__ import annotations
 
-import csv
-import json
 import logging
 import re
 from collections import defaultdict
@@ -17,13 +15,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from medgpt.data.readers import as_object, hub_rows, read_records
 from medgpt.errors import UserError
 
 log = logging.getLogger(__name__)
 
 LETTERS = ("A", "B", "C", "D")
 STYLES = ("ceval", "cmmlu", "mmlu")
-METHODS = ("loglik", "generate")
+SCORING = ("loglik", "generate")  # how a question is scored: letter log-likelihood or a generated reply
 SPLITS = ("val", "dev", "test")
 CEVAL_MEDICAL = ("clinical_medicine", "basic_medicine", "physician")
 CMMLU_MEDICAL = ("anatomy", "clinical_knowledge", "college_medicine", "genetics", "nutrition",
@@ -97,24 +96,9 @@ def _question(row: dict, subject: str, loc: str, index: int) -> Question:
 
 
 def _file_rows(path: Path) -> list[tuple[str, dict]]:
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path}: cannot read: {exc}") from None
-    if path.suffix.lower() == ".jsonl":
-        rows = []
-        for number, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    rows.append((f"{path}:{number}", json.loads(line)))
-                except json.JSONDecodeError as exc:
-                    raise UserError(f"{path}:{number}: invalid JSON: {exc.msg}") from None
-        return rows
-    reader = csv.DictReader(text.splitlines(keepends=True))
-    try:
-        return [(f"{path}:{reader.line_num}", row) for row in reader]
-    except csv.Error as exc:
-        raise UserError(f"{path}:{reader.line_num}: invalid CSV: {exc}") from None
+    """(location, row) for each row of a question file (CSV, jsonl); a row that is not an object is an error."""
+    rows, _ = read_records(str(path), "mcq", normalize=as_object)
+    return [(row.pop("_loc"), row) for row in rows]
 
 
 def _split_files(source: Path, split: str) -> list[Path]:
@@ -163,15 +147,8 @@ def load_questions(source: str, split: str = "val", subjects: list[str] | None =
 
 
 def _hub_rows(name: str, subject: str, split: str) -> list[tuple[str, dict]]:
-    try:
-        import datasets
-
-        data = datasets.load_dataset(name, subject, split=split)
-    except Exception as exc:  # offline, unknown name or subset: the user's to fix
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise UserError(f"{name} ({subject}, {split}): not a local path, and the hub data set cannot be loaded: "
-                        f"{reason}") from None
-    return [(f"{name}/{subject}/{split}:{i}", row) for i, row in enumerate(data)]
+    """The rows of one hub subset (subject), located as `name/subject/split:index`."""
+    return [(f"{name}/{subject}/{split}:{i}", row) for i, (_, row) in enumerate(hub_rows(name, subject, split))]
 
 
 def load_shots(args: McqArgs, subjects: list[str]) -> dict[str, list[Question]]:
@@ -228,7 +205,7 @@ def prompt_text(q: Question, shots: list[Question], style: str) -> str:
     return header(style, q.subject) + solved + format_question(q, style)
 
 
-def prompt_messages(q: Question, shots: list[Question], style: str) -> list[dict]:
+def question_messages(q: Question, shots: list[Question], style: str) -> list[dict]:
     """A chat prompt: each solved example is a user turn answered by an assistant turn."""
     messages: list[dict] = []
     for s in [*shots, q]:
@@ -377,7 +354,8 @@ def summarize(items: list[dict]) -> dict:
 
 def evaluate_loglik(scorer: LoglikScorer, questions: dict[str, list[Question]], shots: dict[str, list[Question]],
                     style: str, chat: bool, max_length: int) -> list[dict]:
-    build = (lambda q: lambda s: prompt_messages(q, s, style)) if chat else (lambda q: lambda s: prompt_text(q, s, style))
+    render = question_messages if chat else prompt_text
+    build = lambda q: lambda s: render(q, s, style)  # noqa: E731
     flat = [q for qs in questions.values() for q in qs]
     prompts, used = [], []
     for q in flat:
@@ -395,10 +373,10 @@ def evaluate_loglik(scorer: LoglikScorer, questions: dict[str, list[Question]], 
 
 def evaluate_generate(engine, questions: dict[str, list[Question]], shots: dict[str, list[Question]], style: str,
                       max_new_tokens: int) -> list[dict]:
-    from medgpt.infer.engine import GenerationParams
+    from medgpt.infer.base import GenerationParams
 
     flat = [q for qs in questions.values() for q in qs]
-    batch = [prompt_messages(q, shots.get(q.subject, []), style) for q in flat]
+    batch = [question_messages(q, shots.get(q.subject, []), style) for q in flat]
     completions = engine.generate(batch, GenerationParams(max_new_tokens=max_new_tokens, temperature=0.0))
     return [_item(q, extract_choice(c.text), len(shots.get(q.subject, [])), output=c.text)
             for q, c in zip(flat, completions)]
@@ -407,7 +385,7 @@ def evaluate_generate(engine, questions: dict[str, list[Question]], shots: dict[
 def run_mcq(model: str, args: McqArgs, adapter: str | None = None, template: str | None = None,
             dtype: str = "auto", trust_remote_code: bool = False) -> dict:
     """Evaluate `model` on args.data; returns the result dict (summary + items)."""
-    for name, value, allowed in (("style", args.style, STYLES), ("method", args.method, METHODS)):
+    for name, value, allowed in (("style", args.style, STYLES), ("method", args.method, SCORING)):
         if value not in allowed:
             raise UserError(f"{name} {value!r}: expected one of {', '.join(allowed)}")
     questions = load_questions(args.data, args.split, args.subjects, args.limit)
@@ -425,14 +403,10 @@ def run_mcq(model: str, args: McqArgs, adapter: str | None = None, template: str
                              trust_remote_code=trust_remote_code, max_batch_size=args.batch_size)
         items = evaluate_generate(engine, questions, shots, args.style, args.max_new_tokens)
     else:
-        from medgpt.infer.engine import resolve_template
-        from medgpt.models import ModelArgs, adapter_base, load_model, load_tokenizer
+        from medgpt.models import open_model
 
-        base = model or (adapter_base(adapter) if adapter else None) or ModelArgs.model
-        tokenizer = load_tokenizer(adapter or base, trust_remote_code)
-        chat_template = resolve_template(template, base, adapter, tokenizer) if chat else None
-        loaded = load_model(ModelArgs(model=base, adapter=adapter, dtype=dtype, trust_remote_code=trust_remote_code))
-        scorer = LoglikScorer(loaded, tokenizer, chat_template, args.batch_size)
+        opened = open_model(model, adapter, template, dtype=dtype, trust_remote_code=trust_remote_code)
+        scorer = LoglikScorer(opened.model, opened.tokenizer, opened.template, args.batch_size)
         items = evaluate_loglik(scorer, questions, shots, args.style, chat, args.max_length)
     summary = summarize(items)
     return {"task": "mcq", "model": model, "adapter": adapter, "data": args.data, "split": args.split,

@@ -6,7 +6,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TextIO
 
-from medgpt.infer.engine import Augment, Engine, GenerationParams
+from medgpt.infer.base import Augment, Engine, GenerationParams
 
 HELP = "commands: /clear (forget the conversation), /system TEXT (set the system prompt), /exit (quit)"
 EXIT = {"/exit", "/quit", "exit", "quit"}

@@ -1,4 +1,4 @@
-"""One generation interface for chat, predict, serve, webui and evaluation.
+"""The transformers engine, and `load_engine`, which opens either engine by name (see base.py for the interface).
 
 The transformers engine runs many requests in one `model.generate` call even when they ask for
 different sampling settings, lengths or stop strings: a per-row logits processor does the sampling
@@ -10,97 +10,14 @@ streaming each row's text as it grows.
 from __future__ import annotations
 
 import logging
-import queue
 import threading
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Protocol
 
 from medgpt.errors import UserError
+from medgpt.infer.base import BaseEngine, Completion, Engine, Request, require_template, stop_tokens
 
 log = logging.getLogger(__name__)
 
 ENGINES = ("transformers", "vllm")
-
-# A retrieval hook (knowledge-base answers): turns the conversation into augmented messages and the
-# sources it used; chat, serve and webui accept one and show or return the sources.
-Augment = Callable[[list[dict]], tuple[list[dict], list[dict]]]
-
-
-@dataclass
-class GenerationParams:
-    max_new_tokens: int = 256
-    temperature: float = 0.0  # 0 = greedy
-    top_p: float = 1.0
-    top_k: int = 0  # 0 = no top-k cut
-    repetition_penalty: float = 1.0
-    stop: list[str] = field(default_factory=list)
-    seed: int | None = None
-
-    def validate(self) -> GenerationParams:
-        """Reject settings a user can get wrong, with a message instead of a library traceback."""
-        checks = [
-            (self.max_new_tokens >= 1, "max_new_tokens must be >= 1"),
-            (self.temperature >= 0, "temperature must be >= 0"),
-            (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
-            (self.top_k >= 0, "top_k must be >= 0"),
-            (self.repetition_penalty > 0, "repetition_penalty must be > 0"),
-            (all(isinstance(s, str) and s for s in self.stop), "stop must be non-empty strings"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise UserError(message)
-        return self
-
-
-@dataclass
-class Completion:
-    text: str
-    prompt_tokens: int
-    completion_tokens: int
-    finish_reason: str  # "stop" | "length"
-
-
-class Engine(Protocol):
-    tokenizer: Any
-    template: Any
-
-    def generate(self, batch: list[list[dict]], params: GenerationParams,
-                 system: str | None = None) -> list[Completion]: ...
-
-    def stream(self, messages: list[dict], params: GenerationParams,
-               system: str | None = None) -> Iterator[str]: ...
-
-
-@dataclass
-class Request:
-    """One prompt (token ids) with its own parameters; `on_text` receives text deltas as they are final."""
-
-    prompt_ids: list[int]
-    params: GenerationParams
-    on_text: Callable[[str], None] | None = None
-    cancelled: bool = False  # set by a server whose client went away: the row stops at the next step
-
-
-def check_messages(messages: Any) -> list[dict]:
-    """Canonical messages: a non-empty list of {"role", "content": str} ending with a user turn."""
-    if not isinstance(messages, list) or not messages:
-        raise UserError("messages must be a non-empty list of {role, content}")
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant") \
-                or not isinstance(m.get("content"), str):
-            raise UserError(f"messages[{i}]: expected {{role: system|user|assistant, content: string}}")
-    if messages[-1]["role"] != "user":
-        raise UserError("the last message must come from the user")
-    return messages
-
-
-def split_system(messages: list[dict], system: str | None) -> tuple[list[dict], str | None]:
-    """A leading system message wins over the default system prompt."""
-    if messages and messages[0]["role"] == "system":
-        return messages[1:], messages[0]["content"]
-    return messages, system
 
 
 def stop_position(text: str, stops: list[str]) -> int:
@@ -242,65 +159,20 @@ def _criterion(batch: _Batch):
     return PerRowStop()
 
 
-class BaseEngine:
-    """What every engine shares: prompts through the template, validation, streaming over `run`."""
-
-    tokenizer: Any
-    template: Any
-
-    def encode(self, messages: list[dict], system: str | None = None) -> list[int]:
-        """Token ids of the prompt, rendered by the same template as training."""
-        messages, system = split_system(check_messages(messages), system)
-        return list(self.template.encode_prompt(self.tokenizer, messages, system=system))
-
-    def generate(self, batch: list[list[dict]], params: GenerationParams,
-                 system: str | None = None) -> list[Completion]:
-        params.validate()
-        return self.run([Request(self.encode(m, system), params) for m in batch])
-
-    def stream(self, messages: list[dict], params: GenerationParams, system: str | None = None) -> Iterator[str]:
-        params.validate()
-        deltas: queue.Queue = queue.Queue()
-        request = Request(self.encode(messages, system), params, on_text=deltas.put)
-        failure: list[BaseException] = []
-
-        def work() -> None:
-            try:
-                self.run([request])
-            except BaseException as exc:  # re-raised in the consumer below
-                failure.append(exc)
-            finally:
-                deltas.put(None)
-
-        threading.Thread(target=work, daemon=True).start()
-        try:
-            while (delta := deltas.get()) is not None:
-                yield delta
-        finally:  # the consumer stopped early (closed, interrupted): stop generating for it
-            request.cancelled = True
-        if failure:
-            raise failure[0]
-
-    def run(self, requests: list[Request]) -> list[Completion]:
-        """Generate for many requests together; results keep the input order."""
-        raise NotImplementedError
-
-
 class TransformersEngine(BaseEngine):
     """Generation with transformers on CPU or GPU; a LoRA adapter stays unmerged (PEFT)."""
 
     def __init__(self, model: str | None = None, adapter: str | None = None, template: str | None = None,
                  dtype: str = "auto", trust_remote_code: bool = False, max_batch_size: int = 16,
-                 attn_implementation: str | None = None, device: str = "auto"):
-        from medgpt.models import ModelArgs, adapter_base, load_model, load_tokenizer
+                 attn_implementation: str | None = None, device: str = "auto", system: str | None = None):
+        from medgpt.models import open_model
 
-        if adapter and not model:
-            model = adapter_base(adapter)
-        args = ModelArgs(model=model or ModelArgs.model, adapter=adapter, dtype=dtype,
-                         trust_remote_code=trust_remote_code, attn_implementation=attn_implementation)
-        self.tokenizer = load_tokenizer(adapter or args.model, trust_remote_code)
-        self.template = resolve_template(template, model=args.model, adapter=adapter, tokenizer=self.tokenizer)
-        self.model = load_model(args)
+        opened = open_model(model, adapter, template, dtype=dtype, trust_remote_code=trust_remote_code,
+                            attn_implementation=attn_implementation, weights=False)
+        self.tokenizer, self.name = opened.tokenizer, opened.name
+        self.template = require_template(opened.template)
+        self.model = opened.load_weights()
+        self.system = system
         if device == "auto":
             import torch
 
@@ -310,10 +182,10 @@ class TransformersEngine(BaseEngine):
         self.device = device
         self.max_batch_size = max(1, int(max_batch_size))
         self.stop_ids, self.stop_strings = stop_tokens(self.tokenizer, self.template, self.model)
-        self.name = Path(adapter or args.model).name
         self._lock = threading.Lock()  # one generate at a time on one model
-        log.info("loaded %s%s on %s (%s), template %s", args.model, f" + adapter {adapter}" if adapter else "",
-                 device, str(self.model.dtype).removeprefix("torch."), self.template.name)
+        log.info("loaded %s%s on %s (%s), template %s", opened.folder,
+                 f" + adapter {opened.adapter}" if opened.adapter else "", device,
+                 str(self.model.dtype).removeprefix("torch."), self.template.name)
 
     def run(self, requests: list[Request]) -> list[Completion]:
         """Generate for prompts of any length in batches of similar length; results keep the input order."""
@@ -349,48 +221,17 @@ class TransformersEngine(BaseEngine):
                            finish_reason=row.finish_reason or "length") for row in state.rows]
 
 
-def resolve_template(name: str | None, model: str | None, adapter: str | None, tokenizer):
-    """The template named, else the one recorded beside the adapter or model (medgpt.json), else the tokenizer's."""
-    from medgpt.data.templates import get_template
-    from medgpt.models import read_meta, resolve_model
-
-    if name is None:
-        for folder in (adapter, model):
-            if folder and Path(folder).expanduser().is_dir():
-                name = read_meta(Path(folder).expanduser()).get("template")
-                if name:
-                    break
-        if name is None and model and not Path(model).expanduser().exists():
-            name = read_meta(resolve_model(model)).get("template")
-    return get_template(name or "auto", tokenizer)
-
-
-def stop_tokens(tokenizer, template, model=None) -> tuple[set[int], list[str]]:
-    """Split the template's stop words and the eos tokens into single token ids and multi-token strings."""
-    ids: set[int] = set()
-    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    for value in (tokenizer.eos_token_id, eos):
-        ids.update(v for v in (value if isinstance(value, list) else [value]) if v is not None)
-    strings = []
-    for word in getattr(template, "stop_words", None) or []:
-        token = tokenizer.convert_tokens_to_ids(word) if word in tokenizer.get_vocab() else None
-        if token is not None and token != tokenizer.unk_token_id:
-            ids.add(token)
-        else:
-            strings.append(word)
-    return ids, strings
-
-
 def load_engine(model: str | None = None, adapter: str | None = None, template: str | None = None,
                 engine: str = "transformers", dtype: str = "auto", trust_remote_code: bool = False,
-                **engine_kwargs) -> Engine:
-    """Load the named engine; template None = the one recorded with the model/adapter, else the tokenizer's."""
+                system: str | None = None, **engine_kwargs) -> Engine:
+    """Load the named engine; template None = the one recorded with the model/adapter, else the tokenizer's;
+    `system` = the default system prompt of every prompt that brings none."""
     if engine == "transformers":
         return TransformersEngine(model=model, adapter=adapter, template=template, dtype=dtype,
-                                  trust_remote_code=trust_remote_code, **engine_kwargs)
+                                  trust_remote_code=trust_remote_code, system=system, **engine_kwargs)
     if engine == "vllm":
         from medgpt.infer.vllm_engine import VllmEngine
 
         return VllmEngine(model=model, adapter=adapter, template=template, dtype=dtype,
-                          trust_remote_code=trust_remote_code, **engine_kwargs)
+                          trust_remote_code=trust_remote_code, system=system, **engine_kwargs)
     raise UserError(f"engine {engine!r}: expected one of {', '.join(ENGINES)}")

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import os
 
-from medgpt.infer.engine import ENGINES, Engine, GenerationParams, load_engine
+from medgpt.infer.base import Engine, GenerationParams
+from medgpt.infer.engine import ENGINES, load_engine
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
@@ -44,13 +45,14 @@ def params_from_args(args: argparse.Namespace) -> GenerationParams:
                             seed=args.seed).validate()
 
 
-def engine_from_args(args: argparse.Namespace) -> Engine:
+def engine_from_args(args: argparse.Namespace, system: str | None = None) -> Engine:
+    """The engine the flags ask for; `system`: its default system prompt (for prompts that bring none)."""
     kwargs: dict = {"max_batch_size": args.max_batch_size} if args.max_batch_size else {}
     if args.engine == "vllm":
         kwargs.update(tensor_parallel_size=args.tensor_parallel_size, quantization=args.quantization,
                       gpu_memory_utilization=args.gpu_memory_utilization, max_model_len=args.max_model_len)
     return load_engine(model=args.model, adapter=args.adapter, template=args.template, engine=args.engine,
-                       dtype=args.dtype, trust_remote_code=args.trust_remote_code, **kwargs)
+                       dtype=args.dtype, trust_remote_code=args.trust_remote_code, system=system, **kwargs)
 
 
 def api_key(flag: str | None) -> str | None:

@@ -13,9 +13,10 @@ import os
 from pathlib import Path
 from typing import Any
 
-from medgpt.data.readers import RecordError, _check_order, _history, _messages, _system, _with_system
+from medgpt.data import readers
+from medgpt.data.readers import RecordError
 from medgpt.errors import UserError
-from medgpt.infer.engine import Engine, GenerationParams
+from medgpt.infer.base import Engine, GenerationParams
 
 log = logging.getLogger(__name__)
 
@@ -29,42 +30,19 @@ def prompt_messages(row: Any) -> list[dict]:
 
     A conversation that ends with an assistant turn is cut before it: the model answers in its place.
     """
-    if not isinstance(row, dict):
-        raise RecordError("not an object", f"got {type(row).__name__}")
-    key = next((k for k in ("messages", "conversations") if row.get(k) is not None), None)
+    obj = readers.as_object(row)
+    key = next((k for k in ("messages", "conversations") if obj.get(k) is not None), None)
     if key:
-        messages = _with_system(row, _messages(row[key], key))
+        messages = readers.with_system(obj, readers.message_list(obj[key], key))
         while messages and messages[-1]["role"] == "assistant":
             messages = messages[:-1]
     else:
-        key = next((k for k in QUERY_KEYS if row.get(k) is not None), None)
+        key = next((k for k in QUERY_KEYS if obj.get(k) is not None), None)
         if key is None:
             raise RecordError("missing field", '"query", "question", "instruction", "messages" or "conversations"')
-        parts = [row[key], row.get("input") or ""] if key == "instruction" else [row[key]]
-        if not all(isinstance(p, str) for p in parts):
-            raise RecordError("wrong type", f'"{key}" must be a string')
-        query = "\n".join(p for p in parts if p.strip())
-        if not query:
-            raise RecordError("empty message", f'"{key}"')
-        messages = _system(row) + _history(row) + [{"role": "user", "content": query}]
-    _check_order(messages, key, last="user")
+        messages = readers.query_messages(obj, key)
+    readers.check_order(messages, key, last="user")
     return messages
-
-
-def read_jsonl(path: Path) -> list[tuple[int, Any]]:
-    """(line number, parsed object) for each non-blank line; a line that is not JSON is an error."""
-    rows = []
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path}: cannot read ({exc})") from exc
-    for number, line in enumerate(lines, 1):
-        if line.strip():
-            try:
-                rows.append((number, json.loads(line)))
-            except json.JSONDecodeError as exc:
-                raise UserError(f"{path}:{number}: invalid JSON ({exc.msg})") from exc
-    return rows
 
 
 def read_inputs(path: str | Path) -> list[tuple[dict, list[dict]]]:
@@ -72,15 +50,11 @@ def read_inputs(path: str | Path) -> list[tuple[dict, list[dict]]]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: no such file")
-    out = []
-    for number, row in read_jsonl(path):
-        try:
-            out.append((row, prompt_messages(row)))
-        except RecordError as exc:
-            raise UserError(f"{path}:{number}: {exc}") from exc
-    if not out:
+    records, _ = readers.read_records(str(path), "prompts",
+                                      normalize=lambda row: {"row": row, "messages": prompt_messages(row)})
+    if not records:
         raise UserError(f"{path}: no rows")
-    return out
+    return [(record["row"], record["messages"]) for record in records]
 
 
 def finished_rows(partial: Path, inputs: list[dict]) -> int:

@@ -22,21 +22,23 @@ from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from fastapi import Depends, FastAPI, HTTPException, Request as HttpRequest
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request as HttpRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.datastructures import State
 
 from medgpt.errors import UserError
-from medgpt.infer.engine import Augment, Completion, Engine, GenerationParams, Request
+from medgpt.infer.base import Augment, Completion, Engine, GenerationParams, Request
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class ServerSettings:
+    """Limits and defaults of the API; the default system prompt is the engine's (`load_engine(system=...)`)."""
+
     defaults: GenerationParams = field(default_factory=GenerationParams)  # for fields a request leaves out
-    system: str | None = None
     max_tokens_cap: int = 1024  # a request's max_tokens is lowered to this
     max_prompt_tokens: int = 4096  # longer prompts are refused with 400
     max_queue: int = 256  # waiting requests beyond this are refused with 429
@@ -153,144 +155,174 @@ def error_body(message: str, kind: str = "invalid_request_error") -> dict:
 
 def create_app(engine: Engine, settings: ServerSettings | None = None, augment: Augment | None = None,
                model_name: str | None = None) -> FastAPI:
-    """The API app; `augment` (retrieval) rewrites each conversation and its sources come back with the answer."""
-    settings = settings or ServerSettings()
-    name = model_name or getattr(engine, "name", "medgpt")
-    batcher = Batcher(engine, getattr(engine, "max_batch_size", 16) or 16)
+    """The API app; `augment` (retrieval) rewrites each conversation and its sources come back with the answer.
 
-    @asynccontextmanager
-    async def lifespan(app: FastAPI):
-        batcher.start()
-        yield
-        batcher.stop()
-
+    Everything a handler needs is on `app.state`: settings, engine, batcher, augment and the model name.
+    """
     app = FastAPI(title="medgpt", lifespan=lifespan)
-    app.state.batcher = batcher
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid(request: HttpRequest, exc: RequestValidationError) -> JSONResponse:
-        first = exc.errors()[0] if exc.errors() else {}
-        if first.get("type") == "json_invalid":
-            return JSONResponse(error_body("the request body is not valid JSON"), status_code=400)
-        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
-        message = first.get("msg", "invalid request")
-        return JSONResponse(error_body(f"{where}: {message}" if where else message), status_code=400)
-
-    @app.exception_handler(UserError)
-    async def user_error(request: HttpRequest, exc: UserError) -> JSONResponse:
-        return JSONResponse(error_body(str(exc)), status_code=400)
-
-    @app.exception_handler(HTTPException)
-    async def http_error(request: HttpRequest, exc: HTTPException) -> JSONResponse:
-        kind = {401: "authentication_error", 429: "rate_limit_error"}.get(exc.status_code, "invalid_request_error")
-        return JSONResponse(error_body(str(exc.detail), kind), status_code=exc.status_code, headers=exc.headers)
-
-    def authorize(request: HttpRequest) -> None:
-        if not settings.api_key:
-            return
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip(), settings.api_key):
-            raise HTTPException(401, "a valid API key is required: Authorization: Bearer KEY",
-                                headers={"WWW-Authenticate": "Bearer"})
-
-    async def prepare(messages: list[dict], fields: SamplingFields, system: str | None,
-                      on_text=None) -> tuple[Request, list[dict]]:
-        params = fields.params(settings)
-        sources: list[dict] = []
-        if augment:
-            messages, sources = await asyncio.to_thread(augment, messages)
-        prompt_ids = await asyncio.to_thread(engine.encode, messages, system)
-        if len(prompt_ids) > settings.max_prompt_tokens:
-            raise UserError(f"the prompt is {len(prompt_ids)} tokens; this server takes at most "
-                            f"{settings.max_prompt_tokens}")
-        if batcher.waiting.qsize() >= settings.max_queue:
-            raise HTTPException(429, "too many requests are waiting; retry shortly")
-        return Request(prompt_ids, params, on_text), sources
-
-    async def complete(request: Request) -> Completion:
-        future = batcher.submit(request)
-        try:
-            return await asyncio.wrap_future(future)
-        except asyncio.CancelledError:
-            request.cancelled = True
-            raise
-
-    @app.get("/health")
-    async def health() -> dict:
-        return {"status": "ok", "model": name, "waiting": batcher.waiting.qsize()}
-
-    @app.get("/v1/models", dependencies=[Depends(authorize)])
-    async def models() -> dict:
-        return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "medgpt"}]}
-
-    @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
-    async def chat_completions(body: ChatCompletionRequest):
-        if body.n != 1:
-            raise UserError("n: only 1 choice per request is supported")
-        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-        meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": name}
-        if not body.stream:
-            request, sources = await prepare(messages, body, settings.system)
-            result = await complete(request)
-            return {**meta, "object": "chat.completion",
-                    "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
-                                 "finish_reason": result.finish_reason}],
-                    "usage": usage(result), **({"sources": sources} if augment else {})}
-        deltas: asyncio.Queue = asyncio.Queue()
-        loop = asyncio.get_running_loop()
-
-        def put(item: str | None) -> None:  # called from the worker thread
-            loop.call_soon_threadsafe(deltas.put_nowait, item)
-
-        request, sources = await prepare(messages, body, settings.system, on_text=put)
-        include_usage = bool((body.stream_options or {}).get("include_usage"))
-        return StreamingResponse(sse(request, deltas, put, meta, sources if augment else None, include_usage),
-                                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-
-    async def sse(request: Request, deltas: asyncio.Queue, put, meta: dict, sources: list[dict] | None,
-                  include_usage: bool) -> AsyncIterator[str]:
-        future = batcher.submit(request)
-        future.add_done_callback(lambda _: put(None))
-
-        def chunk(delta: dict, finish: str | None = None, **extra: Any) -> str:
-            data = {**meta, "object": "chat.completion.chunk",
-                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **extra}
-            return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
-
-        try:
-            yield chunk({"role": "assistant", "content": ""})
-            while (delta := await deltas.get()) is not None:
-                yield chunk({"content": delta})
-            try:
-                result = future.result()
-            except Exception as exc:
-                yield f"data: {json.dumps(error_body(f'generation failed: {exc}', 'server_error'))}\n\n"
-                return
-            yield chunk({}, result.finish_reason, **({"sources": sources} if sources is not None else {}))
-            if include_usage:
-                data = {**meta, "object": "chat.completion.chunk", "choices": [], "usage": usage(result)}
-                yield f"data: {json.dumps(data)}\n\n"
-            yield "data: [DONE]\n\n"
-        finally:  # the client may have gone away: stop generating for it
-            request.cancelled = True
-
-    @app.post("/chat", dependencies=[Depends(authorize)])
-    async def seed_chat(body: SeedChatRequest) -> dict:
-        history: list[dict] = []
-        for turn in body.history:
-            if isinstance(turn, Message):
-                history.append({"role": turn.role, "content": turn.text()})
-            else:
-                history += [{"role": "user", "content": turn[0]}, {"role": "assistant", "content": turn[1]}]
-        messages = [*history, {"role": "user", "content": body.message}]
-        request, sources = await prepare(messages, body, body.system or settings.system)
-        result = await complete(request)
-        pairs = [[q["content"], a["content"]] for q, a in zip(history, history[1:])
-                 if q["role"] == "user" and a["role"] == "assistant"]
-        return {"response": result.text, "history": [*pairs, [body.message, result.text]],
-                "usage": usage(result), **({"sources": sources} if augment else {})}
-
+    app.state.settings = settings or ServerSettings()
+    app.state.engine = engine
+    app.state.batcher = Batcher(engine, engine.max_batch_size)
+    app.state.augment = augment
+    app.state.model_name = model_name or engine.name
+    app.add_exception_handler(RequestValidationError, invalid_request)
+    app.add_exception_handler(UserError, user_error)
+    app.add_exception_handler(HTTPException, http_error)
+    app.include_router(router)
     return app
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    app.state.batcher.start()
+    yield
+    app.state.batcher.stop()
+
+
+async def invalid_request(request: HttpRequest, exc: RequestValidationError) -> JSONResponse:
+    first = exc.errors()[0] if exc.errors() else {}
+    if first.get("type") == "json_invalid":
+        return JSONResponse(error_body("the request body is not valid JSON"), status_code=400)
+    where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+    message = first.get("msg", "invalid request")
+    return JSONResponse(error_body(f"{where}: {message}" if where else message), status_code=400)
+
+
+async def user_error(request: HttpRequest, exc: UserError) -> JSONResponse:
+    return JSONResponse(error_body(str(exc)), status_code=400)
+
+
+async def http_error(request: HttpRequest, exc: HTTPException) -> JSONResponse:
+    kind = {401: "authentication_error", 429: "rate_limit_error"}.get(exc.status_code, "invalid_request_error")
+    return JSONResponse(error_body(str(exc.detail), kind), status_code=exc.status_code, headers=exc.headers)
+
+
+def authorize(request: HttpRequest) -> None:
+    key = request.app.state.settings.api_key
+    if not key:
+        return
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip(), key):
+        raise HTTPException(401, "a valid API key is required: Authorization: Bearer KEY",
+                            headers={"WWW-Authenticate": "Bearer"})
+
+
+router = APIRouter()
+authorized = [Depends(authorize)]
+
+
+async def prepare(state: State, messages: list[dict], fields: SamplingFields, system: str | None = None,
+                  on_text=None) -> tuple[Request, list[dict]]:
+    """The engine request for a conversation (retrieval applied, limits checked) and the sources retrieved.
+
+    `system` is the request's own; the engine's encode settles which system prompt the prompt gets."""
+    settings: ServerSettings = state.settings
+    params = fields.params(settings)
+    sources: list[dict] = []
+    if state.augment:
+        messages, sources = await asyncio.to_thread(state.augment, messages)
+    prompt_ids = await asyncio.to_thread(state.engine.encode, messages, system)
+    if len(prompt_ids) > settings.max_prompt_tokens:
+        raise UserError(f"the prompt is {len(prompt_ids)} tokens; this server takes at most "
+                        f"{settings.max_prompt_tokens}")
+    if state.batcher.waiting.qsize() >= settings.max_queue:
+        raise HTTPException(429, "too many requests are waiting; retry shortly")
+    return Request(prompt_ids, params, on_text), sources
+
+
+async def complete(batcher: Batcher, request: Request) -> Completion:
+    future = batcher.submit(request)
+    try:
+        return await asyncio.wrap_future(future)
+    except asyncio.CancelledError:
+        request.cancelled = True
+        raise
+
+
+@router.get("/health")
+async def health(request: HttpRequest) -> dict:
+    state = request.app.state
+    return {"status": "ok", "model": state.model_name, "waiting": state.batcher.waiting.qsize()}
+
+
+@router.get("/v1/models", dependencies=authorized)
+async def models(request: HttpRequest) -> dict:
+    model = {"id": request.app.state.model_name, "object": "model", "created": 0, "owned_by": "medgpt"}
+    return {"object": "list", "data": [model]}
+
+
+@router.post("/v1/chat/completions", dependencies=authorized)
+async def chat_completions(body: ChatCompletionRequest, request: HttpRequest):
+    state = request.app.state
+    if body.n != 1:
+        raise UserError("n: only 1 choice per request is supported")
+    messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+    meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": state.model_name}
+    with_sources = state.augment is not None
+    if not body.stream:
+        prepared, sources = await prepare(state, messages, body)
+        result = await complete(state.batcher, prepared)
+        return {**meta, "object": "chat.completion",
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
+                             "finish_reason": result.finish_reason}],
+                "usage": usage(result), **({"sources": sources} if with_sources else {})}
+    deltas: asyncio.Queue = asyncio.Queue()
+    loop = asyncio.get_running_loop()
+
+    def put(item: str | None) -> None:  # called from the worker thread
+        loop.call_soon_threadsafe(deltas.put_nowait, item)
+
+    prepared, sources = await prepare(state, messages, body, on_text=put)
+    include_usage = bool((body.stream_options or {}).get("include_usage"))
+    events = sse(state.batcher, prepared, deltas, put, meta, sources if with_sources else None, include_usage)
+    return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+async def sse(batcher: Batcher, request: Request, deltas: asyncio.Queue, put, meta: dict,
+              sources: list[dict] | None, include_usage: bool) -> AsyncIterator[str]:
+    """Server-sent events of one streamed completion: role, text deltas, finish (+ sources), usage, [DONE]."""
+    future = batcher.submit(request)
+    future.add_done_callback(lambda _: put(None))
+
+    def chunk(delta: dict, finish: str | None = None, **extra: Any) -> str:
+        data = {**meta, "object": "chat.completion.chunk",
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **extra}
+        return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+    try:
+        yield chunk({"role": "assistant", "content": ""})
+        while (delta := await deltas.get()) is not None:
+            yield chunk({"content": delta})
+        try:
+            result = future.result()
+        except Exception as exc:
+            yield f"data: {json.dumps(error_body(f'generation failed: {exc}', 'server_error'))}\n\n"
+            return
+        yield chunk({}, result.finish_reason, **({"sources": sources} if sources is not None else {}))
+        if include_usage:
+            data = {**meta, "object": "chat.completion.chunk", "choices": [], "usage": usage(result)}
+            yield f"data: {json.dumps(data)}\n\n"
+        yield "data: [DONE]\n\n"
+    finally:  # the client may have gone away: stop generating for it
+        request.cancelled = True
+
+
+@router.post("/chat", dependencies=authorized)
+async def seed_chat(body: SeedChatRequest, request: HttpRequest) -> dict:
+    state = request.app.state
+    history: list[dict] = []
+    for turn in body.history:
+        if isinstance(turn, Message):
+            history.append({"role": turn.role, "content": turn.text()})
+        else:
+            history += [{"role": "user", "content": turn[0]}, {"role": "assistant", "content": turn[1]}]
+    messages = [*history, {"role": "user", "content": body.message}]
+    prepared, sources = await prepare(state, messages, body, body.system or None)
+    result = await complete(state.batcher, prepared)
+    pairs = [[q["content"], a["content"]] for q, a in zip(history, history[1:])
+             if q["role"] == "user" and a["role"] == "assistant"]
+    return {"response": result.text, "history": [*pairs, [body.message, result.text]],
+            "usage": usage(result), **({"sources": sources} if state.augment is not None else {})}
 
 
 def usage(result: Completion) -> dict:

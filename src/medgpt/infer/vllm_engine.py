@@ -9,12 +9,10 @@ from __future__ import annotations
 import importlib.util
 import itertools
 import threading
-from pathlib import Path
 from typing import Any
 
-from medgpt import DEFAULT_MODEL
 from medgpt.errors import UserError
-from medgpt.infer.engine import BaseEngine, Completion, GenerationParams, Request, resolve_template, stop_tokens
+from medgpt.infer.base import BaseEngine, Completion, GenerationParams, Request, require_template, stop_tokens
 
 INSTALL_HINT = "the vllm engine needs vLLM on Linux with an NVIDIA GPU: pip install 'medgpt[vllm]' (or pip install vllm)"
 DTYPES = {"auto": "auto", "fp32": "float32", "bf16": "bfloat16", "fp16": "float16",
@@ -69,26 +67,25 @@ class VllmEngine(BaseEngine):
     """vLLM's LLM engine driven step by step, so one code path serves batches and streams."""
 
     def __init__(self, model: str | None = None, adapter: str | None = None, template: str | None = None,
-                 dtype: str = "auto", trust_remote_code: bool = False, **kwargs: Any):
+                 dtype: str = "auto", trust_remote_code: bool = False, max_batch_size: int | None = None,
+                 system: str | None = None, **kwargs: Any):
         require_vllm()
         from vllm import LLM
 
-        from medgpt.models import adapter_base, load_tokenizer, resolve_model
+        from medgpt.models import open_model
 
-        if adapter and not model:
-            model = adapter_base(adapter)
-        folder = resolve_model(model or DEFAULT_MODEL, trust_remote_code)
-        self.tokenizer = load_tokenizer(adapter or folder, trust_remote_code)
-        self.template = resolve_template(template, model=model, adapter=adapter, tokenizer=self.tokenizer)
+        opened = open_model(model, adapter, template, trust_remote_code=trust_remote_code, weights=False)
+        self.tokenizer, self.name, self.system = opened.tokenizer, opened.name, system
+        self.template = require_template(opened.template)
         self.stop_ids, self.stop_strings = stop_tokens(self.tokenizer, self.template)
-        tokenizer_folder = adapter if adapter and (Path(adapter) / "tokenizer_config.json").exists() else folder
-        self.llm = LLM(**llm_kwargs(folder, tokenizer_folder, adapter, dtype, trust_remote_code, **kwargs))
+        self.llm = LLM(**llm_kwargs(opened.folder, opened.tokenizer_folder, opened.adapter, dtype, trust_remote_code,
+                                    max_batch_size=max_batch_size, **kwargs))
+        self.max_batch_size = max_batch_size or 16  # requests a server hands over at once; vLLM schedules them
         self.lora = None
-        if adapter:
+        if opened.adapter:
             from vllm.lora.request import LoRARequest
 
-            self.lora = LoRARequest("adapter", 1, adapter)
-        self.name = Path(adapter or model or DEFAULT_MODEL).name
+            self.lora = LoRARequest("adapter", 1, opened.adapter)
         self._ids = itertools.count()
         self._lock = threading.Lock()
 

@@ -6,7 +6,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from medgpt.infer.chat import format_sources
-from medgpt.infer.engine import Augment, Engine, GenerationParams
+from medgpt.infer.base import Augment, Engine, GenerationParams
 
 
 def history_messages(history: list[Any]) -> list[dict]:

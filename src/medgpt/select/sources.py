@@ -7,10 +7,10 @@ as sft records.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from medgpt.data.readers import item_rows
 from medgpt.errors import UserError
 
 CORPUS_TEXT = ("user", "conversation")
@@ -24,17 +24,11 @@ class EvalItem:
 
 
 def _first_row(path: Path) -> dict | None:
+    """The first row of a jsonl file when it is an object: its fields tell which kind of eval set it is."""
     if path.suffix.lower() != ".jsonl":
         return None
-    with path.open(encoding="utf-8-sig") as handle:
-        for line in handle:
-            if line.strip():
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
-                    return None
-                return row if isinstance(row, dict) else None
-    return None
+    raw = next((raw for _, raw in item_rows(path) if raw is not None), None)
+    return raw if isinstance(raw, dict) else None
 
 
 def load_eval_items(source: str, split: str = "val", subjects: list[str] | None = None) -> list[EvalItem]:

@@ -49,53 +49,34 @@ def strip_locations(rows: list[dict]) -> list[dict]:
     return [{k: v for k, v in row.items() if k != "_loc"} for row in rows]
 
 
-def encode_conversations(records: list[dict], tokenizer, template, cfg: Config, stats) -> list[dict]:
-    """Messages -> input_ids/labels with labels on assistant turns; overlong records dropped or truncated."""
-    from medgpt.data.readers import filter_by_length
-
-    encoded = [template.encode(tokenizer, r["messages"], system=cfg.data.system, train_on_all=cfg.data.train_on_all)
-               for r in records]
-    max_length = cfg.train.max_length or 10**9
-    keep = filter_by_length(records, [len(e["input_ids"]) for e in encoded], max_length, cfg.data.overlong, stats)
-    rows = []
-    for i in keep:
-        ids, labels = encoded[i]["input_ids"][:max_length], encoded[i]["labels"][:max_length]
-        if any(label != -100 for label in labels):
-            rows.append({"input_ids": ids, "labels": labels})
-        else:
-            stats.drop("no assistant tokens after truncation", records[i].get("_loc", "?"))
-    return rows
-
-
 def to_dataset(rows: list[dict]):
     from datasets import Dataset
 
     return Dataset.from_list(rows) if rows else None
 
 
-def enable_eval(cfg: Config, eval_ds) -> None:
-    """With an eval split and no eval schedule set, evaluate once per epoch."""
-    from transformers.trainer_utils import IntervalStrategy
+def build_trainer(cfg: Config, trainer_cls, datasets: Callable, load: Callable | None = None,
+                  task_type: str = "CAUSAL_LM", **trainer_kwargs):
+    """The one way a TRL trainer is set up: the model `load(cfg)` returns (default: the policy), the data
+    `datasets(cfg, tokenizer)` returns, the configured LoRA and the metrics log; returns (trainer, read counts)."""
+    from medgpt.models import open_tokenizer
 
-    if eval_ds is not None and cfg.train.eval_strategy == IntervalStrategy.NO:
-        cfg.train.eval_strategy = IntervalStrategy.EPOCH
-        cfg.train.do_eval = True
-
-
-def sft_trainer(cfg: Config, tokenizer, train_ds, eval_ds):
-    """TRL's SFTTrainer as the pt and sft stages use it (datasets already tokenized or plain text)."""
-    from trl import SFTTrainer
-
-    enable_eval(cfg, eval_ds)
-    return SFTTrainer(
-        model=load_policy(cfg),
+    tokenizer = open_tokenizer(cfg.model)
+    train_ds, eval_ds, stats = datasets(cfg, tokenizer)
+    if eval_ds is None and cfg.train.do_eval and (cfg.data.eval_data or cfg.data.val_size):
+        raise UserError(f"{cfg.data.eval_data or 'val_size'}: no eval records are left to evaluate on "
+                        f"(see data_stats: {stats.get('eval', stats['train']).summary()})")
+    trainer = trainer_cls(
+        model=(load or load_policy)(cfg),
         args=cfg.train,
         train_dataset=train_ds,
         eval_dataset=eval_ds,
         processing_class=tokenizer,
-        peft_config=peft_config(cfg),
+        peft_config=peft_config(cfg, task_type),
         callbacks=[metrics_callback(cfg.output_dir)],
+        **trainer_kwargs,
     )
+    return trainer, stats
 
 
 def metrics_callback(output_dir: Path):

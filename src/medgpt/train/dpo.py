@@ -20,5 +20,6 @@ CONFIG_CLASS = DPOConfig
 def run(cfg: Config) -> dict:
     from trl import DPOTrainer
 
-    trainer, stats = prefs.build_trainer(cfg, DPOTrainer, ref_model=prefs.reference_model(cfg))
+    trainer, stats = common.build_trainer(cfg, DPOTrainer, prefs.conversation_datasets,
+                                          ref_model=prefs.reference_model(cfg))
     return common.train_and_save(trainer, cfg, stats)

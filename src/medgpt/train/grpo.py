@@ -3,73 +3,41 @@
 For every prompt the policy samples `num_generations` replies; each reply's advantage is its reward
 relative to the others of its group, so no value model is needed. Data: C-Eval-form multiple-choice CSV
 (the prompt lists the options and asks for the letter), SFT conversations (their prompts), `{"question",
-"answer"}` or `{"query"}` rows; see `medgpt.train.records`. Rewards (`rewards:`, comma-separated, in the
-order `reward_weights` follows):
+"answer"}` or `{"query"}` rows; see `medgpt.data.records`. Rewards (`reward_fn:`, comma-separated, in the
+order `reward_weights` follows; `medgpt.train.rewards` has them all):
 
 - `mcq_accuracy`: 1 when the reply picks the right option letter (multiple-choice rows only);
 - `answer_format`: the reply commits to one letter (multiple choice), or ends a sentence without repeating
   itself (open questions);
-- `length`: full reward up to `length_target` characters, then falling;
+- `length`: full reward up to `reward_kwargs: {target_chars: N}` characters, then falling;
+- `keyword` or any `module:function`;
 - `reward_model`: the score of a reward model trained by stage rm (`reward_model: outputs/rm`).
 
-`auto` is mcq_accuracy, answer_format, and reward_model when one is set. A reward that does not apply to a
-row (mcq_accuracy on an open question) is left out for it, so one data set may mix both kinds. On a GPU
-with vLLM installed, generation runs in vLLM (colocated) unless use_vllm is set.
+`auto` (the default) is mcq_accuracy, answer_format, and reward_model when one is set. A reward that does
+not apply to a row (mcq_accuracy on an open question) is left out for it, so one data set may mix both
+kinds. On a GPU with vLLM installed, generation runs in vLLM (colocated) unless use_vllm is set.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import logging
-from dataclasses import dataclass
 from functools import partial
 
 from trl import GRPOConfig
 
 from medgpt.config import Config
+from medgpt.data.records import read_prompts
 from medgpt.errors import UserError
 from medgpt.train import common, prefs, rewards
-from medgpt.train.records import read_prompts
 
 log = logging.getLogger(__name__)
 
 CONFIG_CLASS = GRPOConfig
-REWARDS = ("mcq_accuracy", "answer_format", "length", "reward_model")
-
-
-@dataclass
-class GRPOArgs:
-    """Which rewards score the sampled replies."""
-
-    rewards: str = "auto"  # comma-separated names from REWARDS, or auto
-    reward_model: str | None = None  # folder of a model trained by stage rm
-    length_target: int = 200  # characters a reply may use before the length reward starts to fall
-
-
-EXTRA_ARGS = (GRPOArgs,)
+STAGE_ARGS = rewards.RewardArgs
 
 prompt_datasets = partial(prefs.conversation_datasets, kind="prompts", read=read_prompts, responses=(),
                           carry=("answer", "options", "reference"))
-
-
-def reward_funcs(args: GRPOArgs) -> list:
-    """The configured reward functions, in order."""
-    names = [n.strip() for n in args.rewards.split(",") if n.strip()]
-    if names == ["auto"]:
-        names = ["mcq_accuracy", "answer_format", *(["reward_model"] if args.reward_model else [])]
-    unknown = [n for n in names if n not in REWARDS]
-    if unknown or not names:
-        raise UserError(f"rewards {args.rewards!r}: expected auto or a comma-separated list of {', '.join(REWARDS)}")
-    if "reward_model" in names and not args.reward_model:
-        raise UserError("rewards: reward_model needs reward_model: FOLDER (a model trained by stage rm)")
-    log.info("GRPO rewards: %s", ", ".join(names))
-    table = {
-        "mcq_accuracy": lambda: rewards.mcq_accuracy,
-        "answer_format": lambda: rewards.answer_format,
-        "length": lambda: partial(rewards.length_reward, target_chars=args.length_target),
-        "reward_model": lambda: rewards.RewardModel(args.reward_model),
-    }
-    return [table[name]() for name in names]
 
 
 def use_vllm_if_available(cfg: Config) -> None:
@@ -91,11 +59,20 @@ def check_eval_batch(cfg: Config) -> None:
                         f"num_generations{'_eval' if cfg.train.num_generations_eval else ''} {generations}")
 
 
+def configure(cfg: Config) -> None:
+    """Settle the rewards (unset: auto) and the generation engine, and check the eval batch, before any model
+    is loaded."""
+    args: rewards.RewardArgs = cfg.stage_args
+    if args.reward_fn is None:
+        args.reward_fn = "auto"
+    rewards.check_rewards(args)
+    check_eval_batch(cfg)
+    use_vllm_if_available(cfg)
+
+
 def run(cfg: Config) -> dict:
     from trl import GRPOTrainer
 
-    check_eval_batch(cfg)
-    use_vllm_if_available(cfg)
-    funcs = reward_funcs(cfg.extra["GRPOArgs"])
-    trainer, stats = prefs.build_trainer(cfg, GRPOTrainer, datasets=prompt_datasets, reward_funcs=funcs)
+    funcs = rewards.build_rewards(cfg.stage_args)
+    trainer, stats = common.build_trainer(cfg, GRPOTrainer, datasets=prompt_datasets, reward_funcs=funcs)
     return common.train_and_save(trainer, cfg, stats)

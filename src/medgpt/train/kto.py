@@ -14,7 +14,7 @@ from trl import KTOConfig
 
 from medgpt.config import Config
 from medgpt.train import common, prefs
-from medgpt.train.records import read_unpaired
+from medgpt.data.records import read_unpaired
 
 CONFIG_CLASS = KTOConfig
 
@@ -25,6 +25,6 @@ unpaired_datasets = partial(prefs.conversation_datasets, kind="unpaired", read=r
 def run(cfg: Config) -> dict:
     from trl import KTOTrainer
 
-    trainer, stats = prefs.build_trainer(cfg, KTOTrainer, datasets=unpaired_datasets,
-                                         ref_model=prefs.reference_model(cfg))
+    trainer, stats = common.build_trainer(cfg, KTOTrainer, unpaired_datasets,
+                                          ref_model=prefs.reference_model(cfg))
     return common.train_and_save(trainer, cfg, stats)

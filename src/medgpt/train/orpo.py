@@ -21,5 +21,5 @@ CONFIG_CLASS = ORPOConfig
 def run(cfg: Config) -> dict:
     from trl.experimental.orpo import ORPOTrainer
 
-    trainer, stats = prefs.build_trainer(cfg, ORPOTrainer)
+    trainer, stats = common.build_trainer(cfg, ORPOTrainer, prefs.conversation_datasets)
     return common.train_and_save(trainer, cfg, stats)

@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
-import importlib
 import json
 import logging
 import math
@@ -30,7 +28,7 @@ import shutil
 import time
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,8 +37,9 @@ from transformers import TrainingArguments
 
 from medgpt.config import Config
 from medgpt.errors import UserError
+from medgpt.infer.base import stop_tokens
 from medgpt.train import common, prefs, rewards
-from medgpt.train.records import read_prompts
+from medgpt.data.records import read_prompts
 
 log = logging.getLogger(__name__)
 
@@ -56,12 +55,9 @@ class PPOConfig(TrainingArguments):
     One step = one rollout of `rollout_batch_size` prompts (per process), then `ppo_epochs` passes over it
     in minibatches of `mini_batch_size` (one optimizer step each, computed in chunks of
     per_device_train_batch_size). `max_steps` counts rollouts; generation and scoring run in chunks of
-    per_device_eval_batch_size.
+    per_device_eval_batch_size. The rewards are `rewards.RewardArgs`, the stage's own options.
     """
 
-    reward_model: str | None = None  # what `stage: rm` wrote: a LoRA adapter with its score head, or a full model
-    reward_fn: str | None = None  # comma-separated reward functions: registry names or module:function
-    reward_kwargs: dict[str, Any] = field(default_factory=dict)  # keyword arguments for the reward functions
     missing_eos_penalty: float = 0.0  # subtracted from the score of a response cut off by max_new_tokens
     kl_coef: float = 0.05
     adaptive_kl: bool = False
@@ -92,60 +88,21 @@ class PPOConfig(TrainingArguments):
         if self.rollout_batch_size < self.mini_batch_size:
             raise ValueError(f"rollout_batch_size {self.rollout_batch_size} is smaller than mini_batch_size "
                              f"{self.mini_batch_size}")
-        if not (self.reward_model or self.reward_fn):
-            raise ValueError("ppo needs a reward: set reward_model (a `stage: rm` output) or reward_fn")
         if self.temperature <= 0:
             raise ValueError("temperature must be > 0 (PPO samples its rollouts)")
 
 
 CONFIG_CLASS = PPOConfig
+STAGE_ARGS = rewards.RewardArgs
 
 
-# ---- rewards ------------------------------------------------------------------------------------
-
-
-def keyword_reward(completions: list, keywords: str | list[str] = (), **_: Any) -> list[float]:
-    """The share of `keywords` a reply mentions (case-insensitive)."""
-    words = [k.strip().lower() for k in (keywords.split(",") if isinstance(keywords, str) else keywords) if k.strip()]
-    if not words:
-        raise UserError("reward_fn keyword: set reward_kwargs: {keywords: [word, ...]}")
-    texts = [rewards.completion_text(c).lower() for c in completions]
-    return [sum(w in text for w in words) / len(words) for text in texts]
-
-
-REWARD_FUNCTIONS: dict[str, Callable[..., list[float | None]]] = {
-    "length": rewards.length_reward,  # reward_kwargs: {target_chars: 200}
-    "answer_format": rewards.answer_format,
-    "mcq_accuracy": rewards.mcq_accuracy,
-    "keyword": keyword_reward,  # reward_kwargs: {keywords: [...]}
-}
-
-
-def reward_function(name: str) -> Callable[..., list[float | None]]:
-    """A reward function by registry name or `module:function`, called like TRL's GRPO reward functions."""
-    if name in REWARD_FUNCTIONS:
-        return REWARD_FUNCTIONS[name]
-    module, _, attr = name.partition(":")
-    if not module or not attr:
-        raise UserError(f"reward_fn {name!r}: expected one of {', '.join(REWARD_FUNCTIONS)} or module:function")
-    try:
-        fn = getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError) as exc:
-        raise UserError(f"reward_fn {name!r}: cannot import it ({exc})") from exc
-    if not callable(fn):
-        raise UserError(f"reward_fn {name!r}: not a function")
-    return fn
-
-
-def build_scorers(args: PPOConfig, model_dtype: str, device: torch.device) -> list[Callable[..., list]]:
-    """The reward model and reward functions whose scores are summed into one score per response."""
-    scorers: list[Callable[..., list]] = []
-    if args.reward_model:
-        scorers.append(rewards.RewardModel(args.reward_model, dtype=model_dtype,
-                                           batch_size=args.per_device_eval_batch_size, device=str(device)))
-    for name in filter(None, (n.strip() for n in (args.reward_fn or "").split(","))):
-        scorers.append(functools.partial(reward_function(name), **args.reward_kwargs))
-    return scorers
+def configure(cfg: Config) -> None:
+    """PPO's own checks, before any model is loaded: a reward to optimise, and no eval split."""
+    args: rewards.RewardArgs = cfg.stage_args
+    if not (args.reward_model or args.reward_fn):
+        raise UserError("ppo needs a reward: set reward_model (a `stage: rm` output) or reward_fn")
+    if cfg.data.eval_data or cfg.data.val_size:
+        raise UserError("ppo has no evaluation split: unset eval_data and val_size")
 
 
 # ---- the policy, its value head and the reference ----------------------------------------------
@@ -215,16 +172,14 @@ def build_policy(cfg: Config, checkpoint: str | None):
 # ---- rollouts -----------------------------------------------------------------------------------
 
 
-def load_prompts(cfg: Config, tokenizer, template) -> tuple[list[dict], dict]:
+def read_rollout_prompts(cfg: Config, tokenizer, template) -> tuple[list[dict], dict]:
     """The prompts (with their token ids) and the columns reward functions may use (answer, reference).
 
     Read like GRPO's: SFT conversations (up to the last user turn; the answer becomes `reference`),
     multiple-choice rows, `{"question", "answer"}` and `{"query"}` rows.
     """
-    from medgpt.data.readers import filter_by_length
+    from medgpt.data.encode import filter_by_length
 
-    if cfg.data.eval_data or cfg.data.val_size:
-        raise UserError("ppo has no evaluation split: unset eval_data and val_size")
     records, _, stats = common.load_records(cfg, "prompts", read=read_prompts)
     ids = [template.encode_prompt(tokenizer, r["prompt"], system=cfg.data.system) for r in records]
     limit = cfg.train.max_prompt_length
@@ -352,17 +307,19 @@ class PPO:
         from accelerate.utils import set_seed
         from transformers import get_scheduler
 
-        from medgpt.models import load_tokenizer
+        from medgpt.models import open_tokenizer
 
         self.cfg, self.args = cfg, cfg.train
         args = self.args
         self.accelerator = Accelerator(cpu=args.use_cpu, mixed_precision=args.mixed_precision)
         set_seed(args.seed)
-        self.tokenizer = load_tokenizer(cfg.model.adapter or cfg.model.model, cfg.model.trust_remote_code)
+        self.tokenizer = open_tokenizer(cfg.model)
         self.template = prefs.use_template(cfg, self.tokenizer)
-        self.scorers = build_scorers(args, cfg.model.dtype, self.accelerator.device)
-        self.prompts, self.stats = load_prompts(cfg, self.tokenizer, self.template)
-        self.stop_ids = stop_token_ids(self.tokenizer, self.template)
+        self.scorers = rewards.build_rewards(cfg.stage_args, device=str(self.accelerator.device),
+                                             dtype=cfg.model.dtype, batch_size=args.per_device_eval_batch_size)
+        self.prompts, self.stats = read_rollout_prompts(cfg, self.tokenizer, self.template)
+        # single stop tokens only: a stop word of several tokens does not end a rollout
+        self.stop_ids = sorted(stop_tokens(self.tokenizer, self.template)[0])
         self.checkpoint = common.last_checkpoint(cfg)
         state = json.loads((Path(self.checkpoint) / STATE_FILE).read_text()) if self.checkpoint else {}
         self.global_step = state.get("global_step", 0)
@@ -529,16 +486,6 @@ class PPO:
             policy.save_pretrained(folder, safe_serialization=True)
         else:
             policy.save_pretrained(folder, selected_adapters=["default"], safe_serialization=True)
-
-
-def stop_token_ids(tokenizer, template) -> list[int]:
-    """The ids that end a response: the template's single-token stop words and the tokenizer's EOS."""
-    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    for word in template.stop_words:
-        encoded = tokenizer.encode(word, add_special_tokens=False)
-        if len(encoded) == 1:
-            ids.append(encoded[0])
-    return list(dict.fromkeys(ids))
 
 
 def ppo_losses(batch: Rollout, logprobs: torch.Tensor, values: torch.Tensor, args: PPOConfig) -> dict[str, Any]:

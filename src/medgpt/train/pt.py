@@ -31,12 +31,12 @@ class PTArgs:
     isolate_documents: bool = False  # no attention between documents packed into one block
 
 
-EXTRA_ARGS = (PTArgs,)
+STAGE_ARGS = PTArgs
 
 
 def configure(cfg: Config) -> None:
     """Turn block_size / isolate_documents into the SFT packing options they mean."""
-    pt: PTArgs = cfg.extra["PTArgs"]
+    pt: PTArgs = cfg.stage_args
     if pt.block_size is not None:
         if pt.block_size < 2:
             raise UserError(f"block_size {pt.block_size}: must be at least 2 tokens")
@@ -52,23 +52,23 @@ def configure(cfg: Config) -> None:
     cfg.train.completion_only_loss = False
 
 
-def build_trainer(cfg: Config):
-    """The SFTTrainer with its datasets already cut into blocks, and the read counts."""
-    from medgpt.models import load_tokenizer
-
-    configure(cfg)
-    tokenizer = load_tokenizer(cfg.model.adapter or cfg.model.model, cfg.model.trust_remote_code)
+def text_datasets(cfg: Config, tokenizer):
+    """Train and eval datasets of plain `text` rows (SFTTrainer cuts them into blocks), and the read counts."""
     train, evals, stats = common.load_records(cfg, "pt")
-    train_ds = common.to_dataset(common.strip_locations(train))
-    eval_ds = common.to_dataset(common.strip_locations(evals))
-    trainer = common.sft_trainer(cfg, tokenizer, train_ds, eval_ds)
-    return trainer, stats
+    return common.to_dataset(common.strip_locations(train)), common.to_dataset(common.strip_locations(evals)), stats
 
 
 def perplexity(trainer) -> dict:
     """exp(eval loss), from the final evaluation (in the trainer's log history)."""
     losses = [row["eval_loss"] for row in trainer.state.log_history if "eval_loss" in row]
     return {"eval_perplexity": math.exp(min(losses[-1], 50.0))} if losses else {}
+
+
+def build_trainer(cfg: Config):
+    """The SFTTrainer on the text blocks, and the read counts."""
+    from trl import SFTTrainer
+
+    return common.build_trainer(cfg, SFTTrainer, text_datasets)
 
 
 def run(cfg: Config) -> dict:

@@ -1,18 +1,24 @@
-"""Reward functions for GRPO on medical data, and scoring with a trained reward model.
+"""Every reward of GRPO and PPO: the reward functions, their registry, and scoring with a trained reward model.
 
 A reward function takes TRL's keyword arguments (`prompts`, `completions` and every other dataset column,
 here `answer`, `options` and `reference`) and returns one float per completion, or None where it does not apply: TRL
-then leaves it out for that completion, so multiple-choice and open questions can share a data set.
+then leaves it out for that completion, so multiple-choice and open questions can share a data set (PPO counts
+None as 0). Both stages name their rewards the same way, with `RewardArgs`.
 """
 
 from __future__ import annotations
 
-import contextlib
+import functools
+import importlib
+import logging
 import re
-from pathlib import Path
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from medgpt.errors import UserError
+
+log = logging.getLogger(__name__)
 
 _LETTER = r"[\(（\[【]?\s*([A-H])\s*[\)）\]】]?"
 # "答案是 B", "Answer: (B)", "the correct option is B", "选B" ...
@@ -29,7 +35,7 @@ def completion_text(completion: Any) -> str:
     return "".join(m.get("content") or "" for m in completion if isinstance(m, dict))
 
 
-def extract_choice(text: str, letters: str = "ABCD") -> str | None:
+def committed_choice(text: str, letters: str = "ABCD") -> str | None:
     """The option letter a reply commits to: the one it states as the answer ("答案是B", "the answer is (B)"),
     else the only option letter it names ("B", "B. Aspirin"). None when it names none, or hedges between
     several ("A or B"), so listing every letter never earns the reward."""
@@ -50,7 +56,7 @@ def _keys(completions: list, answer: list | None, options: list | None) -> list[
 def mcq_accuracy(completions: list, answer: list[str | None] | None = None, options: list[str] | None = None,
                  **_: Any) -> list[float | None]:
     """1.0 when the reply picks the correct option letter, else 0.0; None for rows without an answer key."""
-    return [None if not key else float(extract_choice(completion_text(c), letters) == key)
+    return [None if not key else float(committed_choice(completion_text(c), letters) == key)
             for c, (key, letters) in zip(completions, _keys(completions, answer, options))]
 
 
@@ -71,7 +77,7 @@ def answer_format(completions: list, answer: list[str | None] | None = None, opt
     for completion, (key, letters) in zip(completions, _keys(completions, answer, options)):
         text = completion_text(completion).strip()
         if key:
-            checks = [extract_choice(text, letters) is not None, len(text) <= 200]
+            checks = [committed_choice(text, letters) is not None, len(text) <= 200]
         else:
             checks = [bool(text), text.endswith(_TERMINAL), bool(text) and not _repeats(text)]
         scores.append(sum(checks) / len(checks))
@@ -85,53 +91,122 @@ def length_reward(completions: list, target_chars: int = 200, **_: Any) -> list[
     return [0.0 if n == 0 else min(1.0, target_chars / n) for n in lengths]
 
 
-def load_reward_model(args, training: bool = False):
-    """A sequence-classification model with a single output (the score), with its adapter if any.
+def keyword_reward(completions: list, keywords: str | list[str] = (), **_: Any) -> list[float]:
+    """The share of `keywords` a reply mentions (case-insensitive)."""
+    words = [k.strip().lower() for k in (keywords.split(",") if isinstance(keywords, str) else keywords) if k.strip()]
+    if not words:
+        raise UserError("reward_fn keyword: set reward_kwargs: {keywords: [word, ...]}")
+    texts = [completion_text(c).lower() for c in completions]
+    return [sum(w in text for w in words) / len(words) for text in texts]
 
-    The label count is set on the config: from_pretrained rejects `num_labels` next to a config object.
+
+REWARD_FUNCTIONS: dict[str, Callable[..., list[float | None]]] = {
+    "length": length_reward,  # reward_kwargs: {target_chars: 200}
+    "answer_format": answer_format,
+    "mcq_accuracy": mcq_accuracy,
+    "keyword": keyword_reward,  # reward_kwargs: {keywords: [...]}
+}
+AUTO = ("mcq_accuracy", "answer_format")  # `auto`, plus reward_model when one is set
+
+
+@dataclass
+class RewardArgs:
+    """Which rewards score the sampled replies (GRPO and PPO).
+
+    `reward_fn`: comma-separated registry names (`REWARD_FUNCTIONS`, and `reward_model`) or `module:function`;
+    `auto` is mcq_accuracy, answer_format, and reward_model when one is set. A set `reward_model` always
+    scores: when `reward_fn` does not name it, it comes last. None is the stage's default (GRPO: auto; PPO:
+    the reward model alone). `reward_kwargs` go to every reward function, e.g. {target_chars: 200} for
+    `length`, {keywords: [...]} for `keyword`.
     """
-    from transformers import AutoModelForSequenceClassification
-    from trl.trainer.reward_trainer import suppress_seqcls_warning
 
-    from medgpt.models import model_kwargs
+    reward_fn: str | None = None
+    reward_model: str | None = None  # folder of a model trained by stage rm (an adapter with its score head)
+    reward_kwargs: dict[str, Any] = field(default_factory=dict)
 
-    folder, kwargs = model_kwargs(args, training)
-    kwargs["config"].num_labels = 1
-    # from a causal LM the score head is new (trained, or loaded from the adapter): not worth a warning
-    quiet = suppress_seqcls_warning() if args.adapter or training else contextlib.nullcontext()
-    with quiet:
-        model = AutoModelForSequenceClassification.from_pretrained(folder, **kwargs)
-    if args.adapter:
-        from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, args.adapter, is_trainable=training)
-    return model if training else model.eval()
+def reward_function(name: str) -> Callable[..., list[float | None]]:
+    """A reward function by registry name or `module:function`, called like TRL's GRPO reward functions."""
+    if name in REWARD_FUNCTIONS:
+        return REWARD_FUNCTIONS[name]
+    module, _, attr = name.partition(":")
+    if not module or not attr:
+        raise UserError(f"reward_fn {name!r}: expected one of {', '.join(REWARD_FUNCTIONS)} or module:function")
+    try:
+        fn = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as exc:
+        raise UserError(f"reward_fn {name!r}: cannot import it ({exc})") from exc
+    if not callable(fn):
+        raise UserError(f"reward_fn {name!r}: not a function")
+    return fn
+
+
+def reward_names(args: RewardArgs) -> list[str]:
+    """The rewards `args` asks for, in order (the order GRPO's `reward_weights` follows); checked without
+    importing a function or loading the reward model."""
+    names = [n.strip() for n in (args.reward_fn or "").split(",") if n.strip()]
+    if names == ["auto"]:
+        names = list(AUTO)
+    if args.reward_model and "reward_model" not in names:
+        names.append("reward_model")
+    unknown = [n for n in names if n not in REWARD_FUNCTIONS and n != "reward_model" and ":" not in n]
+    if unknown or not names:
+        raise UserError(f"reward_fn {args.reward_fn!r}: expected auto or a comma-separated list of "
+                        f"{', '.join([*REWARD_FUNCTIONS, 'reward_model'])} or module:function")
+    if "reward_model" in names and not args.reward_model:
+        raise UserError("reward_fn: reward_model needs reward_model: FOLDER (a model trained by stage rm)")
+    return names
+
+
+def check_rewards(args: RewardArgs) -> list[str]:
+    """`reward_names`, with every `module:function` imported: a config's rewards are settled before a run
+    loads any model."""
+    names = reward_names(args)
+    for name in names:
+        if name != "reward_model":
+            reward_function(name)
+    return names
+
+
+def build_rewards(args: RewardArgs, device: str | None = None, dtype: str = "auto",
+                  batch_size: int = 8) -> list[Callable[..., list]]:
+    """The configured rewards, in order: each function bound to `reward_kwargs` (keeping its `__name__`, which
+    TRL logs as rewards/<name>), and the reward model on `device`."""
+    names = reward_names(args)
+    log.info("rewards: %s", ", ".join(names))
+    out: list[Callable[..., list]] = []
+    for name in names:
+        if name == "reward_model":
+            out.append(RewardModel(args.reward_model, dtype=dtype, batch_size=batch_size, device=device))
+        else:
+            fn = reward_function(name)
+            out.append(functools.update_wrapper(functools.partial(fn, **args.reward_kwargs), fn))
+    return out
+
+
+def load_reward_model(args, training: bool = False):
+    """A sequence-classification model with a single output (the score), with its adapter if any."""
+    from medgpt.models import open_args
+
+    return open_args(args, template="none", head="seq_cls", training=training).model
 
 
 class RewardModel:
     """A trained reward model (`medgpt train` stage rm: a LoRA adapter with its score head, or a full
-    model) that scores (prompt, response) pairs; also a GRPO reward function."""
+    model) that scores (prompt, response) pairs; also a reward of GRPO and PPO."""
 
     __name__ = "reward_model"
 
     def __init__(self, path: str, dtype: str = "auto", batch_size: int = 8, device: str | None = None):
         import torch
 
-        from medgpt.models import ModelArgs, adapter_base, load_tokenizer, read_meta, resolve_model
+        from medgpt.models import open_model
 
-        folder = Path(resolve_model(path))
-        meta = read_meta(folder)
-        if (folder / "adapter_config.json").exists():
-            base = adapter_base(str(folder))
-            if not base or not Path(base).exists():  # trained elsewhere: the name the config gave
-                base = meta.get("base_model") or base
-            args = ModelArgs(model=base, adapter=str(folder), dtype=dtype)
-        else:
-            args = ModelArgs(model=str(folder), dtype=dtype)
-        if meta.get("stage") not in (None, "rm"):
-            raise UserError(f"{path}: trained by stage {meta['stage']}, not a reward model (stage rm)")
-        self.tokenizer = load_tokenizer(str(folder))
-        self.model = load_reward_model(args)
+        opened = open_model(path, template="none", dtype=dtype, weights=False)  # `path`: an adapter or a full model
+        if opened.meta.get("stage") not in (None, "rm"):
+            raise UserError(f"{path}: trained by stage {opened.meta['stage']}, not a reward model (stage rm)")
+        self.tokenizer = opened.tokenizer
+        self.model = opened.load_weights(head="seq_cls")
         self.model.config.pad_token_id = self.tokenizer.pad_token_id
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model.to(self.device)

@@ -22,13 +22,17 @@ log = logging.getLogger(__name__)
 CONFIG_CLASS = RewardConfig
 
 
-def run(cfg: Config) -> dict:
-    from trl import RewardTrainer
-
+def configure(cfg: Config) -> None:
+    """RewardTrainer drops overlong pairs without counting them, so medgpt drops (and counts) them itself."""
     if cfg.data.overlong == "truncate":
         log.warning("stage rm cannot truncate pairs (RewardTrainer would drop them uncounted): "
                     "pairs longer than max_length are dropped and counted instead")
         cfg.data.overlong = "drop"
-    trainer, stats = prefs.build_trainer(cfg, RewardTrainer, task_type="SEQ_CLS",
-                                         load=lambda cfg: load_reward_model(cfg.model, training=True))
+
+
+def run(cfg: Config) -> dict:
+    from trl import RewardTrainer
+
+    trainer, stats = common.build_trainer(cfg, RewardTrainer, prefs.conversation_datasets, task_type="SEQ_CLS",
+                                          load=lambda cfg: load_reward_model(cfg.model, training=True))
     return common.train_and_save(trainer, cfg, stats)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from trl import SFTConfig
 
 from medgpt.config import Config
+from medgpt.data.encode import encode_conversations
 from medgpt.train import common
 
 CONFIG_CLASS = SFTConfig
@@ -21,14 +22,14 @@ def build_datasets(cfg: Config, tokenizer):
 
     template = get_template(cfg.model.template, tokenizer)
     train, evals, stats = common.load_records(cfg, "sft")
-    train_rows = common.encode_conversations(train, tokenizer, template, cfg, stats["train"])
-    eval_rows = common.encode_conversations(evals, tokenizer, template, cfg, stats.get("eval", stats["train"])) if evals else []
+    train_rows = encode_conversations(train, tokenizer, template, cfg, stats["train"])
+    eval_stats = stats.get("eval", stats["train"])
+    eval_rows = encode_conversations(evals, tokenizer, template, cfg, eval_stats) if evals else []
     return common.to_dataset(train_rows), common.to_dataset(eval_rows), stats
 
 
 def run(cfg: Config) -> dict:
-    from medgpt.models import load_tokenizer
+    from trl import SFTTrainer
 
-    tokenizer = load_tokenizer(cfg.model.adapter or cfg.model.model, cfg.model.trust_remote_code)
-    train_ds, eval_ds, stats = build_datasets(cfg, tokenizer)
-    return common.train_and_save(common.sft_trainer(cfg, tokenizer, train_ds, eval_ds), cfg, stats)
+    trainer, stats = common.build_trainer(cfg, SFTTrainer, build_datasets)
+    return common.train_and_save(trainer, cfg, stats)

@@ -1,0 +1,74 @@
+"""Records -> what a trainer takes, measured in tokens: every stage drops (and counts) or keeps for
+truncation the records longer than max_length by the same rule, `filter_by_length`."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from medgpt.data.readers import OVERLONG, check_choice
+from medgpt.data.stats import DataStats
+
+if TYPE_CHECKING:
+    from medgpt.config import Config
+
+logger = logging.getLogger(__name__)
+
+
+def filter_by_length(rows: list[dict], lengths: list[int], max_length: int, overlong: str,
+                     stats: DataStats) -> list[int]:
+    """Indices of `rows` to keep given their token `lengths`. "drop" counts each overlong row as a drop
+    ("longer than max_length"); "truncate" keeps it (the trainer cuts it) and counts it in
+    `stats.truncated`, which is not a drop."""
+    check_choice("overlong", overlong, OVERLONG)
+    if len(rows) != len(lengths):
+        raise ValueError(f"{len(rows)} rows but {len(lengths)} lengths")
+    keep = []
+    for index, (row, length) in enumerate(zip(rows, lengths)):
+        if length > max_length and overlong == "drop":
+            stats.drop("longer than max_length", row.get("_loc", f"#{index}"))
+            continue
+        stats.truncated += int(length > max_length)
+        keep.append(index)
+    if len(keep) < len(rows) or stats.truncated:
+        logger.info("max_length %d: %s", max_length, stats.summary())
+    return keep
+
+
+def encode_conversations(records: list[dict], tokenizer, template, cfg: Config, stats: DataStats) -> list[dict]:
+    """Messages -> input_ids/labels with labels on assistant turns; overlong records dropped or truncated."""
+    encoded = [template.encode(tokenizer, r["messages"], system=cfg.data.system, train_on_all=cfg.data.train_on_all)
+               for r in records]
+    max_length = cfg.train.max_length or 10**9
+    keep = filter_by_length(records, [len(e["input_ids"]) for e in encoded], max_length, cfg.data.overlong, stats)
+    rows = []
+    for i in keep:
+        ids, labels = encoded[i]["input_ids"][:max_length], encoded[i]["labels"][:max_length]
+        if any(label != -100 for label in labels):
+            rows.append({"input_ids": ids, "labels": labels})
+        else:
+            stats.drop("no assistant tokens after truncation", records[i].get("_loc", "?"))
+    return rows
+
+
+def add_system_prompt(messages: list[dict], system: str | None) -> list[dict]:
+    """Prepend the configured system prompt to a prompt that has none of its own."""
+    if not system or (messages and messages[0]["role"] == "system"):
+        return messages
+    return [{"role": "system", "content": system}, *messages]
+
+
+def to_rows(records: list[dict], tokenizer, template, cfg: Config, stats: DataStats, responses: tuple[str, ...],
+            carry: tuple[str, ...] = ()) -> list[dict]:
+    """Records -> TRL conversational rows (prompt with the system prompt, the `responses` fields and the
+    `carry` fields). A record whose longest prompt+response is over max_length is dropped (counted) or
+    left to the trainer to truncate, as `overlong` says."""
+    keep = range(len(records))
+    if max_length := getattr(cfg.train, "max_length", None):
+        def length(messages: list[dict]) -> int:
+            return len(template.encode(tokenizer, messages, system=cfg.data.system)["input_ids"])
+
+        lengths = [max(length(r["prompt"] + r[key]) for key in responses) for r in records]
+        keep = filter_by_length(records, lengths, max_length, cfg.data.overlong, stats)
+    return [{"prompt": add_system_prompt(records[i]["prompt"], cfg.data.system),
+             **{key: records[i][key] for key in responses + carry}} for i in keep]
