@@ -135,6 +135,164 @@ def test_max_samples(tmp_path):
     assert [r["text"] for r in records] == ["0", "1", "2"] and stats.read == 3
 
 
+# ---- tool calling ----------------------------------------------------------------------------------
+
+INTERACTION = {"name": "check_drug_interaction", "description": "Look up the interaction between two drugs",
+           "parameters": {"type": "object", "properties": {"drug_a": {"type": "string"}, "drug_b": {"type": "string"}},
+                          "required": ["drug_a", "drug_b"]}}
+TOOLS = [{"type": "function", "function": INTERACTION}]
+ARGS = {"drug_a": "warfarin", "drug_b": "amiodarone"}
+CALL = {"type": "function", "function": {"name": "check_drug_interaction", "arguments": ARGS}}
+RESULT = '{"severity": "major"}'
+TOOL_CONVERSATION = [{"role": "user", "content": "Can I take warfarin with amiodarone?"},
+                     {"role": "assistant", "content": "", "tool_calls": [CALL]},
+                     {"role": "tool", "content": RESULT, "name": "check_drug_interaction"},
+                     {"role": "assistant", "content": "Only with a lower warfarin dose and INR checks."}]
+
+
+def test_sharegpt_function_call_and_observation_turns(tmp_path):
+    """LLaMA-Factory's sharegpt tool format (data/README.md there): `function_call` and `observation` turns, the
+    call as JSON text of {"name", "arguments"}, and `tools` as a JSON string of function definitions."""
+    row = {"conversations": [{"from": "human", "value": TOOL_CONVERSATION[0]["content"]},
+                             {"from": "function_call", "value": json.dumps({"name": "check_drug_interaction",
+                                                                            "arguments": ARGS})},
+                             {"from": "observation", "value": RESULT},
+                             {"from": "gpt", "value": TOOL_CONVERSATION[3]["content"]}],
+           "tools": json.dumps([INTERACTION])}
+    assert read_one(jsonl(tmp_path / "d.jsonl", row), "sft") == {"messages": TOOL_CONVERSATION, "tools": TOOLS}
+
+
+def test_openai_tool_calls_as_the_sdk_writes_them(tmp_path):
+    """An assistant message as the OpenAI SDK serialises it (arguments a JSON string, content null, an id the tool
+    message answers), with user content given as text parts."""
+    from openai.types.chat import ChatCompletionMessage
+
+    sdk = ChatCompletionMessage.model_validate({"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_a1", "type": "function",
+         "function": {"name": "check_drug_interaction", "arguments": json.dumps(ARGS)}}]})
+    row = {"messages": [{"role": "user", "content": [{"type": "text", "text": "Can I take warfarin "},
+                                                     {"type": "text", "text": "with amiodarone?"}]},
+                        sdk.model_dump(exclude_none=True),
+                        {"role": "tool", "tool_call_id": "call_a1", "content": RESULT},
+                        TOOL_CONVERSATION[3]],
+           "tools": TOOLS}
+    assert read_one(jsonl(tmp_path / "d.jsonl", row), "sft") == {"messages": TOOL_CONVERSATION, "tools": TOOLS}
+
+
+def test_parallel_calls_and_the_older_function_call_field(tmp_path):
+    second = {"drug_a": "warfarin", "drug_b": "aspirin"}
+    parallel = {"messages": [TOOL_CONVERSATION[0],
+                             {"role": "assistant", "content": "Let me check both.", "tool_calls": [
+                                 {"id": "1", "type": "function", "function": {"name": "check_drug_interaction",
+                                                                              "arguments": json.dumps(ARGS)}},
+                                 {"id": "2", "type": "function", "function": {"name": "lookup", "arguments": second}}]},
+                             {"role": "tool", "tool_call_id": "2", "content": "minor"},
+                             {"role": "tool", "tool_call_id": "1", "content": RESULT},
+                             TOOL_CONVERSATION[3]]}
+    messages = read_one(jsonl(tmp_path / "a.jsonl", parallel), "sft")["messages"]
+    assert [c["function"]["arguments"] for c in messages[1]["tool_calls"]] == [ARGS, second]
+    assert [(m["name"], m["content"]) for m in messages[2:4]] == [("lookup", "minor"),
+                                                                 ("check_drug_interaction", RESULT)]
+    legacy = {"messages": [TOOL_CONVERSATION[0],
+                           {"role": "assistant", "content": None,
+                            "function_call": {"name": "check_drug_interaction", "arguments": json.dumps(ARGS)}},
+                           {"role": "function", "name": "check_drug_interaction", "content": RESULT},
+                           TOOL_CONVERSATION[3]]}
+    assert read_one(jsonl(tmp_path / "b.jsonl", legacy), "sft")["messages"] == TOOL_CONVERSATION
+    ends_with_a_call = {"messages": TOOL_CONVERSATION[:2]}  # the model learns to call the tool
+    assert read_one(jsonl(tmp_path / "c.jsonl", ends_with_a_call), "sft")["messages"] == TOOL_CONVERSATION[:2]
+
+
+OPENAI_CALL = {"role": "assistant", "content": None, "tool_calls": [
+    {"id": "c1", "type": "function", "function": {"name": "check_drug_interaction", "arguments": json.dumps(ARGS)}}]}
+
+
+@pytest.mark.parametrize("messages,reason,detail", [
+    ([QA[0], {**OPENAI_CALL, "tool_calls": [{"type": "function", "function": {
+        "name": "check_drug_interaction", "arguments": "{drug_a: warfarin"}}]},
+      {"role": "tool", "content": "x"}, QA[1]],
+     "invalid JSON", '"messages[1]" tool_calls[0] arguments'),
+    ([QA[0], {**OPENAI_CALL, "tool_calls": [{"type": "function", "function": {
+        "name": "check_drug_interaction", "arguments": "[1, 2]"}}]}, {"role": "tool", "content": "x"}, QA[1]],
+     "wrong type", "arguments are a list"),
+    ([QA[0], OPENAI_CALL, QA[0], QA[1]], "roles out of order",
+     "message 2 is user, expected tool (the results of message 1's tool calls)"),
+    ([QA[0], OPENAI_CALL, {"role": "tool", "content": "x"}, {"role": "tool", "content": "y"}, QA[1]],
+     "roles out of order", "message 3 is tool, expected assistant"),
+    ([QA[0], {"role": "tool", "content": "x"}, QA[1]], "roles out of order", "message 1 is tool, expected assistant"),
+    ([QA[0], OPENAI_CALL, {"role": "tool", "tool_call_id": "c9", "content": "x"}, QA[1]], "roles out of order",
+     "answers tool call 'c9'"),
+    ([QA[0], OPENAI_CALL, {"role": "tool", "tool_call_id": "c1", "name": "other", "content": "x"}, QA[1]],
+     "conflicting fields", "is not the function of its tool_call_id"),
+    ([{"role": "user", "from": "gpt", "content": "Q"}, QA[1]], "conflicting fields", 'has "from" \'gpt\' and "role"'),
+    ([{"role": "user", "value": "Q", "content": "Q2"}, QA[1]], "conflicting fields", 'has "value" \'Q\' and "content"'),
+    ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x.png"}}]}, QA[1]], "wrong type",
+     "content[0] is 'image_url'"),
+    ([{**QA[0], "tool_calls": OPENAI_CALL["tool_calls"]}, QA[1]], "wrong type", "only assistant turns make them"),
+])
+def test_bad_tool_conversations_name_their_line(tmp_path, messages, reason, detail):
+    path = jsonl(tmp_path / "d.jsonl", {"messages": QA}, {"messages": messages})
+    with pytest.raises(UserError) as info:
+        read_records(str(path), "sft")
+    assert str(info.value).startswith(f"{path}:2: {reason}: ") and detail in str(info.value), str(info.value)
+
+
+def test_bad_tools_field(tmp_path):
+    path = jsonl(tmp_path / "d.jsonl", {"messages": QA, "tools": "[{\"name\": "})
+    with pytest.raises(UserError, match=rf"^{path}:1: invalid JSON: \"tools\""):
+        read_records(str(path), "sft")
+    nameless = [{"type": "function", "function": {"description": "x"}}]
+    path = jsonl(tmp_path / "e.jsonl", {"messages": QA, "tools": nameless})
+    with pytest.raises(UserError, match=rf"^{path}:1: missing field: \"tools\[0\]\" needs the function's \"name\""):
+        read_records(str(path), "sft")
+    same = {"conversations": [{"from": "human", "value": "Q"}, {"from": "gpt", "value": "A"}]}
+    assert read_one(jsonl(tmp_path / "f.jsonl", {**same, "messages": same["conversations"]}), "sft") == {"messages": QA}
+
+
+def test_sample_tool_conversations():
+    """The shipped tool-calling sample: zh and en, every call names a declared tool with its required arguments
+    of the declared JSON types, and every result follows the call it answers."""
+    records, stats = read_records(str(SAMPLE / "sft" / "medical_tools.jsonl"), "sft")
+    assert 8 <= stats.kept == len(records) <= 12
+    zh = sum(any("\u4e00" <= ch <= "\u9fff" for ch in r["messages"][-1]["content"]) for r in records)
+    assert 0 < zh < len(records)
+    types_ = {"string": str, "number": (int, float), "integer": int}
+    calls = []
+    for record in records:
+        declared = {t["function"]["name"]: t["function"]["parameters"] for t in record["tools"]}
+        for message in record["messages"]:
+            for call in message.get("tool_calls", []):
+                schema, arguments = declared[call["function"]["name"]], call["function"]["arguments"]
+                assert set(schema["required"]) <= arguments.keys() <= schema["properties"].keys()
+                assert all(isinstance(v, types_[schema["properties"][k]["type"]]) for k, v in arguments.items())
+                calls.append(len(message["tool_calls"]))
+    assert len(calls) >= 8 and max(calls) >= 2  # a parallel call too
+    assert any(not any(m.get("tool_calls") for m in r["messages"]) for r in records)  # tools offered, none needed
+
+
+@pytest.mark.parametrize("to", ["sharegpt", "openai"])
+def test_convert_tool_conversations_round_trip(tmp_path, to):
+    canonical = [{"messages": [SYS, *TOOL_CONVERSATION], "tools": TOOLS}]
+    path = write_jsonl(tmp_path / "out.jsonl", convert(canonical, to))
+    assert strip(read_records(str(path), "sft")[0]) == canonical
+    written = json.loads(path.read_text(encoding="utf-8"))
+    if to == "sharegpt":
+        roles = [t["from"] for t in written["conversations"]]
+        assert roles == ["system", "human", "function_call", "observation", "gpt"]
+        assert json.loads(written["tools"]) == [INTERACTION]
+    else:
+        assert json.loads(written["messages"][2]["tool_calls"][0]["function"]["arguments"]) == ARGS
+
+
+def test_convert_refuses_tool_calls_the_format_cannot_hold():
+    record = {"messages": TOOL_CONVERSATION, "tools": TOOLS, "_loc": "f:3"}
+    with pytest.raises(UserError, match="f:3: alpaca cannot hold tool calls"):
+        convert([record], "alpaca")
+    talking = [TOOL_CONVERSATION[0], {**TOOL_CONVERSATION[1], "content": "Checking."}, *TOOL_CONVERSATION[2:]]
+    with pytest.raises(UserError, match="f:4: message 1 has text and tool calls"):
+        convert([{"messages": talking, "_loc": "f:4"}], "sharegpt")
+
+
 # ---- one test per reason: exact location on fail, counted on skip -------------------------------
 
 GOOD = {"pt": {"text": "ok"}, "sft": {"messages": QA},
@@ -157,6 +315,9 @@ GOOD = {"pt": {"text": "ok"}, "sft": {"messages": QA},
     ("pref", {"question": "Q", "response_chosen": "good"}, "missing field"),
     ("sft", b'{"messages": "\xff\xfe caf\xe9"}', "not UTF-8"),
     ("pt", {"text": ""}, "empty text"),
+    ("sft", {"conversations": [{"from": "human", "value": "Q"}, {"from": "gpt", "value": "A"}],
+             "messages": [{"role": "user", "content": "Q2"}, {"role": "assistant", "content": "A"}]},
+     "conflicting fields"),
 ])
 def test_bad_record(tmp_path, kind, bad, reason):
     path = jsonl(tmp_path / "d.jsonl", GOOD[kind], "", bad, GOOD[kind])  # the bad record is on line 3
@@ -230,7 +391,7 @@ def test_detect_kind(tmp_path):
 
 
 @pytest.mark.parametrize("kind,rel", [("sft", "sft/medical_sft.jsonl"), ("pref", "pref/medical_pref.jsonl"),
-                                      ("pt", "pt/medical_corpus.txt")])
+                                      ("pt", "pt/medical_corpus.txt"), ("sft", "sft/medical_tools.jsonl")])
 def test_sample_data_reads_clean(kind, rel):
     if not (SAMPLE / rel).exists():
         pytest.skip(f"sample data {rel} not shipped yet")
@@ -341,7 +502,7 @@ def test_cli_check_token_lengths_with_fake_tokenizer(tmp_path, monkeypatch, caps
             return {"input_ids": [t.split() for t in texts]}
 
     class Template:
-        def encode(self, tokenizer, messages, system=None, train_on_all=False):
+        def encode(self, tokenizer, messages, system=None, train_on_all=False, tools=None):
             ids = [w for m in messages for w in m["content"].split()]
             return {"input_ids": ids, "labels": ids, "assistant_masks": [1] * len(ids)}
 

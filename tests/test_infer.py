@@ -327,3 +327,128 @@ def test_model_generation_config_does_not_leak_into_requests(engine):
         assert engine.generate(question, GenerationParams(max_new_tokens=10))[0].text == before
     finally:
         config.update(**saved)
+
+
+def test_terminal_chat_marks_an_answer_cut_at_the_token_limit(engine):
+    from medgpt.infer.chat import ChatSession, run_chat
+
+    # the reference: the engine's own completion of the same prompt, cut at 5 tokens and one that stops first
+    cut = engine.generate(QUESTIONS[:1], GenerationParams(max_new_tokens=5))[0]
+    assert cut.finish_reason == "length" and cut.completion_tokens == 5
+    stop = cut.text[1:3]
+    assert stop.strip()
+    for params, marked in ((GenerationParams(max_new_tokens=5), True),
+                           (GenerationParams(max_new_tokens=5, stop=[stop]), False)):
+        session = ChatSession(engine, params)
+        lines = iter([QUESTIONS[0][0]["content"], "/exit"])
+        out = io.StringIO()
+        run_chat(session, read=lambda prompt: next(lines), out=out)
+        assert ("(cut at 5 tokens" in out.getvalue()) is marked, out.getvalue()
+        assert session.completion.finish_reason == ("length" if marked else "stop")
+
+
+# -- streaming results and chat defaults ----------------------------------------------------------------
+
+def test_stream_ends_with_the_completion(engine):
+    for params in (GenerationParams(max_new_tokens=7), GenerationParams(max_new_tokens=30, stop=["e"])):
+        expected = engine.generate(QUESTIONS[:1], params)[0]
+        stream = engine.stream(QUESTIONS[0], params)
+        assert stream.completion is None  # known only at the end
+        assert "".join(stream) == expected.text
+        assert stream.completion == expected
+    assert expected.finish_reason == "stop" and engine.generate(QUESTIONS[:1], GenerationParams(
+        max_new_tokens=7))[0].finish_reason == "length"
+
+
+def with_generation_config(model: str, folder: Path, **fields) -> str:
+    """A copy of `model` whose generation_config.json also sets `fields`, written as a model author would."""
+    shutil.copytree(model, folder)
+    path = folder / "generation_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **fields}, indent=2))
+    return str(folder)
+
+
+def test_chat_defaults_come_from_the_model_generation_config(tiny_model, tmp_path):
+    from transformers import GenerationConfig
+
+    from medgpt.infer.base import (CHAT_SAMPLING, MEDGPT_ORIGIN, MODEL_ORIGIN, chat_defaults, chat_origins,
+                                   read_sampling)
+
+    plain = load_engine(tiny_model, dtype="fp32")
+    assert json.loads((Path(tiny_model) / "generation_config.json").read_text()).keys().isdisjoint(CHAT_SAMPLING)
+    params = chat_defaults(plain)
+    assert (params.temperature, params.top_p, params.top_k, params.repetition_penalty) == (0.7, 0.9, 0, 1.1)
+    assert params.max_new_tokens == 512 and set(chat_origins(plain).values()) == {MEDGPT_ORIGIN}
+
+    shipped = with_generation_config(tiny_model, tmp_path / "shipped", do_sample=True, temperature=0.6, top_p=0.8,
+                                     top_k=20)
+    engine = load_engine(shipped, dtype="fp32")
+    params = chat_defaults(engine, max_new_tokens=64)
+    assert (params.temperature, params.top_p, params.top_k, params.repetition_penalty) == (0.6, 0.8, 20, 1.1)
+    assert chat_origins(engine) == {"temperature": MODEL_ORIGIN, "top_p": MODEL_ORIGIN, "top_k": MODEL_ORIGIN,
+                                    "repetition_penalty": MEDGPT_ORIGIN}
+    # the vLLM engine reads the file itself: it must agree with what transformers loads from it
+    assert read_sampling(shipped) == engine.model_sampling
+    assert engine.model_sampling == {k: v for k, v in GenerationConfig.from_pretrained(shipped).to_dict().items()
+                                     if k in ("do_sample", *CHAT_SAMPLING) and v is not None}
+    assert read_sampling(tmp_path) == {}  # a folder without the file
+
+    greedy = load_engine(with_generation_config(tiny_model, tmp_path / "greedy", do_sample=False,
+                                                repetition_penalty=1.3), dtype="fp32")
+    params = chat_defaults(greedy)
+    assert (params.temperature, params.repetition_penalty) == (0.0, 1.3)
+    assert GenerationParams().temperature == 0 and GenerationParams().repetition_penalty == 1.0  # library: greedy
+
+
+def generation_parser():
+    import argparse
+
+    from medgpt.infer.options import add_generation_arguments
+
+    parser = argparse.ArgumentParser()
+    add_generation_arguments(parser)
+    return parser
+
+
+def test_flags_override_the_defaults_and_greedy_is_one_switch():
+    from medgpt.infer.base import MEDGPT_ORIGIN
+    from medgpt.infer.options import chat_params
+
+    model = GenerationParams(max_new_tokens=1, temperature=0.6, top_p=0.8, top_k=20, repetition_penalty=1.05)
+    origins = {"temperature": "model", "top_p": "model", "top_k": "model", "repetition_penalty": MEDGPT_ORIGIN}
+    params, where = chat_params(generation_parser().parse_args(["--top-p", "0.5", "--seed", "3"]), model, origins)
+    assert (params.temperature, params.top_p, params.top_k, params.seed) == (0.6, 0.5, 20, 3)
+    assert params.max_new_tokens == 512
+    assert where == {**origins, "top_p": "--top-p"}
+    params, where = chat_params(generation_parser().parse_args(["--greedy"]), model, origins)
+    assert params == GenerationParams(max_new_tokens=512)  # exactly what evaluation decodes with
+    assert set(where.values()) == {"--greedy"}
+    with pytest.raises(UserError, match="--greedy cannot be combined with --temperature"):
+        chat_params(generation_parser().parse_args(["--greedy", "--temperature", "0.5"]), model, origins)
+    with pytest.raises(UserError, match="top_p"):
+        chat_params(generation_parser().parse_args(["--top-p", "0"]))
+
+
+@pytest.mark.parametrize("command", ["chat", "webui", "serve", "predict"])
+def test_help_shows_every_generation_default(command, capsys):
+    from medgpt.cli import main
+
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    for flag, value in (("--temperature", "0.7"), ("--top-p", "0.9"), ("--top-k", "0"),
+                        ("--repetition-penalty", "1.1")):
+        assert f"{flag} " in text and f"default: the model's generation_config, else {value}" in text
+    assert "--greedy" in text and "--max-new-tokens" in text and "default: 512" in text
+
+
+def test_chat_command_shows_the_loaded_model_and_settings(sharp_model, tmp_path, monkeypatch, capsys):
+    from medgpt.cli import main
+
+    monkeypatch.setattr("sys.stdin", io.StringIO(""))  # the chat ends at once (Ctrl-D)
+    shipped = with_generation_config(sharp_model, tmp_path / "m", do_sample=True, temperature=0.6)
+    assert main(["chat", "--model", shipped, "--dtype", "fp32", "--top-p", "0.5"]) == 0
+    out = capsys.readouterr().out
+    assert f"model m ({shipped})" in out and "adapter none" in out and "dtype float32" in out
+    assert ("temperature 0.6, top-p 0.5, repetition penalty 1.1, max new tokens 512 "
+            "(from --top-p; medgpt's chat default; the model's generation_config)") in out

@@ -1,4 +1,5 @@
-"""Run reports: curves as embedded PNG plots, final metrics, data counts, answers side by side (cached)."""
+"""Run reports: settings, curves as embedded PNG plots with labelled axes, final metrics, data counts, answers side
+by side (cached, cut ones marked)."""
 
 from __future__ import annotations
 
@@ -7,12 +8,17 @@ import json
 import os
 import re
 import shutil
+from html.parser import HTMLParser
+from pathlib import Path
 
 import pytest
+import trl
+from matplotlib.figure import Figure
 
 from medgpt.data.stats import DataStats
 from medgpt.errors import UserError
 from medgpt.report import ModelRef, StageResult, load_prompts, plot_curves, write_report
+from medgpt.train import ppo
 
 
 def fake_stage(folder, rows):
@@ -89,3 +95,208 @@ def test_bad_prompts_file_points_at_the_line(tmp_path):
     with pytest.raises(UserError, match=r"prompts.jsonl:2"):
         load_prompts(str(path))
     assert load_prompts("off") == []
+
+
+# ---- a report a reader understands without the code --------------------------------------------
+
+TRL = Path(trl.__file__).parent
+
+
+def sft_log() -> list[dict]:
+    """metrics.jsonl as medgpt's callback writes it for TRL 1.16's SFTTrainer (the names it logs, from a real
+    4-step run): train rows, one eval row, then the end-of-training summary."""
+    rows = [{"step": s, "epoch": s / 15, "time": 1.7e9 + s, "loss": 3.0 - 0.1 * s, "grad_norm": 0.7,
+             "learning_rate": 2e-4 * s / 3, "entropy": 2.3, "num_tokens": 1569.0 * s,
+             "mean_token_accuracy": 0.35 + 0.01 * s} for s in range(1, 5)]
+    rows.append({"step": 4, "epoch": 0.27, "time": 1.7e9 + 5, "eval_loss": 2.7, "eval_runtime": 9.1,
+                 "eval_samples_per_second": 1.4, "eval_steps_per_second": 0.2, "eval_entropy": 2.2,
+                 "eval_num_tokens": 6276.0, "eval_mean_token_accuracy": 0.39})
+    rows.append({"step": 4, "epoch": 0.27, "time": 1.7e9 + 6, "train_runtime": 600.0, "train_loss": 2.85,
+                 "train_samples_per_second": 0.05, "train_steps_per_second": 0.007, "total_flos": 1.2e12})
+    return rows
+
+
+class HtmlTables(HTMLParser):
+    """Every <table> of a page as [headers, *rows] of cell texts, and the classes of spans per cell."""
+
+    def __init__(self):
+        super().__init__()
+        self.tables: list[list[list[str]]] = []
+        self.spans: list[str] = []
+        self._cell: list[str] | None = None
+        self._span = False
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "table":
+            self.tables.append([])
+        elif tag == "tr":
+            self.tables[-1].append([])
+        elif tag in ("td", "th"):
+            self._cell = []
+        elif tag == "span" and ("class", "cut") in attrs:
+            self._span = True
+
+    def handle_endtag(self, tag):
+        if tag in ("td", "th") and self._cell is not None:
+            self.tables[-1][-1].append("".join(self._cell).strip())
+            self._cell = None
+        elif tag == "span":
+            self._span = False
+
+    def handle_data(self, data):
+        if self._cell is not None:
+            self._cell.append(data)
+        if self._span:
+            self.spans.append(data)
+
+
+class FakeEngine:
+    """Answers every prompt at once; the second prompt's answer is cut at the token limit."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def generate(self, prompts, params):
+        from medgpt.infer.base import Completion
+
+        return [Completion(f"answer {i}", 10, params.max_new_tokens if i == 1 else 5, "length" if i == 1 else "stop")
+                for i in range(len(prompts))]
+
+
+def test_html_report_names_axes_settings_cut_answers_and_data(tmp_path, monkeypatch):
+    from medgpt.config import load_config, read_yaml
+    from medgpt.models import write_meta
+    from medgpt.report import SETTINGS_FILE, settled_settings
+
+    # stage 1: a fresh SFT run, its settings settled by medgpt's own config code (hyperparameters.json)
+    cfg = load_config("examples/sft_smollm2.yaml", ["--max_steps", "4", "--output_dir", str(tmp_path / "sft")])
+    sft = tmp_path / "sft"
+    sft.mkdir()
+    (sft / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in sft_log()))
+    (sft / SETTINGS_FILE).write_text(json.dumps(settled_settings(cfg)))
+    stats = DataStats(read=132)
+    stats.drop("longer than max_length", "medical_sft.jsonl:7")
+    (sft / "data_stats.json").write_text(json.dumps({"train": stats.to_dict()}))
+    (sft / "final_metrics.json").write_text(json.dumps({"train_loss": 2.85, "eval_mean_token_accuracy": 0.39}))
+    # stage 2: an older DPO folder with only medgpt.json (as save_outputs writes it): defaults come from TRL
+    dpo = tmp_path / "dpo"
+    dpo.mkdir()
+    raw = {"stage": "dpo", "method": "lora", "lora_rank": 8, "per_device_train_batch_size": 2, "max_length": 256}
+    write_meta(dpo, stage="dpo", method="lora", base_model=cfg.model.model, adapter_base=None, template="chatml",
+               complete=True, config=raw)
+    (dpo / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 0.69, "rewards/margins": 0.01,
+                                                   "rewards/accuracies": 0.5, "learning_rate": 1e-6}) + "\n")
+
+    figures = []
+    savefig = Figure.savefig
+
+    def keep(fig, *args, **kwargs):
+        figures.append(fig)
+        return savefig(fig, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", keep)
+    monkeypatch.setattr("medgpt.infer.engine.load_engine", FakeEngine)
+    prompts = load_prompts(None)
+    results = [StageResult("sft", "sft", sft, ModelRef("m", str(sft))), StageResult("dpo", "dpo", dpo)]
+    report = write_report(tmp_path, results, ModelRef("m"), prompts, max_new_tokens=16)
+
+    # the plots: every visible panel has a title, an x label and a y label with its unit; curves by their meaning
+    assert len(figures) == 2
+    sft_axes = [ax for ax in figures[0].axes if ax.get_visible()]
+    for ax in [*sft_axes, *(ax for ax in figures[1].axes if ax.get_visible())]:
+        assert ax.get_title() and ax.get_xlabel() == "optimizer step" and ax.get_ylabel()
+    by_title = {ax.get_title(): ax for ax in sft_axes}
+    assert by_title["Loss"].get_ylabel() == "loss (nats/token)"
+    accuracy = by_title["Next-token accuracy"]
+    assert [t.get_text() for t in accuracy.get_legend().get_texts()] == ["token accuracy (train batch)",
+                                                                         "token accuracy (eval)"]
+    assert accuracy.get_ylabel() == "share of tokens predicted right (0–1)"
+    logged = [[r["mean_token_accuracy"] for r in sft_log()[:4]], [sft_log()[4]["eval_mean_token_accuracy"]]]
+    assert [line.get_ydata().tolist() for line in accuracy.get_lines()] == logged
+    assert by_title["Learning-rate schedule"].get_ylabel() == "learning rate"
+    legends = [t.get_text() for ax in sft_axes for t in ax.get_legend().get_texts()]
+    assert not [name for name in legends if name in sft_log()[0] or name.startswith("eval_")]  # no raw log keys
+    dpo_titles = {ax.get_title(): ax for ax in figures[1].axes if ax.get_visible()}
+    assert dpo_titles["Loss"].get_ylabel() == "loss (nats/pair)"
+    assert [t.get_text() for t in dpo_titles["Implicit rewards: chosen vs rejected"].get_legend().get_texts()] == \
+        ["reward margin (chosen − rejected) (train batch)"]
+
+    page = (tmp_path / "report.html").read_text()
+    parsed = HtmlTables()
+    parsed.feed(page)
+    settings = [dict(t[1:]) for t in parsed.tables if t[0] == ["setting", "value"]]
+    assert len(settings) == 2
+    sft_settings, dpo_settings = settings
+    # the reference: the settled Config and the shipped YAML
+    shipped = read_yaml("examples/sft_smollm2.yaml")
+    assert sft_settings["method"] == "LoRA"
+    assert sft_settings["LoRA rank / alpha"].startswith(f"rank {shipped['lora_rank']}, alpha {shipped['lora_alpha']}")
+    assert sft_settings["learning rate"].startswith(f"{shipped['learning_rate']:.4g}, cosine schedule")
+    assert sft_settings["steps"] == "4 optimizer steps (max_steps); logged up to step 4"
+    batch = shipped["per_device_train_batch_size"]
+    assert sft_settings["batch"] == (f"{batch} per device × 1 gradient accumulation × 1 process = "
+                                     f"{batch} conversations per optimizer step")
+    assert sft_settings["max length"] == f"{shipped['max_length']} tokens (longer records: drop)"
+    assert sft_settings["precision"] == ("bf16 mixed precision" if cfg.train.bf16 else "fp32")
+    # LoRA trains fp32 adapters on a frozen base held in the compute dtype (fp32 on a CPU)
+    weights = sft_settings["weights dtype (training)"]
+    assert weights in (f"LoRA adapters fp32, frozen base {d}" for d in ("fp32", "bf16", "fp16")), weights
+    assert sft_settings["device"] == "CPU" or sft_settings["device"].startswith("CUDA GPU (")
+    # the old folder: what medgpt.json recorded, TRL's own defaults for the rest, the device unknown
+    trl_dpo = trl.DPOConfig(output_dir=str(tmp_path / "x"), use_cpu=True)
+    assert dpo_settings["LoRA rank / alpha"].startswith("rank 8, alpha 16")
+    assert dpo_settings["learning rate"].startswith(f"{trl_dpo.learning_rate:.4g}")
+    assert dpo_settings["dpo options"].startswith(f"beta {trl_dpo.beta:.4g}")
+    assert dpo_settings["max length"] == "256 tokens (longer records: drop)"
+    assert dpo_settings["steps"] == f"{trl_dpo.num_train_epochs:g} epochs (num_train_epochs); logged up to step 1"
+    assert dpo_settings["model"] == f"{cfg.model.model} (template chatml)"
+    assert dpo_settings["precision"] == dpo_settings["device"] == "not recorded"
+    # the data counts beside the stage
+    data = [t for t in parsed.tables if t[0][:3] == ["data", "read", "kept"]]
+    assert data == [[["data", "read", "kept", "dropped", "truncated", "dropped by reason"],
+                     ["train", "132", "131", "1", "0", "longer than max_length: 1"]]]
+    # answers cut at the token limit are marked, in the page and in the markdown; kept in the cache
+    answers = next(t for t in parsed.tables if t[0] == ["prompt", "base", "sft"])
+    assert [row[1].endswith("cut at 16 tokens") for row in answers[1:]] == [i == 1 for i in range(len(prompts))]
+    assert parsed.spans == ["cut at 16 tokens"] * 2
+    md = report.read_text()
+    assert md.count("**[cut at 16 tokens]**") == 2 and "| answer 1<br>**[cut at 16 tokens]** |" in md
+    cached = json.loads((tmp_path / "answers.json").read_text())
+    assert cached["base"]["answers"][1] == {"text": "answer 1", "finish_reason": "length", "completion_tokens": 16}
+    # written again from the cache: the marks stay
+    monkeypatch.setattr("medgpt.infer.engine.load_engine", None)
+    write_report(tmp_path, results, ModelRef("m"), prompts, max_new_tokens=16)
+    assert (tmp_path / "report.html").read_text().count('<span class="cut">cut at 16 tokens</span>') == 2
+
+
+def test_every_metric_the_report_names_is_one_the_trainers_log():
+    """The reference: the sources of TRL's trainers, transformers' Trainer and medgpt's PPO (a renamed metric
+    in a new TRL would silently drop a curve)."""
+    import transformers
+
+    from medgpt.report import METRICS, metric_label
+
+    sources = [*(TRL / "trainer").glob("*_trainer.py"), TRL / "experimental" / "orpo" / "orpo_trainer.py",
+               Path(transformers.__file__).parent / "trainer.py", Path(ppo.__file__)]
+    text = "\n".join(p.read_text() for p in sources)
+    for name in METRICS:
+        assert re.search(r'["}]' + re.escape(name) + '"', text), name
+    assert metric_label("mean_token_accuracy") == ("token_accuracy", "token accuracy (train batch)")
+    assert metric_label("eval_rewards/margins") == ("implicit_reward", "reward margin (chosen − rejected) (eval)")
+    assert metric_label("rewards/medical_terms/mean") == ("reward", "reward: medical_terms (train batch)")
+    assert metric_label("learning_rate") == ("learning_rate", "learning rate")
+    assert metric_label("eval_runtime") is None and metric_label("train_loss") is None
+
+
+def test_a_training_report_in_the_adapter_folder_reuses_its_answers(tmp_path, monkeypatch):
+    """`medgpt train` writes the report into the folder of the adapter that answers: writing the report must not
+    make that adapter look changed."""
+    folder = tmp_path / "sft"
+    folder.mkdir()
+    (folder / "adapter_model.safetensors").write_bytes(b"weights")
+    monkeypatch.setattr("medgpt.infer.engine.load_engine", FakeEngine)
+    results = [StageResult("sft", "sft", folder, ModelRef("m", str(folder)))]
+    write_report(folder, results, ModelRef("m"), load_prompts(None), max_new_tokens=16)
+    monkeypatch.setattr("medgpt.infer.engine.load_engine", None)  # a second generation would fail
+    write_report(folder, results, ModelRef("m"), load_prompts(None), max_new_tokens=16)
+    assert "cut at 16 tokens" in (folder / "report.md").read_text()

@@ -106,6 +106,35 @@ def test_invalid_requests_get_4xx_with_a_message(tiny_server, body, message):
     assert httpx.get(f"{url}/health").status_code == 200
 
 
+def test_finish_reason_says_length_when_cut_at_max_tokens(tiny_server, tiny_model):
+    """Streaming and not: "length" at the token limit, "stop" at a stop string, as the engine itself reports."""
+    from openai import OpenAI
+
+    url, app = tiny_server
+    engine = app.state.engine
+    client = OpenAI(base_url=f"{url}/v1", api_key="s3cret", timeout=120, max_retries=0)
+    messages = [{"role": "user", "content": "What is a fever?"}]
+    cut = engine.generate([messages], GenerationParams(max_new_tokens=5))[0]  # the reference
+    assert cut.finish_reason == "length" and cut.completion_tokens == 5
+    stop = cut.text[1:3]  # this untrained model writes mostly newlines: a stop string of two of them is fine
+    assert len(stop) == 2
+    stopped = engine.generate([messages], GenerationParams(max_new_tokens=5, stop=[stop]))[0]
+    assert stopped.finish_reason == "stop"
+    for extra, expected in (({}, cut), ({"stop": [stop]}, stopped)):
+        reply = client.chat.completions.create(model="m", messages=messages, max_tokens=5, **extra)
+        assert (reply.choices[0].message.content, reply.choices[0].finish_reason) == (expected.text,
+                                                                                      expected.finish_reason)
+        assert reply.usage.completion_tokens == expected.completion_tokens
+        chunks = list(client.chat.completions.create(model="m", messages=messages, max_tokens=5, stream=True,
+                                                     stream_options={"include_usage": True}, **extra))
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected.text
+        assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == expected.finish_reason
+        assert chunks[-1].usage.completion_tokens == expected.completion_tokens
+    seed = httpx.post(f"{url}/chat", json={"message": "What is a fever?", "max_tokens": 5},
+                      headers={"Authorization": "Bearer s3cret"}, timeout=120).json()
+    assert (seed["response"], seed["finish_reason"]) == (cut.text, "length")
+
+
 def test_concurrent_requests_are_batched_and_all_answered(tiny_server):
     from openai import OpenAI
 

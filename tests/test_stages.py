@@ -4,6 +4,7 @@ read from metrics.jsonl; PT block construction and document isolation; reward fu
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,8 @@ from medgpt.config import build_config
 from medgpt.errors import UserError
 from medgpt.train import run_training
 from medgpt.data.records import read_prompts, read_unpaired
-from medgpt.train.rewards import answer_format, committed_choice, length_reward, mcq_accuracy
+from medgpt.data.answers import extract_choice
+from medgpt.train.rewards import AUTO, REWARD_FUNCTIONS, answer_format, length_reward, mcq_accuracy
 
 FAST = dict(template="chatml", per_device_train_batch_size=4, logging_steps=1, activation_checkpointing=False,
             report_to="none", report_prompts="none", save_strategy="no", seed=0, max_length=64,
@@ -194,11 +196,22 @@ def test_dpo_margins_grow(tiny_model, tmp_path):
 
 
 @pytest.mark.slow
-def test_orpo_loss_goes_down(tiny_model, tmp_path):
+def test_orpo_odds_ratio_term_raises_the_odds_of_the_chosen_reply(tiny_model, tmp_path):
+    """TRL's ORPO logs `log_odds_chosen` (the mean log odds ratio of chosen over rejected), `log_odds_ratio` (the
+    mean log-sigmoid of it, the term `beta` weighs) and `rewards/margins` (beta times the log-probability gap).
+    The untrained model has no preference (log-sigmoid(0) = -ln 2); the supervised loss on the chosen reply alone
+    (beta 0) raises its odds a little, the odds-ratio term clearly more."""
     data = keyword_pairs(tmp_path / "pairs.jsonl")
-    rows = train("orpo", tiny_model, tmp_path / "out", data, method="full", max_steps=8, learning_rate=3e-3)
-    losses = series(rows, "loss")
+    runs = {beta: train("orpo", tiny_model, tmp_path / f"beta{beta}", data, method="full", max_steps=8,
+                        learning_rate=3e-3, beta=beta) for beta in (0.0, 0.5)}
+    rows = runs[0.5]
+    losses, odds = series(rows, "loss"), series(rows, "log_odds_chosen")
     assert mean(losses[-2:]) < losses[0] - 1.0
+    assert series(rows, "log_odds_ratio")[0] == pytest.approx(-math.log(2), abs=0.1)
+    assert mean(series(rows, "log_odds_ratio")[-2:]) > series(rows, "log_odds_ratio")[0] + 0.2
+    assert mean(odds[-2:]) > odds[0] + 0.5
+    assert mean(series(rows, "rewards/margins")[-2:]) > 0.2 and series(rows, "rewards/accuracies")[-1] == 1.0
+    assert mean(odds[-2:]) > mean(series(runs[0.0], "log_odds_chosen")[-2:]) + 0.2
 
 
 @pytest.mark.slow
@@ -240,12 +253,38 @@ def test_mcq_accuracy_on_fixed_completions():
     chat = [[{"role": "assistant", "content": "选B"}]]
     assert mcq_accuracy(chat, answer=["B"]) == [1.0]
     assert mcq_accuracy(["B", "B"], answer=[None, "B"]) == [None, 1.0]  # open questions are left out
-    assert committed_choice("E", "ABCDE") == "E" and committed_choice("E") is None
-    assert committed_choice("The answer is a combination of two drugs.") is None
+    assert mcq_accuracy(["E", "E"], answer=["E", "B"], options=["ABCDE", "ABCD"]) == [1.0, 0.0]
+    assert extract_choice("The answer is a combination of two drugs.") is None
+
+
+# explained, lowercase and full-width answers to a question whose key is B (the letters as a reader reads them)
+RIGHT = ["B", "选项A错误，选项C错误，所以答案是B", "Answer: B. Option A is a distractor.",
+         "The answer is (B). However option C is also reasonable in patients with renal impairment.", "**Answer:** B",
+         "ｂ", "Ｂ", "答案：b", "分析：A项描述的是一期愈合，不符合；C项和D项均为并发症，与题干无关。" * 6 + "所以答案是B。"]
+NO_ANSWER = ["", "   ", "我不知道", "答案是维生素B12", "B和C", "B or C", "The answer depends on the patient.",
+             "Vitamin B12 deficiency causes megaloblastic anaemia."]
+
+
+def test_rewards_never_tie_an_unanswered_reply_with_a_correct_one():
+    """Per reward function and summed as GRPO sums them with its default weights (TRL's GRPOConfig: reward_weights
+    unset = 1 each), every correct reply scores above every empty or unanswered one."""
+    from trl import GRPOConfig
+
+    assert GRPOConfig(output_dir="unused", use_cpu=True).reward_weights is None
+    replies = RIGHT + NO_ANSWER
+    scores = {name: REWARD_FUNCTIONS[name](replies, answer=["B"] * len(replies), options=["ABCD"] * len(replies))
+              for name in AUTO}
+    assert scores["mcq_accuracy"] == [1.0] * len(RIGHT) + [0.0] * len(NO_ANSWER)
+    summed = [sum(column) for column in zip(*scores.values())]
+    for values in (*scores.values(), summed):
+        assert min(values[:len(RIGHT)]) > max(values[len(RIGHT):]), values
+    assert answer_format(RIGHT[-1:], answer=["B"])[0] == 0.5  # explained past 200 characters: still above no answer
+    lengths = length_reward(RIGHT + ["", " "])
+    assert min(lengths[:len(RIGHT)]) > max(lengths[len(RIGHT):]) == 0.0
 
 
 def test_format_and_length_rewards():
-    assert answer_format(["B", "I think A or maybe B"], answer=["B", "B"]) == [1.0, 0.5]
+    assert answer_format(["B", "I think A or maybe B"], answer=["B", "B"]) == [1.0, 0.0]
     open_ = answer_format(["Rest and drink water.", "Rest and drink water and", ""], answer=[None] * 3)
     assert open_[0] == 1.0 and open_[1] < 1.0 and open_[2] == 0.0
     assert answer_format(["Take it. " * 10], answer=[None])[0] < 1.0  # repetition
@@ -286,6 +325,32 @@ def stopping_model(folder: Path, tokenizer_from: str) -> str:
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
     return str(folder)
+
+
+def test_grpo_ends_completions_at_the_template_stop_tokens(tiny_model, tmp_path):
+    """chatml stops at <|im_end|> and <|im_start|>; the tiny model's own eos is <|im_end|> only. TRL's GRPOTrainer
+    ends and masks completions at `eos_token_ids`, which must hold both (ids from the real tokenizer)."""
+    from transformers import AutoTokenizer
+
+    from medgpt.train import grpo
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    expected = {tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|im_start|>")}
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"query": f"Tell me about {t}."} for t in TOPICS[:4]])
+    raw = {"stage": "grpo", "model": tiny_model, "data": prompts, "output_dir": str(tmp_path / "out"), **FAST,
+           "max_length": None, "num_generations": 4, "max_completion_length": 8, "max_steps": 1, "use_vllm": False}
+    trainer, _ = grpo.build(build_config({k: v for k, v in raw.items() if v is not None}))
+    assert set(trainer.eos_token_ids) == expected and len(expected) == 2
+    assert set(trainer.generation_config.eos_token_id) == expected
+    assert trainer.args.generation_kwargs is None  # transformers generation: no vLLM sampling keys
+
+    vllm = build_config({k: v for k, v in {**raw, "template": "alpaca"}.items() if v is not None})
+    vllm.train.use_vllm, vllm.train.generation_kwargs = True, {"min_tokens": 1}
+    ids, strings = grpo.stops(vllm)  # alpaca's stop words are several tokens each for this tokenizer
+    assert strings == ["</s>", "### Instruction:"]
+    assert all(len(tokenizer.encode(w, add_special_tokens=False)) > 1 for w in strings)
+    assert vllm.train.generation_kwargs == {"stop_token_ids": ids, "stop": strings, "min_tokens": 1}
+    assert ids == [tokenizer.eos_token_id]
 
 
 @pytest.mark.slow

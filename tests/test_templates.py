@@ -7,6 +7,7 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 import json  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
@@ -26,11 +27,44 @@ CONVERSATION = [
 ]
 ANSWERS = [m["content"] for m in CONVERSATION if m["role"] == "assistant"]
 
-# Where encode() != tokenize(render()) on the bundled (ChatML) tokenizer: these formats' end-of-turn markers
-# are plain text there, not special tokens, and byte-level BPE merges the punctuation on both sides of a
-# turn boundary ("</s><s>" -> "><", "<|eot_id|><|start_header_id|>" -> "|><|"). With each model's own
-# tokenizer the markers are special tokens, which always split, so the ids agree.
-NOT_EXACT_ON_BUNDLED = {"llama2", "llama3", "baichuan2"}
+# tools, tool calls and results in the canonical form (arguments a dict; no call ids, as ShareGPT data has none)
+TOOLS = [
+    {"type": "function", "function": {"name": "get_weather", "description": "查询城市天气 (current weather)",
+                                      "parameters": {"type": "object", "required": ["city"], "properties": {
+                                          "city": {"type": "string", "description": "城市"}}}}},
+    {"type": "function", "function": {"name": "find_clinic", "description": "Find an open clinic near a city",
+                                      "parameters": {"type": "object", "properties": {
+                                          "city": {"type": "string"}, "open_now": {"type": "boolean"}}}}},
+]
+WEATHER = {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "北京"}}}
+CLINIC = {"type": "function", "function": {"name": "find_clinic", "arguments": {"city": "北京", "open_now": True}}}
+TOOL_CONVERSATION = [
+    {"role": "system", "content": SYSTEM},
+    {"role": "user", "content": "北京今天热吗？我有点发烧。"},
+    {"role": "assistant", "content": "", "tool_calls": [WEATHER]},
+    {"role": "tool", "content": '{"temp_c": 38, "sky": "晴"}', "name": "get_weather"},
+    {"role": "assistant", "content": "北京今天38°C、晴。发烧时请多喝水，避免暴晒。"},
+    {"role": "user", "content": "Thanks!"},
+    {"role": "assistant", "content": "You're welcome. See a doctor if the fever lasts."},
+]
+# two calls in one turn (Qwen's and Mistral's formats), with text before them (Qwen's only)
+PARALLEL_CONVERSATION = [
+    *TOOL_CONVERSATION[1:2],
+    {"role": "assistant", "content": "我先查一下。", "tool_calls": [WEATHER, CLINIC]},
+    {"role": "tool", "content": '{"temp_c": 38, "sky": "晴"}', "name": "get_weather"},
+    {"role": "tool", "content": "Clinic A (2 km), open until 22:00", "name": "find_clinic"},
+    {"role": "assistant", "content": "38°C；最近的诊所是 Clinic A。"},
+]
+TOOL_CONVERSATIONS = [TOOL_CONVERSATION, TOOL_CONVERSATION[1:], TOOL_CONVERSATION[:-1], TOOL_CONVERSATION[:4],
+                      PARALLEL_CONVERSATION, [{**m, "content": ""} if m.get("tool_calls") else m
+                                              for m in PARALLEL_CONVERSATION]]
+
+# On the bundled (ChatML) tokenizer these formats' end-of-turn markers are plain text, not special tokens, and
+# byte-level BPE merges the punctuation on both sides of a turn boundary ("</s><s>" -> "><",
+# "<|eot_id|><|start_header_id|>" -> "><"). The merged token starts inside the reply, so it is labelled (the
+# model learns to finish the marker) and carries the next turn's first character. With each model's own
+# tokenizer the markers are special tokens, which always split (tests/test_sentencepiece.py).
+MARKER_MERGES_ON_BUNDLED = {"llama2", "llama3", "llama3.1", "baichuan2"}
 
 
 @pytest.fixture(scope="module")
@@ -64,10 +98,11 @@ def test_registry_names():
 @pytest.mark.parametrize("name", list(TEMPLATES))
 def test_labels_cover_exactly_the_assistant_turns(tokenizer, name):
     template = get_template(name)
-    text = template.render(CONVERSATION)
-    for answer in ANSWERS + [SYSTEM] + [m["content"] for m in CONVERSATION if m["role"] == "user"]:
+    conversation = CONVERSATION[1:] if template.no_system else CONVERSATION
+    text = template.render(conversation)
+    for answer in ANSWERS + [m["content"] for m in conversation if m["role"] != "assistant"]:
         assert answer in text
-    encoded = template.encode(tokenizer, CONVERSATION)
+    encoded = template.encode(tokenizer, conversation)
     assert len(encoded["input_ids"]) == len(encoded["labels"]) == len(encoded["assistant_masks"])
     assert encoded["assistant_masks"] == [int(label != IGNORE_INDEX) for label in encoded["labels"]]
 
@@ -76,14 +111,18 @@ def test_labels_cover_exactly_the_assistant_turns(tokenizer, name):
     spans = [part for labelled, part in runs if labelled]
     assert len(spans) == len(ANSWERS)
     end_of_turn = template.stop_words[0]
-    for span, answer in zip(spans, ANSWERS):
+    for k, (span, answer) in enumerate(zip(spans, ANSWERS)):
         body = span.strip()
+        if k == len(ANSWERS) - 1:  # Qwen3's empty think block opens the reply that ends the conversation
+            body = body.removeprefix(template.final_reply_prefix)
         assert body.startswith(answer), (span, answer)
-        assert body[len(answer):].strip() == end_of_turn, span  # the reply and its end-of-turn marker, no more
+        rest = body[len(answer):].strip()  # the reply and its end-of-turn marker, no more
+        merged = name in MARKER_MERGES_ON_BUNDLED and len(rest) == len(end_of_turn) + 1
+        assert rest == end_of_turn or (merged and rest.startswith(end_of_turn)), span
     unlabelled = "".join(part for labelled, part in runs if not labelled)
     assert not any(answer in unlabelled for answer in ANSWERS)
 
-    everything = template.encode(tokenizer, CONVERSATION, train_on_all=True)
+    everything = template.encode(tokenizer, conversation, train_on_all=True)
     assert everything["input_ids"] == encoded["input_ids"]
     assert everything["labels"] == everything["input_ids"]
     assert all(everything["assistant_masks"])
@@ -92,9 +131,9 @@ def test_labels_cover_exactly_the_assistant_turns(tokenizer, name):
 @pytest.mark.parametrize("name", list(TEMPLATES))
 def test_encode_matches_tokenizing_the_rendered_text(tokenizer, name):
     template = get_template(name)
-    whole = tokenizer.encode(template.render(CONVERSATION), add_special_tokens=False)
-    exact = template.encode(tokenizer, CONVERSATION)["input_ids"] == whole
-    assert exact is (name not in NOT_EXACT_ON_BUNDLED)
+    conversation = CONVERSATION[1:] if template.no_system else CONVERSATION
+    whole = tokenizer.encode(template.render(conversation), add_special_tokens=False)  # it adds no BOS
+    assert template.encode(tokenizer, conversation)["input_ids"] == whole
 
 
 @pytest.mark.parametrize("name", ["chatml", "qwen"])
@@ -107,16 +146,29 @@ def test_prompt_ids_are_a_prefix_of_training_ids(tokenizer, name):
 
 @pytest.mark.parametrize("name", list(TEMPLATES))
 def test_chat_template_renders_like_render(tokenizer, name):
+    """The generated Jinja renders exactly what render() does, tools included, and refuses what render() refuses."""
+    from jinja2.exceptions import TemplateError
+
     template = get_template(name)
     jinja = template.chat_template()
-    conversations = [CONVERSATION, CONVERSATION[1:], CONVERSATION[:-1], CONVERSATION[1:2],
-                     [{"role": "system", "content": ""}, *CONVERSATION[1:3]]]
-    for messages in conversations:
+    cases = [(m, None) for m in (CONVERSATION, CONVERSATION[1:], CONVERSATION[:-1], CONVERSATION[1:2],
+                                 [{"role": "system", "content": ""}, *CONVERSATION[1:3]])]
+    cases += [(m, tools) for m in TOOL_CONVERSATIONS for tools in (TOOLS, None)] + [(CONVERSATION[1:3], TOOLS)]
+    rendered = 0
+    for messages, tools in cases:
         for generation_prompt in (False, True):
-            expected = template.render(messages, add_generation_prompt=generation_prompt)
-            got = tokenizer.apply_chat_template(messages, chat_template=jinja, tokenize=False,
+            try:
+                expected = template.render(messages, add_generation_prompt=generation_prompt, tools=tools)
+            except UserError:
+                with pytest.raises(TemplateError):
+                    tokenizer.apply_chat_template(messages, tools=tools, chat_template=jinja, tokenize=False,
+                                                  add_generation_prompt=generation_prompt)
+                continue
+            got = tokenizer.apply_chat_template(messages, tools=tools, chat_template=jinja, tokenize=False,
                                                 add_generation_prompt=generation_prompt)
-            assert got == expected, (messages, generation_prompt)
+            assert got == expected, (messages, tools, generation_prompt)
+            rendered += bool(tools)
+    assert rendered if template.tool_format else not rendered
 
 
 def test_system_prompt_rules():
@@ -189,6 +241,23 @@ def test_cli_list(capsys):
     for name in list_templates():
         assert name in out
     assert "<|eot_id|>" in out and "You are Qwen" in out
+    for name, family in [("qwen", "Qwen2.5-Instruct"), ("qwen3", "Qwen3"), ("llama3.1", "Llama-3.1-Instruct"),
+                         ("mistral", "Mistral-7B-Instruct-v0.3"), ("gemma2", "Gemma-2"), ("phi3", "Phi-3.5")]:
+        assert any(line.startswith(f"{name} ") and family in line for line in out.splitlines()), name
+
+
+def test_cli_render_with_tools(capsys, tmp_path):
+    path = tmp_path / "record.json"
+    path.write_text(json.dumps({"messages": TOOL_CONVERSATION[1:4], "tools": TOOLS}, ensure_ascii=False),
+                    encoding="utf-8")
+    assert main(["template", "render", "qwen", "--messages", str(path), "--generation-prompt"]) == 0
+    expected = get_template("qwen").render(TOOL_CONVERSATION[1:4], add_generation_prompt=True, tools=TOOLS)
+    assert capsys.readouterr().out == expected and "<tools>" in expected
+    assert main(["template", "render", "qwen", "--messages", json.dumps(TOOL_CONVERSATION[1:2]),
+                 "--tools", json.dumps(TOOLS[:1])]) == 0
+    assert "get_weather" in capsys.readouterr().out
+    assert main(["template", "render", "chatml", "--messages", str(path)]) == 2
+    assert "has no tool format" in capsys.readouterr().err
 
 
 def test_cli_render_prints_exactly_the_text(capsys, tmp_path):
@@ -220,3 +289,197 @@ def test_cli_user_errors(capsys, argv):
     assert captured.out == ""
     lines = captured.err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("medgpt template: error:")
+
+
+# -- the official chat templates ---------------------------------------------------------------------------
+# tests/fixtures/chat_templates/<name>.jinja is the chat template the family publishes in its tokenizer_config.json
+# (sources and every known difference: tests/fixtures/chat_templates/README.md). It is rendered the way
+# tokenizer.apply_chat_template renders it, with the family's BOS/EOS strings.
+
+FIXTURES = Path(__file__).parent / "fixtures" / "chat_templates"
+SPECIAL_TOKENS = {  # name: (bos_token, eos_token) of the family's tokenizer
+    "chatml": (None, "<|im_end|>"), "qwen": (None, "<|im_end|>"), "qwen2": (None, "<|im_end|>"),
+    "qwen3": (None, "<|im_end|>"), "yi": ("<|startoftext|>", "<|im_end|>"), "llama2": ("<s>", "</s>"),
+    "llama3": ("<|begin_of_text|>", "<|eot_id|>"), "llama3.1": ("<|begin_of_text|>", "<|eot_id|>"),
+    "mistral": ("<s>", "</s>"), "deepseek": ("<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"),
+    "chatglm3": (None, "</s>"), "gemma": ("<bos>", "<eos>"), "gemma2": ("<bos>", "<eos>"),
+    "phi3": ("<s>", "<|endoftext|>"),
+}
+OFFICIAL_CASES = [(CONVERSATION, False), (CONVERSATION[1:], False), (CONVERSATION[:-1], True),
+                  (CONVERSATION[1:-1], True), (CONVERSATION[1:2], True), (CONVERSATION[:2], True)]
+
+
+def official(name: str, messages: list[dict], generation_prompt: bool, tools: list[dict] | None = None) -> str:
+    """The family's own template rendered by transformers' chat-template renderer."""
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    bos, eos = SPECIAL_TOKENS[name]
+    rendered, _ = render_jinja_template([messages], tools=tools, chat_template=(FIXTURES / f"{name}.jinja").read_text(
+        encoding="utf-8"), add_generation_prompt=generation_prompt, bos_token=bos, eos_token=eos)
+    return rendered[0]
+
+
+def with_system_on_last_user(messages: list[dict]) -> list[dict]:
+    """mistral-common's rule for Mistral v0.3: the system prompt opens the last user message."""
+    turns = [dict(m) for m in messages[1:]]
+    last = max(i for i, m in enumerate(turns) if m["role"] == "user")
+    turns[last]["content"] = messages[0]["content"] + "\n\n" + turns[last]["content"]
+    return turns
+
+
+def test_every_fixture_has_its_template_and_source():
+    readme = (FIXTURES / "README.md").read_text(encoding="utf-8")
+    for path in FIXTURES.glob("*.jinja"):
+        assert path.stem in TEMPLATES and f"`{path.name}`" in readme, path.name
+    assert set(SPECIAL_TOKENS) == {p.stem for p in FIXTURES.glob("*.jinja")}
+    for name in set(TEMPLATES) - set(SPECIAL_TOKENS):  # no official Jinja: their reference is named instead
+        assert f"`{name}`" in readme, name
+
+
+@pytest.mark.parametrize("name", sorted(SPECIAL_TOKENS))
+def test_renders_as_the_official_template(name):
+    template = get_template(name)
+    for messages, generation_prompt in OFFICIAL_CASES:
+        has_system, finished = messages[0]["role"] == "system", messages[-1]["role"] == "assistant"
+        if name == "gemma2" and has_system:  # Gemma-1/2 have no system role: both refuse one
+            with pytest.raises(Exception, match="System role not supported"):
+                official(name, messages, generation_prompt)
+            with pytest.raises(UserError, match="no system prompt"):
+                template.render(messages, add_generation_prompt=generation_prompt)
+            continue
+        got = template.render(messages, add_generation_prompt=generation_prompt)
+        if name == "mistral" and has_system and finished:
+            # the v0.3 Jinja writes the system prompt only when the last message is a user's (so never in a
+            # conversation to train on); medgpt puts it on the last user turn as mistral-common (Mistral's
+            # reference tokenizer) does, which is what the Jinja renders for that user turn's prompt
+            expected = official(name, with_system_on_last_user(messages), generation_prompt)
+        elif name == "chatglm3" and finished and not generation_prompt:
+            # medgpt ends each reply with the next turn's tag, the end-of-turn marker it labels
+            expected = official(name, messages, generation_prompt) + "<|user|>"
+        elif name == "yi" and has_system:  # Yi-1.5's Jinja writes the system text bare, medgpt as a ChatML turn
+            expected = official(name, messages, generation_prompt).replace(
+                SYSTEM, f"<|im_start|>system\n{SYSTEM}<|im_end|>\n", 1)
+        else:
+            expected = official(name, messages, generation_prompt)
+        assert got == expected, (messages, generation_prompt)
+
+
+def test_official_defaults_that_differ_between_families():
+    """The system prompts each family's template adds by itself, and the whitespace it trims."""
+    turn = CONVERSATION[1:2]
+    assert "You are Qwen, created by Alibaba Cloud" in official("qwen", turn, True) == get_template("qwen").render(
+        turn, add_generation_prompt=True)
+    assert "<|im_start|>system\nYou are a helpful assistant.<|im_end|>" in official("qwen2", turn, True)
+    assert "<|im_start|>system" not in official("qwen3", turn, True)
+    assert "Cutting Knowledge Date" in official("llama3.1", turn, True)
+    for name in ("qwen2", "qwen3", "llama3.1"):
+        assert get_template(name).render(turn, add_generation_prompt=True) == official(name, turn, True), name
+    padded = [{"role": "user", "content": "  头疼怎么办？ \n"},
+              {"role": "assistant", "content": "\n多休息。  "}]
+    for name in ("llama2", "llama3", "llama3.1", "gemma", "gemma2", "mistral"):  # templates that trim
+        assert get_template(name).render(padded) == official(name, padded, False), name
+
+
+@pytest.mark.parametrize("name", ["qwen", "qwen3", "llama3.1", "mistral"])
+def test_tools_render_as_the_official_template(name):
+    """Tools, tool calls and tool results, written as the family's own template writes them."""
+    template = get_template(name)
+    conversations = TOOL_CONVERSATIONS if name != "llama3.1" else TOOL_CONVERSATIONS[:4]
+    for messages in conversations:
+        if name == "mistral" and any(m.get("tool_calls") and m["content"] for m in messages):
+            continue  # written as the calls alone by Mistral's template: medgpt refuses (see below)
+        reference = messages
+        if name == "mistral" and messages[0]["role"] == "system" and messages[-1]["role"] != "user":
+            reference = with_system_on_last_user(messages)  # see test_renders_as_the_official_template
+        if name == "mistral":  # Mistral's template needs call ids; medgpt numbers the calls that have none
+            ids = iter(f"{k:09d}" for k in range(1, 10))
+            reference = [{**m, "tool_calls": [{**c, "id": next(ids)} for c in m["tool_calls"]]}
+                         if m.get("tool_calls") else m for m in reference]
+            results = iter(f"{k:09d}" for k in range(1, 10))
+            reference = [{**m, "tool_call_id": next(results)} if m["role"] == "tool" else m for m in reference]
+        for tools in (TOOLS, None):
+            for generation_prompt in (False, True):
+                if generation_prompt and messages[-1]["role"] == "assistant":
+                    continue
+                got = template.render(messages, add_generation_prompt=generation_prompt, tools=tools)
+                assert got == official(name, reference, generation_prompt, tools), (messages, tools)
+
+
+def test_tool_format_refusals():
+    """What a format cannot write is an error, not a silent change."""
+    with pytest.raises(UserError, match="one tool call per assistant turn"):
+        get_template("llama3.1").render(TOOL_CONVERSATIONS[-1])
+    with pytest.raises(UserError, match="calls alone"):
+        get_template("mistral").render(PARALLEL_CONVERSATION)
+    for name, template in TEMPLATES.items():
+        if template.tool_format is None:
+            for kwargs in ({"messages": CONVERSATION[1:3], "tools": TOOLS}, {"messages": TOOL_CONVERSATION[1:]}):
+                with pytest.raises(UserError, match=f"template '{name}' has no tool format"):
+                    template.render(**kwargs)
+    with pytest.raises(UserError, match="tool call 0"):
+        get_template("qwen").render([TOOL_CONVERSATION[1], {"role": "assistant", "content": "", "tool_calls": [
+            {"type": "function", "function": {"name": "get_weather", "arguments": '{"city": "北京"}'}}]}])
+
+
+@pytest.mark.parametrize("name", ["qwen", "qwen3", "llama3.1", "mistral"])
+def test_labels_cover_the_tool_calls(tokenizer, name):
+    """The assistant's tool calls are labelled like a reply; tools and tool results are not."""
+    template = get_template(name)
+    encoded = template.encode(tokenizer, TOOL_CONVERSATION[1:], tools=TOOLS)
+    runs = labelled_runs(tokenizer, encoded)
+    labelled = [part for is_labelled, part in runs if is_labelled]
+    unlabelled = "".join(part for is_labelled, part in runs if not is_labelled)
+    assert len(labelled) == 3
+    assert "get_weather" in labelled[0] and '"北京"' in labelled[0] and template.stop_words[0] in labelled[0]
+    assert "temp_c" not in "".join(labelled) and "temp_c" in unlabelled  # the tool result
+    assert "find_clinic" in unlabelled and "find_clinic" not in "".join(labelled)  # the tools
+    prompt = template.encode_prompt(tokenizer, TOOL_CONVERSATION[1:4], tools=TOOLS)
+    assert tokenizer.decode(prompt) == template.render(TOOL_CONVERSATION[1:4], add_generation_prompt=True,
+                                                       tools=TOOLS)
+
+
+def fastchat_get_prompt(messages: list[dict], system: str, roles: tuple[str, str], seps: tuple[str, str],
+                        colon: bool, generation_prompt: bool) -> str:
+    """FastChat's Conversation.get_prompt (lm-sys/FastChat fastchat/conversation.py), styles ADD_COLON_TWO and
+    NO_COLON_SINGLE: the reference for templates whose families publish no Jinja template."""
+    ret = system + (seps[0] if colon else "")
+    for i, m in enumerate(messages):
+        role = roles[m["role"] == "assistant"]
+        ret += role + (": " if colon else "") + m["content"] + seps[i % 2]
+    return ret + (roles[1] + (":" if colon else "") if generation_prompt else "")
+
+
+def test_vicuna_matches_fastchat():
+    vicuna = get_template("vicuna")
+    for messages, generation_prompt in [(CONVERSATION[1:], False), (CONVERSATION[1:-1], True), (CONVERSATION, False)]:
+        system = messages[0]["content"] if messages[0]["role"] == "system" else vicuna.default_system
+        turns = [m for m in messages if m["role"] != "system"]
+        expected = fastchat_get_prompt(turns, system, ("USER", "ASSISTANT"), (" ", "</s>"), True, generation_prompt)
+        assert vicuna.render(messages, add_generation_prompt=generation_prompt) == expected
+
+
+def test_baichuan2_is_fastchat_plus_an_eos_per_reply():
+    """FastChat's baichuan2-chat (as Baichuan2's build_chat_input) writes nothing between turns; medgpt ends each
+    reply with </s>, the EOS Baichuan2's fine-tuning teaches there (documented in the fixtures README)."""
+    baichuan2 = get_template("baichuan2")
+    for messages, generation_prompt in [(CONVERSATION[1:], False), (CONVERSATION[1:-1], True)]:
+        expected = fastchat_get_prompt(messages, "", ("<reserved_106>", "<reserved_107>"), ("", ""), False,
+                                       generation_prompt)
+        got = baichuan2.render(messages, add_generation_prompt=generation_prompt)
+        assert got.replace("</s>", "") == expected and got.count("</s>") == len(ANSWERS) - generation_prompt
+
+
+def test_alpaca_matches_llamafactory_and_the_stanford_prompt():
+    """LLaMA-Factory's alpaca template (src/llamafactory/data/template.py) is the multi-turn reference; the
+    single-turn prompt is Stanford Alpaca's PROMPT_DICT["prompt_no_input"] plus the newline after "### Response:"
+    that LLaMA-Factory and Alpaca-LoRA write."""
+    alpaca = get_template("alpaca")
+    system = ("Below is an instruction that describes a task. Write a response that appropriately completes the "
+              "request.\n\n")
+    expected = system + "".join(f"### Instruction:\n{q['content']}\n\n### Response:\n{a['content']}</s>\n\n"
+                                for q, a in zip(CONVERSATION[1::2], CONVERSATION[2::2]))
+    assert alpaca.render(CONVERSATION[1:]) == expected
+    stanford = ("Below is an instruction that describes a task. Write a response that appropriately completes the "
+                "request.\n\n### Instruction:\n{instruction}\n\n### Response:")
+    question = CONVERSATION[1]["content"]
+    assert alpaca.render([CONVERSATION[1]], add_generation_prompt=True) == stanford.format(instruction=question) + "\n"

@@ -108,6 +108,22 @@ def test_unknown_config_key_is_an_error_with_a_suggestion():
         load_config(SFT_EXAMPLE, ["--learnin_rate", "1e-4"])
 
 
+def test_older_reward_keys_are_read_or_pointed_to_their_new_place():
+    from medgpt.config import build_config
+
+    assert build_config({"stage": "grpo", "rewards": "length"}).stage_args.reward_fn == "length"
+    with pytest.raises(UserError, match=r"length_target \(now reward_kwargs: \{target_chars: N\}\)"):
+        build_config({"stage": "grpo", "length_target": 5})
+
+
+def test_an_eval_split_evaluates_each_epoch_unless_the_config_says_otherwise():
+    from medgpt.config import build_config
+
+    assert build_config({"stage": "sft", "val_size": 0.1}).train.eval_strategy == "epoch"
+    assert build_config({"stage": "sft", "val_size": 0.1, "eval_strategy": "no"}).train.eval_strategy == "no"
+    assert build_config({"stage": "sft"}).train.eval_strategy == "no"
+
+
 def test_overrides_are_typed_and_win_over_yaml():
     cfg = load_config(SFT_EXAMPLE, ["--lr", "1e-4", "--max_steps=3", "--packing", "--method", "full"])
     assert cfg.train.learning_rate == pytest.approx(1e-4) and cfg.train.max_steps == 3

@@ -33,7 +33,10 @@ ALIASES = {
     "finetuning_type": "method",
     "warmup_ratio": "warmup_steps",  # transformers 5: a float < 1 is a share of the steps
     "gradient_checkpointing": "activation_checkpointing",
+    "rewards": "reward_fn",
 }
+# keys of older configs whose meaning moved: the error says where
+MOVED = {"length_target": "reward_kwargs: {target_chars: N}"}
 METHODS = ("lora", "qlora", "full")
 
 
@@ -59,6 +62,7 @@ class RunArgs:
 
     stage: str = "sft"
     method: str = "lora"  # lora | qlora | full
+    pure_bf16: bool = False  # trained weights, gradients, AdamW states in bf16 (GPU): 8 bytes/param less, lossy
     resume: bool = False  # continue from the last checkpoint in output_dir
     report_prompts: str | None = None  # jsonl of {"query"} rows answered by the model in the report
 
@@ -180,7 +184,9 @@ def build_config(raw: dict[str, Any], stage_module=None) -> Config:
         known.update({name: (cls, tp) for name, tp in _fields(cls).items()})
     unknown = [k for k in raw if k not in known or k == "extra"]  # ModelArgs.extra is for code, not configs
     if unknown:
-        hints = [f"{k} (did you mean {m[0]}?)" if (m := difflib.get_close_matches(k, known, 1)) else k for k in unknown]
+        hints = [f"{k} (now {MOVED[k]})" if k in MOVED
+                 else f"{k} (did you mean {m[0]}?)" if (m := difflib.get_close_matches(k, known, 1)) else k
+                 for k in unknown]
         raise UserError(f"unknown config key(s) for stage {stage}: {', '.join(hints)}")
     values = {k: coerce(k, v, known[k][1]) for k, v in raw.items()}
 
@@ -199,7 +205,7 @@ def build_config(raw: dict[str, Any], stage_module=None) -> Config:
             raise UserError(f"{name} {value!r}: expected {' or '.join(allowed)}")
     train_values = {k: v for k, v in values.items() if k in _fields(train_cls)}
     train_values.setdefault("output_dir", f"outputs/{stage}")
-    train_values.update(_device_defaults(raw))
+    train_values.update(_device_defaults(raw, run, parts["model"]))
     train_values.setdefault("report_to", ["tensorboard"])
     train_values.setdefault("logging_steps", 5)
     train_values.setdefault("save_total_limit", 2)
@@ -216,15 +222,25 @@ def build_config(raw: dict[str, Any], stage_module=None) -> Config:
     return cfg
 
 
-def _device_defaults(raw: dict[str, Any]) -> dict[str, Any]:
-    """CPU when there is no GPU; bf16 mixed precision where the hardware does bf16 natively, unless set."""
-    from medgpt.models import bf16_available, cuda_available
+def _device_defaults(raw: dict[str, Any], run: RunArgs, model: ModelArgs) -> dict[str, Any]:
+    """CPU when there is no GPU; the autocast of the run's precision (bf16, or fp16 with loss scaling on GPUs
+    without bf16; none for fp32), unless `bf16` or `fp16` is set; errors for a precision that cannot be had."""
+    import os
+
+    from medgpt.models import cuda_available, training_precision
 
     out: dict[str, Any] = {}
     if not cuda_available() and "use_cpu" not in raw:
         out["use_cpu"] = True
+    gpu = cuda_available() and not (coerce("use_cpu", raw["use_cpu"], bool) if "use_cpu" in raw else False)
+    deepspeed = bool(raw.get("deepspeed")) or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
+    precision = training_precision(run.method, model.dtype, model.quantization_bit, run.pure_bf16, gpu=gpu,
+                                   deepspeed=deepspeed)
     if "bf16" not in raw and "fp16" not in raw:
-        out["bf16"] = bf16_available()
+        out["bf16"] = precision.autocast == "bf16"
+        out["fp16"] = precision.autocast == "fp16"
+    elif run.pure_bf16 and coerce("fp16", raw.get("fp16", False), bool):
+        raise UserError("pure_bf16 with fp16: true: pure bf16 trains bf16 weights (set bf16: true or unset fp16)")
     return out
 
 

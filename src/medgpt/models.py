@@ -251,6 +251,13 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+def gpu_supports_bf16() -> bool:
+    """True where the GPU computes in bf16 natively (Ampere and later); older GPUs train in fp16."""
+    import torch
+
+    return torch.cuda.is_bf16_supported()
+
+
 def cpu_supports_bf16() -> bool:
     """True where the CPU has native bf16 matmuls (AVX512-BF16 or AMX): bf16 is then several times faster."""
     try:
@@ -261,24 +268,92 @@ def cpu_supports_bf16() -> bool:
 
 
 def bf16_available() -> bool:
-    import torch
+    return gpu_supports_bf16() if cuda_available() else cpu_supports_bf16()
 
-    return torch.cuda.is_bf16_supported() if torch.cuda.is_available() else cpu_supports_bf16()
+
+DTYPE_NAMES = {"fp32": "fp32", "float32": "fp32", "bf16": "bf16", "bfloat16": "bf16", "fp16": "fp16",
+               "float16": "fp16"}
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+PURE_BF16_COST = ("pure_bf16 keeps weights, gradients and AdamW states in bf16: 8 bytes per trained parameter "
+                  "less than fp32 master weights, but an update smaller than half a bf16 step (0.2-0.4% of the "
+                  "weight) rounds away, so small learning rates stop moving most weights")
+
+
+@dataclass(frozen=True)
+class Precision:
+    """How a training run holds its numbers; one rule for the loaders, the trainer's flags and `medgpt plan`.
+
+    `frozen`: weights that are not trained (LoRA's base outside its quantized layers, reference models);
+    `trainable`: the trained parameters, and so their gradients and AdamW's two moments; `autocast`: the dtype
+    the matmuls run in (None: the weights' own); `quantization_bit`: LoRA's base linear layers in 4 or 8 bits.
+    """
+
+    frozen: str
+    trainable: str
+    autocast: str | None
+    quantization_bit: int | None = None
+
+
+def training_precision(method: str, dtype: str = "auto", quantization_bit: int | None = None,
+                       pure_bf16: bool = False, gpu: bool | None = None, gpu_bf16: bool | None = None,
+                       cpu_bf16: bool | None = None, deepspeed: bool = False) -> Precision:
+    """The precision a run trains in: trained parameters in fp32 (master weights, as the HF Trainer keeps them)
+    unless `pure_bf16`; frozen weights in the compute dtype on a GPU (`auto`: bf16, fp16 where the GPU lacks
+    bf16), in fp32 on a CPU; autocast to the compute dtype (`auto` on a CPU: bf16 where it is native).
+
+    `gpu`, `gpu_bf16`, `cpu_bf16`: the hardware (None: this machine's); `deepspeed`: DeepSpeed runs the model.
+    """
+    if dtype != "auto" and dtype not in DTYPE_NAMES:
+        raise UserError(f"dtype {dtype!r}: expected one of auto, fp32, bf16, fp16")
+    gpu = cuda_available() if gpu is None else gpu
+    if dtype != "auto":
+        compute = frozen = DTYPE_NAMES[dtype]
+    elif gpu:
+        compute = frozen = "bf16" if (gpu_supports_bf16() if gpu_bf16 is None else gpu_bf16) else "fp16"
+    else:
+        compute, frozen = ("bf16" if (cpu_supports_bf16() if cpu_bf16 is None else cpu_bf16) else "fp32"), "fp32"
+    if quantization_bit and method == "full":
+        raise UserError(f"quantization_bit {quantization_bit}: quantized weights cannot be trained in full "
+                        "(use method qlora)")
+    trainable = "fp32"
+    if pure_bf16:
+        why = ("CPU training keeps fp32 weights" if not gpu
+               else f"dtype {dtype} computes in {compute}" if dtype != "auto" and compute != "bf16"
+               else "this GPU has no bf16 (it trains in fp16 with fp32 master weights)" if compute != "bf16"
+               else "DeepSpeed keeps its own fp32 master weights" if deepspeed else None)
+        if why:
+            raise UserError(f"pure_bf16 needs a GPU with bf16: {why}")
+        trainable = "bf16"
+    return Precision(frozen, trainable, None if compute == "fp32" else compute, quantization_bit or None)
+
+
+def cast_trainable(model, dtype: str = "fp32"):
+    """Hold every trained parameter of `model` in `dtype` (frozen ones stay as loaded); returns the model.
+
+    PEFT copies the modules it trains in full (a reward model's score head, `modules_to_save`) in the base's
+    dtype, and TRL casts QLoRA adapters to bf16; this puts them back in the run's trainable dtype.
+    """
+    target = torch_dtype(dtype)
+    for param in model.parameters():
+        if param.requires_grad and param.dtype.is_floating_point and param.dtype != target:
+            param.data = param.data.to(target)
+    return model
 
 
 def torch_dtype(name: str, training: bool = False):
-    """Map a dtype name to torch; `auto` is bf16/fp16 on GPU and fp32 on CPU for training (autocast does bf16)."""
+    """Map a dtype name to torch. `auto` is bf16 (fp16 on GPUs without bf16) on a GPU; on a CPU, bf16 where it
+    is native for inference and fp32 for training. For training this is the dtype of the frozen weights: the
+    trained parameters are cast by `cast_trainable` (see `training_precision`)."""
     import torch
 
-    table = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-             "fp16": torch.float16, "float16": torch.float16}
+    table = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     if name == "auto":
-        if torch.cuda.is_available():
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        if cuda_available():
+            return torch.bfloat16 if gpu_supports_bf16() else torch.float16
         return torch.bfloat16 if (not training and cpu_supports_bf16()) else torch.float32
-    if name not in table:
+    if name not in DTYPE_NAMES:
         raise UserError(f"dtype {name!r}: expected one of auto, fp32, bf16, fp16")
-    return table[name]
+    return table[DTYPE_NAMES[name]]
 
 
 def quantization_config(bits: int | None, compute_dtype):

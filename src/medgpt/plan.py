@@ -3,15 +3,17 @@
 The architecture is built on PyTorch's meta device (shapes, no storage), so parameter counts and the
 shapes LoRA attaches to are exact for any transformers architecture; no weights are downloaded.
 
-What is counted (bytes per parameter; P = all parameters, T = trainable ones):
+The bytes per parameter follow the precision medgpt trains in (`medgpt.models.training_precision`, the rule
+the loaders use; P = all parameters, T = trained ones):
 
-    device gpu (bf16 mixed precision, as DeepSpeed and the ZeRO paper count it)
-      weights     full 2P; lora 2P + 4T; qlora4 ~0.52 per quantized linear weight, 2 for the rest
-      gradients   full 2P; (q)lora 4T (adapters stay fp32)
-      optimizer   AdamW: full 12P (fp32 master copy + two moments); (q)lora 8T
-    device cpu (how medgpt trains without a GPU: fp32 weights, bf16 autocast)
-      weights 4P (+4T); gradients 4T; optimizer 8T (the fp32 weights are the master copy), and
-      autocast's bf16 copies of the decoder's linear weights, kept for the backward pass (2 per weight)
+    trained parameters   fp32 (master weights): weight 4T, gradient 4T, AdamW's two moments 8T;
+                         pure_bf16: 2T + 2T + 4T
+    frozen weights       LoRA's base: bf16 on a GPU (2P), fp32 on a CPU (4P); qlora4 ~0.52 per quantized
+                         linear weight (NF4 with double quantization), qlora8 1, the rest bf16
+    autocast copies      where the matmul weights are fp32 (full fine-tuning; any method on a CPU), autocast's
+                         bf16 copy of each linear weight is kept for the backward pass (2 per weight)
+    ZeRO (DeepSpeed)     DeepSpeed holds the model in bf16 and the fp32 master copy in its optimizer, as the
+                         ZeRO paper counts it: 2T + 2T + 12T, split over the GPUs by stage
 
 Activations are counted tensor by tensor for a Llama-style decoder layer (RMSNorm, rotary attention
 through SDPA with a padding mask, gated MLP) as autograd saves them for the backward pass (checked against
@@ -35,6 +37,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from medgpt.errors import UserError
+from medgpt.models import DTYPE_BYTES, Precision, training_precision
 from medgpt.train import STAGES
 
 GIB = 2**30
@@ -212,6 +215,7 @@ class PlanArgs:
     lora_dropout: float = 0.05
     reference: bool | None = None  # None: the stage's default
     reward_model: bool | None = None  # None: the stage's default (PPO yes, GRPO no)
+    pure_bf16: bool = False  # trained weights, gradients and AdamW states in bf16 (config key pure_bf16)
     trust_remote_code: bool = False
 
     def validate(self) -> PlanArgs:
@@ -230,7 +234,38 @@ class PlanArgs:
         for ok, message in checks:
             if not ok:
                 raise UserError(message)
+        plan_precision(self)  # the training rule's own errors (pure_bf16 on a CPU or under DeepSpeed)
         return self
+
+
+def plan_precision(args: PlanArgs) -> Precision:
+    """The precision medgpt trains `args` in, on the planned hardware: a GPU with bf16, or a CPU with native bf16
+    (bf16 autocast); the same rule as `medgpt train` (models.training_precision)."""
+    bits = {"qlora4": 4, "qlora8": 8}.get(args.method)
+    return training_precision("qlora" if bits else args.method, "auto", bits, args.pure_bf16,
+                              gpu=args.device == "gpu", gpu_bf16=True, cpu_bf16=True, deepspeed=args.zero > 0)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Bytes per parameter: of a trained one (weight, gradient, AdamW states) and of a frozen one; `wide`: the
+    matmul weights are fp32 under autocast (an fp32 residual stream, and autocast's bf16 weight copies)."""
+
+    weight: float
+    gradient: float
+    optimizer: float
+    frozen: float
+    wide: bool
+
+
+def layout(args: PlanArgs, precision: Precision | None = None) -> Layout:
+    """The bytes per parameter of `args`'s precision (DeepSpeed's own layout under ZeRO)."""
+    precision = precision or plan_precision(args)
+    if args.zero:  # DeepSpeed's bf16 model and gradients, the fp32 master copy and moments in its optimizer
+        return Layout(2.0, 2.0, 12.0, 2.0, wide=False)
+    trained, frozen = DTYPE_BYTES[precision.trainable], DTYPE_BYTES[precision.frozen]
+    matmul = trained if args.method == "full" else frozen
+    return Layout(trained, trained, 2.0 * trained, frozen, wide=precision.autocast is not None and matmul == 4)
 
 
 @dataclass
@@ -265,12 +300,14 @@ class Plan:
     estimate: Estimate
     fits: dict[float, int]  # GPU GiB -> largest micro-batch that fits (0: none)
     notes: list[str]
+    precision: Precision | None = None
 
     def to_dict(self) -> dict:
         a = self.arch
         return {
             "model": a.name, "config_source": a.source, **{k: v for k, v in asdict(self.args).items() if k != "model"},
             "params": a.params, "trainable_params": self.trainable,
+            "precision": asdict(self.precision) if self.precision else None,
             "architecture": {"hidden": a.hidden, "layers": a.layers, "heads": a.heads, "kv_heads": a.kv_heads,
                              "head_dim": a.head_dim, "intermediate": a.intermediate, "vocab": a.vocab},
             "per_device_gib": self.estimate.gib(),
@@ -280,18 +317,16 @@ class Plan:
         }
 
 
-def _weight_bytes(arch: Architecture, method: str, device: str) -> float:
-    """Bytes of the (base) model weights as loaded for training or inference."""
-    if device == "cpu":
-        return 4.0 * arch.params
+def _frozen_bytes(arch: Architecture, method: str, per_param: float) -> float:
+    """Bytes of frozen weights: QLoRA's quantized linear layers, everything else `per_param` bytes."""
     if method.startswith("qlora"):
         quantized = sum(i * o for n, (i, o) in arch.linears.items() if n != arch.output_name)
         per = NF4_BYTES if method == "qlora4" else 1.0
-        return per * quantized + 2.0 * (arch.params - quantized)
-    return 2.0 * arch.params
+        return per * quantized + per_param * (arch.params - quantized)
+    return per_param * arch.params
 
 
-def _layer_bytes(arch: Architecture, args: PlanArgs, lora_in: int, lora_layers: int) -> float:
+def _layer_bytes(arch: Architecture, args: PlanArgs, lora_in: int, lora_layers: int, wide: bool) -> float:
     """Bytes one decoder layer keeps for the backward pass per token (see the module docstring).
 
     A frozen projection keeps only its weight, not its input, so LoRA saves the inputs of the frozen
@@ -305,7 +340,7 @@ def _layer_bytes(arch: Architecture, args: PlanArgs, lora_in: int, lora_layers: 
     attention = 2 * q + 2 * 2 * q + 2 * q + 2 * args.seq_len
     if args.method == "full":
         mlp = 4 * 2 * i  # gate, SiLU(gate), up, their product (down_proj's input), bf16
-        if gpu:  # each RMSNorm: its fp32 upcast input, the bf16 normalized input to its weight, its output
+        if not wide:  # each RMSNorm: its fp32 upcast input, the bf16 normalized input to its weight, its output
             norms = 2 * (4 * h + 2 * h + 2 * h)
         else:  # fp32 input and normalized input to the weight; autocast casts the output to bf16 once per
             norms = 2 * (4 * h + 4 * h) + 5 * 2 * h  # projection that reads it (q, k, v, gate, up)
@@ -325,27 +360,31 @@ def _trainable(args: PlanArgs, arch: Architecture) -> int:
     return lora_params(arch, args.lora_rank, args.lora_target) + value_head + head
 
 
-def _activations(args: PlanArgs, arch: Architecture) -> dict[str, float]:
-    """Bytes of what the forward pass keeps for the backward pass, by part."""
+def _activations(args: PlanArgs, arch: Architecture, wide: bool) -> dict[str, float]:
+    """Bytes of what the forward pass keeps for the backward pass, by part (`wide`: see `Layout`)."""
     full, gpu = args.method == "full", args.device == "gpu"
+    stream = 4 if wide else 2  # bytes of the residual stream: the dtype of the weights
     targets = {} if full else arch.layer_linears(lora_targets(arch, args.lora_target))
     tokens = args.batch_size * (2 if args.stage in PAIRED else 1) * args.seq_len
-    per_token = _layer_bytes(arch, args, sum(i for i, _ in targets.values()), len(targets))
+    per_token = _layer_bytes(arch, args, sum(i for i, _ in targets.values()), len(targets), wide)
     if args.gradient_checkpointing:  # each layer keeps only its input; one layer is recomputed at a time
-        parts = {"layers": tokens * (arch.layers * (2 if gpu else 4) * arch.hidden + per_token)}
+        parts = {"layers": tokens * (arch.layers * stream * arch.hidden + per_token)}
     else:
         parts = {"layers": tokens * arch.layers * per_token}
     if args.stage in FUSED_HEAD:
         rows, cols = min(tokens, FUSED_TILE[0]), min(arch.vocab, FUSED_TILE[1])
-        # the bf16 tile; on CPU also the bf16 copy of the fp32 weight chunk it multiplies and about 8 fp32
-        # temporaries of the tile (PyTorch ops instead of a Triton kernel); the final hidden states are kept
-        tile = rows * cols * 2 if gpu else rows * cols * (2 + 8 * 4) + cols * arch.hidden * 2
-        parts["lm_head"] = tile + tokens * arch.hidden * (2 if gpu else 4)
+        # the bf16 tile; the bf16 copy of the fp32 weight chunk it multiplies; on CPU about 8 fp32 temporaries
+        # of the tile (PyTorch ops instead of a Triton kernel); the final hidden states are kept
+        tile = rows * cols * 2 + (0 if gpu else rows * cols * 8 * 4) + (cols * arch.hidden * 2 if wide else 0)
+        parts["lm_head"] = tile + tokens * arch.hidden * stream
     elif args.stage != "rm":
         parts["lm_head"] = tokens * arch.vocab * (2 + 4 + 4)  # bf16 logits, fp32 log-softmax and its gradient
-    if not gpu:  # autocast's bf16 weight copies live until the backward pass has used them
+    if wide:  # autocast's bf16 weight copies live until the backward pass has used them
         layer_weights = sum(i * o for i, o in arch.layer_linears().values())
-        parts["autocast_weights"] = 2.0 * layer_weights * (1 if args.gradient_checkpointing else arch.layers)
+        copies = layer_weights * (1 if args.gradient_checkpointing else arch.layers)
+        if args.stage not in FUSED_HEAD and args.stage != "rm":
+            copies += arch.vocab * arch.hidden  # the LM head's weight, cast whole for the full logits
+        parts["autocast_weights"] = 2.0 * copies
     if args.stage in ("ppo", "grpo"):
         parts["generation_kv_cache"] = 2 * arch.layers * 2 * arch.kv_heads * arch.head_dim * tokens  # bf16 k, v
     return parts
@@ -355,34 +394,34 @@ def estimate(args: PlanArgs, arch: Architecture, reward_arch: Architecture | Non
     """The per-device estimate and the number of trainable parameters."""
     full, gpu = args.method == "full", args.device == "gpu"
     trainable = _trainable(args, arch)
+    per = layout(args)
 
     def split(nbytes: float, from_stage: int) -> float:
         return nbytes / args.gpus if args.zero >= from_stage else nbytes
 
-    weights = _weight_bytes(arch, args.method, args.device) + (0 if full else 4.0 * trainable)
+    if full:
+        weights = per.weight * trainable
+    else:
+        weights = _frozen_bytes(arch, args.method, per.frozen) + per.weight * trainable
     if args.zero == 3 and args.gpus > 1:
         weights = weights / args.gpus + 2.0 * arch.layer_params  # ZeRO-3 gathers one layer at a time to run it
-    if full:
-        gradients, optimizer = (2.0 * trainable, 12.0 * trainable) if gpu else (4.0 * trainable, 8.0 * trainable)
-    else:
-        gradients, optimizer = 4.0 * trainable, 8.0 * trainable
-    detail = _activations(args, arch)
+    gradients, optimizer = per.gradient * trainable, per.optimizer * trainable
+    detail = _activations(args, arch, per.wide)
     activations = sum(v for k, v in detail.items() if k != "generation_kv_cache")
     # generation and training take turns: the larger one counts
     activations = max(activations, detail.get("generation_kv_cache", 0.0))
 
     wants_reference = args.reference if args.reference is not None else args.stage in ("dpo", "kto", "ppo")
-    reference = _weight_bytes(arch, "full", args.device) if wants_reference and full else 0.0
+    reference = per.frozen * arch.params if wants_reference and full else 0.0  # frozen, like a LoRA base
     wants_reward = args.reward_model if args.reward_model is not None else args.stage == "ppo"
-    # loaded for inference: bf16 (or quantized like the policy) on either device
-    reward = _weight_bytes(reward_arch, args.method, "gpu") if wants_reward and reward_arch is not None else 0.0
+    # loaded for inference, unquantized: bf16 on a GPU (and on a CPU with native bf16)
+    reward = 2.0 * reward_arch.params if wants_reward and reward_arch is not None else 0.0
     head_gradient = 0.0
     if full:
         head_params = arch.output_params or arch.vocab * arch.hidden
-        # the fused head accumulates it in fp32 and then casts it to the weight's dtype (a copy on GPU)
-        head_gradient = (2.0 if gpu else 4.0) * head_params
-        if gpu and args.stage in FUSED_HEAD:
-            head_gradient += 4.0 * head_params
+        head_gradient = per.gradient * head_params
+        if args.stage in FUSED_HEAD and per.gradient != 4:
+            head_gradient += 4.0 * head_params  # the fused head accumulates it in fp32, then casts it (a copy)
     return Estimate(
         weights=weights,
         gradients=split(gradients, 2),
@@ -423,7 +462,7 @@ def plan(args: PlanArgs, gpu_memory: list[float] = (24, 40, 80)) -> Plan:
     result, trainable = estimate(args, arch, reward_arch)
     notes = _notes(args, arch)
     fits = {g: max_micro_batch(args, arch, reward_arch, g) for g in gpu_memory}
-    return Plan(args, arch, trainable, result, fits, notes)
+    return Plan(args, arch, trainable, result, fits, notes, plan_precision(args))
 
 
 def _notes(args: PlanArgs, arch: Architecture) -> list[str]:
@@ -437,8 +476,15 @@ def _notes(args: PlanArgs, arch: Architecture) -> list[str]:
     if args.stage in ("ppo", "grpo"):
         notes.append("generation KV cache counted for one micro-batch; TRL GRPO generates steps_per_generation "
                      "micro-batches at once")
+    if args.zero:
+        notes.append("ZeRO: DeepSpeed holds bf16 weights and gradients, its optimizer the fp32 master copy")
+    elif args.pure_bf16:
+        notes.append("pure_bf16: bf16 weights, gradients and AdamW states, no fp32 master copy (8 bytes/param "
+                     "less; updates below half a bf16 step are lost)")
+    elif args.method == "full" and args.device == "gpu":
+        notes.append("full: fp32 master weights, gradients and AdamW states (--pure-bf16: 8 bytes/param less)")
     if args.device == "cpu":
-        notes.append("cpu: fp32 weights and AdamW states, bf16 autocast (medgpt's CPU training)")
+        notes.append("cpu: assumes native bf16 (AVX512-BF16/AMX) for autocast; without it medgpt trains in fp32")
     if args.zero == 3 and args.gpus > 1:
         notes.append("ZeRO-3: one gathered layer added to the weights; communication buckets not counted")
     if args.stage in FUSED_HEAD:

@@ -16,11 +16,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from medgpt.infer.chat import ChatSession, run_chat
-    from medgpt.infer.options import engine_from_args, params_from_args
+    from medgpt.infer.chat import ChatSession, describe_engine, describe_params, run_chat
+    from medgpt.infer.options import engine_from_args, engine_params, params_from_args
     from medgpt.rag import kb_from_args
 
-    params = params_from_args(args)
+    params_from_args(args)  # a bad flag fails before the model loads
     augment = kb_from_args(args)
-    run_chat(ChatSession(engine_from_args(args), params, system=args.system, augment=augment))
+    engine = engine_from_args(args)
+    params, origins = engine_params(args, engine)
+    print(describe_engine(engine))
+    print(describe_params(params, origins))
+    run_chat(ChatSession(engine, params, system=args.system, augment=augment))
     return 0

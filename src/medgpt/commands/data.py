@@ -81,10 +81,10 @@ def _token_lengths(records: list[dict], kind: str, args: argparse.Namespace) -> 
 
         template = get_template(args.template, tokenizer)
 
-        def length(messages: list[dict]) -> int:
-            return len(template.encode(tokenizer, messages)["input_ids"])
+        def length(messages: list[dict], tools: list[dict] | None = None) -> int:
+            return len(template.encode(tokenizer, messages, tools=tools)["input_ids"])
 
-        lengths = [length(r["messages"]) if kind == "sft" else
+        lengths = [length(r["messages"], r.get("tools")) if kind == "sft" else
                    max(length(r["prompt"] + r["chosen"]), length(r["prompt"] + r["rejected"]))
                    for r in tqdm(records, desc="tokenizing", leave=False, disable=None)]
     ordered = sorted(lengths)

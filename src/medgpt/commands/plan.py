@@ -18,7 +18,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stage", choices=STAGES, default="sft")
     parser.add_argument("--method", choices=PLAN_METHODS, default="lora")
     parser.add_argument("--device", choices=DEVICES, default="gpu",
-                        help="gpu: bf16 mixed precision with fp32 master weights; cpu: fp32 weights + bf16 autocast")
+                        help="gpu: fp32 trained weights (master weights) with bf16 autocast, LoRA's frozen base in "
+                             "bf16; cpu: fp32 weights + bf16 autocast")
+    parser.add_argument("--pure-bf16", action="store_true",
+                        help="as the training key pure_bf16: bf16 weights, gradients and AdamW states, 8 bytes per "
+                             "trained parameter less; updates smaller than half a bf16 step (0.2-0.4%% of the "
+                             "weight) are lost")
     parser.add_argument("--batch-size", type=int, default=1, help="micro-batch per device (default: 1)")
     parser.add_argument("--seq-len", type=int, default=1024, help="tokens per sequence (default: 1024)")
     parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=False)
@@ -44,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
                            batch_size=args.batch_size, seq_len=args.seq_len,
                            gradient_checkpointing=args.gradient_checkpointing, gpus=args.gpus, zero=args.zero,
                            lora_rank=args.lora_rank, lora_target=args.lora_target, lora_dropout=args.lora_dropout,
-                           reference=args.reference, reward_model=args.reward_model,
+                           reference=args.reference, reward_model=args.reward_model, pure_bf16=args.pure_bf16,
                            trust_remote_code=args.trust_remote_code),
                   gpu_memory=args.gpu_memory)
     report = result.to_dict()
@@ -57,7 +62,11 @@ def run(args: argparse.Namespace) -> int:
     print(f"{args.stage}, {args.method}, device {args.device}: {a.params / 1e9:.3f} B params, "
           f"{result.trainable / 1e6:,.2f} M trainable ({100 * result.trainable / a.params:.2f}%)")
     print(f"micro-batch {args.batch_size}{pairs} x {args.seq_len} tokens, gradient checkpointing "
-          f"{'on' if args.gradient_checkpointing else 'off'}, {args.gpus} GPU(s), ZeRO {args.zero}\n")
+          f"{'on' if args.gradient_checkpointing else 'off'}, {args.gpus} GPU(s), ZeRO {args.zero}")
+    p = result.precision
+    frozen = f"{'NF4' if p.quantization_bit == 4 else 'int8'} linear layers, {p.frozen} rest" \
+        if p.quantization_bit else p.frozen
+    print(f"precision: trained parameters {p.trainable}, frozen weights {frozen}, autocast {p.autocast or 'none'}\n")
     print(f"{'per device':<24}{'GiB':>9}")
     for key, label in ROWS:
         if sizes[key] or key in ("weights", "gradients", "optimizer", "activations"):
@@ -71,7 +80,8 @@ def run(args: argparse.Namespace) -> int:
         if batch:
             print(f"{gib:g} GiB GPU: fits up to micro-batch {batch} at {args.seq_len} tokens")
         else:
-            print(f"{gib:g} GiB GPU: does not fit even micro-batch 1 (try --gradient-checkpointing, qlora4, "
+            pure = ", --pure-bf16" if args.method == "full" and not args.pure_bf16 and not args.zero else ""
+            print(f"{gib:g} GiB GPU: does not fit even micro-batch 1 (try --gradient-checkpointing, qlora4{pure}, "
                   "or more --gpus with --zero 3)")
     for note in result.notes:
         print(f"note: {note}")

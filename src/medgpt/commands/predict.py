@@ -17,12 +17,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from medgpt.infer.options import engine_from_args, params_from_args
+    from medgpt.infer.chat import describe_params
+    from medgpt.infer.options import engine_from_args, engine_params, params_from_args
     from medgpt.infer.predict import predict_file, read_inputs
 
-    params = params_from_args(args)
-    rows = read_inputs(args.input)  # a bad row fails before the model loads
+    params_from_args(args)  # a bad flag or row fails before the model loads
+    rows = read_inputs(args.input)
     engine = engine_from_args(args)
+    params, origins = engine_params(args, engine)
+    print(describe_params(params, origins))
     chunk = 4 * engine.max_batch_size
     stats = predict_file(engine, args.input, args.output, params, system=args.system, chunk_size=chunk,
                          overwrite=args.overwrite, rows=rows)

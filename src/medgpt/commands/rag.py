@@ -6,7 +6,9 @@ import argparse
 import json
 import sys
 
-from medgpt.rag import DEFAULT_CHUNK_SIZE, DEFAULT_EMBEDDER, DEFAULT_OVERLAP, DEFAULT_TOP_K, MODES
+from medgpt.rag import DEFAULT_CHUNK_SIZE, DEFAULT_EMBEDDER, DEFAULT_MODE, DEFAULT_OVERLAP, DEFAULT_TOP_K, MODES
+
+NOTHING_RELEVANT = "No passage in the knowledge base is relevant to this question."
 
 
 def _retrieval_arguments(parser: argparse.ArgumentParser) -> None:
@@ -14,8 +16,11 @@ def _retrieval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("question", help="the question (Chinese or English)")
     parser.add_argument("-k", "--top-k", type=int, default=DEFAULT_TOP_K,
                         help=f"chunks put in the prompt (default: {DEFAULT_TOP_K})")
-    parser.add_argument("--mode", choices=MODES, default="hybrid",
-                        help="hybrid: dense + BM25 fused by reciprocal rank (default)")
+    parser.add_argument("--mode", choices=MODES, default=DEFAULT_MODE,
+                        help=f"hybrid: dense + BM25, each voting only for passages it finds relevant, fused by "
+                             f"reciprocal rank; dense; bm25 (default: {DEFAULT_MODE})")
+    parser.add_argument("--min-score", type=float, metavar="COSINE",
+                        help="dense relevance floor (default: the embedder's own; -1 turns it off)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
@@ -80,10 +85,13 @@ def _print_sources(sources: list[dict], used: list[int] | None = None) -> None:
 def _search(args: argparse.Namespace) -> int:
     from medgpt.rag.retrieve import open_retriever
 
-    sources = [s.to_dict() for s in open_retriever(args.index).search(args.question, k=args.top_k, mode=args.mode)]
+    sources = [s.to_dict() for s in open_retriever(args.index).search(args.question, k=args.top_k, mode=args.mode,
+                                                                     min_score=args.min_score)]
     if args.json:
         print(json.dumps({"question": args.question, "sources": sources}, ensure_ascii=False, indent=2))
         return 0
+    if not sources:
+        print(NOTHING_RELEVANT)
     for s in sources:
         _print_sources([s])
         print("    " + s["text"].replace("\n", "\n    ") + "\n")
@@ -96,7 +104,7 @@ def _ask(args: argparse.Namespace) -> int:
     from medgpt.rag.retrieve import augment, cited
 
     messages, sources = augment([{"role": "user", "content": args.question}], args.index, k=args.top_k,
-                                mode=args.mode)
+                                mode=args.mode, min_score=args.min_score)
     engine = load_engine(model=args.model, adapter=args.adapter, template=args.template,
                          trust_remote_code=args.trust_remote_code)
     params = GenerationParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature)
@@ -114,6 +122,9 @@ def _ask(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"question": args.question, "answer": answer, "cited": used, "sources": sources},
                          ensure_ascii=False, indent=2))
+        return 0
+    if not sources:
+        print("\n" + NOTHING_RELEVANT)
         return 0
     print("\nSources" + (" (* = cited in the answer)" if used else " (the answer cites none of them)") + ":")
     _print_sources(sources, used)

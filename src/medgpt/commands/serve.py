@@ -23,17 +23,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from medgpt.errors import UserError
-    from medgpt.infer.options import api_key, engine_from_args, params_from_args
+    from medgpt.infer.chat import describe_engine, describe_params
+    from medgpt.infer.options import api_key, engine_from_args, engine_params, params_from_args
     from medgpt.infer.server import ServerSettings, create_app, serve
     from medgpt.rag import kb_from_args
 
     if min(args.max_tokens_cap, args.max_prompt_tokens, args.max_queue) < 1:
         raise UserError("--max-tokens-cap, --max-prompt-tokens and --max-queue must be >= 1")
-    settings = ServerSettings(defaults=params_from_args(args), max_tokens_cap=args.max_tokens_cap,
-                              max_prompt_tokens=args.max_prompt_tokens, max_queue=args.max_queue,
-                              api_key=api_key(args.api_key))
+    params_from_args(args)  # a bad flag fails before the model loads
     augment = kb_from_args(args)
     engine = engine_from_args(args, system=args.system)
+    params, origins = engine_params(args, engine)
+    print(describe_engine(engine))
+    print("defaults for fields a request leaves out: " + describe_params(params, origins))
+    settings = ServerSettings(defaults=params, max_tokens_cap=args.max_tokens_cap,
+                              max_prompt_tokens=args.max_prompt_tokens, max_queue=args.max_queue,
+                              api_key=api_key(args.api_key))
     app = create_app(engine, settings, augment=augment, model_name=args.served_model_name)
     serve(app, host=args.host, port=args.port)
     return 0

@@ -18,12 +18,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from medgpt.infer.options import engine_from_args, params_from_args
+    from medgpt.infer.options import engine_from_args, engine_params, params_from_args
     from medgpt.infer.webui import build_demo
     from medgpt.rag import kb_from_args
 
-    params = params_from_args(args)
+    params_from_args(args)  # a bad flag fails before the model loads
     augment = kb_from_args(args)
-    demo = build_demo(engine_from_args(args), params, system=args.system, augment=augment)
+    engine = engine_from_args(args)
+    params, origins = engine_params(args, engine)
+    demo = build_demo(engine, params, system=args.system, augment=augment, origins=origins)
     demo.queue().launch(server_name=args.host, server_port=args.port, share=args.share)
     return 0

@@ -37,8 +37,8 @@ def filter_by_length(rows: list[dict], lengths: list[int], max_length: int, over
 
 def encode_conversations(records: list[dict], tokenizer, template, cfg: Config, stats: DataStats) -> list[dict]:
     """Messages -> input_ids/labels with labels on assistant turns; overlong records dropped or truncated."""
-    encoded = [template.encode(tokenizer, r["messages"], system=cfg.data.system, train_on_all=cfg.data.train_on_all)
-               for r in records]
+    encoded = [template.encode(tokenizer, r["messages"], system=cfg.data.system, train_on_all=cfg.data.train_on_all,
+                               tools=r.get("tools")) for r in records]
     max_length = cfg.train.max_length or 10**9
     keep = filter_by_length(records, [len(e["input_ids"]) for e in encoded], max_length, cfg.data.overlong, stats)
     rows = []

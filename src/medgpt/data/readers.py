@@ -3,8 +3,17 @@
 Canonical records are TRL's conversational forms, so nothing downstream knows the source format:
 
 - `pt`:   `{"text": str}`
-- `sft`:  `{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}`
-- `pref`: `{"prompt": [... ending with a user turn], "chosen": [assistant turns], "rejected": [...]}`
+- `sft`:  `{"messages": [{"role": "system"|"user"|"assistant"|"tool", "content": str}, ...], "tools": [...]}`
+- `pref`: `{"prompt": [... ending with a user turn], "chosen": [assistant turns], "rejected": [...], "tools": [...]}`
+
+Tool calling (function calling) uses OpenAI's shapes, with the arguments parsed: `tools` (only when the row
+declares some) is `[{"type": "function", "function": {"name", "description", "parameters"}}]`; an assistant turn
+that calls tools has `"tool_calls": [{"type": "function", "function": {"name": str, "arguments": dict}}]` (its
+`content` may be ""); each call is answered by a `{"role": "tool", "content": str, "name": str}` turn (`name`
+when it is known: given, found through `tool_call_id`, or the only call of the turn it answers). ShareGPT's
+`function_call` / `observation` turns with a `tools` string (LLaMA-Factory's format), OpenAI's `tool_calls` and
+`role: "tool"` (and the older `function_call` / `role: "function"`), and OpenAI content given as a list of text
+parts (joined as they are, as chat templates render them) all read into these.
 
 Each record also carries `"_loc": "path:N"` so later steps (token-length filtering, error messages)
 can point at the source; callers strip it. N is the physical line for .txt/.jsonl/.csv (blank lines
@@ -37,7 +46,7 @@ from medgpt.errors import UserError
 __all__ = [
     "DataStats", "RecordError", "as_object", "check_choice", "check_order", "convert", "detect_kind", "expand",
     "hub_rows", "item_rows", "iter_rows", "message_list", "query_messages", "read_log", "read_records", "text_message",
-    "to_pref", "to_pt", "to_sft", "turns", "with_system", "write_jsonl", "write_stats",
+    "to_pref", "to_pt", "to_sft", "tools_field", "turns", "with_system", "write_jsonl", "write_stats",
 ]
 
 logger = logging.getLogger(__name__)
@@ -49,14 +58,15 @@ OVERLONG = ("drop", "truncate")
 REASONS = (
     "invalid JSON", "not an object", "missing field", "wrong type", "empty conversation", "empty message",
     "unknown role", "roles out of order", "identical chosen and rejected", "not UTF-8", "empty text",
-    "invalid CSV", "longer than max_length",
+    "invalid CSV", "longer than max_length", "conflicting fields",
 )
 EXTENSIONS = {"pt": (".txt", ".json", ".jsonl", ".parquet", ".csv"), "sft": (".json", ".jsonl", ".parquet", ".csv")}
 EXTENSIONS["pref"] = EXTENSIONS["sft"]
-ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
-SHAREGPT_ROLES = {"system": "system", "user": "human", "assistant": "gpt"}
-# CSV cells are strings; these columns may hold JSON (message lists, history pairs).
-_STRUCTURED = {"conversations", "messages", "history", "prompt", "chosen", "rejected"}
+ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+         "function_call": "assistant", "observation": "tool", "tool": "tool", "function": "tool"}
+SHAREGPT_ROLES = {"system": "system", "user": "human", "assistant": "gpt", "tool": "observation"}
+# CSV cells are strings; these columns may hold JSON (message lists, history pairs, tool lists).
+_STRUCTURED = {"conversations", "messages", "history", "prompt", "chosen", "rejected", "tools"}
 
 Row = tuple[str, Any]  # (location, parsed object | RecordError | None for a blank line)
 
@@ -358,23 +368,150 @@ def with_system(obj: dict, messages: list[dict]) -> list[dict]:
     return messages if messages and messages[0]["role"] == "system" else _system(obj) + messages
 
 
-def _message(turn: Any, where: str) -> dict | None:
-    """One ShareGPT (`from`/`value`) or OpenAI (`role`/`content`) turn; an empty system turn is no turn."""
+def _one_of(turn: dict, keys: tuple[str, str], where: str, same: Callable[[Any], Any] = lambda v: v) -> Any:
+    """The value of whichever of two synonymous fields is set; both set to different values is an error."""
+    values = [(k, turn[k]) for k in keys if turn.get(k) is not None]
+    if len(values) == 2 and same(values[0][1]) != same(values[1][1]):
+        raise RecordError("conflicting fields", f'{where} has "{values[0][0]}" {values[0][1]!r:.60} and '
+                                                f'"{values[1][0]}" {values[1][1]!r:.60}; keep one')
+    return values[0][1] if values else None
+
+
+def _role_name(value: Any) -> Any:
+    return ROLES.get(value.lower(), value) if isinstance(value, str) else value
+
+
+def _text(content: Any, where: str) -> str:
+    """Message content: a string, or OpenAI's list of text parts (joined as they are, as chat templates do)."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise RecordError("wrong type", f"{where} content is {_type(content)}")
+    texts = []
+    for index, part in enumerate(content):
+        if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+            kind = part.get("type") if isinstance(part, dict) else _type(part)
+            raise RecordError("wrong type", f"{where} content[{index}] is {kind!r:.40}, expected a "
+                                            '{"type": "text", "text": ...} part (only text can be read)')
+        texts.append(part["text"])
+    return "".join(texts)
+
+
+def _json(value: Any, where: str) -> Any:
+    """A field that may hold JSON text (OpenAI's `arguments`, ShareGPT's `tools` and `function_call` values)."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError as exc:
+        raise RecordError("invalid JSON", f"{where}: {exc.msg} at column {exc.colno}") from None
+
+
+def _call(call: Any, where: str) -> tuple[dict, str | None]:
+    """One tool call (OpenAI's `{"type": "function", "function": {...}}` or a bare `{"name", "arguments"}`) in the
+    canonical form with parsed arguments, and its `id` if it has one."""
+    if not isinstance(call, dict):
+        raise RecordError("wrong type", f"{where} is {_type(call)}, expected a tool call object")
+    if call.get("type") not in (None, "function"):
+        raise RecordError("wrong type", f'{where} is a {call["type"]!r:.40} call; only function calls can be read')
+    function = call.get("function", call)
+    if not isinstance(function, dict):
+        raise RecordError("wrong type", f'{where} "function" is {_type(function)}')
+    name = function.get("name")
+    if not isinstance(name, str) or not name.strip():
+        raise RecordError("missing field", f'{where} needs the function\'s "name"')
+    arguments = function.get("arguments")
+    arguments = {} if arguments is None or arguments == "" else _json(arguments, f"{where} arguments")
+    if not isinstance(arguments, dict):
+        raise RecordError("wrong type", f"{where} arguments are {_type(arguments)}, expected an object")
+    call_id = call.get("id")
+    return {"type": "function", "function": {"name": name, "arguments": arguments}}, \
+        call_id if isinstance(call_id, str) and call_id else None
+
+
+def _calls(turn: dict, where: str) -> tuple[list[dict], list[str | None]]:
+    """The tool calls of an OpenAI assistant turn (`tool_calls`, or the older single `function_call`)."""
+    calls = turn.get("tool_calls") or None
+    if calls is not None and turn.get("function_call") is not None:
+        raise RecordError("conflicting fields", f'{where} has both "tool_calls" and "function_call"; keep one')
+    if calls is None:
+        calls = [turn["function_call"]] if turn.get("function_call") is not None else []
+    if not isinstance(calls, list):
+        raise RecordError("wrong type", f'{where} "tool_calls" is {_type(calls)}, expected a list')
+    parsed = [_call(call, f"{where} tool_calls[{index}]") for index, call in enumerate(calls)]
+    return [call for call, _ in parsed], [call_id for _, call_id in parsed]
+
+
+def _sharegpt_calls(value: Any, where: str) -> list[dict]:
+    """ShareGPT's `function_call` turn: JSON of one `{"name", "arguments"}` call or of a list of them."""
+    value = _json(value, f"{where} value")
+    items = value if isinstance(value, list) else [value]
+    if not items:
+        raise RecordError("empty message", f"{where} (function_call)")
+    return [_call(item, f"{where} call {index}")[0] for index, item in enumerate(items)]
+
+
+def _message(turn: Any, where: str) -> tuple[dict | None, list[str | None], str | None]:
+    """One ShareGPT (`from`/`value`) or OpenAI (`role`/`content`) turn, with the ids of the tool calls it makes
+    and the `tool_call_id` it answers. An empty system turn is no turn."""
     if not isinstance(turn, dict):
         raise RecordError("wrong type", f"{where} is {_type(turn)}, expected an object")
-    role, content = turn.get("from", turn.get("role")), turn.get("value", turn.get("content"))
-    if role is None or content is None:
+    name = _one_of(turn, ("from", "role"), where, _role_name)
+    content = _one_of(turn, ("value", "content"), where,
+                      lambda v: _text(v, where) if isinstance(v, (str, list)) else v)
+    if name is None:
         raise RecordError("missing field", f'{where} needs "from" and "value" (or "role" and "content")')
-    if not isinstance(role, str) or role.lower() not in ROLES:
-        raise RecordError("unknown role", f"{where}: {role!r} (expected one of {', '.join(ROLES)})")
-    if not isinstance(content, str):
-        raise RecordError("wrong type", f"{where} content is {_type(content)}")
-    role = ROLES[role.lower()]
-    if not content.strip():
+    if not isinstance(name, str) or name.lower() not in ROLES:
+        raise RecordError("unknown role", f"{where}: {name!r} (expected one of {', '.join(ROLES)})")
+    role, ids = ROLES[name.lower()], []
+    if name.lower() == "function_call":
+        if content is None:
+            raise RecordError("missing field", f'{where} needs "value" (the call as JSON)')
+        return {"role": "assistant", "content": "", "tool_calls": _sharegpt_calls(content, where)}, [], None
+    calls: list[dict] = []
+    if role == "assistant":
+        calls, ids = _calls(turn, where)
+    elif turn.get("tool_calls") or turn.get("function_call"):
+        raise RecordError("wrong type", f"{where} is a {role} turn with tool calls; only assistant turns make them")
+    if content is None and not calls:
+        raise RecordError("missing field", f'{where} needs "from" and "value" (or "role" and "content")')
+    text = _text("" if content is None else content, where)
+    if not text.strip() and not calls:
         if role == "system":
-            return None
+            return None, [], None
         raise RecordError("empty message", f"{where} ({role})")
-    return {"role": role, "content": content}
+    message: dict = {"role": role, "content": text}
+    if calls:
+        message["tool_calls"] = calls
+    answers = None
+    if role == "tool":
+        tool_name, answers = turn.get("name"), turn.get("tool_call_id")
+        if tool_name is not None and (not isinstance(tool_name, str) or not tool_name.strip()):
+            raise RecordError("wrong type", f'{where} "name" is {_type(tool_name)}, expected the function\'s name')
+        if tool_name:
+            message["name"] = tool_name
+        answers = answers if isinstance(answers, str) and answers else None
+    return message, ids, answers
+
+
+def _name_results(messages: list[dict], answers: list[str | None], ids: dict[str, str], where: list[str]) -> None:
+    """Give each tool result the name of the function it answers: through its `tool_call_id`, else when the turn
+    it answers made a single call. A name that contradicts its `tool_call_id` is an error."""
+    calls: list[dict] = []
+    for message, answer, place in zip(messages, answers, where):
+        if message.get("tool_calls"):
+            calls = message["tool_calls"]
+        if message["role"] != "tool":
+            continue
+        if answer is not None:
+            if answer not in ids:
+                raise RecordError("roles out of order", f"{place} answers tool call {answer!r:.40}, which no earlier "
+                                                        "assistant turn made")
+            if message.setdefault("name", ids[answer]) != ids[answer]:
+                raise RecordError("conflicting fields", f'{place} "name" {message["name"]!r:.40} is not the function '
+                                                        f"of its tool_call_id ({ids[answer]!r:.40})")
+        elif "name" not in message and len(calls) == 1:
+            message["name"] = calls[0]["function"]["name"]
 
 
 def message_list(value: Any, key: str) -> list[dict]:
@@ -382,7 +519,49 @@ def message_list(value: Any, key: str) -> list[dict]:
     if not isinstance(value, (list, dict)):
         raise RecordError("wrong type", f'"{key}" is {_type(value)}, expected a list of messages')
     items = [value] if isinstance(value, dict) else value
-    return [m for index, turn in enumerate(items) if (m := _message(turn, f'"{key}[{index}]"')) is not None]
+    messages, answers, where, ids = [], [], [], {}
+    for index, turn in enumerate(items):
+        place = f'"{key}[{index}]"'
+        message, call_ids, answer = _message(turn, place)
+        if message is None:
+            continue
+        for call, call_id in zip(message.get("tool_calls", []), call_ids):
+            if call_id is not None:
+                ids[call_id] = call["function"]["name"]
+        messages.append(message)
+        answers.append(answer)
+        where.append(place)
+    _name_results(messages, answers, ids, where)
+    return messages
+
+
+def tools_field(obj: dict) -> list[dict]:
+    """The row's `tools` (OpenAI's list, or ShareGPT's JSON string of one) as OpenAI-form function tools."""
+    value = _json(obj.get("tools"), '"tools"') if obj.get("tools") not in (None, "") else []
+    items = [value] if isinstance(value, dict) else value
+    if not isinstance(items, list):
+        raise RecordError("wrong type", f'"tools" is {_type(items)}, expected a list of tools')
+    tools = []
+    for index, tool in enumerate(items):
+        where = f'"tools[{index}]"'
+        if not isinstance(tool, dict):
+            raise RecordError("wrong type", f"{where} is {_type(tool)}, expected a tool object")
+        if tool.get("type") not in (None, "function"):
+            raise RecordError("wrong type", f'{where} is a {tool["type"]!r:.40} tool; only function tools can be read')
+        function = tool.get("function", tool)
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str) \
+                or not function["name"].strip():
+            raise RecordError("missing field", f'{where} needs the function\'s "name"')
+        function = {k: v for k, v in function.items() if k != "type" or "function" in tool}
+        if function.get("description") is not None and not isinstance(function["description"], str):
+            raise RecordError("wrong type", f'{where} "description" is {_type(function["description"])}')
+        if function.get("parameters") is not None:
+            function["parameters"] = _json(function["parameters"], f"{where} parameters")
+            if not isinstance(function["parameters"], dict):
+                raise RecordError("wrong type", f'{where} "parameters" is {_type(function["parameters"])}, '
+                                                "expected a JSON schema object")
+        tools.append({"type": "function", "function": function})
+    return tools
 
 
 def turns(obj: dict, key: str, role: str) -> list[dict]:
@@ -393,18 +572,30 @@ def turns(obj: dict, key: str, role: str) -> list[dict]:
 
 def check_order(messages: list[dict], key: str, first: str = "user", last: str | None = None,
                 system: bool = True) -> None:
-    """After an optional leading system message, roles alternate starting with `first`."""
+    """After an optional leading system message, turns start with `first` and follow the chat order: user and
+    assistant alternate, except that an assistant turn calling tools is answered by tool turns (at least one,
+    at most one per call) before the assistant speaks again. `last` is the role the turns must end with; a
+    tool result ends them as a user turn does (the assistant answers both next)."""
     body = messages[1:] if system and messages and messages[0]["role"] == "system" else messages
     if not body:
         raise RecordError("empty conversation", f'"{key}" has no {first} message')
-    expected = first
+    expected, calls, results, caller = (first,), 0, 0, 0
     for index, message in enumerate(body, len(messages) - len(body)):
-        if message["role"] != expected:
+        role = message["role"]
+        if role not in expected:
+            why = f" (the results of message {caller}'s tool calls)" if expected == ("tool",) else ""
             raise RecordError("roles out of order",
-                              f'"{key}" message {index} is {message["role"]}, expected {expected}')
-        expected = "assistant" if expected == "user" else "user"
-    if last and body[-1]["role"] != last:
-        raise RecordError("roles out of order", f'"{key}" ends with a {body[-1]["role"]} message, expected {last}')
+                              f'"{key}" message {index} is {role}, expected {" or ".join(expected)}{why}')
+        if role == "tool":
+            results += 1
+            expected = ("tool", "assistant") if results < calls else ("assistant",)
+        elif role == "assistant" and message.get("tool_calls"):
+            expected, calls, results, caller = ("tool",), len(message["tool_calls"]), 0, index
+        else:
+            expected = ("assistant",) if role == "user" else ("user",)
+    end = body[-1]["role"]
+    if last and end != last and not (last == "user" and end == "tool"):
+        raise RecordError("roles out of order", f'"{key}" ends with a {end} message, expected {last}')
 
 
 def query_messages(obj: dict, key: str = "instruction") -> list[dict]:
@@ -428,10 +619,25 @@ def to_pt(raw: Any) -> dict:
     return {"text": text}
 
 
+def _conversation_key(obj: dict, keys: tuple[str, ...]) -> str | None:
+    """Which of `keys` holds the conversation; two holding different conversations is an error, not a choice."""
+    present = [k for k in keys if obj.get(k) is not None]
+    if any(obj[k] != obj[present[0]] for k in present[1:]):
+        raise RecordError("conflicting fields", f"{' and '.join(repr(k) for k in present)} hold different "
+                                                "conversations; keep one")
+    return present[0] if present else None
+
+
+def _with_tools(record: dict, obj: dict) -> dict:
+    tools = tools_field(obj)
+    return {**record, "tools": tools} if tools else record
+
+
 def to_sft(raw: Any) -> dict:
-    """A ShareGPT, OpenAI or Alpaca row as an sft record: a conversation ending with an assistant turn."""
+    """A ShareGPT, OpenAI or Alpaca row as an sft record: a conversation ending with an assistant turn (which may
+    be a tool call), with the row's `tools` when it declares some."""
     obj = as_object(raw)
-    key = next((k for k in ("conversations", "messages") if obj.get(k) is not None), None)
+    key = _conversation_key(obj, ("conversations", "messages"))
     if key:
         messages = with_system(obj, message_list(obj[key], key))
     elif "instruction" in obj:
@@ -440,7 +646,7 @@ def to_sft(raw: Any) -> dict:
     else:
         raise RecordError("missing field", '"conversations" or "messages" or "instruction"')
     check_order(messages, key, last="assistant")
-    return {"messages": messages}
+    return _with_tools({"messages": messages}, obj)
 
 
 def to_pref(raw: Any) -> dict:
@@ -450,7 +656,7 @@ def to_pref(raw: Any) -> dict:
         prompt = _system(obj) + _history(obj) + [text_message(obj, "question", "user")]
         chosen, rejected = ([text_message(obj, f"response_{k}", "assistant")] for k in ("chosen", "rejected"))
     elif "chosen" in obj or "rejected" in obj:
-        key = next((k for k in ("prompt", "conversations", "messages") if obj.get(k) is not None), None)
+        key = _conversation_key(obj, ("prompt", "conversations", "messages"))
         if key is None:
             raise RecordError("missing field", '"prompt" or "conversations"')
         prompt = with_system(obj, turns(obj, key, "user"))
@@ -461,9 +667,10 @@ def to_pref(raw: Any) -> dict:
     check_order(prompt, "prompt", last="user")
     for key, messages in (("chosen", chosen), ("rejected", rejected)):
         check_order(messages, key, first="assistant", last="assistant", system=False)
-    if [m["content"].strip() for m in chosen] == [m["content"].strip() for m in rejected]:
+    if [(m["content"].strip(), m.get("tool_calls")) for m in chosen] == \
+            [(m["content"].strip(), m.get("tool_calls")) for m in rejected]:
         raise RecordError("identical chosen and rejected")
-    return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+    return _with_tools({"prompt": prompt, "chosen": chosen, "rejected": rejected}, obj)
 
 
 NORMALIZERS: dict[str, Callable[[Any], dict]] = {"pt": to_pt, "sft": to_sft, "pref": to_pref}
@@ -531,8 +738,16 @@ def _kind_of(record: dict) -> str:
     return "sft" if "messages" in record else "pref" if "prompt" in record else "pt" if "text" in record else "?"
 
 
-def _split_turns(messages: list[dict]) -> tuple[str, list[list[str]], list[dict]]:
+def _plain(messages: list[dict], loc: str, to: str) -> list[dict]:
+    """`messages`, refused when they hold tool calls or results, which `to` has no place for."""
+    if any(m["role"] == "tool" or m.get("tool_calls") for m in messages):
+        raise UserError(f"{loc}: {to} cannot hold tool calls or results; convert to sharegpt or openai")
+    return messages
+
+
+def _split_turns(messages: list[dict], loc: str, to: str) -> tuple[str, list[list[str]], list[dict]]:
     """Leading system text, the [user, assistant] pairs, and a trailing unpaired message if any."""
+    messages = _plain(messages, loc, to)
     system = messages[0]["content"] if messages and messages[0]["role"] == "system" else ""
     body = messages[1:] if system else messages
     pairs = [[body[i]["content"], body[i + 1]["content"]] for i in range(0, len(body) - 1, 2)]
@@ -542,39 +757,80 @@ def _split_turns(messages: list[dict]) -> tuple[str, list[list[str]], list[dict]
 def _single(messages: list[dict], loc: str, key: str) -> str:
     if len(messages) != 1:
         raise UserError(f"{loc}: {key} has {len(messages)} messages; this format holds exactly one")
-    return messages[0]["content"]
+    return _plain(messages, loc, "this format")[0]["content"]
 
 
-def _sharegpt(messages: list[dict]) -> list[dict]:
-    return [{"from": SHAREGPT_ROLES[m["role"]], "value": m["content"]} for m in messages]
+def _bare_call(call: dict) -> dict:
+    return {"name": call["function"]["name"], "arguments": call["function"]["arguments"]}
+
+
+def _sharegpt(messages: list[dict], loc: str) -> list[dict]:
+    """ShareGPT turns; tool calls as LLaMA-Factory's `function_call` turns (one call as an object, several as a
+    list) and results as `observation` turns, which have no field for the function's name."""
+    out = []
+    for index, m in enumerate(messages):
+        if m.get("tool_calls"):
+            if m["content"].strip():
+                raise UserError(f"{loc}: message {index} has text and tool calls; a sharegpt function_call turn "
+                                "holds only the calls (convert to openai)")
+            calls = [_bare_call(c) for c in m["tool_calls"]]
+            out.append({"from": "function_call",
+                        "value": json.dumps(calls[0] if len(calls) == 1 else calls, ensure_ascii=False)})
+        else:
+            out.append({"from": SHAREGPT_ROLES[m["role"]], "value": m["content"]})
+    return out
+
+
+def _sharegpt_tools(record: dict) -> dict:
+    """ShareGPT's `tools`: a JSON string of the function definitions."""
+    tools = record.get("tools")
+    return {"tools": json.dumps([t["function"] for t in tools], ensure_ascii=False)} if tools else {}
+
+
+def _openai(messages: list[dict]) -> list[dict]:
+    """OpenAI messages: tool call arguments as JSON strings, as the API writes them."""
+    return [{**m, "tool_calls": [{"type": "function", "function": {
+        "name": c["function"]["name"], "arguments": json.dumps(c["function"]["arguments"], ensure_ascii=False)}}
+        for c in m["tool_calls"]]} if m.get("tool_calls") else m for m in messages]
+
+
+def _with_openai_tools(record: dict) -> dict:
+    return {"tools": record["tools"]} if record.get("tools") else {}
 
 
 def _sft_alpaca(record: dict, loc: str) -> dict:
-    system, pairs, _ = _split_turns(record["messages"])
+    system, pairs, _ = _split_turns(record["messages"], loc, "alpaca")
+    if record.get("tools"):
+        raise UserError(f"{loc}: alpaca cannot hold tools; convert to sharegpt or openai")
     return {"instruction": pairs[-1][0], "input": "", "output": pairs[-1][1], "system": system, "history": pairs[:-1]}
 
 
 def _pref_seed(record: dict, loc: str) -> dict:
-    system, history, (question, *_) = _split_turns(record["prompt"])
+    system, history, (question, *_) = _split_turns(record["prompt"], loc, "the pref format")
+    if record.get("tools"):
+        raise UserError(f"{loc}: the pref format cannot hold tools; convert to sharegpt or openai")
     return {"system": system, "history": history, "question": question["content"],
             "response_chosen": _single(record["chosen"], loc, "chosen"),
             "response_rejected": _single(record["rejected"], loc, "rejected")}
 
 
 _CONVERTERS: dict[tuple[str, str], Callable[[dict, str], dict]] = {
-    ("sft", "sharegpt"): lambda r, loc: {"conversations": _sharegpt(r["messages"])},
-    ("sft", "openai"): lambda r, loc: {"messages": r["messages"]},
+    ("sft", "sharegpt"): lambda r, loc: {"conversations": _sharegpt(r["messages"], loc), **_sharegpt_tools(r)},
+    ("sft", "openai"): lambda r, loc: {"messages": _openai(r["messages"]), **_with_openai_tools(r)},
     ("sft", "alpaca"): _sft_alpaca,
-    ("pref", "openai"): lambda r, loc: {k: r[k] for k in ("prompt", "chosen", "rejected")},
-    ("pref", "sharegpt"): lambda r, loc: {"conversations": _sharegpt(r["prompt"]), **{
-        k: {"from": "gpt", "value": _single(r[k], loc, k)} for k in ("chosen", "rejected")}},
+    ("pref", "openai"): lambda r, loc: {**{k: _openai(r[k]) for k in ("prompt", "chosen", "rejected")},
+                                        **_with_openai_tools(r)},
+    ("pref", "sharegpt"): lambda r, loc: {"conversations": _sharegpt(r["prompt"], loc), **{
+        k: {"from": "gpt", "value": _single(r[k], loc, k)} for k in ("chosen", "rejected")}, **_sharegpt_tools(r)},
     ("pref", "pref"): _pref_seed,
 }
 
 
 def convert(records: Iterable[dict], to: str) -> list[dict]:
     """Canonical records -> `sharegpt`, `openai`, `alpaca` (sft, with `history`) or `pref` (the seed
-    preference format); `_loc` is used in errors and not copied."""
+    preference format); `_loc` is used in errors and not copied. Tool conversations go to sharegpt
+    (LLaMA-Factory's `function_call`/`observation` turns and `tools` string) or openai (JSON-string arguments);
+    the formats that cannot hold them refuse them."""
     check_choice("to", to, FORMATS)
     out = []
     for record in records:

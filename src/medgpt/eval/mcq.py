@@ -2,19 +2,20 @@
 
 Questions are scored by the log-likelihood of the answer letters at the position right after the
 prompt (the C-Eval/CMMLU "answer only" protocol: softmax over the logits of A/B/C/D), or by generating
-a reply and extracting the letter with the official regular expressions. Prompts follow the official
+a reply and reading the letter it commits to with `medgpt.data.answers.extract_choice` (the reader the GRPO/PPO
+rewards use; a reply without one counts as wrong, never as a random guess). Prompts follow the official
 wording of each benchmark; with a chat template, few-shot examples become earlier user/assistant turns.
 """
 
 from __future__ import annotations
 
 import logging
-import re
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from medgpt.data.answers import extract_choice
 from medgpt.data.readers import as_object, hub_rows, read_records
 from medgpt.errors import UserError
 
@@ -214,29 +215,6 @@ def question_messages(q: Question, shots: list[Question], style: str) -> list[di
         if s is not q:
             messages.append({"role": "assistant", "content": s.answer})
     return messages
-
-
-# ---- answer extraction (generation) ----------------------------------------------------------------
-
-_PATTERNS = [re.compile(p) for p in (
-    r"答案(?:选项)?(?:是|为)[:：]?\s*([ABCD])", r"答案[:：]\s*([ABCD])", r"故?选择?[:：]?\s*([ABCD])",
-    r"([ABCD])\s*选?项(?:是|为)?正确", r"正确的?选项(?:是|为)\s*([ABCD])",
-    r"(?i:answer(?: is)?)\s*[:：]?\s*\(?([ABCD])\b", r"^\(?([ABCD])[\).。:：,，]", r"^([ABCD])$",
-)]
-
-
-def extract_choice(text: str) -> str | None:
-    """The chosen letter in a reply (C-Eval/CMMLU's patterns), or None when there is none to find.
-
-    Unlike CMMLU's script, an unparsable reply is not replaced by a random letter: it counts as wrong.
-    """
-    text = text.strip()
-    for pattern in _PATTERNS:
-        m = pattern.search(text)
-        if m:
-            return m.group(1)
-    only = set(re.findall(r"(?<![A-Za-z])([ABCD])(?![A-Za-z])", text))
-    return only.pop() if len(only) == 1 else None
 
 
 # ---- scoring -------------------------------------------------------------------------------------

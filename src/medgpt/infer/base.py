@@ -22,6 +22,10 @@ Augment = Callable[[list[dict]], tuple[list[dict], list[dict]]]
 
 @dataclass
 class GenerationParams:
+    """One request's generation settings; the defaults are greedy decoding, what evaluation and reports use.
+
+    Chat-like commands start from `chat_defaults(engine)` instead (sampling with a repetition penalty)."""
+
     max_new_tokens: int = 256
     temperature: float = 0.0  # 0 = greedy
     top_p: float = 1.0
@@ -54,6 +58,58 @@ class Completion:
     finish_reason: str  # "stop" | "length"
 
 
+# The sampling settings of a chat whose model's generation config sets none: greedy decoding makes small models
+# repeat themselves until the token limit. bench/chat_defaults.py (English and Chinese medical questions on the
+# bundled SmolLM2-135M-Instruct, 512 new tokens): greedy loops in 10 of 16 answers, sampling without a repetition
+# penalty in 2, these values in none (bench/results/chat_defaults.json).
+CHAT_SAMPLING = {"temperature": 0.7, "top_p": 0.9, "top_k": 0, "repetition_penalty": 1.1}
+MODEL_ORIGIN = "the model's generation_config"
+MEDGPT_ORIGIN = "medgpt's chat default"
+
+
+def shipped_sampling(config: Any) -> dict[str, Any]:
+    """The sampling settings a model's generation config sets (a transformers GenerationConfig, or the parsed
+    generation_config.json): do_sample, temperature, top_p, top_k, repetition_penalty; unset ones are left out."""
+    keys = ("do_sample", *CHAT_SAMPLING)
+    get = config.get if isinstance(config, dict) else lambda key: getattr(config, key, None)
+    return {key: get(key) for key in keys if get(key) is not None}
+
+
+def read_sampling(folder: str | Path) -> dict[str, Any]:
+    """`shipped_sampling` of a model folder's generation_config.json ({} when it has none)."""
+    import json
+
+    path = Path(folder) / "generation_config.json"
+    if not path.is_file():
+        return {}
+    try:
+        return shipped_sampling(json.loads(path.read_text(encoding="utf-8")))
+    except (ValueError, AttributeError) as exc:
+        raise UserError(f"{path}: not a JSON object ({exc})") from exc
+
+
+def chat_origins(engine: Any) -> dict[str, str]:
+    """Where each chat default of `engine` comes from: MODEL_ORIGIN or MEDGPT_ORIGIN, per sampling field."""
+    shipped = getattr(engine, "model_sampling", None) or {}
+    origins = {key: MODEL_ORIGIN if key in shipped else MEDGPT_ORIGIN for key in CHAT_SAMPLING}
+    if shipped.get("do_sample") is False:  # the model asks for greedy decoding
+        origins["temperature"] = MODEL_ORIGIN
+    return origins
+
+
+def chat_defaults(engine: Any, max_new_tokens: int = 512) -> GenerationParams:
+    """The generation settings a chat starts from: each sampling field as the model's generation config sets it,
+    else medgpt's CHAT_SAMPLING; `do_sample: false` there means greedy (temperature 0)."""
+    shipped = getattr(engine, "model_sampling", None) or {}
+    values = {**CHAT_SAMPLING, **{k: v for k, v in shipped.items() if k in CHAT_SAMPLING}}
+    if shipped.get("do_sample") is False:
+        values["temperature"] = 0.0
+    try:
+        return GenerationParams(max_new_tokens=max_new_tokens, **values).validate()
+    except (UserError, TypeError) as exc:
+        raise UserError(f"{getattr(engine, 'name', 'the model')}: its generation_config.json: {exc}") from exc
+
+
 @dataclass
 class Request:
     """One prompt (token ids) with its own parameters; `on_text` receives text deltas as they are final."""
@@ -72,6 +128,7 @@ class Engine(Protocol):
     name: str  # what the server reports as the model id
     max_batch_size: int  # most requests the server hands to one `run`
     system: str | None  # the default system prompt
+    model_sampling: dict[str, Any]  # the sampling settings the model's generation config sets
 
     def encode(self, messages: list[dict], system: str | None = None) -> list[int]: ...
 
@@ -81,7 +138,44 @@ class Engine(Protocol):
                  system: str | None = None) -> list[Completion]: ...
 
     def stream(self, messages: list[dict], params: GenerationParams,
-               system: str | None = None) -> Iterator[str]: ...
+               system: str | None = None) -> TextStream: ...
+
+
+class TextStream:
+    """The text deltas of one answer as they are final (iterate it like any iterator of str); once it is
+    exhausted, `completion` holds the whole answer with its token counts and finish reason ("length" = cut
+    at max_new_tokens). `close()` stops the generation early."""
+
+    def __init__(self, chunks: Iterator[str]):
+        self._chunks = chunks  # a generator of deltas that returns the Completion
+        self.completion: Completion | None = None
+
+    def __iter__(self) -> TextStream:
+        return self
+
+    def __next__(self) -> str:
+        try:
+            return next(self._chunks)
+        except StopIteration as end:
+            self.completion = end.value
+            raise
+
+    def close(self) -> None:
+        close = getattr(self._chunks, "close", None)
+        if close:
+            close()
+
+
+def engine_facts(engine: Any) -> dict[str, str]:
+    """What an engine has loaded, for people: model (its folder), adapter, template, dtype, device."""
+    folder, adapter = getattr(engine, "folder", None), getattr(engine, "adapter", None)
+    facts = {"model": f"{Path(folder).name} ({folder})" if folder else str(getattr(engine, "name", "?")),
+             "adapter": f"{Path(adapter).name} ({adapter})" if adapter else "none",
+             "template": str(getattr(getattr(engine, "template", None), "name", "?"))}
+    if facts["template"] == "auto":
+        facts["template"] = "auto (the tokenizer's own chat template)"
+    facts.update({key: str(value) for key in ("dtype", "device") if (value := getattr(engine, key, None))})
+    return facts
 
 
 def check_messages(messages: Any) -> list[dict]:
@@ -116,6 +210,11 @@ class BaseEngine:
     name: str = "medgpt"
     max_batch_size: int = 16
     system: str | None = None
+    model_sampling: dict[str, Any] = {}  # what the model's generation config sets (see shipped_sampling)
+    folder: str | None = None  # the base model's folder
+    adapter: str | None = None  # the LoRA adapter's folder
+    dtype: str | None = None
+    device: str | None = None
 
     def encode(self, messages: list[dict], system: str | None = None) -> list[int]:
         """Token ids of the prompt, rendered by the same template as training."""
@@ -127,15 +226,20 @@ class BaseEngine:
         params.validate()
         return self.run([Request(self.encode(m, system), params) for m in batch])
 
-    def stream(self, messages: list[dict], params: GenerationParams, system: str | None = None) -> Iterator[str]:
+    def stream(self, messages: list[dict], params: GenerationParams, system: str | None = None) -> TextStream:
+        """Text deltas as they are final; the returned stream's `completion` is set once it is exhausted."""
         params.validate()
+        return TextStream(self._deltas(Request(self.encode(messages, system), params)))
+
+    def _deltas(self, request: Request) -> Iterator[str]:
         deltas: queue.Queue = queue.Queue()
-        request = Request(self.encode(messages, system), params, on_text=deltas.put)
+        request.on_text = deltas.put
+        result: list[Completion] = []
         failure: list[BaseException] = []
 
         def work() -> None:
             try:
-                self.run([request])
+                result.extend(self.run([request]))
             except BaseException as exc:  # re-raised in the consumer below
                 failure.append(exc)
             finally:
@@ -149,6 +253,7 @@ class BaseEngine:
             request.cancelled = True
         if failure:
             raise failure[0]
+        return result[0]
 
     def run(self, requests: list[Request]) -> list[Completion]:
         """Generate for many requests together; results keep the input order."""

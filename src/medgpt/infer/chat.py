@@ -6,7 +6,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TextIO
 
-from medgpt.infer.base import Augment, Engine, GenerationParams
+from medgpt.infer.base import Augment, Completion, Engine, GenerationParams, engine_facts
 
 HELP = "commands: /clear (forget the conversation), /system TEXT (set the system prompt), /exit (quit)"
 EXIT = {"/exit", "/quit", "exit", "quit"}
@@ -22,30 +22,65 @@ class ChatSession:
     augment: Augment | None = None
     history: list[dict] = field(default_factory=list)
     sources: list[dict] = field(default_factory=list)  # of the last answer
+    completion: Completion | None = None  # the last answer: token count and finish reason ("length" = cut)
 
     def clear(self) -> None:
         self.history.clear()
         self.sources = []
+        self.completion = None
 
     def reply(self, text: str) -> Iterator[str]:
         """Stream the answer to `text`; the turn joins the history only when the answer is complete."""
         messages = [*self.history, {"role": "user", "content": text}]
         prompt, self.sources = self.augment(messages) if self.augment else (messages, [])
+        self.completion = None
         answer = ""
-        for delta in self.engine.stream(prompt, self.params, system=self.system):
-            answer += delta
-            yield delta
+        stream = self.engine.stream(prompt, self.params, system=self.system)
+        try:
+            for delta in stream:
+                answer += delta
+                yield delta
+        finally:  # stopped early (Ctrl-C, a closed page): stop generating
+            getattr(stream, "close", lambda: None)()
+        self.completion = getattr(stream, "completion", None)
         self.history += [messages[-1], {"role": "assistant", "content": answer}]
 
 
+def cut_note(completion: Completion | None) -> str:
+    """"cut at N tokens" for an answer that ended at max_new_tokens rather than on its own, else ""."""
+    if completion is None or completion.finish_reason != "length":
+        return ""
+    return f"cut at {completion.completion_tokens} tokens"
+
+
 def format_sources(sources: list[dict]) -> str:
-    """One line per source: its name (`source`, else `title` or `id`) and a short excerpt."""
+    """One line per source: the number the prompt gave it (`n`), its name (`source`, else `title` or `id`) and a
+    short excerpt."""
     lines = []
     for i, s in enumerate(sources, 1):
+        i = s.get("n", i)
         name = s.get("source") or s.get("title") or s.get("id") or "?"
         excerpt = " ".join(str(s.get("text", "")).split())[:100]
         lines.append(f"[{i}] {name}" + (f": {excerpt}" if excerpt else ""))
     return "\n".join(lines)
+
+
+def describe_engine(engine: Engine) -> str:
+    """One line of what is loaded (model, adapter, template, dtype, device), for the terminal."""
+    return ", ".join(f"{key} {value}" for key, value in engine_facts(engine).items())
+
+
+def describe_params(params: GenerationParams, origins: dict[str, str] | None = None) -> str:
+    """One line of the sampling settings in effect and where each came from, for the terminal and the logs."""
+    if params.temperature == 0:
+        parts = ["greedy"]
+    else:
+        parts = [f"temperature {params.temperature:g}", f"top-p {params.top_p:g}"]
+        parts += [f"top-k {params.top_k}"] if params.top_k else []
+    parts.append(f"repetition penalty {params.repetition_penalty:g}")
+    parts.append(f"max new tokens {params.max_new_tokens}")
+    from_where = sorted(set((origins or {}).values()))
+    return ", ".join(parts) + (f" (from {'; '.join(from_where)})" if from_where else "")
 
 
 def run_chat(session: ChatSession, read: Callable[[str], str] = input, out: TextIO | None = None) -> None:
@@ -86,5 +121,7 @@ def run_chat(session: ChatSession, read: Callable[[str], str] = input, out: Text
             print("\n(stopped; this turn is not kept)", file=out)
             continue
         print(file=out)
+        if note := cut_note(session.completion):
+            print(f"({note}: the answer reached the max new tokens limit; --max-new-tokens raises it)", file=out)
         if session.sources:
             print("sources:\n" + format_sources(session.sources), file=out)

@@ -13,7 +13,8 @@ import logging
 import threading
 
 from medgpt.errors import UserError
-from medgpt.infer.base import BaseEngine, Completion, Engine, Request, require_template, stop_tokens
+from medgpt.infer.base import (BaseEngine, Completion, Engine, Request, require_template, shipped_sampling,
+                               stop_tokens)
 
 log = logging.getLogger(__name__)
 
@@ -180,12 +181,14 @@ class TransformersEngine(BaseEngine):
         if getattr(self.model, "hf_device_map", None) is None:
             self.model.to(device)
         self.device = device
+        self.folder, self.adapter = opened.folder, opened.adapter
+        self.dtype = str(self.model.dtype).removeprefix("torch.")
+        self.model_sampling = shipped_sampling(self.model.generation_config)
         self.max_batch_size = max(1, int(max_batch_size))
         self.stop_ids, self.stop_strings = stop_tokens(self.tokenizer, self.template, self.model)
         self._lock = threading.Lock()  # one generate at a time on one model
         log.info("loaded %s%s on %s (%s), template %s", opened.folder,
-                 f" + adapter {opened.adapter}" if opened.adapter else "", device,
-                 str(self.model.dtype).removeprefix("torch."), self.template.name)
+                 f" + adapter {opened.adapter}" if opened.adapter else "", device, self.dtype, self.template.name)
 
     def run(self, requests: list[Request]) -> list[Completion]:
         """Generate for prompts of any length in batches of similar length; results keep the input order."""

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import os
+from dataclasses import replace
 
-from medgpt.infer.base import Engine, GenerationParams
+from medgpt.errors import UserError
+from medgpt.infer.base import CHAT_SAMPLING, MEDGPT_ORIGIN, Engine, GenerationParams, chat_defaults, chat_origins
 from medgpt.infer.engine import ENGINES, load_engine
 
 
@@ -27,22 +29,51 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     vllm.add_argument("--max-model-len", type=int, help="longest prompt + answer in tokens")
 
 
+SAMPLING_FLAGS = {"temperature": "--temperature", "top_p": "--top-p", "top_k": "--top-k",
+                  "repetition_penalty": "--repetition-penalty"}
+
+
 def add_generation_arguments(parser: argparse.ArgumentParser, max_new_tokens: int = 512) -> None:
-    group = parser.add_argument_group("generation")
+    """Generation flags; a sampling flag left out takes the model's generation_config value, else medgpt's."""
+    group = parser.add_argument_group(
+        "generation", "Sampling flags left out take the model's generation_config.json values where it sets them, "
+                      "else medgpt's chat defaults (sampling with a repetition penalty: greedy decoding makes small "
+                      "models repeat themselves). --greedy decodes greedily, as evaluation does.")
     group.add_argument("--system", help="system prompt (default: the template's)")
-    group.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
-    group.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    group.add_argument("--top-p", type=float, default=1.0)
-    group.add_argument("--top-k", type=int, default=0, help="0 = off")
-    group.add_argument("--repetition-penalty", type=float, default=1.0)
+    group.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help=f"default: {max_new_tokens}")
+    for field, flag in SAMPLING_FLAGS.items():
+        value = CHAT_SAMPLING[field]
+        kind = int if isinstance(value, int) else float
+        note = {"temperature": "; 0 = greedy", "top_k": "; 0 = off"}.get(field, "")
+        group.add_argument(flag, type=kind, help=f"default: the model's generation_config, else {value}{note}")
+    group.add_argument("--greedy", action="store_true",
+                       help="greedy decoding: temperature 0, no top-p/top-k cut, repetition penalty 1.0 unless "
+                            "--repetition-penalty is given (reproducible; what evaluation uses)")
     group.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    group.add_argument("--seed", type=int)
+    group.add_argument("--seed", type=int, help="default: none (a new random seed for each answer)")
 
 
-def params_from_args(args: argparse.Namespace) -> GenerationParams:
-    return GenerationParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                            top_k=args.top_k, repetition_penalty=args.repetition_penalty, stop=list(args.stop),
-                            seed=args.seed).validate()
+def params_from_args(args: argparse.Namespace, defaults: GenerationParams | None = None) -> GenerationParams:
+    """The flags given over `defaults` (the engine's `chat_defaults`; None: medgpt's own, to check the flags before
+    a model is loaded)."""
+    return chat_params(args, defaults)[0]
+
+
+def chat_params(args: argparse.Namespace, defaults: GenerationParams | None = None,
+                origins: dict[str, str] | None = None) -> tuple[GenerationParams, dict[str, str]]:
+    """`params_from_args` and where each sampling value came from: a flag, --greedy, or `origins` (the defaults')."""
+    given = {field: getattr(args, field) for field in SAMPLING_FLAGS if getattr(args, field, None) is not None}
+    where = {**(origins or {field: MEDGPT_ORIGIN for field in SAMPLING_FLAGS}),
+             **{field: SAMPLING_FLAGS[field] for field in given}}
+    if getattr(args, "greedy", False):
+        clash = [SAMPLING_FLAGS[f] for f in ("temperature", "top_p", "top_k") if f in given]
+        if clash:
+            raise UserError(f"--greedy cannot be combined with {', '.join(clash)}")
+        where.update({field: "--greedy" for field in SAMPLING_FLAGS if field not in given})
+        given = {"temperature": 0.0, "top_p": 1.0, "top_k": 0, "repetition_penalty": 1.0, **given}
+    base = defaults or GenerationParams(max_new_tokens=args.max_new_tokens, **CHAT_SAMPLING)
+    params = replace(base, max_new_tokens=args.max_new_tokens, stop=list(args.stop), seed=args.seed, **given)
+    return params.validate(), where
 
 
 def engine_from_args(args: argparse.Namespace, system: str | None = None) -> Engine:
@@ -58,3 +89,8 @@ def engine_from_args(args: argparse.Namespace, system: str | None = None) -> Eng
 def api_key(flag: str | None) -> str | None:
     """The API key from the flag, else the MEDGPT_API_KEY environment variable; None = no key required."""
     return flag or os.environ.get("MEDGPT_API_KEY") or None
+
+
+def engine_params(args: argparse.Namespace, engine: Engine) -> tuple[GenerationParams, dict[str, str]]:
+    """The settings chat, webui, serve and predict generate with: the flags over the engine's chat defaults."""
+    return chat_params(args, chat_defaults(engine, args.max_new_tokens), chat_origins(engine))

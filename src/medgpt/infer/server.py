@@ -322,7 +322,8 @@ async def seed_chat(body: SeedChatRequest, request: HttpRequest) -> dict:
     pairs = [[q["content"], a["content"]] for q, a in zip(history, history[1:])
              if q["role"] == "user" and a["role"] == "assistant"]
     return {"response": result.text, "history": [*pairs, [body.message, result.text]],
-            "usage": usage(result), **({"sources": sources} if state.augment is not None else {})}
+            "finish_reason": result.finish_reason, "usage": usage(result),
+            **({"sources": sources} if state.augment is not None else {})}
 
 
 def usage(result: Completion) -> dict:

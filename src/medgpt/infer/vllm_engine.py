@@ -12,7 +12,8 @@ import threading
 from typing import Any
 
 from medgpt.errors import UserError
-from medgpt.infer.base import BaseEngine, Completion, GenerationParams, Request, require_template, stop_tokens
+from medgpt.infer.base import (BaseEngine, Completion, GenerationParams, Request, read_sampling, require_template,
+                               stop_tokens)
 
 INSTALL_HINT = "the vllm engine needs vLLM on Linux with an NVIDIA GPU: pip install 'medgpt[vllm]' (or pip install vllm)"
 DTYPES = {"auto": "auto", "fp32": "float32", "bf16": "bfloat16", "fp16": "float16",
@@ -78,6 +79,8 @@ class VllmEngine(BaseEngine):
         self.tokenizer, self.name, self.system = opened.tokenizer, opened.name, system
         self.template = require_template(opened.template)
         self.stop_ids, self.stop_strings = stop_tokens(self.tokenizer, self.template)
+        self.folder, self.adapter, self.dtype, self.device = opened.folder, opened.adapter, dtype, "cuda"
+        self.model_sampling = read_sampling(opened.folder)
         self.llm = LLM(**llm_kwargs(opened.folder, opened.tokenizer_folder, opened.adapter, dtype, trust_remote_code,
                                     max_batch_size=max_batch_size, **kwargs))
         self.max_batch_size = max_batch_size or 16  # requests a server hands over at once; vLLM schedules them

@@ -6,12 +6,14 @@ Layout of an index folder:
     chunks.jsonl     one chunk per line: file, index, location, text
     embeddings.npy   float32 [chunks, dim], L2-normalized rows in chunks.jsonl order
     embedder.npz     the embedder's fitted state, if it has one (the TF-IDF IDF weights)
-    bm25/            bm25s index of the same chunks
+    bm25/            bm25s index of the same chunks, tokenized by `bm25_tokens` (its version is in meta.json)
 
 Re-indexing embeds only the files whose content hash changed (or that are new); the chunks and vectors
 of unchanged files are copied from the old index. BM25 is rebuilt every time: its IDF depends on the
-whole corpus, and building it takes milliseconds next to embedding. The new index is written to a
-temporary folder and swapped in only when complete.
+whole corpus, and building it takes milliseconds next to embedding. An index whose BM25 was built by an
+older `bm25_tokens` gets its BM25 rebuilt in memory when loaded (and on disk by the next `rag index`), so
+questions and chunks are always tokenized alike. The new index is written to a temporary folder and swapped
+in only when complete.
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
+import unicodedata
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -35,6 +39,13 @@ from medgpt.rag.documents import EXTENSIONS, Chunk, DocumentError, read_document
 log = logging.getLogger(__name__)
 
 FORMAT = 1
+BM25_TOKENIZER = 2  # version of `bm25_tokens`, stored in meta.json; 1 = jieba on the raw text, small stop list
+
+_CJK = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
+_RUNS = re.compile(rf"[{_CJK}]+|[^\W_{_CJK}]+(?:['.][^\W_{_CJK}]+)*")
+_THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
+# question words that bm25s's Chinese stop list lacks: they say what is asked, not what it is about
+_QUESTION_WORDS_ZH = ("多久", "多长", "多长时间", "哪几", "哪几种", "几种", "请问")
 
 
 @dataclass
@@ -78,21 +89,42 @@ class KnowledgeBase:
 
 
 def bm25_tokens(text: str) -> list[str]:
-    """Words for BM25: jieba segmentation (Chinese words, English words and numbers), lowercased,
-    stop words and punctuation removed; search mode adds the sub-words of long Chinese words."""
+    """Words for BM25, the same for chunks and questions.
+
+    The text is NFKC-normalized (full-width digits and letters become ASCII) and lowercased, then cut
+    into runs of Chinese characters and runs of other letters and digits. A Chinese run is segmented by
+    jieba in search mode (each word, plus the known sub-words of a long one: 流感疫苗 -> 流感, 疫苗,
+    流感疫苗); any other run is one word (7.0, 2,300 -> 2300, john's -> john). Stop words (bm25s's
+    Chinese list and NLTK's English one) and Chinese question words are dropped, so a chunk is matched
+    on what a question is about rather than on "what", "how" or 多久.
+    """
     import jieba
 
     jieba.setLogLevel(logging.WARNING)
     stop = _stopwords()
-    return [t for t in (w.strip() for w in jieba.lcut_for_search(text.lower()))
-            if t and t not in stop and any(ch.isalnum() for ch in t)]
+    text = _THOUSANDS.sub("", unicodedata.normalize("NFKC", text).lower().replace("\u2019", "'"))
+    tokens: list[str] = []
+    for run in _RUNS.findall(text):
+        if re.match(rf"[{_CJK}]", run):
+            tokens += [w for w in jieba.lcut_for_search(run) if w not in stop]
+        elif (word := run.removesuffix("'s")) not in stop:
+            tokens.append(word)
+    return tokens
 
 
 @lru_cache(maxsize=1)
 def _stopwords() -> frozenset[str]:
-    from bm25s.stopwords import STOPWORDS_CHINESE, STOPWORDS_EN
+    from bm25s.stopwords import STOPWORDS_CHINESE, STOPWORDS_EN, STOPWORDS_EN_PLUS
 
-    return frozenset([*STOPWORDS_EN, *STOPWORDS_CHINESE])
+    return frozenset([*STOPWORDS_EN, *STOPWORDS_EN_PLUS, *STOPWORDS_CHINESE, *_QUESTION_WORDS_ZH])
+
+
+def _build_bm25(texts: list[str]):
+    import bm25s
+
+    bm25 = bm25s.BM25()
+    bm25.index([bm25_tokens(t) for t in texts], show_progress=False)
+    return bm25
 
 
 def search_text(chunk: Chunk, title: str) -> str:
@@ -188,10 +220,12 @@ def build_index(sources: list[str | Path], out: str | Path, embedder: str = DEFA
         for i, vector in zip(todo, fresh):
             vectors[i] = vector
     report.chunks, report.embedded = len(chunks), len(todo)
-    if old and not (todo or report.removed) and entries == old.meta["files"]:
+    if (old and not (todo or report.removed) and entries == old.meta["files"]
+            and old.meta.get("bm25_tokenizer") == BM25_TOKENIZER):
         log.info("%s: up to date (%d files, %d chunks)", out, len(entries), len(chunks))
         return report
-    meta = {"format": FORMAT, **settings, "fingerprint": encoder.fingerprint(), "dim": encoder.dim, "files": entries}
+    meta = {"format": FORMAT, **settings, "fingerprint": encoder.fingerprint(), "dim": encoder.dim,
+            "bm25_tokenizer": BM25_TOKENIZER, "files": entries}
     _write_index(out, meta, chunks, texts, np.stack(vectors).astype(np.float32), encoder.state_dict())
     log.info("indexed %d chunks from %d files into %s (%d embedded, %d reused)", len(chunks), len(entries), out,
              len(todo), len(chunks) - len(todo))
@@ -219,8 +253,6 @@ def _reusable(out: Path, settings: dict[str, Any], encoder) -> KnowledgeBase | N
 
 def _write_index(out: Path, meta: dict, chunks: list[Chunk], texts: list[str], embeddings: np.ndarray,
                  embedder_state: dict[str, np.ndarray]) -> None:
-    import bm25s
-
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -230,9 +262,7 @@ def _write_index(out: Path, meta: dict, chunks: list[Chunk], texts: list[str], e
     np.save(tmp / "embeddings.npy", embeddings)
     if embedder_state:
         np.savez(tmp / "embedder.npz", **embedder_state)
-    bm25 = bm25s.BM25()
-    bm25.index([bm25_tokens(t) for t in texts], show_progress=False)
-    bm25.save(str(tmp / "bm25"), show_progress=False)
+    _build_bm25(texts).save(str(tmp / "bm25"), show_progress=False)
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False), encoding="utf-8")
     _swap_in(tmp, out)
 
@@ -275,4 +305,14 @@ def load_index(path: str | Path) -> KnowledgeBase:
     if len(chunks) != len(embeddings):
         raise UserError(f"{path}: damaged index ({len(chunks)} chunks, {len(embeddings)} vectors); "
                         "re-index with --rebuild")
+    if meta.get("bm25_tokenizer", 1) != BM25_TOKENIZER:
+        log.warning("%s: BM25 was built by an older tokenizer; rebuilding it in memory (run `medgpt rag index` "
+                    "again to store it)", path)
+        bm25 = _build_bm25(_search_texts(meta, chunks))
     return KnowledgeBase(path, meta, chunks, embeddings, bm25, state)
+
+
+def _search_texts(meta: dict[str, Any], chunks: list[Chunk]) -> list[str]:
+    """What was indexed for each chunk, rebuilt from the chunks and the file titles in meta.json."""
+    titles = {name: entry["title"] for name, entry in meta["files"].items()}
+    return [search_text(c, titles.get(c.file, "")) for c in chunks]

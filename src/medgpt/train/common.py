@@ -59,7 +59,7 @@ def build_trainer(cfg: Config, trainer_cls, datasets: Callable, load: Callable |
                   task_type: str = "CAUSAL_LM", **trainer_kwargs):
     """The one way a TRL trainer is set up: the model `load(cfg)` returns (default: the policy), the data
     `datasets(cfg, tokenizer)` returns, the configured LoRA and the metrics log; returns (trainer, read counts)."""
-    from medgpt.models import open_tokenizer
+    from medgpt.models import cast_trainable, open_tokenizer
 
     tokenizer = open_tokenizer(cfg.model)
     train_ds, eval_ds, stats = datasets(cfg, tokenizer)
@@ -76,6 +76,7 @@ def build_trainer(cfg: Config, trainer_cls, datasets: Callable, load: Callable |
         callbacks=[metrics_callback(cfg.output_dir)],
         **trainer_kwargs,
     )
+    cast_trainable(trainer.model, training_precision(cfg).trainable)  # what the trainer added or cast (PEFT, TRL)
     return trainer, stats
 
 
@@ -125,13 +126,40 @@ def peft_config(cfg: Config, task_type: str = "CAUSAL_LM"):
     return lora_config(cfg.lora, task_type)
 
 
-def load_policy(cfg: Config, head: str = "causal_lm", num_labels: int = 1):
-    """The model to train, in fp32 master weights on CPU (bf16 autocast does the matmuls)."""
-    from medgpt.models import load_model
+def training_precision(cfg: Config):
+    """The run's `medgpt.models.Precision`: what its trained and frozen weights are held in, and its autocast."""
+    import os
 
-    model = load_model(cfg.model, training=True, head=head, num_labels=num_labels)
+    from medgpt.models import cuda_available, training_precision as rule
+
+    deepspeed = bool(getattr(cfg.train, "deepspeed", None)) or (
+        os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true")
+    return rule(cfg.run.method, cfg.model.dtype, cfg.model.quantization_bit, cfg.run.pure_bf16,
+                gpu=cuda_available() and not cfg.train.use_cpu, deepspeed=deepspeed)
+
+
+def load_policy(cfg: Config, head: str = "causal_lm", num_labels: int = 1, trainable: bool = True):
+    """The model to train, as `training_precision(cfg)` holds it: full fine-tuning loads the weights straight in
+    the trainable dtype (fp32 master weights unless pure_bf16; no round trip through bf16); LoRA loads the base
+    in the frozen dtype, and the adapters the trainer adds are cast by `build_trainer`. `trainable=False`: a
+    frozen copy (a reference model), held like frozen weights."""
+    from dataclasses import replace
+
+    from medgpt.models import PURE_BF16_COST, cast_trainable, load_model
+
+    precision = training_precision(cfg)
+    args = cfg.model
+    if trainable and cfg.run.method == "full":
+        args = replace(args, dtype=precision.trainable)
+    if trainable and cfg.run.pure_bf16:
+        log.warning(PURE_BF16_COST)
+    model = load_model(args, training=True, head=head, num_labels=num_labels)
+    if not trainable:
+        return model.requires_grad_(False)
     if getattr(cfg.train, "activation_checkpointing", False) and cfg.model.adapter:
         model.enable_input_require_grads()
+    if cfg.model.adapter:  # a loaded adapter trains on; a new one is added (and cast) by the trainer
+        cast_trainable(model, precision.trainable)
     return model
 
 

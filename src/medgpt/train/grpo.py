@@ -16,6 +16,10 @@ order `reward_weights` follows; `medgpt.train.rewards` has them all):
 `auto` (the default) is mcq_accuracy, answer_format, and reward_model when one is set. A reward that does
 not apply to a row (mcq_accuracy on an open question) is left out for it, so one data set may mix both
 kinds. On a GPU with vLLM installed, generation runs in vLLM (colocated) unless use_vllm is set.
+
+A completion ends at the template's stop tokens, the ones serving and PPO stop at (`infer.base.stop_tokens`):
+TRL ends and masks completions at the model's `generation_config.eos_token_id`, which is set to them; vLLM
+gets them, and the stop words the vocabulary holds only as several tokens, in `generation_kwargs`.
 """
 
 from __future__ import annotations
@@ -70,9 +74,44 @@ def configure(cfg: Config) -> None:
     use_vllm_if_available(cfg)
 
 
-def run(cfg: Config) -> dict:
+def stops(cfg: Config) -> tuple[list[int], list[str]]:
+    """The template's stop token ids and its stop words that are several tokens, for the configured tokenizer; on
+    vLLM both go into `generation_kwargs` (the user's own keys win)."""
+    from medgpt.data.templates import get_template
+    from medgpt.infer.base import stop_tokens
+    from medgpt.models import open_tokenizer
+
+    tokenizer = open_tokenizer(cfg.model)
+    ids, strings = stop_tokens(tokenizer, get_template(cfg.model.template, tokenizer))
+    if cfg.train.use_vllm:
+        cfg.train.generation_kwargs = {"stop_token_ids": sorted(ids), **({"stop": strings} if strings else {}),
+                                       **(cfg.train.generation_kwargs or {})}
+    elif strings:
+        log.warning("the stop words %s are several tokens for this tokenizer: transformers generation in GRPO ends "
+                    "completions on stop tokens only (vLLM also stops on these)", ", ".join(map(repr, strings)))
+    return sorted(ids), strings
+
+
+def stopping_policy(cfg: Config, stop_ids: list[int]):
+    """The policy, with every stop token (the template's and the model's own eos) as its eos, which TRL ends and
+    masks completions at."""
+    model = common.load_policy(cfg)
+    own = model.generation_config.eos_token_id
+    own = [] if own is None else [own] if isinstance(own, int) else list(own)
+    model.generation_config.eos_token_id = sorted({*own, *stop_ids})
+    return model
+
+
+def build(cfg: Config):
+    """The GRPO trainer (stopping where the template stops) and the read counts."""
     from trl import GRPOTrainer
 
     funcs = rewards.build_rewards(cfg.stage_args)
-    trainer, stats = common.build_trainer(cfg, GRPOTrainer, datasets=prompt_datasets, reward_funcs=funcs)
+    stop_ids, _ = stops(cfg)
+    return common.build_trainer(cfg, GRPOTrainer, datasets=prompt_datasets,
+                                load=partial(stopping_policy, stop_ids=stop_ids), reward_funcs=funcs)
+
+
+def run(cfg: Config) -> dict:
+    trainer, stats = build(cfg)
     return common.train_and_save(trainer, cfg, stats)

@@ -2,8 +2,11 @@
 
 TRL 1.x has no PPO trainer, so the algorithm lives here as one readable loop. Each step:
 
-1. rollout: sample a response to each of `rollout_batch_size` prompts from the policy (LoRA on the base);
-2. score: a frozen reward model (`stage: rm`) and/or reward functions give each response one number;
+1. rollout: sample a response to each of `rollout_batch_size` prompts from the policy (LoRA on the base), each
+   ending at its first stop token or stop string (`infer.base.stop_tokens`, the same stops serving uses);
+2. score: a frozen reward model (`stage: rm`) and/or reward functions give each response one number, the sum of
+   the scores that apply to it (a function's None is left out); a response no reward applies to is left out
+   of the update, since a stand-in score such as 0 would train the policy away from it;
 3. per-token rewards: `-kl_coef * (log p_policy - log p_reference)` on every response token, plus the
    score on the last one. The reference is the same network with its LoRA adapter switched off, so no
    second copy of the weights is held;
@@ -111,18 +114,23 @@ def configure(cfg: Config) -> None:
 class ActorCritic(torch.nn.Module):
     """The policy LM and a scalar value head on its last hidden state: one module to train and prepare."""
 
-    def __init__(self, policy: torch.nn.Module) -> None:
+    def __init__(self, policy: torch.nn.Module, trainable: str = "fp32") -> None:
+        """`trainable`: the run's trainable dtype, which the value head and every trained parameter are held in."""
+        from medgpt.models import cast_trainable
+
         super().__init__()
         self.policy = policy
         hidden = policy.get_input_embeddings().embedding_dim
         self.value_head = torch.nn.Linear(hidden, 1)
         torch.nn.init.zeros_(self.value_head.weight)
         torch.nn.init.zeros_(self.value_head.bias)
+        cast_trainable(self, trainable)
 
     def forward(self, input_ids, attention_mask, logits_to_keep: int):
         out = self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions(attention_mask),
                           logits_to_keep=logits_to_keep, output_hidden_states=True, use_cache=False)
-        return out.logits, self.value_head(out.hidden_states[-1]).squeeze(-1)
+        hidden = out.hidden_states[-1].to(self.value_head.weight.dtype)  # a bf16 base without autocast
+        return out.logits, self.value_head(hidden).squeeze(-1)
 
 
 def positions(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -145,7 +153,7 @@ def build_policy(cfg: Config, checkpoint: str | None):
                                 else dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, model=checkpoint)))
     reference = None
     if cfg.run.method == "full":
-        reference = common.load_policy(cfg).requires_grad_(False).eval()
+        reference = common.load_policy(cfg, trainable=False).eval()
         disable_dropout_in_model(reference)
     elif cfg.model.adapter:
         policy.load_adapter(cfg.model.adapter, adapter_name=REFERENCE_ADAPTER, is_trainable=False)
@@ -222,8 +230,38 @@ class Rollout:
                           for f in dataclasses.fields(self)})
 
 
-def generate(policy, tokenizer, prompt_ids: list[list[int]], args: PPOConfig, stop_ids: list[int]) -> list[list[int]]:
-    """Sample one response per prompt; each is cut after its first stop token."""
+def _first(lo: int, hi: int, holds: Callable[[int], bool]) -> int:
+    """The smallest k in [lo, hi] for which `holds(k)`, for a condition that, once true, stays true (hi: true)."""
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if holds(mid) else (mid + 1, hi)
+    return lo
+
+
+def cut_response(row: list[int], tokenizer, stop_ids: set[int] | list[int],
+                 stop_strings: list[str] | tuple[str, ...] = ()) -> tuple[list[int], int, bool]:
+    """A sampled row cut at its first stop: (the tokens PPO trains on, through the stop; how many of them come
+    before the stop, the reply the rewards read; whether it stopped). A stop token ends the row at that token;
+    a stop string (a stop word the vocabulary holds only as several tokens) at the token that completes it,
+    and the reply is the tokens before the one it starts in. A row with neither was cut off at the length
+    limit; what generate() padded after a stop is dropped."""
+    stop_ids = set(stop_ids)
+    end = next((i for i, token in enumerate(row) if token in stop_ids), None)
+    head = list(row if end is None else row[:end])
+    text = lambda n: tokenizer.decode(head[:n], skip_special_tokens=False)  # noqa: E731
+    if stop_strings and any(s in text(len(head)) for s in stop_strings):
+        # a prefix that holds a stop string only grows: search for the shortest one, then for the stop's start
+        kept = _first(1, len(head), lambda n: any(s in text(n) for s in stop_strings))
+        start = min(i for i in (text(kept).find(s) for s in stop_strings) if i >= 0)
+        return head[:kept], _first(0, kept - 1, lambda n: len(text(n + 1)) > start), True
+    if end is not None:
+        return list(row[:end + 1]), end, True
+    return list(row), len(row), False
+
+
+def generate(policy, tokenizer, prompt_ids: list[list[int]], args: PPOConfig, stop_ids: list[int],
+             stop_strings: list[str] | tuple[str, ...] = ()) -> list[tuple[list[int], int, bool]]:
+    """Sample one response per prompt, each cut at its first stop token or stop string (`cut_response`)."""
     from transformers import GenerationConfig
     from trl.trainer.utils import pad
 
@@ -234,14 +272,12 @@ def generate(policy, tokenizer, prompt_ids: list[list[int]], args: PPOConfig, st
     # every sampling knob set explicitly: the model's own defaults (top_p, repetition_penalty) would make the
     # sampled distribution differ from the one whose log-probs PPO optimises
     config = GenerationConfig(do_sample=True, temperature=args.temperature, top_k=args.top_k,
-                              top_p=args.top_p, max_new_tokens=args.max_new_tokens, eos_token_id=stop_ids,
-                              pad_token_id=tokenizer.pad_token_id, repetition_penalty=1.0)
-    out = policy.generate(input_ids=input_ids, attention_mask=mask, generation_config=config)
-    responses = []
-    for row in out[:, input_ids.shape[1]:].tolist():
-        end = next((i + 1 for i, t in enumerate(row) if t in stop_ids), len(row))
-        responses.append(row[:end])
-    return responses
+                              top_p=args.top_p, max_new_tokens=args.max_new_tokens, eos_token_id=list(stop_ids),
+                              pad_token_id=tokenizer.pad_token_id, repetition_penalty=1.0,
+                              stop_strings=list(stop_strings) or None)
+    out = policy.generate(input_ids=input_ids, attention_mask=mask, generation_config=config,
+                          **({"tokenizer": tokenizer} if stop_strings else {}))
+    return [cut_response(row, tokenizer, stop_ids, stop_strings) for row in out[:, input_ids.shape[1]:].tolist()]
 
 
 def response_stats(model: ActorCritic | torch.nn.Module, batch: Rollout, temperature: float, with_values: bool = True):
@@ -318,15 +354,15 @@ class PPO:
         self.scorers = rewards.build_rewards(cfg.stage_args, device=str(self.accelerator.device),
                                              dtype=cfg.model.dtype, batch_size=args.per_device_eval_batch_size)
         self.prompts, self.stats = read_rollout_prompts(cfg, self.tokenizer, self.template)
-        # single stop tokens only: a stop word of several tokens does not end a rollout
-        self.stop_ids = sorted(stop_tokens(self.tokenizer, self.template)[0])
         self.checkpoint = common.last_checkpoint(cfg)
         state = json.loads((Path(self.checkpoint) / STATE_FILE).read_text()) if self.checkpoint else {}
         self.global_step = state.get("global_step", 0)
         self.kl = KLController(args, state.get("kl_coef", args.kl_coef))
 
         policy, reference, self.as_reference = build_policy(cfg, self.checkpoint)
-        model = ActorCritic(policy)
+        ids, self.stop_strings = stop_tokens(self.tokenizer, self.template, policy)
+        self.stop_ids = sorted(ids)
+        model = ActorCritic(policy, common.training_precision(cfg).trainable)
         if self.checkpoint:
             from safetensors.torch import load_file
 
@@ -366,29 +402,32 @@ class PPO:
         self.model.eval()
         chunk = args.per_device_eval_batch_size
         with acc.autocast():
-            responses = [r for s in range(0, len(picked), chunk)
-                         for r in generate(policy, self.tokenizer, [p["ids"] for p in picked[s:s + chunk]], args,
-                                           self.stop_ids)]
-        finished = [bool(r) and r[-1] in self.stop_ids for r in responses]
-        texts = [self.tokenizer.decode(r[:-1] if done else r, skip_special_tokens=True)
-                 for r, done in zip(responses, finished)]
+            cut = [c for s in range(0, len(picked), chunk)
+                   for c in generate(policy, self.tokenizer, [p["ids"] for p in picked[s:s + chunk]], args,
+                                     self.stop_ids, self.stop_strings)]
+        responses = [ids for ids, _, _ in cut]
+        finished = [done for _, _, done in cut]
+        replies = [ids[:n] for ids, n, _ in cut]
+        texts = [self.tokenizer.decode(r, skip_special_tokens=True) for r in replies]
         columns = {"prompts": [p["prompt"] for p in picked],
-                   "completions": [[{"role": "assistant", "content": t}] for t in texts],
-                   "completion_ids": [r[:-1] if done else r for r, done in zip(responses, finished)],
+                   "completions": [[{"role": "assistant", "content": t}] for t in texts], "completion_ids": replies,
                    **{k: [p.get(k) for p in picked] for k in ("answer", "options", "reference")}}
-        scores = torch.tensor([sum(s) for s in zip(*(self._score(fn, columns) for fn in self.scorers))],
-                              dtype=torch.float32, device=acc.device)
+        summed = [None if all(v is None for v in row) else sum(v for v in row if v is not None)
+                  for row in zip(*(self._score(fn, columns) for fn in self.scorers))]
+        scored = torch.tensor([s is not None for s in summed], dtype=torch.float32, device=acc.device)
+        scores = torch.tensor([s or 0.0 for s in summed], dtype=torch.float32, device=acc.device)
         scores -= args.missing_eos_penalty * torch.tensor([not f for f in finished], dtype=torch.float32,
                                                           device=acc.device)
+        scores *= scored
 
         prompt_ids = pad([torch.tensor(p["ids"]) for p in picked], self.tokenizer.pad_token_id, "left")
         prompt_mask = pad([torch.ones(len(p["ids"]), dtype=torch.long) for p in picked], 0, "left")
         response_ids = pad([torch.tensor(r) for r in responses], self.tokenizer.pad_token_id, "right")
         response_mask = pad([torch.ones(len(r), dtype=torch.long) for r in responses], 0, "right")
+        tokens = response_mask.float().to(acc.device)  # every response token, through the stop
         batch = Rollout(input_ids=torch.cat([prompt_ids, response_ids], 1).to(acc.device),
                         attention_mask=torch.cat([prompt_mask, response_mask], 1).to(acc.device),
-                        responses=response_ids.to(acc.device), mask=response_mask.float().to(acc.device),
-                        scores=scores)
+                        responses=response_ids.to(acc.device), mask=tokens * scored[:, None], scores=scores)
 
         parts = []  # (logprobs, entropy, values, reference logprobs) per chunk
         for rows in torch.arange(len(picked), device=acc.device).split(chunk):
@@ -399,29 +438,31 @@ class PPO:
                     ref_logprobs = response_stats(reference, part, args.temperature, with_values=False)[0]
             parts.append((logprobs, entropy, values.float(), ref_logprobs))
         logprobs, entropy, values, ref_logprobs = (torch.cat(t) for t in zip(*parts))
-        mask = batch.mask
+        mask = batch.mask  # the tokens of scored responses: the only ones the update learns from
         batch.logprobs, batch.values = logprobs * mask, values * mask
-        kl = (logprobs - ref_logprobs) * mask
-        rewards = -self.kl.value * kl
-        rewards[torch.arange(len(picked)), mask.sum(1).long() - 1] += scores  # the score lands on the last token
+        kl = (logprobs - ref_logprobs) * tokens
+        rewards = -self.kl.value * kl * mask
+        rewards[torch.arange(len(picked)), tokens.sum(1).long() - 1] += scores  # the score lands on the last token
         if args.whiten_rewards:
             rewards = masked_whiten(rewards, mask, shift_mean=False) * mask
         advantages = gae(rewards, batch.values, args.gamma, args.lam)
         batch.returns = advantages + batch.values
         batch.advantages = masked_whiten(advantages, mask) * mask
-        stats = {"reward": scores.mean().item(), "reward_std": scores.std().item() if len(scores) > 1 else 0.0,
+        given = scores[scored.bool()]  # no score at all: NaN, as TRL logs a reward that applied to no completion
+        stats = {"reward": given.mean().item() if len(given) else math.nan,
+                 "reward_std": given.std().item() if len(given) > 1 else 0.0, "scored": scored.mean().item(),
                  "kl": kl.sum(1).mean().item(), "non_score_reward": -self.kl.value * kl.sum(1).mean().item(),
-                 "entropy": masked_mean(entropy, mask).item(), "response_length": mask.sum(1).mean().item(),
+                 "entropy": masked_mean(entropy, tokens).item(), "response_length": tokens.sum(1).mean().item(),
                  "finished": sum(finished) / len(finished), "kl_coef": self.kl.value}
         return batch, stats
 
-    def _score(self, fn: Callable[..., list], columns: dict[str, list]) -> list[float]:
-        """One function's scores; None (the function does not apply to that row) counts as 0."""
+    def _score(self, fn: Callable[..., list], columns: dict[str, list]) -> list[float | None]:
+        """One function's scores; None where the function does not apply to that row."""
         scores = fn(**columns)
         if len(scores) != len(columns["prompts"]):
             name = getattr(fn, "__name__", getattr(getattr(fn, "func", None), "__name__", fn))
             raise UserError(f"reward function {name}: {len(scores)} scores for {len(columns['prompts'])} responses")
-        return [0.0 if s is None else float(s) for s in scores]
+        return [None if s is None or (isinstance(s, float) and math.isnan(s)) else float(s) for s in scores]
 
     def update(self, batch: Rollout) -> dict[str, float]:
         """`ppo_epochs` passes of clipped policy + value loss over the rollout in shuffled minibatches."""

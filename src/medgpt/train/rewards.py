@@ -1,9 +1,10 @@
 """Every reward of GRPO and PPO: the reward functions, their registry, and scoring with a trained reward model.
 
 A reward function takes TRL's keyword arguments (`prompts`, `completions` and every other dataset column,
-here `answer`, `options` and `reference`) and returns one float per completion, or None where it does not apply: TRL
-then leaves it out for that completion, so multiple-choice and open questions can share a data set (PPO counts
-None as 0). Both stages name their rewards the same way, with `RewardArgs`.
+here `answer`, `options` and `reference`) and returns one float per completion, or None where it does not apply:
+GRPO (TRL) and PPO then leave it out for that completion, so multiple-choice and open questions can share a data
+set. Both stages name their rewards the same way, with `RewardArgs`. Which option a reply commits to is read by
+`medgpt.data.answers.extract_choice`, the reader `eval mcq` scores replies with.
 """
 
 from __future__ import annotations
@@ -11,20 +12,15 @@ from __future__ import annotations
 import functools
 import importlib
 import logging
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from medgpt.data.answers import extract_choice
 from medgpt.errors import UserError
 
 log = logging.getLogger(__name__)
 
-_LETTER = r"[\(（\[【]?\s*([A-H])\s*[\)）\]】]?"
-# "答案是 B", "Answer: (B)", "the correct option is B", "选B" ...
-_STATED = re.compile(r"(?i:answer|option|choice|答案|选项|应选|选择|选)\s*(?i:is|should be|为|是|:|：)?\s*" + _LETTER
-                     + r"(?![A-Za-z])")
-_STANDALONE = re.compile(r"(?<![A-Za-z])([A-H])(?![A-Za-z])")
 _TERMINAL = tuple(".!?。！？…)）\"”")
 
 
@@ -33,17 +29,6 @@ def completion_text(completion: Any) -> str:
     if isinstance(completion, str):
         return completion
     return "".join(m.get("content") or "" for m in completion if isinstance(m, dict))
-
-
-def committed_choice(text: str, letters: str = "ABCD") -> str | None:
-    """The option letter a reply commits to: the one it states as the answer ("答案是B", "the answer is (B)"),
-    else the only option letter it names ("B", "B. Aspirin"). None when it names none, or hedges between
-    several ("A or B"), so listing every letter never earns the reward."""
-    stated = {m.upper() for m in _STATED.findall(text)} & set(letters)
-    if stated:
-        return stated.pop() if len(stated) == 1 else None
-    named = set(_STANDALONE.findall(text)) & set(letters)
-    return named.pop() if len(named) == 1 else None
 
 
 def _keys(completions: list, answer: list | None, options: list | None) -> list[tuple[str | None, str]]:
@@ -56,7 +41,7 @@ def _keys(completions: list, answer: list | None, options: list | None) -> list[
 def mcq_accuracy(completions: list, answer: list[str | None] | None = None, options: list[str] | None = None,
                  **_: Any) -> list[float | None]:
     """1.0 when the reply picks the correct option letter, else 0.0; None for rows without an answer key."""
-    return [None if not key else float(committed_choice(completion_text(c), letters) == key)
+    return [None if not key else float(extract_choice(completion_text(c), letters) == key)
             for c, (key, letters) in zip(completions, _keys(completions, answer, options))]
 
 
@@ -70,16 +55,17 @@ def _repeats(text: str) -> bool:
 
 def answer_format(completions: list, answer: list[str | None] | None = None, options: list[str] | None = None,
                   **_: Any) -> list[float]:
-    """Share of format checks a reply passes. Multiple choice: it commits to exactly one option letter, and
-    does not ramble. Open questions: it is non-empty, ends a sentence (was not cut off) and does not repeat
-    itself."""
+    """How well a reply keeps the format. Multiple choice: 0 unless it commits to exactly one option letter, then
+    1 when it also stays within 200 characters, else 0.5 (an empty or unanswered reply never ties with an
+    answer). Open questions: the share of checks passed: non-empty, ends a sentence (was not cut off), does not
+    repeat itself."""
     scores = []
     for completion, (key, letters) in zip(completions, _keys(completions, answer, options)):
         text = completion_text(completion).strip()
         if key:
-            checks = [committed_choice(text, letters) is not None, len(text) <= 200]
-        else:
-            checks = [bool(text), text.endswith(_TERMINAL), bool(text) and not _repeats(text)]
+            scores.append(0.0 if extract_choice(text, letters) is None else 1.0 if len(text) <= 200 else 0.5)
+            continue
+        checks = [bool(text), text.endswith(_TERMINAL), bool(text) and not _repeats(text)]
         scores.append(sum(checks) / len(checks))
     return scores
 

@@ -15,7 +15,6 @@ from trl import RewardConfig
 
 from medgpt.config import Config
 from medgpt.train import common, prefs
-from medgpt.train.rewards import load_reward_model
 
 log = logging.getLogger(__name__)
 
@@ -34,5 +33,5 @@ def run(cfg: Config) -> dict:
     from trl import RewardTrainer
 
     trainer, stats = common.build_trainer(cfg, RewardTrainer, prefs.conversation_datasets, task_type="SEQ_CLS",
-                                          load=lambda cfg: load_reward_model(cfg.model, training=True))
+                                          load=lambda cfg: common.load_policy(cfg, head="seq_cls"))
     return common.train_and_save(trainer, cfg, stats)

@@ -1,0 +1,48 @@
+"""Tool-calling conversations go from the shipped file to training rows: read by the data layer, rendered in the
+template's official tool format (Qwen2.5's, checked against its Jinja in test_templates.py), with labels on the
+assistant's tool calls and replies and none on tool results; a template without a tool format refuses them."""
+
+from __future__ import annotations
+
+import pytest
+
+from medgpt.config import build_config
+from medgpt.data.encode import encode_conversations
+from medgpt.data.readers import read_records
+from medgpt.data.templates import IGNORE_INDEX, get_template
+from medgpt.errors import UserError
+from medgpt.models import load_tokenizer
+
+
+def labelled_text(tokenizer, row: dict) -> str:
+    return tokenizer.decode([t for t, label in zip(row["input_ids"], row["labels"]) if label != IGNORE_INDEX])
+
+
+def test_tool_conversations_train_on_calls_and_replies_not_results(sample_data):
+    records, stats = read_records(str(sample_data / "sft" / "medical_tools.jsonl"), "sft")
+    assert stats.kept == stats.read == 10 and all(r.get("tools") for r in records)
+    tokenizer = load_tokenizer()
+    cfg = build_config({"stage": "sft", "max_length": 4096})
+    rows = encode_conversations(records, tokenizer, get_template("qwen", tokenizer), cfg, stats)
+    assert len(rows) == len(records)
+    for record, row in zip(records, rows):
+        text = tokenizer.decode(row["input_ids"])
+        labelled = labelled_text(tokenizer, row)
+        assert "<tools>" in text  # the tool list is in the prompt (Qwen2.5's system block)
+        for message in record["messages"]:
+            for call in message.get("tool_calls") or []:
+                name = call["function"]["name"]
+                assert f'"name": "{name}"' in labelled  # the model learns to make the call
+            if message["role"] == "tool":
+                assert message["content"] not in labelled  # results come from the tool, not the model
+                assert message["content"] in text
+            if message["role"] == "assistant" and message["content"]:
+                assert message["content"] in labelled
+
+
+def test_a_template_without_a_tool_format_refuses_tool_data(sample_data):
+    records, stats = read_records(str(sample_data / "sft" / "medical_tools.jsonl"), "sft")
+    tokenizer = load_tokenizer()
+    cfg = build_config({"stage": "sft"})
+    with pytest.raises(UserError, match="has no tool format"):
+        encode_conversations(records, tokenizer, get_template("vicuna", tokenizer), cfg, stats)
