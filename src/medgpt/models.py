@@ -116,8 +116,9 @@ def bundled_model_dir(name: str) -> Path:
         model.load_state_dict(quantized.state_dict())
         model.generation_config.eos_token_id = tokenizer.eos_token_id
         model.generation_config.pad_token_id = tokenizer.pad_token_id
-        tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
+        from medgpt.data.stats import temporary_sibling
+
+        tmp = temporary_sibling(target)
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         os.replace(tmp, target)
@@ -478,10 +479,12 @@ def lora_config(args: LoraArgs, task_type: str = "CAUSAL_LM"):
 
 
 def save_atomic(out: str | Path, save) -> Path:
-    """Call `save(tmp_folder)` and rename the folder to `out` only when it is complete."""
+    """Call `save(tmp_folder)` and rename the folder to `out` only when it is complete; the temporary folders of
+    killed earlier attempts are removed first."""
+    from medgpt.data.stats import temporary_sibling
+
     out = Path(out)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = temporary_sibling(out)
     tmp.mkdir(parents=True)
     save(tmp)
     if out.exists():

@@ -381,6 +381,9 @@ def run_pipeline(p: Pipeline, start_from: str | None = None, report: bool = True
             del cfg
             gc.collect()
             entry.update(status="trained", metrics={k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+            if procs.main:  # recorded before the merge: a run killed while merging resumes with the merge only
+                manifest["stages"][stage.name] = entry
+                _write_manifest(p.run_dir, manifest)
         if step.action != "skip":
             if procs.main:
                 if stage.merge:

@@ -6,8 +6,10 @@ so a later filter (e.g. token length) only has to call `drop` on a record that w
 
 from __future__ import annotations
 
+import glob
 import json
 import os
+import shutil
 import tempfile
 from collections import Counter
 from collections.abc import Iterator, Mapping
@@ -40,6 +42,30 @@ def atomic_writer(path: str | Path) -> Iterator[IO[str]]:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def temporary_sibling(path: str | Path) -> Path:
+    """This process's temporary folder name beside `path` (`.NAME.tmp-PID`, not created), once the ones that
+    killed processes left there are removed: an interrupted write never leaves copies piling up."""
+    path = Path(path)
+    prefix = f".{path.name}.tmp-"
+    for old in path.parent.glob(glob.escape(prefix) + "*"):
+        pid = old.name[len(prefix):]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
+    tmp = path.with_name(prefix + str(os.getpid()))
+    shutil.rmtree(tmp, ignore_errors=True)
+    return tmp
 
 
 @dataclass

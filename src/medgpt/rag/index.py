@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from medgpt.data.stats import temporary_sibling
 from medgpt.errors import UserError
 from medgpt.rag import DEFAULT_CHUNK_SIZE, DEFAULT_EMBEDDER, DEFAULT_OVERLAP
 from medgpt.rag.documents import EXTENSIONS, Chunk, DocumentError, read_document, split_chunks
@@ -253,8 +254,7 @@ def _reusable(out: Path, settings: dict[str, Any], encoder) -> KnowledgeBase | N
 
 def _write_index(out: Path, meta: dict, chunks: list[Chunk], texts: list[str], embeddings: np.ndarray,
                  embedder_state: dict[str, np.ndarray]) -> None:
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = temporary_sibling(out)
     tmp.mkdir(parents=True)
     with (tmp / "chunks.jsonl").open("w", encoding="utf-8") as f:
         for chunk in chunks:

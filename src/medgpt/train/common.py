@@ -97,24 +97,42 @@ def metrics_callback(output_dir: Path):
     return MetricsLogger()
 
 
+CHECKPOINT_STATE = "trainer_state.json"  # the Trainer (and PPO) write it last: a checkpoint without it is partial
+
+
+def complete_checkpoints(folder: Path) -> list[Path]:
+    """`checkpoint-N` folders that were written to the end, oldest first; a run killed while saving leaves a
+    partial one, which is passed over (with a warning) instead of crashing the resume."""
+    found = sorted((p for p in folder.glob("checkpoint-*") if p.is_dir() and p.name[11:].isdigit()),
+                   key=lambda p: int(p.name[11:]))
+    partial = [p.name for p in found if not (p / CHECKPOINT_STATE).exists()]
+    if partial:
+        log.warning("%s: passing over incomplete checkpoint(s) %s (interrupted while saving)", folder,
+                    ", ".join(partial))
+    return [p for p in found if (p / CHECKPOINT_STATE).exists()]
+
+
 def last_checkpoint(cfg: Config) -> str | None:
-    """The checkpoint to resume from when `resume` is set (None when there is none yet)."""
+    """The last complete checkpoint to resume from when `resume` is set (None when there is none yet)."""
     if not cfg.run.resume:
         return None
-    from transformers.trainer_utils import get_last_checkpoint
-
     folder = cfg.output_dir
-    found = get_last_checkpoint(str(folder)) if folder.is_dir() else None
+    complete = complete_checkpoints(folder) if folder.is_dir() else []
+    found = str(complete[-1]) if complete else None
     log.info("resume: %s", found or "no checkpoint yet, starting fresh")
     return found
 
 
 def prepare_output(cfg: Config) -> None:
-    """A fresh run starts with an empty metrics log; a resumed one appends to it."""
+    """A fresh run starts with an empty metrics log and first marks a folder that held a finished run as
+    unfinished (its medgpt.json goes), so a run killed half-way is never taken for the old complete one; a
+    resumed run appends to the log."""
+    from medgpt.models import MEDGPT_META
+
     cfg.output_dir.mkdir(parents=True, exist_ok=True)
-    metrics = cfg.output_dir / METRICS_FILE
-    if not cfg.run.resume:
-        metrics.unlink(missing_ok=True)  # every process of a multi-process run gets here
+    if not cfg.run.resume:  # every process of a multi-process run gets here
+        (cfg.output_dir / METRICS_FILE).unlink(missing_ok=True)
+        (cfg.output_dir / MEDGPT_META).unlink(missing_ok=True)
 
 
 def peft_config(cfg: Config, task_type: str = "CAUSAL_LM"):
