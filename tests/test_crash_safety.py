@@ -39,9 +39,10 @@ def test_a_fresh_run_first_marks_a_finished_folder_unfinished(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "medgpt.json").write_text(json.dumps({"stage": "sft", "complete": True}))
-    (out / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
-    common.prepare_output(config(tmp_path, resume=True))
+    (out / "metrics.jsonl").write_text("".join(f'{{"step": {s}, "loss": 2.0}}\n' for s in (1, 2, 3)))
+    common.prepare_output(config(tmp_path, resume=True), resumed_at=2)
     assert (out / "medgpt.json").exists()  # resuming continues the same run
+    assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
     common.prepare_output(config(tmp_path))
     assert not (out / "medgpt.json").exists() and not (out / "metrics.jsonl").exists()
 
@@ -82,3 +83,35 @@ def test_a_pipeline_stage_killed_while_merging_resumes_with_the_merge_only(tmp_p
         run_pipeline(p, report=False)
     assert read_manifest(run_dir)["stages"]["sft"]["status"] == "trained"
     assert [s.action for s in plan_steps(p)] == ["finish"]  # no second training, only the merge
+
+
+@pytest.mark.slow
+def test_resume_after_a_kill_logs_each_step_once_and_at_max_steps_trains_nothing(tiny_model, tmp_path, sample_data):
+    from medgpt.config import load_config
+    from medgpt.data.readers import read_log
+    from medgpt.train import run_training
+
+    out = tmp_path / "sft"
+    options = {"model": tiny_model, "output_dir": str(out), "method": "lora", "max_length": 128,
+               "data": str(sample_data / "sft" / "medical_sft.jsonl"), "max_samples": 16, "max_steps": 4,
+               "per_device_train_batch_size": 2, "learning_rate": 1e-3, "logging_steps": 1, "save_steps": 2,
+               "save_total_limit": 3, "eval_strategy": "no", "report_to": "none", "report_prompts": "none"}
+    example = Path(__file__).resolve().parents[1] / "examples" / "sft_smollm2.yaml"
+    run_training(load_config(example, options))
+    steps = [r["step"] for r in read_log(out / "metrics.jsonl") if "loss" in r]
+    assert steps == [1, 2, 3, 4]
+    # killed after logging steps 3-4 but before checkpoint-4 and the final save were written
+    import shutil
+
+    shutil.rmtree(out / "checkpoint-4")
+    (out / "medgpt.json").unlink()
+    resumed = run_training(load_config(example, {**options, "resume": True}))
+    rows = read_log(out / "metrics.jsonl")
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]  # steps 3-4 logged once, by the resumed run
+    losses = [r["loss"] for r in rows if "loss" in r]
+    assert resumed["train_loss"] == pytest.approx(sum(losses) / 4)  # the whole run, not the resumed half
+    adapter = (out / "adapter_model.safetensors").read_bytes()
+    again = run_training(load_config(example, {**options, "resume": True}))  # checkpoint-4 is at max_steps
+    assert (out / "adapter_model.safetensors").read_bytes() == adapter  # nothing trained
+    assert again["global_step"] == 4 and again["train_loss"] == pytest.approx(resumed["train_loss"])
+    assert [r["step"] for r in read_log(out / "metrics.jsonl") if "loss" in r] == [1, 2, 3, 4]

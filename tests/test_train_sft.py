@@ -161,3 +161,32 @@ def test_sft_bundled_model_lora_loss_goes_down(bundled_model, tmp_path, sample_d
     curve = losses(out)
     assert curve[-1] < curve[0] * 0.8, curve
     assert (out / "adapter_model.safetensors").exists()
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("lora_rank", "0", "lora_rank: 0 must be at least 1"),
+    ("lora_dropout", "1.5", "lora_dropout: 1.5 must be at least 0 and below 1"),
+    ("learning_rate", "-1", "learning_rate: -1.0 must be greater than 0"),
+    ("num_train_epochs", "0", "num_train_epochs: 0.0 must be greater than 0"),
+    ("per_device_train_batch_size", "0", "per_device_train_batch_size: 0 must be at least 1"),
+    ("gradient_accumulation_steps", "0", "gradient_accumulation_steps: 0 must be at least 1"),
+    ("max_steps", "0", "max_steps: 0 must be -1 (use num_train_epochs) or at least 1"),
+    ("max_length", "0", "max_length: 0 must be at least 1"),
+    ("val_size", "-0.1", "val_size: -0.1 must be at least 0"),
+    ("quantization_bit", "3", "quantization_bit: 3 must be 4 or 8"),
+    ("system", "false", "system: false is a yes/no value, but system takes a str"),
+    ("max_steps", "true", "max_steps: true is a yes/no value, but max_steps takes a int"),
+])
+def test_bad_options_are_clear_errors_before_any_library_sees_them(option, value, message, capsys):
+    """Values that only PEFT, torch or transformers would have refused (with a traceback) are medgpt's errors."""
+    assert main(["train", str(SFT_EXAMPLE), f"--{option}", value]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_yaml_false_means_no_only_for_strategies_and_invalid_yaml_says_where(tmp_path):
+    assert load_config(None, {"eval_strategy": False}).train.eval_strategy == "no"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("stage: sft\nlearning_rate: [1e-4,\nmax_steps: 2\n", encoding="utf-8")
+    with pytest.raises(UserError, match=r"bad.yaml:4:1: invalid YAML: expected ',' or ']'"):
+        load_config(bad)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import enum
 import json
 import types
 import typing
@@ -34,6 +35,23 @@ ALIASES = {
     "warmup_ratio": "warmup_steps",  # transformers 5: a float < 1 is a share of the steps
     "gradient_checkpointing": "activation_checkpointing",
     "rewards": "reward_fn",
+}
+# checked by medgpt before any library sees them: key -> (test, what the value must be)
+RANGES: dict[str, tuple[Any, str]] = {
+    **{k: (lambda v: v >= 1, "at least 1") for k in (
+        "lora_rank", "per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
+        "max_length", "block_size", "max_samples", "max_prompt_length", "max_completion_length", "max_new_tokens",
+        "num_generations", "rollout_batch_size", "ppo_epochs")},
+    **{k: (lambda v: v > 0, "greater than 0") for k in (
+        "lora_alpha", "learning_rate", "num_train_epochs", "rope_factor", "logging_steps", "save_steps", "eval_steps",
+        "temperature")},
+    **{k: (lambda v: v >= 0, "at least 0") for k in (
+        "val_size", "weight_decay", "warmup_steps", "max_grad_norm", "beta", "seed", "kl_coef", "vf_coef",
+        "dataloader_num_workers", "neftune_noise_alpha")},
+    "lora_dropout": (lambda v: 0 <= v < 1, "at least 0 and below 1"),
+    "max_steps": (lambda v: v == -1 or v >= 1, "-1 (use num_train_epochs) or at least 1"),
+    "quantization_bit": (lambda v: v in (4, 8), "4 or 8"),
+    "top_p": (lambda v: 0 < v <= 1, "greater than 0 and at most 1"),
 }
 # keys of older configs whose meaning moved: the error says where
 MOVED = {"length_target": "reward_kwargs: {target_chars: N}"}
@@ -91,11 +109,22 @@ def _unwrap_optional(tp):
     return tp
 
 
+def _takes_no(tp: Any) -> bool:
+    """Whether the field is a strategy whose values include "no" (eval_strategy, save_strategy, ...)."""
+    return any(isinstance(t, type) and issubclass(t, enum.Enum) and "no" in {e.value for e in t}
+               for t in (typing.get_args(tp) or (tp,)))
+
+
 def coerce(key: str, value: Any, tp: Any) -> Any:
-    """Turn a YAML or command-line value into the field's type (YAML reads 1e-4 as a string)."""
+    """Turn a YAML or command-line value into the field's type (YAML reads 1e-4 as a string). A yes/no value
+    stays a yes/no value: it is an error for a field that takes none, except that YAML 1.1 reads
+    `eval_strategy: no` as false, which means the strategy "no"."""
     tp = _unwrap_optional(tp)
-    if value is False and tp is not bool and tp is not Any:
-        return "no"  # YAML 1.1 reads `eval_strategy: no` as false
+    if isinstance(value, bool) and tp is not bool and tp is not Any and bool not in typing.get_args(tp):
+        if value is False and _takes_no(tp):
+            return "no"
+        raise UserError(f"{key}: {str(value).lower()} is a yes/no value, but {key} takes a "
+                        f"{getattr(tp, '__name__', tp)} (quote it if you mean the text)")
     if value is None or tp is Any or isinstance(tp, str):
         return value
     origin = typing.get_origin(tp)
@@ -161,7 +190,10 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     try:
         loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:
-        raise UserError(f"{path}: invalid YAML: {str(exc).splitlines()[0]}") from exc
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise UserError(f"{where}: invalid YAML: {problem}") from None
     if not isinstance(loaded, dict):
         raise UserError(f"{path}: the config must be a mapping of keys to values")
     return loaded
@@ -189,6 +221,10 @@ def build_config(raw: dict[str, Any], stage_module=None) -> Config:
                  for k in unknown]
         raise UserError(f"unknown config key(s) for stage {stage}: {', '.join(hints)}")
     values = {k: coerce(k, v, known[k][1]) for k, v in raw.items()}
+    for key, value in values.items():
+        test, must = RANGES.get(key, (None, ""))
+        if test and isinstance(value, (int, float)) and not isinstance(value, bool) and not test(value):
+            raise UserError(f"{key}: {value!r} must be {must}")
 
     def make(cls):
         return cls(**{k: v for k, v in values.items() if k in _fields(cls)})

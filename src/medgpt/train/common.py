@@ -123,16 +123,48 @@ def last_checkpoint(cfg: Config) -> str | None:
     return found
 
 
-def prepare_output(cfg: Config) -> None:
-    """A fresh run starts with an empty metrics log and first marks a folder that held a finished run as
-    unfinished (its medgpt.json goes), so a run killed half-way is never taken for the old complete one; a
-    resumed run appends to the log."""
+def checkpoint_step(checkpoint: str | None) -> int | None:
+    """The optimizer step a checkpoint was saved at."""
+    if checkpoint is None:
+        return None
+    return int(json.loads((Path(checkpoint) / CHECKPOINT_STATE).read_text()).get("global_step", 0))
+
+
+def prepare_output(cfg: Config, resumed_at: int | None = None) -> None:
+    """A run from scratch starts with an empty metrics log and first marks a folder that held a finished run as
+    unfinished (its medgpt.json goes), so a run killed half-way is never taken for the old complete one. A run
+    resumed at step N keeps the log's rows up to N: the steps after it are trained (and logged) again, so each
+    step is in the log once."""
+    from medgpt.data.readers import read_log, write_jsonl
     from medgpt.models import MEDGPT_META
 
     cfg.output_dir.mkdir(parents=True, exist_ok=True)
-    if not cfg.run.resume:  # every process of a multi-process run gets here
-        (cfg.output_dir / METRICS_FILE).unlink(missing_ok=True)
+    metrics = cfg.output_dir / METRICS_FILE
+    if not cfg.run.resume or resumed_at is None:  # every process of a multi-process run gets here
+        metrics.unlink(missing_ok=True)
         (cfg.output_dir / MEDGPT_META).unlink(missing_ok=True)
+    elif metrics.exists() and _is_main_process():
+        write_jsonl(metrics, [row for row in read_log(metrics) if row.get("step", 0) <= resumed_at])
+
+
+def _is_main_process() -> bool:
+    import os
+
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def whole_run_train_loss(output_dir: Path) -> float | None:
+    """The mean training loss over every logged step of the run, resumed parts included (the Trainer's own
+    `train_loss` covers only what the last process trained): each logged loss is the mean of its window."""
+    from medgpt.data.readers import read_log
+
+    rows = [r for r in read_log(Path(output_dir) / METRICS_FILE) if "loss" in r and "step" in r]
+    total, steps, last = 0.0, 0, 0
+    for row in sorted(rows, key=lambda r: r["step"]):
+        window = row["step"] - last
+        if window > 0:
+            total, steps, last = total + row["loss"] * window, steps + window, row["step"]
+    return total / steps if steps else None
 
 
 def peft_config(cfg: Config, task_type: str = "CAUSAL_LM"):
@@ -182,10 +214,22 @@ def load_policy(cfg: Config, head: str = "causal_lm", num_labels: int = 1, train
 
 
 def train_and_save(trainer, cfg: Config, stats: dict, extra_metrics: Callable[[Any], dict] | None = None) -> dict:
-    """Train (resuming if asked), evaluate, save the final model and everything beside it, return metrics."""
-    prepare_output(cfg)
-    result = trainer.train(resume_from_checkpoint=last_checkpoint(cfg))
-    metrics: dict[str, Any] = dict(result.metrics)
+    """Train (resuming if asked), evaluate, save the final model and everything beside it, return metrics.
+
+    Resuming from a checkpoint already at max_steps trains nothing: its weights are loaded and saved as they are.
+    """
+    checkpoint = last_checkpoint(cfg)
+    resumed_at = checkpoint_step(checkpoint)
+    prepare_output(cfg, resumed_at)
+    if checkpoint and 0 < cfg.train.max_steps <= resumed_at:
+        log.info("%s is at step %d of max_steps %d: nothing left to train", checkpoint, resumed_at,
+                 cfg.train.max_steps)
+        trainer._load_from_checkpoint(checkpoint)  # the Trainer's own loader (adapters included)
+        metrics: dict[str, Any] = {"global_step": resumed_at}
+    else:
+        metrics = dict(trainer.train(resume_from_checkpoint=checkpoint).metrics)
+    if (train_loss := whole_run_train_loss(cfg.output_dir)) is not None:
+        metrics["train_loss"] = train_loss
     if trainer.eval_dataset is not None:
         metrics.update(trainer.evaluate())
     if extra_metrics:

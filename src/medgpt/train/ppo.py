@@ -549,7 +549,7 @@ def run(cfg: Config) -> dict:
     """Train with PPO; returns the metrics of the last logged steps."""
     from tqdm.auto import tqdm
 
-    common.prepare_output(cfg)
+    common.prepare_output(cfg, common.checkpoint_step(common.last_checkpoint(cfg)))
     ppo = PPO(cfg)
     args, acc = ppo.args, ppo.accelerator
     writer = None
