@@ -258,20 +258,33 @@ def build_config(raw: dict[str, Any], stage_module=None) -> Config:
     return cfg
 
 
+def uses_deepspeed(option: Any) -> bool:
+    """Whether the run trains under DeepSpeed: its config names a DeepSpeed file, or accelerate launched it so."""
+    import os
+
+    return bool(option) or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
+
+
+def training_precision(cfg: Config):
+    """The run's `medgpt.models.Precision`: what its trained and frozen weights are held in, and its autocast."""
+    from medgpt.models import cuda_available, training_precision as rule
+
+    return rule(cfg.run.method, cfg.model.dtype, cfg.model.quantization_bit, cfg.run.pure_bf16,
+                gpu=cuda_available() and not cfg.train.use_cpu,
+                deepspeed=uses_deepspeed(getattr(cfg.train, "deepspeed", None)))
+
+
 def _device_defaults(raw: dict[str, Any], run: RunArgs, model: ModelArgs) -> dict[str, Any]:
     """CPU when there is no GPU; the autocast of the run's precision (bf16, or fp16 with loss scaling on GPUs
     without bf16; none for fp32), unless `bf16` or `fp16` is set; errors for a precision that cannot be had."""
-    import os
-
-    from medgpt.models import cuda_available, training_precision
+    from medgpt.models import cuda_available, training_precision as rule
 
     out: dict[str, Any] = {}
     if not cuda_available() and "use_cpu" not in raw:
         out["use_cpu"] = True
     gpu = cuda_available() and not (coerce("use_cpu", raw["use_cpu"], bool) if "use_cpu" in raw else False)
-    deepspeed = bool(raw.get("deepspeed")) or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
-    precision = training_precision(run.method, model.dtype, model.quantization_bit, run.pure_bf16, gpu=gpu,
-                                   deepspeed=deepspeed)
+    precision = rule(run.method, model.dtype, model.quantization_bit, run.pure_bf16, gpu=gpu,
+                     deepspeed=uses_deepspeed(raw.get("deepspeed")))
     if "bf16" not in raw and "fp16" not in raw:
         out["bf16"] = precision.autocast == "bf16"
         out["fp16"] = precision.autocast == "fp16"

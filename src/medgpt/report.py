@@ -373,20 +373,17 @@ def _measured(cfg) -> dict:
         out["processes"] = int(cfg.train.world_size)
         gpu = torch.cuda.is_available() and not cfg.train.use_cpu
         out["device"] = f"CUDA GPU ({torch.cuda.get_device_name(torch.cuda.current_device())})" if gpu else "CPU"
-        out["weights"] = _weights_text(cfg, gpu)
+        out["weights"] = _weights_text(cfg)
     except Exception:  # the settings table then says "not recorded" for these, the rest of the report stands
         log.warning("report: the device and weight dtypes were not recorded", exc_info=True)
     return out
 
 
-def _weights_text(cfg, gpu: bool) -> str:
+def _weights_text(cfg) -> str:
     """The dtypes of the trained parameters and of the frozen ones, by the rule the loaders follow."""
-    from medgpt.models import training_precision
+    from medgpt.config import training_precision
 
-    deepspeed = bool(getattr(cfg.train, "deepspeed", None)) or \
-        os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
-    held = training_precision(cfg.run.method, cfg.model.dtype, cfg.model.quantization_bit, cfg.run.pure_bf16,
-                              gpu=gpu, deepspeed=deepspeed)
+    held = training_precision(cfg)
     if cfg.run.method == "full":
         return f"{held.trainable} (every weight is trained)"
     base = f"{held.quantization_bit}-bit (bitsandbytes) linear layers, the rest {held.frozen}" \

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from medgpt.config import Config
+from medgpt.config import Config, training_precision
 from medgpt.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -103,13 +103,13 @@ CHECKPOINT_STATE = "trainer_state.json"  # the Trainer (and PPO) write it last: 
 def complete_checkpoints(folder: Path) -> list[Path]:
     """`checkpoint-N` folders that were written to the end, oldest first; a run killed while saving leaves a
     partial one, which is passed over (with a warning) instead of crashing the resume."""
-    found = sorted((p for p in folder.glob("checkpoint-*") if p.is_dir() and p.name[11:].isdigit()),
-                   key=lambda p: int(p.name[11:]))
-    partial = [p.name for p in found if not (p / CHECKPOINT_STATE).exists()]
-    if partial:
+    steps = {p: p.name.removeprefix("checkpoint-") for p in folder.glob("checkpoint-*") if p.is_dir()}
+    found = sorted((p for p, step in steps.items() if step.isdigit()), key=lambda p: int(steps[p]))
+    complete = [p for p in found if (p / CHECKPOINT_STATE).exists()]
+    if partial := [p.name for p in found if p not in complete]:
         log.warning("%s: passing over incomplete checkpoint(s) %s (interrupted while saving)", folder,
                     ", ".join(partial))
-    return [p for p in found if (p / CHECKPOINT_STATE).exists()]
+    return complete
 
 
 def last_checkpoint(cfg: Config) -> str | None:
@@ -174,18 +174,6 @@ def peft_config(cfg: Config, task_type: str = "CAUSAL_LM"):
     if cfg.run.method == "full" or cfg.model.adapter:
         return None
     return lora_config(cfg.lora, task_type)
-
-
-def training_precision(cfg: Config):
-    """The run's `medgpt.models.Precision`: what its trained and frozen weights are held in, and its autocast."""
-    import os
-
-    from medgpt.models import cuda_available, training_precision as rule
-
-    deepspeed = bool(getattr(cfg.train, "deepspeed", None)) or (
-        os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true")
-    return rule(cfg.run.method, cfg.model.dtype, cfg.model.quantization_bit, cfg.run.pure_bf16,
-                gpu=cuda_available() and not cfg.train.use_cpu, deepspeed=deepspeed)
 
 
 def load_policy(cfg: Config, head: str = "causal_lm", num_labels: int = 1, trainable: bool = True):

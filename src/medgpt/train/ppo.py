@@ -549,8 +549,8 @@ def run(cfg: Config) -> dict:
     """Train with PPO; returns the metrics of the last logged steps."""
     from tqdm.auto import tqdm
 
-    common.prepare_output(cfg, common.checkpoint_step(common.last_checkpoint(cfg)))
     ppo = PPO(cfg)
+    common.prepare_output(cfg, ppo.global_step if ppo.checkpoint else None)
     args, acc = ppo.args, ppo.accelerator
     writer = None
     if acc.is_main_process and "tensorboard" in (args.report_to or []):
