@@ -222,9 +222,18 @@ def _answers_key(ref: ModelRef, prompts: list[list[dict]], max_new_tokens: int) 
     return hashlib.sha256(json.dumps(parts, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
 
+def shared_answers(key: str) -> Path:
+    """Where answers with this key are kept for every run (a base model answers the same prompts in every run
+    that starts from it: generated once, reused by each training report and pipeline run)."""
+    from medgpt.models import cache_dir
+
+    return cache_dir() / "answers" / f"{key[:32]}.json"
+
+
 def generate_answers(refs: dict[str, ModelRef], prompts: list[list[dict]], cache_file: Path,
                      max_new_tokens: int = MAX_NEW_TOKENS) -> dict[str, list[Answer]]:
-    """Greedy answers of each model to the prompts, one model in memory at a time; cached answers are reused."""
+    """Greedy answers of each model to the prompts: one batched generation per model, one model in memory at a
+    time; answers cached in `cache_file` or in the shared cache (same model files, prompts, settings) are reused."""
     from tqdm.auto import tqdm
 
     from medgpt.infer.base import GenerationParams
@@ -232,21 +241,33 @@ def generate_answers(refs: dict[str, ModelRef], prompts: list[list[dict]], cache
 
     cache = read_json(cache_file)
     out: dict[str, list[Answer]] = {}
-    for label, ref in tqdm(refs.items(), desc="report answers", disable=not refs):
+    todo = {}
+    for label, ref in refs.items():
         key = _answers_key(ref, prompts, max_new_tokens)
-        if cache.get(label, {}).get("key") == key:
-            out[label] = [Answer(**a) for a in cache[label]["answers"]]
-            continue
+        found = cache.get(label, {}) if cache.get(label, {}).get("key") == key else read_json(shared_answers(key))
+        if found.get("key") == key:
+            out[label] = [Answer(**a) for a in found["answers"]]
+        else:
+            todo[label] = (ref, key)
+    if todo:
+        log.info("report: %d models answer %d prompts (at most %d new tokens each): %s; `report_prompts: none` "
+                 "skips the answers", len(todo), len(prompts), max_new_tokens, ", ".join(todo))
+    for label, (ref, key) in tqdm(todo.items(), desc="report answers", disable=not todo):
         started = time.time()
         engine = load_engine(ref.model, adapter=ref.adapter, template=ref.template)
         completions = engine.generate(prompts, GenerationParams(max_new_tokens=max_new_tokens, temperature=0.0))
+        getattr(engine, "close", lambda: None)()
         del engine
         gc.collect()
         out[label] = [Answer(c.text.strip(), c.finish_reason, c.completion_tokens) for c in completions]
-        cache[label] = {"key": key, "answers": [asdict(a) for a in out[label]]}
-        write_text(cache_file, json.dumps(cache, indent=2, ensure_ascii=False))
+        entry = {"key": key, "answers": [asdict(a) for a in out[label]]}
+        write_text(shared_answers(key), json.dumps(entry, ensure_ascii=False))
         log.info("report: %s answered %d prompts in %.1fs", label, len(prompts), time.time() - started)
-    return out
+    new = {label: {"key": _answers_key(ref, prompts, max_new_tokens), "answers": [asdict(a) for a in out[label]]}
+           for label, ref in refs.items()}
+    if new != {label: cache.get(label) for label in refs}:
+        write_text(cache_file, json.dumps({**cache, **new}, indent=2, ensure_ascii=False))
+    return {label: out[label] for label in refs}
 
 
 # ---- plots -------------------------------------------------------------------------------------
@@ -622,6 +643,71 @@ def answers_section(prompts: list[list[dict]], answers: dict[str, list[Answer]],
     return "Answers side by side", [("text", note), ("table", headers, rows)]
 
 
+# What an evaluation metric is, and which way is better.
+EVAL_METRICS = {"accuracy": ("accuracy (%)", "higher"), "bleu": ("BLEU-4", "higher"), "bleu-4": ("BLEU-4", "higher"),
+                "rouge-l": ("ROUGE-L", "higher"), "rouge-1": ("ROUGE-1", "higher"), "rouge-2": ("ROUGE-2", "higher"),
+                "ppl": ("answer perplexity", "lower"), "nll": ("answer NLL (nats/token)", "lower")}
+
+
+def eval_metric_name(set_name: str, metric: str) -> str:
+    label, better = EVAL_METRICS.get(metric, (metric, ""))
+    return f"{set_name}: {label}" + (f" ({better} is better)" if better else "")
+
+
+def metric_text(metric: str, value: Any) -> str:
+    """Accuracy as a percentage, every other metric as it is."""
+    if not isinstance(value, (int, float)):
+        return "-"
+    return _number(100 * value if metric == "accuracy" and value <= 1 else value)
+
+
+def evaluation_section(evaluation: dict[str, Any]) -> tuple[str, list]:
+    """Every model's held-out metrics, then each stage's change against the model it started from, with the
+    95% confidence interval of the paired difference (paired bootstrap over items; McNemar's exact test for
+    accuracy): a change whose interval crosses 0 is marked "not significant"."""
+    models: dict[str, dict] = evaluation["models"]
+    columns = []  # (set, metric) in the order the sets and their metrics come
+    for sets in models.values():
+        for set_name, result in sets.items():
+            columns += [(set_name, m) for m in (result.get("metrics") or {}) if m in EVAL_METRICS
+                        and (set_name, m) not in columns]
+    rows = []
+    for label, sets in models.items():
+        row = [label]
+        for set_name, metric in columns:
+            result = sets.get(set_name) or {}
+            value = metric_text(metric, (result.get("metrics") or {}).get(metric))
+            ci = (result.get("ci95") or {}).get(metric)
+            row.append(f"{value} [{metric_text(metric, ci[0])}, {metric_text(metric, ci[1])}]" if ci else value)
+        rows.append(row)
+    sizes = ", ".join(f"{name}: {r.get('n', '?')} items" for name, r in next(iter(models.values())).items())
+    blocks: list = [("text", f"Held-out sets ({sizes}), greedy decoding; each value with its 95% confidence "
+                             "interval where the set has one."),
+                    ("table", ["model", *(eval_metric_name(s, m) for s, m in columns)], rows)]
+    changes = []
+    for c in evaluation.get("changes", []):
+        metric = c["metric"]
+        ci = c.get("ci95") or [None, None]
+        verdict = "significant" if c.get("significant") else "not significant"
+        if c.get("p_mcnemar") is not None:
+            verdict += f" (McNemar p = {c['p_mcnemar']:.3g})"
+        changes.append([c["stage"], f"{c['from']} → {c['to']}", eval_metric_name(c["set"], metric),
+                        metric_text(metric, c.get("before")), metric_text(metric, c.get("after")),
+                        _signed(metric_text(metric, c.get("diff"))),
+                        f"[{_signed(metric_text(metric, ci[0]))}, {_signed(metric_text(metric, ci[1]))}]", verdict])
+    if changes:
+        blocks.append(("text", "What each stage changed: after − before on the same items, with the 95% "
+                               "confidence interval of the paired difference; an interval that crosses 0 is "
+                               "not significant."))
+        blocks.append(("table", ["stage", "models", "metric", "before", "after", "change", "95% CI", "verdict"],
+                       changes))
+    return "Evaluation before and after each stage", blocks
+
+
+def _signed(text: str) -> str:
+    return text if text == "-" or text.startswith("-") else f"+{text}"
+
+
 def _md_cell(value: Any) -> str:
     if isinstance(value, Answer):
         text = _md_cell(value.text or "(empty)")
@@ -695,11 +781,13 @@ def write_text(path: Path, content: str | bytes) -> None:
 
 def write_report(folder: str | Path, results: list[StageResult], base: ModelRef | None = None,
                  prompts: list[list[dict]] | None = None, max_new_tokens: int = MAX_NEW_TOKENS,
-                 title: str = "medgpt run report", summary: list[list] | None = None) -> Path:
+                 title: str = "medgpt run report", summary: list[list] | None = None,
+                 evaluation: dict[str, Any] | None = None) -> Path:
     """Write folder/report.md (+ plots/) and folder/report.html; returns the markdown path.
 
     `base` and each stage's `answers_from` answer `prompts` (none: no answers section); `summary` is an
-    optional table of stages (name, stage, status, seconds) shown first.
+    optional table of stages (name, stage, status, seconds) shown first; `evaluation` (the pipeline's
+    `evaluate_pipeline`) adds the held-out results of every model and what each stage changed.
     """
     folder = Path(folder)
     sections: list[tuple[str, list]] = []
@@ -707,6 +795,8 @@ def write_report(folder: str | Path, results: list[StageResult], base: ModelRef 
     if summary:
         intro.append(("table", ["stage", "type", "status", "seconds", "output"], summary))
     sections.append(("Overview", intro))
+    if evaluation:
+        sections.append(evaluation_section(evaluation))
     sections += [stage_section(r) for r in results]
     refs = {"base": base} if base else {}
     refs.update({r.name: r.answers_from for r in results if r.answers_from})
