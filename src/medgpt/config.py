@@ -56,6 +56,7 @@ RANGES: dict[str, tuple[Any, str]] = {
 # keys of older configs whose meaning moved: the error says where
 MOVED = {"length_target": "reward_kwargs: {target_chars: N}"}
 METHODS = ("lora", "qlora", "full")
+LM_HEAD_LOSSES = ("auto", "plain", "chunked")
 
 
 @dataclass
@@ -83,6 +84,7 @@ class RunArgs:
     pure_bf16: bool = False  # trained weights, gradients, AdamW states in bf16 (GPU): 8 bytes/param less, lossy
     resume: bool = False  # continue from the last checkpoint in output_dir
     report_prompts: str | None = None  # jsonl of {"query"} rows answered by the model in the report
+    lm_head_loss: str = "auto"  # auto | plain | chunked: how the loss reads the LM head (medgpt.train.lm_head)
 
 
 @dataclass
@@ -220,7 +222,9 @@ def build_config(raw: dict[str, Any], stage_module=None) -> Config:
                  else f"{k} (did you mean {m[0]}?)" if (m := difflib.get_close_matches(k, known, 1)) else k
                  for k in unknown]
         raise UserError(f"unknown config key(s) for stage {stage}: {', '.join(hints)}")
-    values = {k: coerce(k, v, known[k][1]) for k, v in raw.items()}
+    auto_checkpointing = str(raw.get("activation_checkpointing", "auto")).lower() == "auto"
+    values = {k: coerce(k, v, known[k][1]) for k, v in raw.items()
+              if not (k == "activation_checkpointing" and auto_checkpointing)}
     for key, value in values.items():
         test, must = RANGES.get(key, (None, ""))
         if test and isinstance(value, (int, float)) and not isinstance(value, bool) and not test(value):
@@ -233,6 +237,8 @@ def build_config(raw: dict[str, Any], stage_module=None) -> Config:
     run: RunArgs = parts["run"]
     if run.method not in METHODS:
         raise UserError(f"method {run.method!r}: expected one of {', '.join(METHODS)}")
+    if run.lm_head_loss not in LM_HEAD_LOSSES:
+        raise UserError(f"lm_head_loss {run.lm_head_loss!r}: expected one of {', '.join(LM_HEAD_LOSSES)}")
     if run.method == "qlora" and not parts["model"].quantization_bit:
         parts["model"].quantization_bit = 4
     data: DataArgs = parts["data"]
@@ -255,7 +261,58 @@ def build_config(raw: dict[str, Any], stage_module=None) -> Config:
                  stage_args=make(stage_cls) if stage_cls else None, raw=raw)
     if configure := getattr(stage_module, "configure", None):
         configure(cfg)
+    if auto_checkpointing and hasattr(cfg.train, "activation_checkpointing"):
+        cfg.train.activation_checkpointing = cfg.train.gradient_checkpointing = checkpointing_needed(cfg)
     return cfg
+
+
+CPU_MEMORY_SHARE = 0.4  # of the RAM a CPU run may plan to fill (the OS, the data and other processes share it)
+GPU_MEMORY_SHARE = 0.9  # of the GPU's memory (the planner counts the CUDA context and allocator slack itself)
+
+
+def checkpointing_needed(cfg: Config) -> bool:
+    """`activation_checkpointing: auto`: on only where the memory planner (`medgpt.plan`) says the step would
+    not fit the device without it (on a GPU: 90% of its memory; on a CPU: 40% of the RAM). Where the planner
+    cannot model the architecture: on for a GPU, off for a CPU (whose RAM is rarely what runs out first)."""
+    import logging
+
+    from medgpt.plan import PlanArgs, needs_checkpointing
+
+    gpu = not cfg.train.use_cpu and _cuda()
+    method = f"qlora{cfg.model.quantization_bit}" if cfg.run.method == "qlora" else cfg.run.method
+    args = PlanArgs(cfg.model.model, stage=cfg.run.stage, method=method, device="gpu" if gpu else "cpu",
+                    batch_size=cfg.train.per_device_train_batch_size,
+                    seq_len=getattr(cfg.train, "max_length", None) or 1024, lora_rank=cfg.lora.lora_rank,
+                    lora_target=cfg.lora.lora_target, lora_dropout=cfg.lora.lora_dropout,
+                    pure_bf16=cfg.run.pure_bf16, trust_remote_code=cfg.model.trust_remote_code)
+    budget = _memory_gib(gpu) * (GPU_MEMORY_SHARE if gpu else CPU_MEMORY_SHARE)
+    try:
+        needed = needs_checkpointing(args, budget)
+    except Exception as exc:  # an architecture the planner cannot build on the meta device
+        logging.getLogger(__name__).info("activation_checkpointing auto: no memory plan for %s (%s): %s",
+                                         cfg.model.model, exc, "on" if gpu else "off")
+        return gpu
+    logging.getLogger(__name__).info("activation_checkpointing auto: %s (batch %d x %d tokens %s %.1f GiB)",
+                                     "on" if needed else "off", args.batch_size, args.seq_len,
+                                     "would not fit in" if needed else "fits in", budget)
+    return needed
+
+
+def _cuda() -> bool:
+    from medgpt.models import cuda_available
+
+    return cuda_available()
+
+
+def _memory_gib(gpu: bool) -> float:
+    """The device's memory in GiB: the first GPU's (this process's, under a launcher), else the machine's RAM."""
+    import os
+
+    if gpu:
+        import torch
+
+        return torch.cuda.get_device_properties(int(os.environ.get("LOCAL_RANK", 0))).total_memory / 2**30
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
 
 
 def uses_deepspeed(option: Any) -> bool:

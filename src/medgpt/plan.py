@@ -453,6 +453,17 @@ def max_micro_batch(args: PlanArgs, arch: Architecture, reward_arch: Architectur
     return low
 
 
+def needs_checkpointing(args: PlanArgs, budget_gib: float) -> bool:
+    """Whether the training step of `args` without gradient checkpointing would not fit in `budget_gib` GiB:
+    what `activation_checkpointing: auto` turns checkpointing on for (it recomputes every layer's forward pass
+    in the backward pass, a third more compute, so it is on only where it is needed)."""
+    args = replace(args, gradient_checkpointing=False).validate()
+    arch = load_architecture(args.model, "seq_cls" if args.stage == "rm" else "causal_lm", args.trust_remote_code)
+    wants_reward = args.reward_model if args.reward_model is not None else args.stage == "ppo"
+    reward_arch = load_architecture(args.model, "seq_cls", args.trust_remote_code) if wants_reward else None
+    return estimate(args, arch, reward_arch)[0].peak > budget_gib * GIB
+
+
 def plan(args: PlanArgs, gpu_memory: list[float] = (24, 40, 80)) -> Plan:
     """Estimate `args`, and the largest micro-batch for each GPU size in `gpu_memory` (GiB)."""
     args.validate()

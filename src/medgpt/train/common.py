@@ -11,6 +11,7 @@ from typing import Any, Callable
 
 from medgpt.config import Config, training_precision
 from medgpt.errors import UserError
+from medgpt.train import lm_head
 
 log = logging.getLogger(__name__)
 METRICS_FILE = "metrics.jsonl"
@@ -77,6 +78,7 @@ def build_trainer(cfg: Config, trainer_cls, datasets: Callable, load: Callable |
         **trainer_kwargs,
     )
     cast_trainable(trainer.model, training_precision(cfg).trainable)  # what the trainer added or cast (PEFT, TRL)
+    lm_head.apply(trainer, cfg)
     return trainer, stats
 
 
