@@ -47,9 +47,22 @@ def engine(sharp_model):
 
 
 def test_params_are_validated():
-    for bad in (dict(max_new_tokens=0), dict(temperature=-1), dict(top_p=0), dict(top_k=-1), dict(stop=[""])):
-        with pytest.raises(UserError):
-            GenerationParams(**bad).validate()
+    """Out-of-range values (OpenAI's ranges where it has them) are refused with a message naming the field;
+    issue 14's extreme values among them (repetition_penalty 1e-300, seed 2**70)."""
+    bad = {"max_new_tokens": [-1, 1.5, True], "temperature": [-1, 2.5, float("nan"), float("inf"), "1"],
+           "top_p": [0, 1.5, float("nan")], "top_k": [-1, 10**6, 2.0], "repetition_penalty": [1e-300, 0, 21, -1],
+           "presence_penalty": [-2.1, 3, float("-inf")], "frequency_penalty": [2.5], "seed": [-1, 2**63, 2**70, 1.0],
+           "stop": [[""], ["x"] * 9, ["x" * 257], "x"], "logit_bias": [{-1: 1.0}, {1: 101}, {1: float("nan")},
+                                                                       {"1": 1.0}, {i: 1.0 for i in range(301)}],
+           "logprobs": [-1, 21], "grammar": ["", 3]}
+    for name, values in bad.items():
+        for value in values:
+            with pytest.raises(UserError, match=name):
+                GenerationParams(**{name: value}).validate()
+    fine = GenerationParams(max_new_tokens=0, temperature=1e-300, top_p=1e-9, top_k=1000, repetition_penalty=20,
+                            presence_penalty=-2, frequency_penalty=2, seed=2**63 - 1, stop=["x"] * 8,
+                            logit_bias={0: -100, 5: 100.0}, logprobs=20, grammar="root ::= [a-z]+")
+    assert fine.validate() is fine
 
 
 def test_stop_helpers():
@@ -287,7 +300,7 @@ def test_predict_command(tmp_path, sharp_model, capsys):
     assert main(argv) == 0
     assert [json.loads(line)["id"] for line in (tmp_path / "a.jsonl").read_text().splitlines()] == ["a", "b"]
     assert main(argv[:-4] + ["--temperature", "-1"]) == 2
-    assert "temperature must be >= 0" in capsys.readouterr().err
+    assert "temperature must be a number in [0, 2]" in capsys.readouterr().err
 
 
 # -- chat --------------------------------------------------------------------------------------------

@@ -7,8 +7,8 @@ Standard library only at import time, so the command line stays fast.
 from __future__ import annotations
 
 import queue
-import threading
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -20,34 +20,85 @@ from medgpt.errors import UserError
 Augment = Callable[[list[dict]], tuple[list[dict], list[dict]]]
 
 
+# Bounds of the sampling values (OpenAI's where it has them): anything outside is refused with a message naming
+# the field, so no accepted value can overflow or poison the arithmetic of a batch it shares.
+MAX_SEED = 2**63  # seeds are 0 <= seed < MAX_SEED (a torch.Generator takes 64-bit seeds)
+MAX_TOP_K = 1000
+MAX_LOGPROBS = 20
+MAX_LOGIT_BIAS = 300
+MAX_STOPS, MAX_STOP_CHARS = 8, 256
+REPETITION_PENALTY_RANGE = (0.05, 20.0)
+
+
 @dataclass
 class GenerationParams:
     """One request's generation settings; the defaults are greedy decoding, what evaluation and reports use.
 
     Chat-like commands start from `chat_defaults(engine)` instead (sampling with a repetition penalty)."""
 
-    max_new_tokens: int = 256
+    max_new_tokens: int = 256  # 0: only score the prompt (with Request.echo), generate nothing
     temperature: float = 0.0  # 0 = greedy
     top_p: float = 1.0
     top_k: int = 0  # 0 = no top-k cut
-    repetition_penalty: float = 1.0
+    repetition_penalty: float = 1.0  # transformers' semantics, over prompt and answer
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
+    presence_penalty: float = 0.0  # OpenAI's semantics, over the answer's tokens
+    frequency_penalty: float = 0.0  # OpenAI's semantics, over the answer's tokens
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
+    logprobs: int | None = None  # None: no log-probs; k: each token's log-prob and the k most likely
+    grammar: str | None = None  # xgrammar EBNF (root rule `root`): the answer is constrained to it
 
     def validate(self) -> GenerationParams:
-        """Reject settings a user can get wrong, with a message instead of a library traceback."""
+        """Reject settings a user can get wrong, with a message naming the field instead of a library traceback."""
+        low, high = REPETITION_PENALTY_RANGE
         checks = [
-            (self.max_new_tokens >= 1, "max_new_tokens must be >= 1"),
-            (self.temperature >= 0, "temperature must be >= 0"),
-            (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
-            (self.top_k >= 0, "top_k must be >= 0"),
-            (self.repetition_penalty > 0, "repetition_penalty must be > 0"),
-            (all(isinstance(s, str) and s for s in self.stop), "stop must be non-empty strings"),
+            (_is_int(self.max_new_tokens) and self.max_new_tokens >= 0, "max_new_tokens must be an integer >= 0"),
+            (_in(self.temperature, 0, 2), "temperature must be a number in [0, 2]"),
+            (_in(self.top_p, 0, 1) and self.top_p > 0, "top_p must be a number in (0, 1]"),
+            (_is_int(self.top_k) and 0 <= self.top_k <= MAX_TOP_K, f"top_k must be an integer in [0, {MAX_TOP_K}]"),
+            (_in(self.repetition_penalty, low, high), f"repetition_penalty must be a number in [{low}, {high:g}]"),
+            (_in(self.presence_penalty, -2, 2), "presence_penalty must be a number in [-2, 2]"),
+            (_in(self.frequency_penalty, -2, 2), "frequency_penalty must be a number in [-2, 2]"),
+            (self.seed is None or (_is_int(self.seed) and 0 <= self.seed < MAX_SEED),
+             "seed must be an integer in [0, 2**63)"),
+            (isinstance(self.stop, list) and len(self.stop) <= MAX_STOPS, f"stop must be at most {MAX_STOPS} strings"),
+            (isinstance(self.stop, list) and all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS
+                                                 for s in self.stop),
+             f"stop must be non-empty strings of at most {MAX_STOP_CHARS} characters"),
+            (isinstance(self.logit_bias, dict) and len(self.logit_bias) <= MAX_LOGIT_BIAS,
+             f"logit_bias must map at most {MAX_LOGIT_BIAS} token ids to biases"),
+            (isinstance(self.logit_bias, dict) and all(_is_int(k) and k >= 0 and _in(v, -100, 100)
+                                                       for k, v in self.logit_bias.items()),
+             "logit_bias must map token ids (integers >= 0) to numbers in [-100, 100]"),
+            (self.logprobs is None or (_is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS),
+             f"logprobs must be an integer in [0, {MAX_LOGPROBS}]"),
+            (self.grammar is None or (isinstance(self.grammar, str) and self.grammar.strip() != ""),
+             "grammar must be a non-empty grammar text"),
         ]
         for ok, message in checks:
             if not ok:
                 raise UserError(message)
         return self
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _in(value: Any, low: float, high: float) -> bool:
+    """A real number (not a bool, not NaN or infinite) in [low, high]."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and low <= value <= high
+
+
+@dataclass
+class TokenLogprob:
+    """One token's log-probability: log-softmax of the model's raw logits (before temperature, penalties, bias and
+    grammar; vLLM's default "raw_logprobs"), with the `k` most likely tokens of that position, best first."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
 
 
 @dataclass
@@ -56,6 +107,9 @@ class Completion:
     prompt_tokens: int
     completion_tokens: int
     finish_reason: str  # "stop" | "length"
+    token_ids: list[int] = field(default_factory=list)  # the generated ids (after any stop cut)
+    logprobs: list[TokenLogprob] | None = None  # one per generated token, when params.logprobs is set
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # with Request.echo: one per prompt token, first None
 
 
 # The sampling settings of a chat whose model's generation config sets none: greedy decoding makes small models
@@ -118,6 +172,7 @@ class Request:
     params: GenerationParams
     on_text: Callable[[str], None] | None = None
     cancelled: bool = False  # set by a server whose client went away: the row stops at the next step
+    echo: bool = False  # also score the prompt: Completion.prompt_logprobs
 
 
 class Engine(Protocol):
@@ -126,11 +181,26 @@ class Engine(Protocol):
     tokenizer: Any
     template: Any
     name: str  # what the server reports as the model id
-    max_batch_size: int  # most requests the server hands to one `run`
+    max_batch_size: int  # most requests in the running batch
+    max_context: int  # the model's longest sequence (prompt + answer)
     system: str | None  # the default system prompt
     model_sampling: dict[str, Any]  # the sampling settings the model's generation config sets
 
-    def encode(self, messages: list[dict], system: str | None = None) -> list[int]: ...
+    def encode(self, messages: list[dict], system: str | None = None,
+               tools: list[dict] | None = None) -> list[int]: ...
+
+    def submit(self, request: Request) -> Future[Completion]:
+        """Start one request (thread-safe, returns at once); the engine batches running requests continuously.
+
+        A request that fails (its input, or anything while decoding its row) fails only its own future; setting
+        `request.cancelled` ends its row within one decoding step (the future then holds what was generated)."""
+        ...
+
+    def waiting(self) -> int: ...  # requests submitted and not started yet
+
+    def running(self) -> int: ...  # requests in the running batch
+
+    def close(self) -> None: ...  # stop the engine's scheduler
 
     def run(self, requests: list[Request]) -> list[Completion]: ...
 
@@ -199,7 +269,7 @@ def split_system(messages: list[dict], system: str | None) -> tuple[list[dict], 
 
 
 class BaseEngine:
-    """What every engine shares: prompts through the template, validation, streaming over `run`.
+    """What every engine shares: prompts through the template, validation, batches and streams over `submit`.
 
     The system prompt of a prompt is decided here only: a leading system message, else the `system` given
     with the call, else the engine's default `system`, else the template's own.
@@ -209,6 +279,7 @@ class BaseEngine:
     template: Any
     name: str = "medgpt"
     max_batch_size: int = 16
+    max_context: int = 2048
     system: str | None = None
     model_sampling: dict[str, Any] = {}  # what the model's generation config sets (see shipped_sampling)
     folder: str | None = None  # the base model's folder
@@ -216,10 +287,21 @@ class BaseEngine:
     dtype: str | None = None
     device: str | None = None
 
-    def encode(self, messages: list[dict], system: str | None = None) -> list[int]:
-        """Token ids of the prompt, rendered by the same template as training."""
+    def encode(self, messages: list[dict], system: str | None = None,
+               tools: list[dict] | None = None) -> list[int]:
+        """Token ids of the prompt, rendered by the same template as training (with `tools` where it has a
+        tool format)."""
         messages, system = split_system(check_messages(messages), self.system if system is None else system)
-        return list(self.template.encode_prompt(self.tokenizer, messages, system=system))
+        return list(self.template.encode_prompt(self.tokenizer, messages, system=system, tools=tools))
+
+    def submit(self, request: Request) -> Future[Completion]:
+        raise NotImplementedError
+
+    def run(self, requests: list[Request]) -> list[Completion]:
+        """Submit every request, wait for all; results keep the input order; raises the first failure."""
+        futures = [self.submit(request) for request in requests]
+        wait(futures)
+        return [future.result() for future in futures]
 
     def generate(self, batch: list[list[dict]], params: GenerationParams,
                  system: str | None = None) -> list[Completion]:
@@ -234,30 +316,14 @@ class BaseEngine:
     def _deltas(self, request: Request) -> Iterator[str]:
         deltas: queue.Queue = queue.Queue()
         request.on_text = deltas.put
-        result: list[Completion] = []
-        failure: list[BaseException] = []
-
-        def work() -> None:
-            try:
-                result.extend(self.run([request]))
-            except BaseException as exc:  # re-raised in the consumer below
-                failure.append(exc)
-            finally:
-                deltas.put(None)
-
-        threading.Thread(target=work, daemon=True).start()
+        future = self.submit(request)
+        future.add_done_callback(lambda _: deltas.put(None))  # after the request's last on_text
         try:
             while (delta := deltas.get()) is not None:
                 yield delta
         finally:  # the consumer stopped early (closed, interrupted): stop generating for it
             request.cancelled = True
-        if failure:
-            raise failure[0]
-        return result[0]
-
-    def run(self, requests: list[Request]) -> list[Completion]:
-        """Generate for many requests together; results keep the input order."""
-        raise NotImplementedError
+        return future.result()
 
 
 def require_template(template: Any) -> Any:

@@ -9,8 +9,10 @@ streaming each row's text as it grows.
 
 from __future__ import annotations
 
+import collections
 import logging
 import threading
+from concurrent.futures import Future
 
 from medgpt.errors import UserError
 from medgpt.infer.base import (BaseEngine, Completion, Engine, Request, require_template, shipped_sampling,
@@ -186,19 +188,67 @@ class TransformersEngine(BaseEngine):
         self.model_sampling = shipped_sampling(self.model.generation_config)
         self.max_batch_size = max(1, int(max_batch_size))
         self.stop_ids, self.stop_strings = stop_tokens(self.tokenizer, self.template, self.model)
+        self.max_context = int(getattr(self.model.config, "max_position_embeddings", None) or 2048)
+        self._queue: collections.deque = collections.deque()
+        self._wake = threading.Condition()
+        self._closed = False
+        self._running = 0
         self._lock = threading.Lock()  # one generate at a time on one model
+        self._thread = threading.Thread(target=self._loop, name="medgpt-engine", daemon=True)
+        self._thread.start()
         log.info("loaded %s%s on %s (%s), template %s", opened.folder,
                  f" + adapter {opened.adapter}" if opened.adapter else "", device, self.dtype, self.template.name)
 
-    def run(self, requests: list[Request]) -> list[Completion]:
-        """Generate for prompts of any length in batches of similar length; results keep the input order."""
-        order = sorted(range(len(requests)), key=lambda i: len(requests[i].prompt_ids))
-        results: list[Completion | None] = [None] * len(requests)
-        for start in range(0, len(order), self.max_batch_size):
-            chunk = order[start:start + self.max_batch_size]
-            for i, completion in zip(chunk, self._run_batch([requests[i] for i in chunk])):
-                results[i] = completion
-        return results  # type: ignore[return-value]
+    def submit(self, request: Request) -> Future[Completion]:
+        future: Future[Completion] = Future()
+        try:
+            request.params.validate()
+        except UserError as exc:
+            future.set_exception(exc)
+            return future
+        with self._wake:
+            self._queue.append((request, future))
+            self._wake.notify()
+        return future
+
+    def waiting(self) -> int:
+        return len(self._queue)
+
+    def running(self) -> int:
+        return self._running
+
+    def close(self) -> None:
+        with self._wake:
+            self._closed = True
+            self._wake.notify()
+        self._thread.join(timeout=30)
+
+    def _loop(self) -> None:
+        while True:
+            with self._wake:
+                while not self._queue and not self._closed:
+                    self._wake.wait()
+                if self._closed:
+                    return
+                batch = [self._queue.popleft() for _ in range(min(len(self._queue), self.max_batch_size))]
+            self._running = len(batch)
+            try:
+                self._settle(batch)
+            finally:
+                self._running = 0
+
+    def _settle(self, batch: list) -> None:
+        try:
+            results = self._run_batch([request for request, _ in batch])
+        except Exception as exc:
+            if len(batch) == 1:
+                batch[0][1].set_exception(exc)
+                return
+            for item in batch:  # retry one by one: only the failing request fails
+                self._settle([item])
+            return
+        for (_, future), result in zip(batch, results):
+            future.set_result(result)
 
     def _run_batch(self, requests: list[Request]) -> list[Completion]:
         import torch
