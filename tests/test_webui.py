@@ -1,38 +1,46 @@
-"""The Gradio page, driven through gradio_client over loopback."""
+"""The Gradio page, driven through gradio_client (Gradio's own client) and plain HTTP over loopback, served as
+`medgpt webui` serves it (`launch_page`): login, same-origin requests only, no uploads, bounded bodies, no
+telemetry."""
 
 from __future__ import annotations
 
-import os
+import json
+import socket
+import time
 
+import httpx
 import pytest
 
 from medgpt.infer.base import GenerationParams
 from medgpt.infer.engine import load_engine
 from test_infer import sharpen
 
-os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+@pytest.fixture(scope="module")
+def engine(tiny_model, tmp_path_factory):
+    return load_engine(sharpen(tiny_model, tmp_path_factory.mktemp("sharp") / "model"), dtype="fp32")
 
 
 @pytest.fixture(scope="module")
-def page(tiny_model, tmp_path_factory):
+def page(engine):
     from medgpt.infer.webui import build_demo
 
-    engine = load_engine(sharpen(tiny_model, tmp_path_factory.mktemp("sharp") / "model"), dtype="fp32")
     sources = [{"source": "kb/asthma.txt", "text": "Rinse after steroid inhalers."}]
     augment = lambda messages: (messages, sources if "inhaler" in messages[-1]["content"] else [])  # noqa: E731
     demo = build_demo(engine, GenerationParams(max_new_tokens=8), system="Be brief.", augment=augment)
     yield from serve_page(demo, engine)
 
 
-def serve_page(demo, engine):
+def serve_page(demo, engine, **launch):
+    """The page served by `launch_page` on a free loopback port: (gradio_client, engine), closed afterwards."""
     from gradio_client import Client
 
     from medgpt.infer.server import free_port
+    from medgpt.infer.webui import launch_page
 
-    port = free_port()
-    demo.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    url = launch_page(demo, port=free_port(), block=False, **launch)
     try:
-        yield Client(f"http://127.0.0.1:{port}/", verbose=False), engine
+        yield Client(url, verbose=False, auth=(launch.get("logins") or [None])[0]), engine
     finally:
         demo.close()
 
@@ -149,3 +157,205 @@ def test_history_from_gradio_messages():
                {"role": "assistant", "content": "Hello", "metadata": None},
                {"role": "user", "content": {"path": "scan.png"}}]
     assert history_messages(history) == [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+
+
+# --- serving: login, same-origin only, no uploads, bounded bodies, no telemetry, loopback by default ---
+
+EVIL = {"Origin": "http://evil.example"}
+CHAT = ["What is a fever?", "", 4, 0.0, 1.0, 0, 1.0, -1, ""]  # the /chat inputs, as in `ask`
+
+
+def call_chat(http: httpx.Client, data: list, headers: dict | None = None) -> str:
+    """Gradio's documented REST API (POST /gradio_api/call/chat, then its event stream): the final answer."""
+    started = http.post("/gradio_api/call/chat", json={"data": data}, headers=headers)
+    assert started.status_code == 200, started.text
+    events = http.get(f"/gradio_api/call/chat/{started.json()['event_id']}", headers=headers).text
+    complete = events.split("event: complete\ndata: ", 1)[1].split("\n", 1)[0]
+    return json.loads(complete)[0]
+
+
+def test_page_refuses_cross_site_requests_and_serves_its_own_origin(page):
+    """A page on another site (the browser sends its Origin, or Sec-Fetch-Site) must not make the model answer
+    or store a file; the page's own origin, links from elsewhere and non-browser clients work."""
+    client, engine = page
+    url = client.src.rstrip("/")
+    expected = engine.generate([[{"role": "user", "content": CHAT[0]}]], GenerationParams(max_new_tokens=4))[0]
+    with httpx.Client(base_url=url) as http:
+        assert call_chat(http, CHAT, {"Origin": url}) == shown(expected)  # the page's own origin
+        assert call_chat(http, CHAT, {"Sec-Fetch-Site": "same-origin", "Origin": url}) == shown(expected)
+        for headers in (EVIL, {"Origin": "null"}, {"Origin": url.replace("127.0.0.1", "localhost.evil.example")},
+                        {"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "cors"},
+                        {"Sec-Fetch-Site": "same-site", "Sec-Fetch-Mode": "no-cors"}):
+            refused = http.post("/gradio_api/call/chat", json={"data": CHAT}, headers=headers)
+            assert (refused.status_code, refused.text) == (
+                403, "cross-site request refused: use the page from its own address"), headers
+        upload = http.post("/gradio_api/upload", files={"files": ("note.txt", b"hello")}, headers=EVIL)
+        assert upload.status_code == 403
+        config = http.get("/config", headers=EVIL)  # another site's script reading the page's settings
+        assert config.status_code == 403
+        # a link from another site opens the page (a top-level navigation)
+        opened = http.get("/", headers={"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "navigate"})
+        assert opened.status_code == 200 and "<html" in opened.text
+
+
+def test_page_takes_no_uploads_and_bounds_request_bodies(page):
+    from medgpt.infer.webui import MAX_REQUEST_BYTES
+
+    client, _ = page
+    with httpx.Client(base_url=client.src) as http:
+        for size in (5, 2 * MAX_REQUEST_BYTES):  # the page has no file input: every upload is refused
+            upload = http.post("/gradio_api/upload", files={"files": ("scan.pdf", b"%" * size)})
+            assert (upload.status_code, upload.text) == (403, "this page takes no file uploads")
+        too_large = f"request body over {MAX_REQUEST_BYTES} bytes refused"
+        message = "x" * MAX_REQUEST_BYTES  # a chat message bigger than the limit, with a Content-Length
+        refused = http.post("/gradio_api/call/chat", json={"data": [message, *CHAT[1:]]})
+        assert (refused.status_code, refused.text) == (413, too_large)
+        body = json.dumps({"data": [message, *CHAT[1:]]}).encode()
+        chunked = http.post("/gradio_api/call/chat", content=(body[i:i + 65536] for i in range(0, len(body), 65536)),
+                            headers={"Content-Type": "application/json"})  # no Content-Length: counted as it comes
+        assert (chunked.status_code, chunked.text) == (413, too_large)
+        assert call_chat(http, ["y" * 1000, *CHAT[1:]])  # a long message under the limit is answered
+
+
+def test_page_login(engine, caplog):
+    """With logins, every route but the login page answers 401 until Gradio's /login accepts the password;
+    gradio_client (Gradio's own client) logs in with it. The password is never logged."""
+    from gradio_client import Client
+
+    from medgpt.infer.webui import build_demo
+
+    demo = build_demo(engine, GenerationParams(max_new_tokens=4))
+    with caplog.at_level("INFO", logger="medgpt.infer.webui"):
+        for client, _ in serve_page(demo, engine, logins=[("nurse", "other"), ("doc", "s3cr:et pw")]):
+            url = client.src.rstrip("/")
+            with httpx.Client(base_url=url) as http:
+                for route in ("/config", "/gradio_api/info"):
+                    assert http.get(route).status_code == 401
+                assert http.post("/gradio_api/call/chat", json={"data": CHAT}).status_code == 401
+                wrong = http.post("/login", data={"username": "doc", "password": "s3cr"}, headers={"Origin": url})
+                assert wrong.status_code == 400 and http.get("/config").status_code == 401
+                forged = http.post("/login", data={"username": "doc", "password": "s3cr:et pw"}, headers=EVIL)
+                assert forged.status_code == 403 and http.get("/config").status_code == 401  # login CSRF
+                login = http.post("/login", data={"username": "doc", "password": "s3cr:et pw"}, headers={"Origin": url})
+                assert login.status_code == 200 and http.get("/config").status_code == 200
+                expected = engine.generate([[{"role": "user", "content": CHAT[0]}]],
+                                           GenerationParams(max_new_tokens=4))[0]
+                assert call_chat(http, CHAT, {"Origin": url}) == shown(expected)
+            assert ask(client, CHAT[0], max_new_tokens=4) == shown(expected)  # logged in as nurse
+            with pytest.raises(Exception, match="(?i)login|credentials|auth"):
+                Client(url, verbose=False, auth=("doc", "wrong"))
+    logged = caplog.text
+    assert "login required: 2 user(s) (nurse, doc)" in logged and "s3cr" not in logged and "other" not in logged
+
+
+def test_page_telemetry_is_off_and_binds_to_loopback(engine, monkeypatch):
+    """Gradio's telemetry (its `analytics_enabled`, which it reads from GRADIO_ANALYTICS_ENABLED and which is
+    on when that is unset) is off, and no name but this machine's is looked up while the page starts and
+    answers; it binds to 127.0.0.1 when no host is given."""
+    from medgpt.infer.webui import build_demo, gradio_analytics
+
+    monkeypatch.delenv("GRADIO_ANALYTICS_ENABLED", raising=False)
+    looked_up = []
+    real_getaddrinfo = socket.getaddrinfo
+
+    def recording(host, *args, **kwargs):
+        looked_up.append(host)
+        return real_getaddrinfo(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", recording)
+    demo = build_demo(engine, GenerationParams(max_new_tokens=4))
+    assert demo.analytics_enabled is False
+    for client, _ in serve_page(demo, engine):
+        assert client.config["analytics_enabled"] is False  # what the browser side reads
+        assert ask(client, CHAT[0], max_new_tokens=4)
+        assert demo.server_name == "127.0.0.1" and client.src.startswith("http://127.0.0.1:")
+        time.sleep(0.5)  # Gradio's analytics threads would have looked up their servers by now
+    assert set(looked_up) <= {"127.0.0.1", "localhost", "::1", None}, set(looked_up)
+    monkeypatch.setenv("GRADIO_ANALYTICS_ENABLED", "True")  # Gradio's own switch still opts in
+    assert gradio_analytics() is True
+
+
+def test_warning_when_the_page_is_open_without_a_login():
+    from medgpt.infer.webui import exposure_warning
+
+    for host in ("127.0.0.1", "localhost", "::1", "127.0.0.2"):
+        assert exposure_warning(host, login=False, share=False) is None
+    for host in ("0.0.0.0", "192.168.1.20", "::", "medgpt.example"):
+        warning = exposure_warning(host, login=False, share=False)
+        assert warning and host in warning and "--auth" in warning
+        assert exposure_warning(host, login=True, share=False) is None
+    assert "gradio.live" in exposure_warning("127.0.0.1", login=False, share=True)
+    assert exposure_warning("127.0.0.1", login=True, share=True) is None
+
+
+def test_login_flags_and_file(tmp_path, capsys):
+    from medgpt.cli import build_parser
+    from medgpt.errors import UserError
+    from medgpt.infer.webui import check_logins, read_login_file
+
+    logins = tmp_path / "logins.txt"
+    logins.write_text("# users of the ward page\ndoc:pa:ss\n\n  nurse : night shift \n", encoding="utf-8")
+    assert read_login_file(logins) == [("doc", "pa:ss"), ("nurse", " night shift")]
+    for text, line in (("doc:ok\nhunter2\n", 2), ("# c\n:hunter2\n", 2), ("doc:\n", 1)):
+        logins.write_text(text, encoding="utf-8")
+        with pytest.raises(UserError) as bad:
+            read_login_file(logins)
+        assert str(bad.value) == f"{logins}:{line}: expected user:password with a non-empty user and password"
+    logins.write_text("# nobody yet\n", encoding="utf-8")
+    with pytest.raises(UserError, match="no user:password line"):
+        read_login_file(logins)
+    with pytest.raises(UserError, match="cannot read the login file"):
+        read_login_file(tmp_path / "missing.txt")
+    with pytest.raises(UserError, match="login user doc is given more than once"):
+        check_logins([("doc", "a"), ("nurse", "b"), ("doc", "c")])
+
+    parser = build_parser("webui")
+    args = parser.parse_args(["webui", "--auth", "doc:pa:ss", "--auth", "nurse:x"])
+    assert args.auth == [("doc", "pa:ss"), ("nurse", "x")] and args.host == "127.0.0.1"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["webui", "--auth", "hunter2"])
+    error = capsys.readouterr().err
+    assert "argument --auth: expected user:password" in error and "hunter2" not in error
+
+
+def test_webui_command_serves_the_page_behind_its_login(tiny_model, tmp_path, monkeypatch, caplog):
+    """`medgpt webui --auth-file` end to end (in a thread; the page it launches is closed to end it): on
+    127.0.0.1, 401 until logged in, then answering; the password never printed or logged."""
+    import threading
+
+    from gradio_client import Client
+
+    from medgpt import cli
+    from medgpt.infer import webui
+    from medgpt.infer.server import free_port
+
+    launched, real_launch = [], webui.launch_page
+    monkeypatch.setattr(webui, "launch_page", lambda demo, **kw: launched.append(demo) or real_launch(demo, **kw))
+    port = free_port()
+    (tmp_path / "logins.txt").write_text("doc:pw-from-file\n", encoding="utf-8")
+    argv = ["webui", "--model", tiny_model, "--dtype", "fp32", "--port", str(port),
+            "--auth-file", str(tmp_path / "logins.txt"), "--max-new-tokens", "3"]
+    result = []
+    with caplog.at_level("INFO"):
+        thread = threading.Thread(target=lambda: result.append(cli.main(argv)), daemon=True)
+        thread.start()
+        url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 120
+        try:
+            with httpx.Client(base_url=url, timeout=5) as http:
+                while True:
+                    assert thread.is_alive(), "the command ended before serving"
+                    try:
+                        status = http.get("/config").status_code
+                        break
+                    except httpx.TransportError:
+                        assert time.monotonic() < deadline, "the page did not start"
+                        time.sleep(0.2)
+            assert status == 401 and launched[0].server_name == "127.0.0.1"
+            client = Client(url, verbose=False, auth=("doc", "pw-from-file"))
+            assert isinstance(client.predict(CHAT[0], "", 3, 0.0, 1.0, 0, 1.0, -1, "", api_name="/chat"), str)
+        finally:
+            for demo in launched:
+                demo.close()
+            thread.join(timeout=30)
+    assert result == [0]
+    assert "login required: 1 user(s) (doc)" in caplog.text and "pw-from-file" not in caplog.text

@@ -166,7 +166,8 @@ def exposure_warning(host: str, login: bool, share: bool) -> str | None:
     if login:
         return None
     if share:
-        return "the page has a public gradio.live link and no login: anyone with the link can use the model (add --auth)"
+        return ("the page has a public gradio.live link and no login: anyone with the link can use the model "
+                "(add --auth USER:PASSWORD or --auth-file FILE)")
     if not is_loopback(host):
         return (f"the page listens on {host} without a login: anyone who can reach this machine can use the model "
                 f"(add --auth USER:PASSWORD or --auth-file FILE)")
