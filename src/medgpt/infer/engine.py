@@ -1,26 +1,35 @@
 """The transformers engine, and `load_engine`, which opens either engine by name (see base.py for the interface).
 
-The transformers engine runs many requests in one `model.generate` call even when they ask for
-different sampling settings, lengths or stop strings: a per-row logits processor does the sampling
-(each row with its own temperature, top-p/k, repetition penalty and seed) and a per-row stopping
-criterion ends each row on eos, the template's stop words, its own stop strings or its own length,
-streaming each row's text as it grows.
+The transformers engine serves every submitted request with continuous batching: one scheduler thread keeps a
+running batch with one shared KV cache; a new request is prefilled alone and merged into the batch (left padding),
+each step runs one forward for every row, and a finished or cancelled row leaves the batch at once. Each row has
+its own sampling (temperature, top-p/k, penalties, logit bias, a grammar, its own seeded generator), stop strings,
+log-probs and streaming; a failure while processing one row fails only that request, and a forward that fails
+for the whole batch is retried row by row so only the request that caused it fails.
+
+transformers' own continuous batching (`generate_batch`, ContinuousBatchingManager) was measured first: it runs on
+a CPU, but its per-request settings are temperature and top-p/k only (one generator for the batch, no penalties,
+logit bias, grammar, prompt log-probs or top-k log-probs), so this scheduler does the batching itself. Against it
+and against padded static batches (`model.generate`) on the same CPU: bench/infer_throughput.py.
 """
 
 from __future__ import annotations
 
 import collections
 import logging
+import secrets
 import threading
 from concurrent.futures import Future
+from typing import Any
 
 from medgpt.errors import UserError
-from medgpt.infer.base import (BaseEngine, Completion, Engine, Request, require_template, shipped_sampling,
-                               stop_tokens)
+from medgpt.infer.base import (BaseEngine, Completion, Engine, Request, TokenLogprob, require_template,
+                               shipped_sampling, stop_tokens)
 
 log = logging.getLogger(__name__)
 
 ENGINES = ("transformers", "vllm")
+GREEDY_BELOW = 1e-5  # a temperature under this decodes greedily (vLLM's rule): dividing by it would overflow
 
 
 def stop_position(text: str, stops: list[str]) -> int:
@@ -42,124 +51,193 @@ def held_back(text: str, stops: list[str]) -> int:
     return keep
 
 
-class _Row:
-    """Decoding state of one request inside a batch."""
+def token_logprob(logprobs, token: int, k: int) -> TokenLogprob:
+    """`token`'s entry of one position's log-softmax, with the `k` most likely tokens there."""
+    top = []
+    if k:
+        values, ids = logprobs.topk(k)
+        top = list(zip(ids.tolist(), values.tolist()))
+    return TokenLogprob(token, float(logprobs[token]), top)
 
-    def __init__(self, request: Request, pad: int, generator):
-        self.request = request
-        self.pad = pad  # left padding in the batch tensor
-        self.generator = generator
+
+class Row:
+    """One request in the running batch: its decoding state and its own sampling."""
+
+    def __init__(self, request: Request, future: Future, engine: TransformersEngine):
+        import torch
+
+        self.request, self.future, self.params = request, future, request.params
+        self.tokenizer = engine.tokenizer
+        self.stop_ids = engine.stop_ids
+        self.stops = self.params.stop + engine.stop_strings
+        self.prompt = request.prompt_ids
         self.ids: list[int] = []
         self.text = ""
         self.sent = 0  # characters already handed to on_text
         self.finish_reason: str | None = None
+        self.logprobs: list[TokenLogprob] | None = [] if self.params.logprobs is not None else None
+        self.prompt_logprobs: list[TokenLogprob | None] | None = None
+        self.room = engine.max_context - len(self.prompt)  # tokens the context has left
+        self.greedy = self.params.temperature < GREEDY_BELOW
+        self.generator = None
+        if not self.greedy:
+            seed = self.params.seed if self.params.seed is not None else secrets.randbits(63)
+            self.generator = torch.Generator().manual_seed(seed)
+        self.matcher = engine.grammar_matcher(self.params.grammar) if self.params.grammar else None
+        self.bias = None
+        if self.params.logit_bias:
+            ids, values = zip(*self.params.logit_bias.items())
+            self.bias = (torch.tensor(ids, device=engine.device), torch.tensor(values, device=engine.device))
+
+    @property
+    def plain_greedy(self) -> bool:
+        """Greedy with nothing that changes the logits: the batch's argmax is this row's token."""
+        p = self.params
+        return (self.greedy and self.matcher is None and self.bias is None and p.repetition_penalty == 1.0
+                and p.presence_penalty == 0 and p.frequency_penalty == 0)
+
+    def choose(self, logits) -> int:
+        """This row's next token from its raw logits (1-D): grammar, bias, penalties, then greedy or sampling."""
+        import torch
+        from transformers import (RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper,
+                                  TopPLogitsWarper)
+
+        p = self.params
+        scores = logits[None].clone()
+        if self.matcher is not None:
+            import xgrammar
+
+            mask = xgrammar.allocate_token_bitmask(1, scores.shape[-1])
+            self.matcher.fill_next_token_bitmask(mask)
+            backend = "cpu" if scores.device.type == "cpu" else "torch_native"
+            xgrammar.apply_token_bitmask_inplace(scores, mask.to(scores.device), backend=backend)
+        if self.bias is not None:
+            scores[0, self.bias[0]] += self.bias[1]
+        if p.repetition_penalty != 1.0:  # transformers' semantics: prompt and answer, divide or multiply
+            seen = torch.tensor([self.prompt + self.ids], device=scores.device)
+            scores = RepetitionPenaltyLogitsProcessor(p.repetition_penalty)(seen, scores)
+        if (p.presence_penalty or p.frequency_penalty) and self.ids:  # OpenAI's: the answer's token counts
+            counts = torch.bincount(torch.tensor(self.ids, device=scores.device), minlength=scores.shape[-1])
+            scores = scores - p.frequency_penalty * counts - p.presence_penalty * (counts > 0)
+        if self.greedy:
+            return int(scores.argmax())
+        scores = TemperatureLogitsWarper(p.temperature)(None, scores)
+        if p.top_k:
+            scores = TopKLogitsWarper(min(p.top_k, scores.shape[-1]))(None, scores)
+        if p.top_p < 1.0:
+            scores = TopPLogitsWarper(p.top_p)(None, scores)
+        probs = torch.softmax(scores.float(), dim=-1).cpu()
+        if not torch.isfinite(probs).all() or not probs.sum() > 0:
+            raise UserError("sampling produced no valid probabilities for this request")
+        return int(torch.multinomial(probs, 1, generator=self.generator))
+
+    def advance(self, token: int, logprobs=None) -> None:
+        """Take the row's next token: log-prob, grammar, text, stop strings and length, streaming what is final."""
+        if self.logprobs is not None and token not in self.stop_ids:
+            self.logprobs.append(token_logprob(logprobs, token, self.params.logprobs))
+        self.ids.append(token)
+        if self.matcher is not None:
+            if not self.matcher.accept_token(token):
+                raise RuntimeError(f"the grammar refused token {token}, which its own mask allowed")
+            if self.matcher.is_terminated():
+                self.finish_reason = "stop"
+        if token in self.stop_ids:
+            self.finish_reason = "stop"
+            self.emit(len(self.text))
+            return
+        self.text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        cut = stop_position(self.text, self.stops)
+        if cut >= 0:
+            self.text = self.text[:cut]
+            self.finish_reason = "stop"
+        elif self.finish_reason is None and (len(self.ids) >= self.params.max_new_tokens
+                                             or len(self.ids) >= self.room):
+            self.finish_reason = "length"
+        if self.finish_reason is not None:
+            self.text = self.text.rstrip("\ufffd")
+            self.emit(len(self.text))
+        else:
+            self.emit(len(self.text) - held_back(self.text, self.stops))
 
     def emit(self, upto: int) -> None:
         if self.request.on_text and upto > self.sent:
             self.request.on_text(self.text[self.sent:upto])
         self.sent = max(self.sent, upto)
 
+    def completion(self) -> Completion:
+        ids = [t for t in self.ids if t not in self.stop_ids]
+        while ids and len(self.tokenizer.decode(ids, skip_special_tokens=True)) > len(self.text):
+            ids.pop()  # the tokens of a stop string that cut the text
+        logprobs = self.logprobs[:len(ids)] if self.logprobs is not None else None
+        return Completion(self.text, len(self.prompt), len(self.ids), self.finish_reason or "stop", ids, logprobs,
+                          self.prompt_logprobs)
 
-class _Batch:
-    """Per-row sampling (a logits processor) and per-row stopping and streaming (a stopping criterion)."""
 
-    def __init__(self, requests: list[Request], pads: list[int], tokenizer, stop_ids: set[int],
-                 stop_strings: list[str]):
+def cache_of(layers: list[tuple[Any, Any]]):
+    """A transformers DynamicCache holding these (keys, values) per layer."""
+    from transformers import DynamicCache
+
+    return DynamicCache(ddp_cache_data=layers)
+
+
+def layers_of(cache) -> list[tuple[Any, Any]]:
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+class Batch:
+    """The running rows and their shared KV cache ([rows, heads, width, dim] per layer, each row left-padded)."""
+
+    def __init__(self):
+        self.rows: list[Row] = []
+        self.cache = None  # a DynamicCache
+        self.mask = None  # [rows, width]: 1 where a real token is cached
+
+    def add(self, rows: list[Row], cache, mask) -> None:
+        """Append rows with their own cache (of any width): both sides are left-padded to the wider one."""
         import torch
+        from torch.nn.functional import pad
 
-        self.tokenizer = tokenizer
-        self.stop_ids = stop_ids
-        self.stop_strings = stop_strings
-        self.rows = []
-        for request, pad in zip(requests, pads):
-            generator = None
-            if request.params.temperature > 0:
-                generator = torch.Generator()
-                seed = request.params.seed
-                generator.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, ()).item()))
-            self.rows.append(_Row(request, pad, generator))
-
-    def process_logits(self, input_ids, scores):
-        """Apply each row's repetition penalty and sampling; a sampled row keeps only its token so argmax picks it."""
-        import torch
-        from transformers import (RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
-                                  TopKLogitsWarper, TopPLogitsWarper)
-
-        for i, row in enumerate(self.rows):
-            p = row.request.params
-            if row.finish_reason is not None:
-                continue
-            s = scores[i:i + 1]
-            if p.repetition_penalty != 1.0:
-                s = RepetitionPenaltyLogitsProcessor(p.repetition_penalty)(input_ids[i:i + 1, row.pad:], s)
-            if p.temperature > 0:
-                s = TemperatureLogitsWarper(p.temperature)(input_ids[i:i + 1], s)
-                if p.top_k > 0:
-                    s = TopKLogitsWarper(p.top_k)(input_ids[i:i + 1], s)
-                if p.top_p < 1.0:
-                    s = TopPLogitsWarper(p.top_p)(input_ids[i:i + 1], s)
-                probs = torch.softmax(s.float(), dim=-1)
-                token = torch.multinomial(probs.cpu(), 1, generator=row.generator).item()
-                s = torch.full_like(s, float("-inf"))
-                s[0, token] = 0.0
-            scores[i:i + 1] = s
-        return scores
-
-    def check_stop(self, input_ids, scores=None, **kwargs):
-        """Record each row's new token, stream its settled text, and report which rows are done."""
-        import torch
-
-        done = torch.zeros(len(self.rows), dtype=torch.bool, device=input_ids.device)
-        last = input_ids[:, -1].tolist()
-        for i, row in enumerate(self.rows):
-            if row.finish_reason is None:
-                if row.request.cancelled:
-                    row.finish_reason = "stop"
-                else:
-                    self._advance(row, last[i])
-            done[i] = row.finish_reason is not None
-        return done
-
-    def _advance(self, row: _Row, token: int) -> None:
-        params = row.request.params
-        row.ids.append(token)
-        if token in self.stop_ids:
-            row.finish_reason = "stop"
-            row.emit(len(row.text))
+        if not self.rows:
+            self.rows, self.cache, self.mask = list(rows), cache, mask
             return
-        row.text = self.tokenizer.decode(row.ids, skip_special_tokens=True)
-        stops = params.stop + self.stop_strings
-        cut = stop_position(row.text, stops)
-        if cut >= 0:
-            row.text = row.text[:cut]
-            row.finish_reason = "stop"
-        elif len(row.ids) >= params.max_new_tokens:
-            row.finish_reason = "length"
-        if row.finish_reason is not None:
-            row.text = row.text.rstrip("\ufffd")
-            row.emit(len(row.text))
-        else:
-            row.emit(len(row.text) - held_back(row.text, stops))
+        old, new = self.mask.shape[1], mask.shape[1]
+        width = max(old, new)
 
+        def widen(t, w):  # left padding of a cache tensor (dim -2) or a mask (dim -1)
+            return pad(t, (0, 0, width - w, 0)) if t.dim() == 4 else pad(t, (width - w, 0))
 
-def _processor(batch: _Batch):
-    from transformers import LogitsProcessor
+        self.cache = cache_of([(torch.cat([widen(k, old), widen(k2, new)]), torch.cat([widen(v, old), widen(v2, new)]))
+                               for (k, v), (k2, v2) in zip(layers_of(self.cache), layers_of(cache))])
+        self.mask = torch.cat([widen(self.mask, old), widen(mask, new)])
+        self.rows += rows
 
-    class PerRowSampling(LogitsProcessor):
-        def __call__(self, input_ids, scores):
-            return batch.process_logits(input_ids, scores)
+    def keep(self, indices: list[int]) -> None:
+        """Keep only these rows; cache columns that are padding in every remaining row are cut."""
+        import torch
 
-    return PerRowSampling()
+        if len(indices) == len(self.rows):
+            return
+        self.rows = [self.rows[i] for i in indices]
+        if not self.rows:
+            self.cache = self.mask = None
+            return
+        index = torch.tensor(indices, device=self.mask.device)
+        mask = self.mask[index]
+        start = int((mask.sum(0) > 0).int().argmax())  # the first column a row uses
+        self.mask = mask[:, start:]
+        for layer in self.cache.layers:
+            layer.keys, layer.values = layer.keys[index, :, start:], layer.values[index, :, start:]
 
+    def crop(self, width: int) -> None:
+        """Undo a forward that failed part way: every layer back to `width` columns."""
+        for layer in self.cache.layers:
+            layer.keys, layer.values = layer.keys[:, :, :width], layer.values[:, :, :width]
 
-def _criterion(batch: _Batch):
-    from transformers import StoppingCriteria
-
-    class PerRowStop(StoppingCriteria):
-        def __call__(self, input_ids, scores, **kwargs):
-            return batch.check_stop(input_ids, scores)
-
-    return PerRowStop()
+    def part(self, i: int):
+        """Row i's cache and mask alone, without its padding."""
+        start = int(self.mask[i].argmax())
+        return (cache_of([(k[i:i + 1, :, start:], v[i:i + 1, :, start:]) for k, v in layers_of(self.cache)]),
+                self.mask[i:i + 1, start:])
 
 
 class TransformersEngine(BaseEngine):
@@ -188,25 +266,33 @@ class TransformersEngine(BaseEngine):
         self.model_sampling = shipped_sampling(self.model.generation_config)
         self.max_batch_size = max(1, int(max_batch_size))
         self.stop_ids, self.stop_strings = stop_tokens(self.tokenizer, self.template, self.model)
-        self.max_context = int(getattr(self.model.config, "max_position_embeddings", None) or 2048)
+        config = self.model.config.get_text_config()
+        self.max_context = int(getattr(config, "max_position_embeddings", None) or 2048)
+        self.vocab_size = int(self.model.get_output_embeddings().weight.shape[0])
+        self._grammars = None  # xgrammar's compiler for this tokenizer, made at the first grammar
         self._queue: collections.deque = collections.deque()
         self._wake = threading.Condition()
         self._closed = False
-        self._running = 0
-        self._lock = threading.Lock()  # one generate at a time on one model
+        self._batch = Batch()
         self._thread = threading.Thread(target=self._loop, name="medgpt-engine", daemon=True)
         self._thread.start()
         log.info("loaded %s%s on %s (%s), template %s", opened.folder,
                  f" + adapter {opened.adapter}" if opened.adapter else "", device, self.dtype, self.template.name)
 
+    # -- the interface ---------------------------------------------------------------------------------
+
     def submit(self, request: Request) -> Future[Completion]:
         future: Future[Completion] = Future()
+        future.set_running_or_notify_cancel()
         try:
-            request.params.validate()
+            self._check(request)
         except UserError as exc:
             future.set_exception(exc)
             return future
         with self._wake:
+            if self._closed:
+                future.set_exception(UserError("the engine is closed"))
+                return future
             self._queue.append((request, future))
             self._wake.notify()
         return future
@@ -215,63 +301,176 @@ class TransformersEngine(BaseEngine):
         return len(self._queue)
 
     def running(self) -> int:
-        return self._running
+        return len(self._batch.rows)
 
     def close(self) -> None:
         with self._wake:
             self._closed = True
             self._wake.notify()
-        self._thread.join(timeout=30)
+        self._thread.join(timeout=60)
+
+    def _check(self, request: Request) -> None:
+        """What only the engine knows: the vocabulary and the context length."""
+        request.params.validate()
+        ids = request.prompt_ids
+        if not ids:
+            raise UserError("the prompt is empty")
+        if not all(isinstance(t, int) and 0 <= t < self.vocab_size for t in ids):
+            raise UserError(f"the prompt has token ids outside the vocabulary (0..{self.vocab_size - 1})")
+        if len(ids) >= self.max_context:
+            raise UserError(f"the prompt ({len(ids)} tokens) does not fit the model's context of {self.max_context}")
+        if any(t >= self.vocab_size for t in request.params.logit_bias):
+            raise UserError(f"logit_bias: token ids must be below the vocabulary size {self.vocab_size}")
+
+    def grammar_matcher(self, grammar: str):
+        """A fresh xgrammar matcher of `grammar` (EBNF; compiled once per text); a bad grammar is a UserError."""
+        import xgrammar
+
+        if self._grammars is None:
+            info = xgrammar.TokenizerInfo.from_huggingface(self.tokenizer, vocab_size=self.vocab_size,
+                                                           stop_token_ids=sorted(self.stop_ids))
+            self._grammars = xgrammar.GrammarCompiler(info, max_threads=1)
+        try:
+            compiled = self._grammars.compile_grammar(grammar)
+        except RuntimeError as exc:
+            raise UserError(f"grammar: {exc}") from exc
+        return xgrammar.GrammarMatcher(compiled)
+
+    # -- the scheduler ---------------------------------------------------------------------------------
 
     def _loop(self) -> None:
-        while True:
-            with self._wake:
-                while not self._queue and not self._closed:
-                    self._wake.wait()
-                if self._closed:
-                    return
-                batch = [self._queue.popleft() for _ in range(min(len(self._queue), self.max_batch_size))]
-            self._running = len(batch)
-            try:
-                self._settle(batch)
-            finally:
-                self._running = 0
-
-    def _settle(self, batch: list) -> None:
-        try:
-            results = self._run_batch([request for request, _ in batch])
-        except Exception as exc:
-            if len(batch) == 1:
-                batch[0][1].set_exception(exc)
-                return
-            for item in batch:  # retry one by one: only the failing request fails
-                self._settle([item])
-            return
-        for (_, future), result in zip(batch, results):
-            future.set_result(result)
-
-    def _run_batch(self, requests: list[Request]) -> list[Completion]:
         import torch
-        from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
 
-        width = max(len(r.prompt_ids) for r in requests)
-        pad_id = self.tokenizer.pad_token_id
-        pads = [width - len(r.prompt_ids) for r in requests]
-        input_ids = torch.tensor([[pad_id] * p + r.prompt_ids for p, r in zip(pads, requests)], device=self.device)
-        attention = torch.tensor([[0] * p + [1] * len(r.prompt_ids) for p, r in zip(pads, requests)],
-                                 device=self.device)
-        state = _Batch(requests, pads, self.tokenizer, self.stop_ids, self.stop_strings)
-        # every processor is per row (above); the neutral values keep the model's own generation_config from adding
-        # a batch-wide repetition penalty or n-gram ban on top
-        config = GenerationConfig(max_new_tokens=max(r.params.max_new_tokens for r in requests), do_sample=False,
-                                  num_beams=1, repetition_penalty=1.0, no_repeat_ngram_size=0, min_length=0,
-                                  pad_token_id=pad_id, eos_token_id=sorted(self.stop_ids) or None)
-        with self._lock, torch.inference_mode():
-            self.model.generate(input_ids=input_ids, attention_mask=attention, generation_config=config,
-                                logits_processor=LogitsProcessorList([_processor(state)]),
-                                stopping_criteria=StoppingCriteriaList([_criterion(state)]))
-        return [Completion(text=row.text, prompt_tokens=len(row.request.prompt_ids), completion_tokens=len(row.ids),
-                           finish_reason=row.finish_reason or "length") for row in state.rows]
+        with torch.inference_mode():
+            while True:
+                with self._wake:
+                    while not self._queue and not self._batch.rows and not self._closed:
+                        self._wake.wait()
+                    if self._closed:
+                        break
+                    room = self.max_batch_size - len(self._batch.rows)
+                    new = [self._queue.popleft() for _ in range(min(room, len(self._queue)))]
+                for request, future in new:
+                    self._start(request, future)
+                self._drop_cancelled()
+                if self._batch.rows:
+                    self._step()
+        for row in self._batch.rows:
+            row.future.set_exception(UserError("the engine was closed"))
+        for _, future in self._queue:
+            future.set_exception(UserError("the engine was closed"))
+
+    def _start(self, request: Request, future: Future) -> None:
+        """Prefill one request alone, choose its first token and merge it into the batch."""
+        import torch
+        from transformers import DynamicCache
+
+        if request.cancelled:
+            future.set_result(Completion("", len(request.prompt_ids), 0, "stop"))
+            return
+        try:
+            row = Row(request, future, self)
+            ids = torch.tensor([row.prompt], device=self.device)
+            cache = DynamicCache()
+            out = self.model(input_ids=ids, past_key_values=cache, use_cache=True,
+                             logits_to_keep=0 if request.echo else 1)
+            logits = out.logits[0].float()
+            if request.echo:
+                scores = torch.log_softmax(logits[:-1], dim=-1)
+                row.prompt_logprobs = [None] + [token_logprob(scores[i], t, row.params.logprobs or 0)
+                                                for i, t in enumerate(row.prompt[1:])]
+            if row.params.max_new_tokens == 0:
+                row.finish_reason = "length"
+                future.set_result(row.completion())
+                return
+            self._take(row, logits[-1])
+        except Exception as exc:  # this request only
+            self._fail(future, exc)
+            return
+        if row.finish_reason is not None:
+            future.set_result(row.completion())
+            return
+        self._batch.add([row], cache, torch.ones_like(ids))
+
+    def _take(self, row: Row, logits) -> None:
+        import torch
+
+        logprobs = torch.log_softmax(logits, dim=-1) if row.logprobs is not None else None
+        row.advance(row.choose(logits), logprobs)
+
+    def _drop_cancelled(self) -> None:
+        batch = self._batch
+        for row in batch.rows:
+            if row.request.cancelled:
+                row.finish_reason = "stop"
+                row.future.set_result(row.completion())
+        batch.keep([i for i, row in enumerate(batch.rows) if not row.request.cancelled])
+
+    def _forward(self, cache, mask, rows: list[Row]):
+        """One decoding step of `rows` over their cache (grown in place): the logits and the grown mask."""
+        import torch
+
+        ids = torch.tensor([[row.ids[-1]] for row in rows], device=self.device)
+        mask = torch.cat([mask, torch.ones_like(ids)], dim=1)
+        positions = torch.tensor([[len(row.prompt) + len(row.ids) - 1] for row in rows], device=self.device)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                         use_cache=True)
+        return out.logits[:, -1].float(), mask
+
+    def _step(self) -> None:
+        """One forward for every running row, then each row's own token; finished and failed rows leave."""
+        import torch
+
+        batch = self._batch
+        width = batch.mask.shape[1]
+        try:
+            logits, batch.mask = self._forward(batch.cache, batch.mask, batch.rows)
+        except Exception as exc:
+            log.warning("a decoding step of %d rows failed (%s); retrying them one by one", len(batch.rows), exc)
+            batch.crop(width)
+            logits = self._retry_alone()
+            batch = self._batch
+            if not batch.rows:
+                return
+        greedy = logits.argmax(-1).tolist()
+        want_logprobs = any(row.logprobs is not None for row in batch.rows)
+        logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
+        keep = []
+        for i, row in enumerate(batch.rows):
+            try:
+                token = greedy[i] if row.plain_greedy else row.choose(logits[i])
+                row.advance(token, logprobs[i] if logprobs is not None else None)
+            except Exception as exc:  # this request only
+                self._fail(row.future, exc)
+                continue
+            if row.finish_reason is not None:
+                row.future.set_result(row.completion())
+            else:
+                keep.append(i)
+        batch.keep(keep)
+
+    def _retry_alone(self):
+        """After a failed batch forward, each row steps alone: one that fails alone fails its request only."""
+        import torch
+
+        old, self._batch = self._batch, Batch()
+        logits = []
+        for i, row in enumerate(old.rows):
+            cache, mask = old.part(i)
+            try:
+                row_logits, mask = self._forward(cache, mask, [row])
+            except Exception as exc:
+                self._fail(row.future, exc)
+                continue
+            self._batch.add([row], cache, mask)
+            logits.append(row_logits)
+        return torch.cat(logits) if logits else None
+
+    @staticmethod
+    def _fail(future: Future, exc: Exception) -> None:
+        if not isinstance(exc, UserError):
+            log.exception("a request failed", exc_info=exc)
+        future.set_exception(exc)
 
 
 def load_engine(model: str | None = None, adapter: str | None = None, template: str | None = None,
