@@ -1,0 +1,264 @@
+"""The API server through real clients: the official `openai` package for every endpoint (streaming, n, seeds,
+log-probs, JSON schema, tools), transformers' own forward pass for the log-probs, the chat templates' own tool
+format for the tool calls, and lm-evaluation-harness's `local-completions` client for multiple-choice scoring,
+which must pick what `medgpt eval mcq`'s scorer picks."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+
+from medgpt.infer.base import GenerationParams
+from medgpt.infer.engine import load_engine
+from medgpt.infer.server import ServerSettings, create_app, running_server
+from medgpt.infer.tool_calls import parse_tool_calls
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city.",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "enum": ["Paris", "Rome"]}},
+                   "required": ["city"], "additionalProperties": False}}}
+DOSE = {"type": "function", "function": {
+    "name": "dose", "description": "A drug's dose.",
+    "parameters": {"type": "object", "properties": {"drug": {"type": "string", "enum": ["aspirin"]},
+                                                    "mg": {"type": "integer", "enum": [100, 300]}},
+                   "required": ["drug", "mg"], "additionalProperties": False}}}
+QUESTION = [{"role": "user", "content": "What is a fever?"}]
+
+
+@pytest.fixture(scope="module")
+def served(tiny_model):
+    """The tiny model with the qwen template (a tool format; the bundled tokenizer is ChatML like Qwen's)."""
+    engine = load_engine(tiny_model, template="qwen", dtype="fp32", max_batch_size=8)
+    settings = ServerSettings(defaults=GenerationParams(max_new_tokens=8), max_tokens_cap=64)
+    with running_server(create_app(engine, settings, model_name="tiny")) as url:
+        yield url, engine
+    engine.close()
+
+
+@pytest.fixture(scope="module")
+def client(served):
+    from openai import OpenAI
+
+    return OpenAI(base_url=f"{served[0]}/v1", api_key="unused", timeout=120, max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model):
+    """transformers' own model (fp32): the log-probabilities every answer is checked against."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny_model, dtype="float32").eval()
+
+
+def next_token_logprobs(model, ids: list[int]):
+    import torch
+
+    with torch.inference_mode():
+        return torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), dim=-1)
+
+
+def test_models_and_openai_errors(client, served):
+    import openai
+
+    assert [m.id for m in client.models.list()] == ["tiny"]
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.get("/nowhere", cast_to=dict)
+    assert missing.value.body["message"].startswith("no such endpoint")
+    with pytest.raises(openai.BadRequestError) as unknown:
+        client.chat.completions.create(model="tiny", messages=QUESTION, extra_body={"best_of": 3})
+    assert unknown.value.body["param"] == "best_of" and "unrecognized" in unknown.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as too_long:
+        client.chat.completions.create(model="tiny", messages=QUESTION, max_tokens=65)
+    assert too_long.value.body["param"] == "max_tokens" and "at most 64" in too_long.value.body["message"]
+    reply = httpx.put(f"{served[0]}/v1/chat/completions")
+    assert reply.status_code == 405 and set(reply.json()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_chat_n_seeds_roles_and_usage(client, served):
+    _, engine = served
+    messages = [{"role": "developer", "content": "Be brief."},
+                {"role": "user", "content": [{"type": "text", "text": "What is "}, {"type": "text", "text": "a fever?"}]}]
+    reply = client.chat.completions.create(model="tiny", messages=messages, n=3, seed=11, temperature=1.0,
+                                           max_completion_tokens=6, max_tokens=40)
+    assert [c.index for c in reply.choices] == [0, 1, 2]
+    plain = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is a fever?"}]
+    counted = 0
+    for k, choice in enumerate(reply.choices):  # choice k samples with seed + k, as one request with that seed
+        alone = engine.generate([plain], GenerationParams(max_new_tokens=6, temperature=1.0, seed=11 + k))[0]
+        assert choice.message.content == alone.text and choice.finish_reason == alone.finish_reason
+        counted += alone.completion_tokens
+    assert reply.usage.prompt_tokens == len(engine.encode(plain))  # the prompt counts once for n choices
+    assert reply.usage.completion_tokens == counted
+
+
+def test_tool_results_and_null_content_in_the_conversation(client):
+    tool_turns = [*QUESTION, {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}, {"role": "user", "content": "And so?"}]
+    after_tool = client.chat.completions.create(model="tiny", messages=tool_turns, tools=[WEATHER], max_tokens=4)
+    assert after_tool.choices[0].finish_reason in ("stop", "length")
+
+
+def test_chat_logprobs_are_the_models(client, served, reference):
+    _, engine = served
+    reply = client.chat.completions.create(model="tiny", messages=QUESTION, max_tokens=5, temperature=0,
+                                           logprobs=True, top_logprobs=3)
+    content = reply.choices[0].logprobs.content
+    assert len(content) == reply.usage.completion_tokens == 5
+    ids = engine.encode(QUESTION)
+    generated = engine.tokenizer.encode(reply.choices[0].message.content, add_special_tokens=False)
+    table = next_token_logprobs(reference, ids + generated)
+    for step, entry in enumerate(content):
+        row = table[len(ids) - 1 + step]
+        best = row.topk(3)
+        assert [t.token for t in entry.top_logprobs] == [engine.tokenizer.decode([i]) for i in best.indices.tolist()]
+        assert [t.logprob for t in entry.top_logprobs] == pytest.approx(best.values.tolist(), abs=1e-4)
+        assert entry.token == entry.top_logprobs[0].token  # greedy: the most likely token
+        assert entry.logprob == pytest.approx(best.values[0].item(), abs=1e-4)
+        assert bytes(entry.bytes).decode("utf-8") == entry.token
+
+
+def test_completions_echo_scores_the_prompt(client, served, reference):
+    _, engine = served
+    ids = engine.tokenizer.encode("The patient has a fever and a cough.")
+    reply = client.completions.create(model="tiny", prompt=ids, echo=True, logprobs=2, max_tokens=0)
+    choice = reply.choices[0]
+    lp = choice.logprobs
+    assert choice.text == engine.tokenizer.decode(ids) and len(lp.tokens) == len(ids)
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    table = next_token_logprobs(reference, ids)
+    expected = [table[i - 1, ids[i]].item() for i in range(1, len(ids))]
+    assert lp.token_logprobs[1:] == pytest.approx(expected, abs=1e-4)
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(ids))]
+    for i in range(1, len(ids)):
+        assert len(lp.top_logprobs[i]) in (2, 3) and lp.tokens[i] in lp.top_logprobs[i]
+    assert reply.usage.prompt_tokens == len(ids) and reply.usage.completion_tokens == 0
+
+    batch = client.completions.create(model="tiny", prompt=["Fever is", "A cough is"], n=2, max_tokens=3,
+                                      temperature=0)
+    assert [c.index for c in batch.choices] == [0, 1, 2, 3]
+    from medgpt.infer.base import Request
+
+    for k, text in enumerate(["Fever is", "A cough is"]):
+        expected = engine.run([Request(engine.tokenizer.encode(text), GenerationParams(max_new_tokens=3))])[0]
+        assert batch.choices[2 * k].text == batch.choices[2 * k + 1].text == expected.text
+    streamed = list(client.completions.create(model="tiny", prompt="Fever is", max_tokens=3, temperature=0,
+                                              stream=True, stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in streamed if c.choices) == batch.choices[0].text
+    assert streamed[-1].usage.completion_tokens == 3
+
+
+def test_json_schema_output_parses(client):
+    schema = {"type": "object", "properties": {"urgent": {"type": "boolean"},
+                                               "triage": {"type": "string", "enum": ["red", "amber", "green"]}},
+              "required": ["urgent", "triage"], "additionalProperties": False}
+    for seed in (1, 2):
+        reply = client.chat.completions.create(
+            model="tiny", messages=QUESTION, max_tokens=40, temperature=1.0, seed=seed,
+            response_format={"type": "json_schema", "json_schema": {"name": "triage", "schema": schema}})
+        data = json.loads(reply.choices[0].message.content)
+        assert set(data) == {"urgent", "triage"} and isinstance(data["urgent"], bool)
+        assert data["triage"] in ("red", "amber", "green") and reply.choices[0].finish_reason == "stop"
+    obj = client.chat.completions.create(model="tiny", messages=QUESTION, max_tokens=64, temperature=0,
+                                         response_format={"type": "json_object"}, logit_bias={"90": 5})
+    if obj.choices[0].finish_reason == "stop":
+        assert isinstance(json.loads(obj.choices[0].message.content), dict)
+    else:  # cut at max_tokens: still a prefix of a JSON object
+        assert obj.choices[0].message.content.lstrip().startswith("{")
+
+
+@pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "dose"}}])
+def test_forced_tool_calls_come_back_as_tool_calls(client, choice):
+    reply = client.chat.completions.create(model="tiny", messages=QUESTION, tools=[WEATHER, DOSE],
+                                           tool_choice=choice, max_tokens=40, temperature=1.0, seed=3)
+    message = reply.choices[0].message
+    assert reply.choices[0].finish_reason == "tool_calls" and len(message.tool_calls) == 1
+    call = message.tool_calls[0]
+    assert call.type == "function" and call.id.startswith("call_")
+    arguments = json.loads(call.function.arguments)
+    if call.function.name == "get_weather":
+        assert arguments in ({"city": "Paris"}, {"city": "Rome"})
+    else:
+        assert call.function.name == "dose" and arguments["drug"] == "aspirin" and arguments["mg"] in (100, 300)
+    if isinstance(choice, dict):
+        assert call.function.name == "dose"
+    chunks = list(client.chat.completions.create(model="tiny", messages=QUESTION, tools=[WEATHER, DOSE],
+                                                 tool_choice=choice, max_tokens=40, temperature=1.0, seed=3,
+                                                 stream=True))
+    deltas = [d for c in chunks for d in (c.choices[0].delta.tool_calls or [])]
+    assert [(d.function.name, json.loads(d.function.arguments)) for d in deltas] == [(call.function.name, arguments)]
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+@pytest.mark.parametrize("template", ["qwen", "qwen3", "llama3.1", "mistral"])
+def test_tool_calls_parse_back_from_the_templates_own_format(template):
+    """What the template writes for an assistant's calls (the format checked against the official Jinja in
+    test_templates) parses back into the same calls."""
+    from medgpt.data.templates import get_template
+
+    tmpl = get_template(template, None)
+    calls = [{"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Rome"}}}]
+    if template != "llama3.1":
+        calls.append({"type": "function", "function": {"name": "dose", "arguments": {"drug": "aspirin", "mg": 100}}})
+    messages = [*QUESTION, {"role": "assistant", "content": "", "tool_calls": calls}]
+    reply = "".join(text for text, labelled in tmpl.segments(messages, tools=[WEATHER, DOSE]) if labelled)
+    for stop in (*tmpl.stop_words, "</s>"):
+        reply = reply.removesuffix(stop)
+    content, parsed = parse_tool_calls(reply, tmpl.tool_format, [WEATHER, DOSE])
+    assert content is None
+    assert [(c.name, json.loads(c.arguments)) for c in parsed] == [(c["function"]["name"], c["function"]["arguments"])
+                                                                   for c in calls]
+    if template == "mistral":
+        assert all(len(c.id) == 9 and c.id.isalnum() for c in parsed)
+    assert parse_tool_calls("It is sunny.", tmpl.tool_format, [WEATHER]) == ("It is sunny.", [])
+    assert parse_tool_calls(reply, tmpl.tool_format, [DOSE])[1] == []  # a tool not offered is not a call
+
+
+def test_metrics_count_requests_tokens_and_errors(client, served):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    client.chat.completions.create(model="tiny", messages=QUESTION, max_tokens=3)
+    httpx.post(f"{served[0]}/v1/chat/completions", content=b"{")
+    families = {f.name: f for f in text_string_to_metric_families(httpx.get(f"{served[0]}/metrics").text)}
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in families.values() for s in f.samples}
+    assert samples[("medgpt_requests_total", (("endpoint", "/v1/chat/completions"), ("status", "200")))] >= 1
+    assert samples[("medgpt_errors_total", (("status", "400"),))] >= 1
+    assert samples[("medgpt_generation_tokens_total", ())] >= 3
+    assert samples[("medgpt_time_to_first_token_seconds_count", ())] >= 1
+    assert ("medgpt_queue_length", ()) in samples and ("medgpt_time_per_output_token_seconds_count", ()) in samples
+
+
+def test_lm_eval_local_completions_picks_what_eval_mcq_picks(served, tiny_model, reference):
+    """lm-evaluation-harness's own `local-completions` client scores A-D through /v1/completions (echo + logprobs,
+    token-id prompts); pooled over the letters' spellings as `medgpt eval mcq` does, the choice per question is
+    the one its LoglikScorer makes on the same model and prompt."""
+    import math
+
+    from lm_eval.models.openai_completions import LocalCompletionsAPI
+
+    from medgpt.eval.mcq import LETTERS, LoglikScorer, Question, prompt_text
+
+    url, engine = served
+    questions = [Question(str(i), "anatomy", q, choices, "A", f"q:{i}") for i, (q, choices) in enumerate([
+        ("Which organ pumps blood?", ("heart", "liver", "lung", "kidney")),
+        ("Which bone is in the thigh?", ("femur", "ulna", "tibia", "radius")),
+        ("Where is insulin made?", ("spleen", "pancreas", "stomach", "skin")),
+        ("Which vitamin comes from sunlight?", ("A", "B12", "C", "D")),
+        ("What does a stethoscope hear?", ("sounds", "light", "heat", "smell")),
+        ("Which cells carry oxygen?", ("red cells", "platelets", "neurons", "white cells"))])]
+    scorer = LoglikScorer(reference, engine.tokenizer, engine.template, batch_size=4)
+    prompts = [scorer.encode(prompt_text(q, [], "mmlu")) for q in questions]
+    expected = [LETTERS[int(row.argmax())] for row in scorer.letter_logprobs(prompts)]
+
+    harness = LocalCompletionsAPI(base_url=f"{url}/v1/completions", model="tiny", tokenizer=tiny_model,
+                                  tokenizer_backend="huggingface", tokenized_requests=True, batch_size=4,
+                                  max_retries=1, max_length=2048)
+    requests = [(("", ""), ids, [t]) for ids in prompts for spellings in scorer.letter_ids for t in spellings]
+    scores = iter(loglik for loglik, _ in harness._loglikelihood_tokens(requests))
+    picked = []
+    for _ in questions:
+        pooled = [math.log(sum(math.exp(next(scores)) for _ in spellings)) for spellings in scorer.letter_ids]
+        picked.append(LETTERS[max(range(len(LETTERS)), key=pooled.__getitem__)])
+    assert picked == expected
