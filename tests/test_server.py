@@ -162,3 +162,31 @@ def test_concurrent_requests_are_batched_and_all_answered(tiny_server):
     assert app.state.engine.waiting() == 0
     one = replies[0]
     assert one.sources == [{"source": "kb/fever.md", "text": "Fevers are common."}]  # the retrieval hook's sources
+
+
+def test_docs_are_off_by_default_and_behind_the_key_when_on(tiny_server):
+    from fastapi.testclient import TestClient
+
+    _, app = tiny_server
+    with TestClient(app) as client:
+        assert client.get("/docs", headers={"Authorization": "Bearer s3cret"}).status_code == 404
+    settings = ServerSettings(api_key="s3cret", docs=True)
+    with TestClient(create_app(app.state.engine, settings)) as client:
+        for path in ("/docs", "/redoc", "/openapi.json"):
+            assert client.get(path).status_code == 401
+            assert client.get(path, headers={"Authorization": "Bearer s3cret"}).status_code == 200
+
+
+def test_exposed_bind_without_a_key_is_warned_about_and_limits_are_in_help(capsys):
+    from medgpt.cli import main
+    from medgpt.infer.server import exposure_warning
+
+    assert "without an API key" in exposure_warning("0.0.0.0", None)
+    assert exposure_warning("0.0.0.0", "k") is None
+    assert all(exposure_warning(host, None) is None for host in ("127.0.0.1", "::1", "localhost"))
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for limit in ("--max-n", "--max-tokens-cap", "--max-body-bytes", "--docs",
+                  "stop at most 8 non-empty strings of at most 256 characters", "at most --max-n choices"):
+        assert limit in text

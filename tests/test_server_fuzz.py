@@ -146,7 +146,7 @@ CASES = [
     ("prompt of too many characters", "POST", CHAT, {"messages": [{"role": "user", "content": "x" * 1601}]}, None,
      400, "messages"),
     ("prompt of too many tokens", "POST", CHAT, {"messages": [{"role": "user", "content": "word " * 300}]}, None,
-     400, "prompt"),
+     400, "messages"),
     ("body over the limit", "POST", CHAT, {"messages": M, "user": "x" * (LIMIT + 1)}, None, 413, None),
     ("no API key", "POST", CHAT, chat(), {}, 401, None),
     ("wrong API key", "POST", CHAT, chat(), {"Authorization": "Bearer nope"}, 401, None),

@@ -337,16 +337,17 @@ def base_params(body: SamplingFields, settings: ServerSettings, engine: Engine, 
 
 
 def fit_length(params: GenerationParams, prompt_len: int, settings: ServerSettings, engine: Engine,
-               max_tokens: int | None, name: str) -> GenerationParams:
+               max_tokens: int | None, name: str, prompt_param: str) -> GenerationParams:
     """Refuse a prompt over the limits; a max_tokens left out becomes what still fits in the model's context."""
     if prompt_len > settings.max_prompt_tokens:
         raise ApiError(400, f"the prompt is {prompt_len} tokens; this server takes at most "
-                            f"{settings.max_prompt_tokens} (--max-prompt-tokens)", "prompt", "context_length_exceeded")
+                            f"{settings.max_prompt_tokens} (--max-prompt-tokens)", prompt_param,
+                       "context_length_exceeded")
     room = engine.max_context - prompt_len
     if max_tokens is None:
         if room < 1:
             raise ApiError(400, f"the prompt is {prompt_len} tokens: no room left in this model's context of "
-                                f"{engine.max_context}", "messages", "context_length_exceeded")
+                                f"{engine.max_context}", prompt_param, "context_length_exceeded")
         return dataclasses.replace(params, max_new_tokens=min(params.max_new_tokens, settings.max_tokens_cap, room))
     if max_tokens > room:
         raise ApiError(400, f"this model's context is {engine.max_context} tokens; the prompt ({prompt_len}) plus "
@@ -784,7 +785,7 @@ async def chat_completions(request: HttpRequest):
     params = dataclasses.replace(params, grammar=grammar)
     messages = [m.engine_message(i) for i, m in enumerate(body.messages)]
     prompt_ids, sources = await encode_chat(state, messages, tools=use.tools if use else None)
-    params = checked(fit_length(params, len(prompt_ids), settings, state.engine, max_tokens, name))
+    params = checked(fit_length(params, len(prompt_ids), settings, state.engine, max_tokens, name, "messages"))
     meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": state.model_name}
     extra = {"sources": sources} if state.augment is not None else {}
     if not body.stream:
@@ -849,7 +850,7 @@ async def completions(request: HttpRequest):
     for item in items:
         ids = item if isinstance(item, list) else await asyncio.to_thread(
             engine.tokenizer.encode, item, add_special_tokens=True)
-        fitted = checked(fit_length(params, len(ids), settings, engine, max_tokens, "max_tokens"))
+        fitted = checked(fit_length(params, len(ids), settings, engine, max_tokens, "max_tokens", "prompt"))
         text = item if isinstance(item, str) else engine.tokenizer.decode(ids)
         prepared.append((ids, text))
         tracked.append((ids, fitted))
@@ -962,7 +963,8 @@ async def seed_chat(request: HttpRequest) -> dict:
         prompt_ids = await asyncio.to_thread(state.engine.encode, messages, body.system or None)
     except UserError as exc:
         raise ApiError(400, f"history: {exc}", "history") from None
-    params = checked(fit_length(params, len(prompt_ids), state.settings, state.engine, max_tokens, "max_tokens"))
+    params = checked(fit_length(params, len(prompt_ids), state.settings, state.engine, max_tokens, "max_tokens",
+                                "message"))
     result = (await generate(request, choices_of(prompt_ids, params, 1)))[0]
     pairs = [[q["content"], a["content"]] for q, a in zip(history, history[1:])
              if q["role"] == "user" and a["role"] == "assistant"]
@@ -990,12 +992,20 @@ def loopback(host: str) -> bool:
         return False
 
 
+def exposure_warning(host: str, api_key: str | None) -> str | None:
+    """What to warn about before serving: a non-loopback address without an API key."""
+    if loopback(host) or api_key:
+        return None
+    return (f"serving on {host} without an API key: anyone who can reach this address can use the model "
+            "(set --api-key or MEDGPT_API_KEY)")
+
+
 def serve(app: FastAPI, host: str = "127.0.0.1", port: int = 8000) -> None:
     import uvicorn
 
-    if not loopback(host) and not app.state.settings.api_key:
-        log.warning("serving on %s without an API key: anyone who can reach this address can use the model "
-                    "(set --api-key or MEDGPT_API_KEY)", host)
+    warning = exposure_warning(host, app.state.settings.api_key)
+    if warning:
+        log.warning(warning)
     uvicorn.run(app, host=host, port=port, log_level="info")
 
 
