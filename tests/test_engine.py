@@ -1,0 +1,260 @@
+"""The transformers engine's continuous batching: requests joining and leaving a running batch, log-probs and
+prompt scoring, penalties, logit bias, grammars, one request's failure isolated from its batch, cancellation.
+
+The references are transformers' own: `model(input_ids).logits` for log-probs, `model.generate` for greedy
+decoding and the repetition penalty, pydantic for the JSON a grammar promises; OpenAI's published formula for
+the presence and frequency penalties.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+from test_infer import QUESTIONS, sharpen
+
+from medgpt.errors import UserError
+from medgpt.infer.base import GenerationParams, Request
+from medgpt.infer.engine import load_engine
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model, tmp_path_factory):
+    engine = load_engine(sharpen(tiny_model, tmp_path_factory.mktemp("sharp") / "model"), dtype="fp32",
+                         max_batch_size=8)
+    yield engine
+    engine.close()
+
+
+@pytest.fixture(scope="module")
+def prompts(engine) -> list[list[int]]:
+    """Prompts of different lengths."""
+    extra = [[{"role": "user", "content": "Explain, in detail, how the kidneys filter blood and what fails first "
+                                          "in chronic kidney disease; mention dialysis."}],
+             [{"role": "user", "content": "Dose?"}]]
+    return [engine.encode(m) for m in QUESTIONS + extra]
+
+
+def reference_greedy(engine, prompt: list[int], n: int, **config) -> list[int]:
+    """transformers' own greedy decoding of one prompt alone, without the trailing stop token."""
+    import torch
+
+    with torch.inference_mode():
+        out = engine.model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                                    do_sample=False, max_new_tokens=n, eos_token_id=sorted(engine.stop_ids),
+                                    pad_token_id=engine.tokenizer.pad_token_id, **config)
+    ids = out[0, len(prompt):].tolist()
+    return ids[:-1] if ids and ids[-1] in engine.stop_ids else ids
+
+
+def staggered(engine, requests: list[Request], after: int = 2) -> list:
+    """Submit the first request, then each next one once the previous has produced `after` text deltas: every
+    request joins a batch that is already running."""
+    futures = [None] * len(requests)
+    started = [threading.Event() for _ in requests]
+    for i, request in enumerate(requests):
+        own, seen = request.on_text, []
+
+        def on_text(delta, i=i, own=own, seen=seen):
+            seen.append(delta)
+            if len(seen) >= after:
+                started[i].set()
+            if own:
+                own(delta)
+
+        request.on_text = on_text
+    for i, request in enumerate(requests):
+        futures[i] = engine.submit(request)
+        futures[i].add_done_callback(lambda _, i=i: started[i].set())
+        started[i].wait(60)
+    return [future.result(timeout=120) for future in futures]
+
+
+def test_greedy_in_a_continuous_batch_equals_generate_alone(engine, prompts):
+    lengths = [24, 6, 16, 10, 20]  # rows leave the batch at different steps while others join
+    requests = [Request(p, GenerationParams(max_new_tokens=n)) for p, n in zip(prompts, lengths)]
+    results = staggered(engine, requests)
+    for prompt, n, result in zip(prompts, lengths, results):
+        assert result.token_ids == reference_greedy(engine, prompt, n)
+        assert result.text == engine.tokenizer.decode(result.token_ids, skip_special_tokens=True)
+    assert engine.running() == 0 and engine.waiting() == 0
+
+
+def test_log_probs_and_prompt_scoring_equal_the_model_log_softmax(engine, prompts):
+    """Echo scoring as lm-eval's local-completions asks for it (echo, logprobs 1, max_tokens 0), and the log-probs
+    of generated tokens, against one direct forward of the whole sequence."""
+    import torch
+
+    prompt = prompts[2]
+    scored = engine.submit(Request(prompt, GenerationParams(max_new_tokens=0, logprobs=1), echo=True)).result()
+    assert scored.completion_tokens == 0 and scored.text == "" and scored.finish_reason == "length"
+    generated = engine.submit(Request(prompt, GenerationParams(max_new_tokens=8, logprobs=3), echo=True)).result()
+    sequence = prompt + generated.token_ids
+    with torch.inference_mode():
+        reference = engine.model(torch.tensor([sequence])).logits[0].float().log_softmax(-1)
+    assert scored.prompt_logprobs[0] is None and len(scored.prompt_logprobs) == len(prompt)
+    for i, entry in enumerate(scored.prompt_logprobs[1:], 1):
+        assert entry.token_id == prompt[i]
+        assert entry.logprob == pytest.approx(float(reference[i - 1, prompt[i]]), abs=1e-4)
+        best = int(reference[i - 1].argmax())
+        assert entry.top[0][0] == best and entry.top[0][1] == pytest.approx(float(reference[i - 1, best]), abs=1e-4)
+    assert [e.logprob for e in generated.prompt_logprobs[1:]] == pytest.approx(
+        [e.logprob for e in scored.prompt_logprobs[1:]], abs=1e-5)
+    assert len(generated.logprobs) == len(generated.token_ids) == 8
+    for j, entry in enumerate(generated.logprobs):
+        row = reference[len(prompt) + j - 1]
+        assert entry.token_id == generated.token_ids[j]
+        assert entry.logprob == pytest.approx(float(row[entry.token_id]), abs=1e-4)
+        assert [t for t, _ in entry.top] == row.topk(3).indices.tolist()
+        assert entry.top[0][0] == entry.token_id  # greedy: the chosen token is the most likely
+
+
+def test_seeded_sampling_does_not_depend_on_batch_companions(engine, prompts):
+    params = GenerationParams(max_new_tokens=12, temperature=0.9, top_p=0.9, top_k=40, seed=11)
+    alone = engine.submit(Request(prompts[0], params)).result()
+    companions = [Request(prompts[3], GenerationParams(max_new_tokens=20, temperature=1.0, seed=1)),
+                  Request(prompts[1], GenerationParams(max_new_tokens=5, repetition_penalty=1.3)),
+                  Request(prompts[0], params),
+                  Request(prompts[4], GenerationParams(max_new_tokens=15, temperature=1.2))]
+    assert staggered(engine, companions)[2].token_ids == alone.token_ids
+    other = engine.submit(Request(prompts[0], GenerationParams(**{**params.__dict__, "seed": 12}))).result()
+    assert other.token_ids != alone.token_ids
+
+
+def test_repetition_penalty_equals_transformers(engine, prompts):
+    for prompt in prompts[:3]:
+        result = engine.submit(Request(prompt, GenerationParams(max_new_tokens=16, repetition_penalty=1.8))).result()
+        assert result.token_ids == reference_greedy(engine, prompt, 16, repetition_penalty=1.8)
+
+
+def test_presence_and_frequency_penalties_follow_openai(engine, prompts):
+    """OpenAI's formula: logit[j] -= count[j] * frequency_penalty + (count[j] > 0) * presence_penalty, counting the
+    answer's tokens; greedy decoding with it, step by step over full forwards, is the reference."""
+    import torch
+
+    prompt = prompts[1]
+    for presence, frequency in ((1.5, 0.0), (0.0, 2.0), (-1.0, 0.5)):
+        ids: list[int] = []
+        with torch.inference_mode():
+            for _ in range(12):
+                logits = engine.model(torch.tensor([prompt + ids])).logits[0, -1].float()
+                counts = torch.bincount(torch.tensor(ids, dtype=torch.long), minlength=logits.shape[-1])
+                logits -= counts * frequency + (counts > 0) * presence
+                ids.append(int(logits.argmax()))
+                if ids[-1] in engine.stop_ids:
+                    break
+        expected = ids[:-1] if ids[-1] in engine.stop_ids else ids
+        params = GenerationParams(max_new_tokens=12, presence_penalty=presence, frequency_penalty=frequency)
+        assert engine.submit(Request(prompt, params)).result().token_ids == expected
+    plain = engine.submit(Request(prompt, GenerationParams(max_new_tokens=12))).result().token_ids
+    assert expected != plain or len(set(plain)) == len(plain)  # the penalties changed something
+
+
+def test_logit_bias_forces_and_bans_tokens(engine, prompts):
+    token = engine.tokenizer.encode("fever", add_special_tokens=False)[0]
+    forced = engine.submit(Request(prompts[0], GenerationParams(max_new_tokens=5, logit_bias={token: 100}))).result()
+    assert forced.token_ids == [token] * 5
+    plain = engine.submit(Request(prompts[0], GenerationParams(max_new_tokens=1))).result().token_ids
+    banned = engine.submit(Request(prompts[0], GenerationParams(max_new_tokens=1, logit_bias={plain[0]: -100})))
+    assert banned.result().token_ids != plain
+
+
+def test_json_schema_grammar_output_parses_and_validates(engine, prompts):
+    from typing import Literal
+
+    import xgrammar
+    from pydantic import BaseModel, Field
+
+    class Answer(BaseModel):  # bounded, so a random model's answer ends within the token budget
+        diagnosis: Literal["flu", "common cold", "asthma"]
+        urgent: bool
+        days: int = Field(ge=0, le=30)
+        advice: list[Literal["rest", "fluids", "see a doctor"]] = Field(max_length=3)
+
+    grammar = str(xgrammar.Grammar.from_json_schema(Answer, any_whitespace=False))
+    requests = [Request(prompts[i % len(prompts)], GenerationParams(max_new_tokens=150, temperature=1.0, seed=i,
+                                                                     grammar=grammar)) for i in range(4)]
+    requests.append(Request(prompts[0], GenerationParams(max_new_tokens=150, grammar=grammar)))  # greedy
+    for result in engine.run(requests):
+        assert result.finish_reason == "stop", result.text
+        Answer.model_validate_json(result.text)  # pydantic: parses and validates, else raises
+    with pytest.raises(UserError, match="grammar"):
+        engine.submit(Request(prompts[0], GenerationParams(grammar="root ::= undefined_rule"))).result()
+
+
+def test_one_bad_request_fails_alone(engine, prompts):
+    """Issue 14: extreme accepted values, a failing callback and a row that makes the batch forward fail, each
+    sharing a running batch with 6 innocent requests: only the bad ones fail, the innocent answer as alone."""
+    poison = engine.tokenizer.encode(" poison", add_special_tokens=False)[0]
+
+    def refuse_poison(module, args):
+        if (args[0] == poison).any() and args[0].shape[1] == 1:  # a decoding step that carries the token
+            raise RuntimeError("this token breaks the model")
+
+    def broken_callback(delta):
+        raise ConnectionError("the client went away mid-write")
+
+    innocent = [Request(prompts[i % len(prompts)], GenerationParams(max_new_tokens=8 + i)) for i in range(6)]
+    alone = [engine.submit(Request(r.prompt_ids, r.params)).result() for r in innocent]
+    bad = [Request(prompts[0], GenerationParams(max_new_tokens=8, logit_bias={poison: 100})),
+           Request(prompts[1], GenerationParams(max_new_tokens=8), on_text=broken_callback),
+           Request(prompts[2], GenerationParams(max_new_tokens=8, temperature=1.0, seed=2**70)),
+           Request(prompts[2], GenerationParams(max_new_tokens=8, temperature=1.0, repetition_penalty=1e-300)),
+           Request([engine.vocab_size + 5], GenerationParams(max_new_tokens=8))]
+    tiny_temperature = Request(prompts[3], GenerationParams(max_new_tokens=8, temperature=1e-300))
+    hook = engine.model.get_input_embeddings().register_forward_pre_hook(refuse_poison)
+    try:
+        mixed = [innocent[0], bad[0], innocent[1], innocent[2], bad[1], bad[2], innocent[3], tiny_temperature,
+                 bad[3], innocent[4], bad[4], innocent[5]]
+        futures = [engine.submit(r) for r in mixed]
+        outcomes = {id(r): f.exception(timeout=120) or f.result() for r, f in zip(mixed, futures)}
+    finally:
+        hook.remove()
+    assert [outcomes[id(r)].token_ids for r in innocent] == [a.token_ids for a in alone]
+    assert isinstance(outcomes[id(bad[0])], RuntimeError) and isinstance(outcomes[id(bad[1])], ConnectionError)
+    for request, field in ((bad[2], "seed"), (bad[3], "repetition_penalty"), (bad[4], "vocabulary")):
+        assert isinstance(outcomes[id(request)], UserError) and field in str(outcomes[id(request)])
+    # a temperature too small to divide by decodes greedily (vLLM's rule)
+    greedy = engine.submit(Request(prompts[3], GenerationParams(max_new_tokens=8))).result()
+    assert outcomes[id(tiny_temperature)].token_ids == greedy.token_ids
+    assert engine.running() == 0
+
+
+def test_cancellation_frees_the_row_within_one_step(engine, prompts):
+    batch_sizes: list[int] = []
+    hook = engine.model.register_forward_pre_hook(lambda m, a, kw: batch_sizes.append(kw["input_ids"].shape[0]),
+                                                  with_kwargs=True)
+    deltas: list[str] = []
+    cancelled_at: list[int] = []
+    target = Request(prompts[0], GenerationParams(max_new_tokens=200, temperature=1.0, seed=3))
+
+    def on_text(delta):
+        deltas.append(delta)
+        if len(deltas) == 3:
+            target.cancelled = True
+            cancelled_at.append(len(batch_sizes))
+
+    target.on_text = on_text
+    try:
+        companion = engine.submit(Request(prompts[1], GenerationParams(max_new_tokens=30, temperature=1.0, seed=4)))
+        result = engine.submit(target).result(timeout=60)
+        companion.result(timeout=60)
+    finally:
+        hook.remove()
+    assert result.finish_reason == "stop" and result.text == "".join(deltas)
+    assert result.completion_tokens < 200
+    assert set(batch_sizes[cancelled_at[0]:]) <= {1}  # no forward after the cancel carried the cancelled row
+    waiting = Request(prompts[0], GenerationParams(max_new_tokens=5), cancelled=True)
+    assert engine.submit(waiting).result().completion_tokens == 0
+
+
+def test_engine_limits_are_request_errors(engine, prompts):
+    for request, match in ((Request([], GenerationParams()), "empty"),
+                           (Request(prompts[0], GenerationParams(logit_bias={engine.vocab_size: 1.0})), "logit_bias"),
+                           (Request([1] * engine.max_context, GenerationParams()), "context"),
+                           (Request(prompts[0], GenerationParams(top_p=0)), "top_p")):
+        with pytest.raises(UserError, match=match):
+            engine.submit(request).result()
+    room = engine.max_context - 3
+    result = engine.submit(Request([prompts[0][0]] * room, GenerationParams(max_new_tokens=50))).result()
+    assert result.completion_tokens <= 3
