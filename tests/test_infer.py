@@ -200,7 +200,28 @@ def test_vllm_argument_mapping():
     sampling = sampling_kwargs(GenerationParams(max_new_tokens=9, temperature=0.5, top_k=0, stop=["Q:"], seed=3),
                                {2}, ["<|im_start|>"])
     assert sampling == {"max_tokens": 9, "temperature": 0.5, "top_p": 1.0, "top_k": -1, "repetition_penalty": 1.0,
-                        "stop": ["Q:", "<|im_start|>"], "stop_token_ids": [2], "seed": 3, "skip_special_tokens": True}
+                        "presence_penalty": 0.0, "frequency_penalty": 0.0, "stop": ["Q:", "<|im_start|>"],
+                        "stop_token_ids": [2], "seed": 3, "skip_special_tokens": True}
+    scoring = sampling_kwargs(GenerationParams(max_new_tokens=0, logprobs=1, presence_penalty=0.5,
+                                               frequency_penalty=-0.5, repetition_penalty=1.2, logit_bias={7: -100},
+                                               grammar="root ::= [a-z]+"), set(), [], echo=True)
+    assert scoring == {**scoring, "max_tokens": 1, "logprobs": 1, "prompt_logprobs": 1, "presence_penalty": 0.5,
+                       "frequency_penalty": -0.5, "repetition_penalty": 1.2, "logit_bias": {7: -100},
+                       "structured_outputs": {"grammar": "root ::= [a-z]+"}}
+
+
+def test_vllm_log_probs_map_to_token_logprobs():
+    """vLLM's per-position {token id: Logprob(logprob, rank, decoded_token)} (its outputs' format) -> TokenLogprob."""
+    from collections import namedtuple
+
+    from medgpt.infer.base import TokenLogprob
+    from medgpt.infer.vllm_engine import vllm_logprob
+
+    Logprob = namedtuple("Logprob", "logprob rank decoded_token")
+    entry = {5: Logprob(-0.1, 1, "a"), 9: Logprob(-2.5, 2, "b"), 4: Logprob(-7.0, 30, "c")}  # 4 sampled, rank 30
+    assert vllm_logprob(entry, 4, 2) == TokenLogprob(4, -7.0, [(5, -0.1), (9, -2.5)])
+    assert vllm_logprob(entry, 5, 0) == TokenLogprob(5, -0.1, [])
+    assert vllm_logprob(None, 3, 1) is None  # a prompt's first token
 
 
 def test_vllm_missing_names_the_install_step(tiny_model):
