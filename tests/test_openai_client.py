@@ -31,7 +31,7 @@ QUESTION = [{"role": "user", "content": "What is a fever?"}]
 def served(tiny_model):
     """The tiny model with the qwen template (a tool format; the bundled tokenizer is ChatML like Qwen's)."""
     engine = load_engine(tiny_model, template="qwen", dtype="fp32", max_batch_size=8)
-    settings = ServerSettings(defaults=GenerationParams(max_new_tokens=8), max_tokens_cap=64)
+    settings = ServerSettings(defaults=GenerationParams(max_new_tokens=8), max_tokens_cap=128)
     with running_server(create_app(engine, settings, model_name="tiny")) as url:
         yield url, engine
     engine.close()
@@ -70,8 +70,8 @@ def test_models_and_openai_errors(client, served):
         client.chat.completions.create(model="tiny", messages=QUESTION, extra_body={"best_of": 3})
     assert unknown.value.body["param"] == "best_of" and "unrecognized" in unknown.value.body["message"]
     with pytest.raises(openai.BadRequestError) as too_long:
-        client.chat.completions.create(model="tiny", messages=QUESTION, max_tokens=65)
-    assert too_long.value.body["param"] == "max_tokens" and "at most 64" in too_long.value.body["message"]
+        client.chat.completions.create(model="tiny", messages=QUESTION, max_tokens=129)
+    assert too_long.value.body["param"] == "max_tokens" and "at most 128" in too_long.value.body["message"]
     reply = httpx.put(f"{served[0]}/v1/chat/completions")
     assert reply.status_code == 405 and set(reply.json()["error"]) == {"message", "type", "param", "code"}
 
@@ -108,7 +108,12 @@ def test_chat_logprobs_are_the_models(client, served, reference):
     content = reply.choices[0].logprobs.content
     assert len(content) == reply.usage.completion_tokens == 5
     ids = engine.encode(QUESTION)
-    generated = engine.tokenizer.encode(reply.choices[0].message.content, add_special_tokens=False)
+    import torch
+
+    with torch.inference_mode():  # transformers' own greedy decoding gives the tokens
+        generated = reference.generate(torch.tensor([ids]), max_new_tokens=5, do_sample=False, min_new_tokens=5,
+                                       pad_token_id=engine.tokenizer.pad_token_id)[0, len(ids):].tolist()
+    assert reply.choices[0].message.content == engine.tokenizer.decode(generated)
     table = next_token_logprobs(reference, ids + generated)
     for step, entry in enumerate(content):
         row = table[len(ids) - 1 + step]
@@ -156,12 +161,12 @@ def test_json_schema_output_parses(client):
               "required": ["urgent", "triage"], "additionalProperties": False}
     for seed in (1, 2):
         reply = client.chat.completions.create(
-            model="tiny", messages=QUESTION, max_tokens=40, temperature=1.0, seed=seed,
+            model="tiny", messages=QUESTION, max_tokens=128, temperature=1.0, seed=seed,
             response_format={"type": "json_schema", "json_schema": {"name": "triage", "schema": schema}})
         data = json.loads(reply.choices[0].message.content)
         assert set(data) == {"urgent", "triage"} and isinstance(data["urgent"], bool)
         assert data["triage"] in ("red", "amber", "green") and reply.choices[0].finish_reason == "stop"
-    obj = client.chat.completions.create(model="tiny", messages=QUESTION, max_tokens=64, temperature=0,
+    obj = client.chat.completions.create(model="tiny", messages=QUESTION, max_tokens=128, temperature=0,
                                          response_format={"type": "json_object"}, logit_bias={"90": 5})
     if obj.choices[0].finish_reason == "stop":
         assert isinstance(json.loads(obj.choices[0].message.content), dict)
@@ -172,7 +177,7 @@ def test_json_schema_output_parses(client):
 @pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "dose"}}])
 def test_forced_tool_calls_come_back_as_tool_calls(client, choice):
     reply = client.chat.completions.create(model="tiny", messages=QUESTION, tools=[WEATHER, DOSE],
-                                           tool_choice=choice, max_tokens=40, temperature=1.0, seed=3)
+                                           tool_choice=choice, max_tokens=128, temperature=1.0, seed=3)
     message = reply.choices[0].message
     assert reply.choices[0].finish_reason == "tool_calls" and len(message.tool_calls) == 1
     call = message.tool_calls[0]
@@ -185,7 +190,7 @@ def test_forced_tool_calls_come_back_as_tool_calls(client, choice):
     if isinstance(choice, dict):
         assert call.function.name == "dose"
     chunks = list(client.chat.completions.create(model="tiny", messages=QUESTION, tools=[WEATHER, DOSE],
-                                                 tool_choice=choice, max_tokens=40, temperature=1.0, seed=3,
+                                                 tool_choice=choice, max_tokens=128, temperature=1.0, seed=3,
                                                  stream=True))
     deltas = [d for c in chunks for d in (c.choices[0].delta.tool_calls or [])]
     assert [(d.function.name, json.loads(d.function.arguments)) for d in deltas] == [(call.function.name, arguments)]

@@ -356,18 +356,19 @@ def fit_length(params: GenerationParams, prompt_len: int, settings: ServerSettin
 
 
 def json_grammar(fmt: ResponseFormat) -> str | None:
-    """xgrammar EBNF text of a response_format (None for text)."""
+    """xgrammar EBNF text of a response_format (None for text). The JSON is written compactly (`{"a": 1, "b": 2}`,
+    xgrammar's any_whitespace=False): free whitespace lets a model pad an answer with blanks until max_tokens."""
     import xgrammar
 
     if fmt.type == "text":
         return None
     if fmt.type == "json_object":
-        return str(xgrammar.Grammar.from_json_schema(json.dumps({"type": "object"})))
+        return str(xgrammar.Grammar.from_json_schema(json.dumps({"type": "object"}), any_whitespace=False))
     if fmt.json_schema is None or fmt.json_schema.schema_ is None:
         raise ApiError(400, "response_format.json_schema.schema: required for type json_schema",
                        "response_format.json_schema.schema")
     try:
-        return str(xgrammar.Grammar.from_json_schema(json.dumps(fmt.json_schema.schema_)))
+        return str(xgrammar.Grammar.from_json_schema(json.dumps(fmt.json_schema.schema_), any_whitespace=False))
     except (RuntimeError, ValueError, TypeError) as exc:
         raise ApiError(400, f"response_format.json_schema.schema: not a JSON schema this server can enforce: "
                             f"{str(exc).splitlines()[0][:300]}", "response_format.json_schema.schema") from None
