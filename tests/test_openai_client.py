@@ -91,6 +91,11 @@ def test_chat_n_seeds_roles_and_usage(client, served):
         counted += alone.completion_tokens
     assert reply.usage.prompt_tokens == len(engine.encode(plain))  # the prompt counts once for n choices
     assert reply.usage.completion_tokens == counted
+    chunks = list(client.chat.completions.create(model="tiny", messages=messages, n=3, seed=11, temperature=1.0,
+                                                 max_completion_tokens=6, stream=True))
+    streamed = {i: "".join(c.choices[0].delta.content or "" for c in chunks if c.choices[0].index == i)
+                for i in range(3)}
+    assert streamed == {c.index: c.message.content for c in reply.choices}
 
 
 def test_tool_results_and_null_content_in_the_conversation(client):

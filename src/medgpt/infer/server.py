@@ -318,7 +318,7 @@ def base_params(body: SamplingFields, settings: ServerSettings, engine: Engine, 
     bias: dict[int, float] = {}
     vocab = len(engine.tokenizer)
     for key, value in (body.logit_bias or {}).items():
-        if not key.isdigit() or int(key) >= vocab:
+        if not (key.isascii() and key.isdigit()) or int(key) >= vocab:
             raise ApiError(400, f"logit_bias: {key!r} is not a token id of this model (0..{vocab - 1})", "logit_bias")
         bias[int(key)] = value
     d = settings.defaults
