@@ -1,4 +1,5 @@
-"""`medgpt eval mcq|gen|compare`: multiple-choice accuracy, BLEU/ROUGE-L of generated answers, side-by-side tables."""
+"""`medgpt eval mcq|gen|ppl|compare`: multiple-choice accuracy, BLEU/ROUGE of generated answers, answer perplexity,
+side-by-side tables with paired confidence intervals."""
 
 from __future__ import annotations
 
@@ -28,6 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                           "data set (ceval/ceval-exam, haonan-li/cmmlu)")
     mcq.add_argument("--split", default="val", help="split to score: val, test, dev (default: val)")
     mcq.add_argument("--subjects", help="comma-separated subjects (hub default: the medical ones)")
+    mcq.add_argument("--subject", help="the subject of every question (default: each row's `subject` field, else "
+                                       "the file name); official C-Eval/CMMLU names get their Chinese name")
     mcq.add_argument("--shots", type=int, default=0, help="few-shot examples from the dev split (default: 0)")
     mcq.add_argument("--dev", help="where few-shot examples come from (default: the dev folder beside --data)")
     mcq.add_argument("--style", default="ceval", choices=("ceval", "cmmlu", "mmlu"),
@@ -38,10 +41,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     mcq.add_argument("--max-length", type=int, default=2048, help="prompt token limit; shots are dropped to fit")
     mcq.add_argument("--max-new-tokens", type=int, default=32, help="reply length for --method generate")
     mcq.add_argument("--output", default="eval_mcq.json", help="result JSON; items go to NAME.items.jsonl")
-    gen = sub.add_parser("gen", help="BLEU-1..4 and ROUGE-L of generated answers",
+    mcq.add_argument("--emit-lm-eval-task", metavar="DIR",
+                     help="write lm-evaluation-harness tasks (YAML + jsonl per subject) that score what this command "
+                          "scores with --template none, and exit without loading a model")
+    gen = sub.add_parser("gen", help="BLEU-1..4 and ROUGE-1/2/L of generated answers",
                          description="Generate answers for {question, answer} rows and score BLEU-1..4 "
-                                     "(sacrebleu) and ROUGE-L (rouge-score) on characters for Chinese and "
-                                     "words for English; or score an existing --predictions file.")
+                                     "(sacrebleu, on characters for Chinese and words for English) and ROUGE-1/2/L "
+                                     "(rouge-chinese on Chinese tokens without punctuation where the reference holds "
+                                     "Chinese, else rouge-score as it ships); or score an existing --predictions "
+                                     "file.")
     _model_arguments(gen)
     gen.add_argument("--data", help="jsonl of {\"question\", \"answer\"}")
     gen.add_argument("--predictions", help="jsonl of {\"prediction\", \"answer\"}: score only, no model")
@@ -51,9 +59,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     gen.add_argument("--batch-size", type=int, default=16)
     gen.add_argument("--system", help="system prompt for generation")
     gen.add_argument("--output", default="eval_gen.json", help="result JSON; items go to NAME.items.jsonl")
-    comp = sub.add_parser("compare", help="side-by-side table of result files with deltas",
-                          description="Compare result files (eval mcq/gen JSON or any JSON of numbers); "
-                                      "deltas are to the first file.")
+    ppl = sub.add_parser("ppl", help="perplexity of the reference answers given their prompts",
+                         description="Mean negative log-likelihood (nats per token) and perplexity of the assistant "
+                                     "tokens of {question, answer} rows or SFT conversations, through the chat "
+                                     "template; per item and overall (summed over all answer tokens).")
+    _model_arguments(ppl)
+    ppl.add_argument("--data", required=True, help="jsonl of {\"question\", \"answer\"}, or SFT data in any format")
+    ppl.add_argument("--batch-size", type=int, default=8)
+    ppl.add_argument("--max-length", type=int, default=2048, help="token limit per conversation (longer are cut)")
+    ppl.add_argument("--output", default="eval_ppl.json", help="result JSON; items go to NAME.items.jsonl")
+    comp = sub.add_parser("compare", help="side-by-side table of result files with deltas and paired intervals",
+                          description="Compare result files (eval mcq/gen/ppl JSON or any JSON of numbers); deltas "
+                                      "are to the first file. Where both files hold items, each delta gets its "
+                                      "95% paired-bootstrap interval (2000 draws, seed 0), 'not significant' where "
+                                      "it crosses 0, and McNemar's exact p for accuracy.")
     comp.add_argument("files", nargs="+", help="result JSON files")
     comp.add_argument("--labels", help="comma-separated column names (default: file names)")
     comp.add_argument("--markdown", help="also write the table as markdown to this file")
@@ -61,24 +80,47 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    return {"mcq": _mcq, "gen": _gen, "compare": _compare}[args.action](args)
+    return {"mcq": _mcq, "gen": _gen, "ppl": _ppl, "compare": _compare}[args.action](args)
 
 
 def _mcq(args: argparse.Namespace) -> int:
     from medgpt.eval.gen import write_result
-    from medgpt.eval.mcq import McqArgs, run_mcq
+    from medgpt.eval.mcq import McqArgs, run_mcq, write_lm_eval_tasks
+    from medgpt.eval.stats import standard_error
 
     subjects = [s.strip() for s in args.subjects.split(",") if s.strip()] if args.subjects else None
-    mcq_args = McqArgs(data=args.data, split=args.split, dev=args.dev, subjects=subjects, shots=args.shots,
-                       style=args.style, method=args.method, batch_size=args.batch_size, max_length=args.max_length,
-                       max_new_tokens=args.max_new_tokens, limit=args.limit)
+    mcq_args = McqArgs(data=args.data, split=args.split, dev=args.dev, subjects=subjects, subject=args.subject,
+                       shots=args.shots, style=args.style, method=args.method, batch_size=args.batch_size,
+                       max_length=args.max_length, max_new_tokens=args.max_new_tokens, limit=args.limit)
+    if args.emit_lm_eval_task:
+        written = write_lm_eval_tasks(mcq_args, args.emit_lm_eval_task)
+        print(f"written: {len(written)} lm-eval task(s) in {args.emit_lm_eval_task}; run them with\n"
+              f"  lm_eval --model hf --model_args pretrained=MODEL --include_path {args.emit_lm_eval_task} "
+              f"--tasks {','.join(p.stem for p in written)}")
+        return 0
     result = run_mcq(args.model, mcq_args, adapter=args.adapter, template=args.template, dtype=args.dtype,
                      trust_remote_code=args.trust_remote_code)
     output, items = write_result(result, args.output)
     for subject, s in result["subjects"].items():
         print(f"  {subject:32s} {s['accuracy']:6.2f}  ({s['correct']}/{s['total']})")
     o = result["overall"]
-    print(f"  {'overall':32s} {o['accuracy']:6.2f}  ({o['correct']}/{o['total']}; subject average {o['average']:.2f})")
+    print(f"  {'overall':32s} {o['accuracy']:6.2f}  ({o['correct']}/{o['total']}; subject average {o['average']:.2f}; "
+          f"standard error ±{standard_error(o['correct'], o['total']):.1f} points)")
+    print(f"written: {output} and {items}")
+    return 0
+
+
+def _ppl(args: argparse.Namespace) -> int:
+    from medgpt.eval.gen import write_result
+    from medgpt.eval.ppl import run_ppl
+
+    result = run_ppl(args.model, args.data, adapter=args.adapter, template=args.template, batch_size=args.batch_size,
+                     max_length=args.max_length, limit=args.limit, dtype=args.dtype,
+                     trust_remote_code=args.trust_remote_code)
+    output, items = write_result(result, args.output)
+    m = result["metrics"]
+    print(f"  answer NLL {m['nll']:.4f} nats/token, perplexity {m['ppl']:.2f}  ({result['n']} items, "
+          f"{result['tokens']} answer tokens)")
     print(f"written: {output} and {items}")
     return 0
 

@@ -1,4 +1,8 @@
-"""Side-by-side tables of result files (eval mcq / eval gen / any JSON of numbers), with deltas to the first."""
+"""Side-by-side tables of result files (eval mcq / gen / ppl / any JSON of numbers), with deltas to the first.
+
+Where both files hold per-item results of the same items (`eval mcq`, `eval gen`, `eval ppl` write them
+to `NAME.items.jsonl`), each delta comes with its 95% paired-bootstrap interval, "not significant" where
+that interval crosses 0, and McNemar's exact p for accuracy (`medgpt.eval.stats`)."""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from medgpt.errors import UserError
+from medgpt.eval import stats
 
 
 def flatten(data: Any, prefix: str = "") -> dict[str, float]:
@@ -36,11 +41,29 @@ def load_metrics(path: str | Path) -> tuple[str, dict[str, float]]:
     return path.stem, metrics
 
 
+def load_items(path: str | Path) -> list[dict] | None:
+    """The per-item results of a result file: its `items`, else its `items_file` beside it; None if neither."""
+    path = Path(path).expanduser()
+    data = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(data, dict):
+        return None
+    if isinstance(data.get("items"), list):
+        return data["items"]
+    if isinstance(data.get("items_file"), str) and (path.parent / data["items_file"]).is_file():
+        from medgpt.data.readers import as_object, read_records
+
+        rows, _ = read_records(str(path.parent / data["items_file"]), "items", normalize=as_object)
+        return rows
+    return None
+
+
 def compare(paths: list[str | Path], labels: list[str] | None = None) -> dict:
-    """Rows of metric values per file and the delta of each file to the first."""
+    """Rows of metric values per file and the delta of each file to the first, with the delta's paired
+    95% interval where both files hold items."""
     if len(paths) < 1:
         raise UserError("give at least one result file")
     loaded = [load_metrics(p) for p in paths]
+    items = [load_items(p) for p in paths]
     names = list(labels or [label for label, _ in loaded])
     if len(names) != len(loaded):
         raise UserError(f"{len(names)} labels for {len(loaded)} files")
@@ -55,7 +78,9 @@ def compare(paths: list[str | Path], labels: list[str] | None = None) -> dict:
         values = [m.get(key) for _, m in loaded]
         base = values[0]
         deltas = [None if v is None or base is None else v - base for v in values[1:]]
-        rows.append({"metric": key, "values": values, "deltas": deltas})
+        tests = [stats.paired(key, items[0], other) if d is not None and items[0] and other else None
+                 for d, other in zip(deltas, items[1:])]
+        rows.append({"metric": key, "values": values, "deltas": deltas, "tests": tests})
     return {"columns": names, "rows": rows}
 
 
@@ -65,10 +90,20 @@ def _fmt(value: float | None, signed: bool = False) -> str:
     return f"{value:+.2f}" if signed else f"{value:.2f}"
 
 
+def _delta(delta: float | None, test: dict | None) -> str:
+    text = _fmt(delta, signed=True)
+    if delta is None or not test:
+        return text
+    lo, hi = test["ci95"]
+    text += f" [{lo:+.2f}, {hi:+.2f}]" + ("" if test["significant"] else " not significant")
+    return text + (f", McNemar p={test['p_mcnemar']:.3g}" if "p_mcnemar" in test else "")
+
+
 def _cells(table: dict) -> tuple[list[str], list[list[str]]]:
     names = table["columns"]
     head = ["metric", *names, *[f"Δ {n}" for n in names[1:]]]
-    body = [[r["metric"], *[_fmt(v) for v in r["values"]], *[_fmt(d, signed=True) for d in r["deltas"]]]
+    body = [[r["metric"], *[_fmt(v) for v in r["values"]],
+             *[_delta(d, t) for d, t in zip(r["deltas"], r.get("tests") or [None] * len(r["deltas"]))]]
             for r in table["rows"]]
     return head, body
 

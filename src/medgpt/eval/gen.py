@@ -1,21 +1,30 @@
-"""Generation quality against reference answers: BLEU-1..4 (sacrebleu) and ROUGE-L (rouge-score).
+"""Generation quality against reference answers: BLEU-1..4 (sacrebleu) and ROUGE-1/2/L.
 
-Both libraries' default tokenizers score Chinese as zero (13a keeps a Chinese sentence as one token,
-rouge-score deletes non-ASCII), so text is tokenized here first and handed over pre-split:
-`char` splits CJK characters apart and English into words (sacrebleu's own `zh` tokenizer),
-`jieba` splits into jieba words. BLEU-n is cumulative BLEU with n-gram orders 1..n.
+BLEU: both libraries' default tokenizers score Chinese as zero (13a keeps a Chinese sentence as one
+token), so text is tokenized here first and handed over pre-split: `char` splits CJK characters apart
+and English into words (sacrebleu's own `zh` tokenizer), `jieba` splits into jieba words. BLEU-n is
+cumulative BLEU with n-gram orders 1..n.
+
+ROUGE, per pair: a reference with Chinese in it is scored the way the Chinese reference projects do
+(ChatGLM's and MedicalGPT's evaluation): the same tokens, punctuation removed, space-joined, scored by
+`rouge-chinese`; any other pair is scored by `rouge-score` exactly as it ships (its tokenizer: lower-case,
+letters and digits only; no stemming), so ROUGE of an English answer is the number everyone else reports.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import re
+import unicodedata
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 from medgpt.data.readers import as_object, read_records
 from medgpt.errors import UserError
+from medgpt.eval.stats import bleu_stats
 
 log = logging.getLogger(__name__)
 
@@ -42,14 +51,34 @@ def tokenize(text: str, mode: str = "char") -> list[str]:
     return _splitter(mode)(text)
 
 
-class _RougeTokenizer:
-    """rouge-score calls `.tokenize(text)`; this hands it our tokens instead of its ASCII-only ones."""
+ROUGE = ("rouge-1", "rouge-2", "rouge-l")
+_CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
 
-    def __init__(self, mode: str):
-        self.mode = mode
 
-    def tokenize(self, text: str) -> list[str]:
-        return tokenize(text, self.mode)
+def _is_punctuation(token: str) -> bool:
+    return all(unicodedata.category(ch)[0] in "PS" for ch in token)
+
+
+def rouge_tokens(text: str, mode: str = "char") -> list[str]:
+    """The tokens Chinese ROUGE counts: characters (or jieba words), English words, no punctuation."""
+    return [t for t in tokenize(text, mode) if not _is_punctuation(t)]
+
+
+def rouge_scores(prediction: str, reference: str, mode: str = "char") -> dict[str, float]:
+    """ROUGE-1/2/L F1 (0-100) of one pair: rouge-chinese on Chinese tokens when the reference holds Chinese,
+    else rouge-score with its own tokenizer and defaults."""
+    if _CJK.search(reference):
+        from rouge_chinese import Rouge
+
+        hyp, ref = " ".join(rouge_tokens(prediction, mode)), " ".join(rouge_tokens(reference, mode))
+        if not hyp or not ref:
+            return dict.fromkeys(ROUGE, 0.0)
+        scores = Rouge().get_scores(hyp, ref)[0]
+        return {k: round(100 * scores[k]["f"], 2) for k in ROUGE}
+    from rouge_score.rouge_scorer import RougeScorer
+
+    scores = RougeScorer(["rouge1", "rouge2", "rougeL"]).score(reference, prediction)
+    return {k: round(100 * scores[k.replace("-", "").replace("l", "L")].fmeasure, 2) for k in ROUGE}
 
 
 def _bleu(order: int, sentence: bool):
@@ -59,14 +88,11 @@ def _bleu(order: int, sentence: bool):
 
 
 def score_pairs(predictions: list[str], references: list[str], mode: str = "char") -> tuple[dict, list[dict]]:
-    """Corpus BLEU-1..4 and mean ROUGE-L F1 (0-100), and the same per item."""
-    from rouge_score.rouge_scorer import RougeScorer
-
+    """Corpus BLEU-1..4 and mean ROUGE-1/2/L F1 (0-100), and the same per item."""
     if len(predictions) != len(references):
         raise ValueError(f"{len(predictions)} predictions but {len(references)} references")
     hyps = [" ".join(tokenize(p, mode)) for p in predictions]
     refs = [" ".join(tokenize(r, mode)) for r in references]
-    rouge = RougeScorer(["rougeL"], tokenizer=_RougeTokenizer(mode))
     items: list[dict] = [{} for _ in hyps]
     metrics: dict[str, float] = {}
     for n in ORDERS:
@@ -74,9 +100,11 @@ def score_pairs(predictions: list[str], references: list[str], mode: str = "char
         sentence = _bleu(n, True)
         for item, h, r in zip(items, hyps, refs):
             item[f"bleu-{n}"] = round(sentence.sentence_score(h, [r]).score, 2)
-    for item, p, r in zip(items, predictions, references):
-        item["rouge-l"] = round(100 * rouge.score(r, p)["rougeL"].fmeasure, 2)
-    metrics["rouge-l"] = round(sum(i["rouge-l"] for i in items) / max(len(items), 1), 2)
+    for item, p, r, h, rt in zip(items, predictions, references, hyps, refs):
+        item.update(rouge_scores(p, r, mode))
+        item["bleu_stats"] = bleu_stats(h, rt)
+    for key in ROUGE:
+        metrics[key] = round(sum(i[key] for i in items) / max(len(items), 1), 2)
     return metrics, items
 
 
@@ -92,10 +120,16 @@ def read_rows(path: str | Path, fields: tuple[str, ...]) -> list[dict]:
     return rows
 
 
+def content_hash(value: Any) -> str:
+    """SHA-256 of a JSON-able value: what a resumable or cached result is keyed by (contents, not paths)."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
 def generate_predictions(engine, rows: list[dict], max_new_tokens: int, system: str | None, partial: Path,
                      key: dict, chunk: int = 32) -> list[str]:
-    """Answers in input order; finished chunks go to `partial` (headed by `key`, what produced them) so an
-    interrupted run with the same settings picks up where it stopped."""
+    """Answers in input order; finished chunks go to `partial` (headed by `key`, what produced them: the model,
+    the settings and a hash of the questions) so an interrupted run with the same settings and the same
+    questions picks up where it stopped; an edited data file starts again."""
     from tqdm.auto import tqdm
 
     from medgpt.infer.base import GenerationParams
@@ -140,8 +174,8 @@ def run_gen(data: str | None, model: str | None = None, predictions: str | None 
         engine = load_engine(model, adapter=adapter, template=template, dtype=dtype,
                              trust_remote_code=trust_remote_code, max_batch_size=batch_size)
         partial = partial or Path(f".gen-{Path(data).stem}.partial.jsonl")
-        key = {"model": model, "adapter": adapter, "template": template, "data": str(Path(data).resolve()),
-               "max_new_tokens": max_new_tokens, "system": system}
+        key = {"model": model, "adapter": adapter, "template": template, "questions": content_hash(
+            [r["question"] for r in rows]), "max_new_tokens": max_new_tokens, "system": system}
         preds = generate_predictions(engine, rows, max_new_tokens, system, partial, key)
         partial.unlink(missing_ok=True)
     metrics, scores = score_pairs(preds, [r["answer"] for r in rows], mode)
