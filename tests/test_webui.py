@@ -251,7 +251,7 @@ def test_page_login(engine, caplog):
 def test_page_telemetry_is_off_and_binds_to_loopback(engine, monkeypatch):
     """Gradio's telemetry (its `analytics_enabled`, which it reads from GRADIO_ANALYTICS_ENABLED and which is
     on when that is unset) is off, and no name but this machine's is looked up while the page starts and
-    answers; it binds to 127.0.0.1 when no host is given."""
+    answers; no run history, monitoring or MCP routes; it binds to 127.0.0.1 when no host is given."""
     from medgpt.infer.webui import build_demo, gradio_analytics
 
     monkeypatch.delenv("GRADIO_ANALYTICS_ENABLED", raising=False)
@@ -267,6 +267,11 @@ def test_page_telemetry_is_off_and_binds_to_loopback(engine, monkeypatch):
     assert demo.analytics_enabled is False
     for client, _ in serve_page(demo, engine):
         assert client.config["analytics_enabled"] is False  # what the browser side reads
+        assert client.config["run_history"] is False  # no conversations kept in the browser or sent to a bucket
+        with httpx.Client(base_url=client.src) as http:
+            for route, status in (("/gradio_api/run-history/buckets", 404), ("/monitoring", 403),
+                                  ("/gradio_api/mcp/schema", 404)):
+                assert http.get(route).status_code == status, route
         assert ask(client, CHAT[0], max_new_tokens=4)
         assert demo.server_name == "127.0.0.1" and client.src.startswith("http://127.0.0.1:")
         time.sleep(0.5)  # Gradio's analytics threads would have looked up their servers by now

@@ -245,8 +245,9 @@ class PageGuard:
 def launch_page(demo, host: str = "127.0.0.1", port: int | None = None, logins: Sequence[tuple[str, str]] = (),
                 share: bool = False, max_request_bytes: int = MAX_REQUEST_BYTES, block: bool = True):
     """Serve the page on host:port (loopback unless told otherwise), behind a login page when `logins` are
-    given, guarded by `PageGuard`, without Gradio's MCP, monitoring and server-side rendering routes; warns when
-    it is open to others without a login. `block=False` returns the local URL and leaves it running
+    given, guarded by `PageGuard`, without Gradio's MCP, monitoring and server-side rendering routes and without
+    its run history (which keeps conversations in the browser and copies them to a Hub bucket through this
+    server); warns when it is open to others without a login. `block=False` returns the local URL and leaves it running
     (`demo.close()` stops it)."""
     from starlette.middleware import Middleware
 
@@ -259,5 +260,5 @@ def launch_page(demo, host: str = "127.0.0.1", port: int | None = None, logins: 
         server_name=host, server_port=port, share=share, auth=list(logins) or None,
         auth_message="Log in to use this medgpt page." if logins else None, prevent_thread_lock=not block,
         quiet=not block, max_file_size=max_request_bytes, enable_monitoring=False, mcp_server=False, ssr_mode=False,
-        pwa=False, strict_cors=True, app_kwargs={"middleware": [Middleware(PageGuard, max_body=max_request_bytes)]})
+        pwa=False, run_history=False, strict_cors=True, app_kwargs={"middleware": [Middleware(PageGuard, max_body=max_request_bytes)]})
     return url
