@@ -1,7 +1,7 @@
 """The API server through real clients: the official `openai` package for every endpoint (streaming, n, seeds,
-log-probs, JSON schema, tools), transformers' own forward pass for the log-probs, the chat templates' own tool
-format for the tool calls, and lm-evaluation-harness's `local-completions` client for multiple-choice scoring,
-which must pick what `medgpt eval mcq`'s scorer picks."""
+log-probs, JSON schema, tools), transformers' own forward pass and greedy decoding for the log-probs, and the chat
+templates' own tool format for the tool calls, and lm-evaluation-harness's `local-completions` client scoring
+multiple choice, which must give the numbers and choices of `medgpt eval mcq`'s scorer."""
 
 from __future__ import annotations
 
@@ -242,8 +242,8 @@ def test_metrics_count_requests_tokens_and_errors(client, served):
 
 def test_lm_eval_local_completions_picks_what_eval_mcq_picks(served, tiny_model, reference):
     """lm-evaluation-harness's own `local-completions` client scores A-D through /v1/completions (echo + logprobs,
-    token-id prompts); pooled over the letters' spellings as `medgpt eval mcq` does, the choice per question is
-    the one its LoglikScorer makes on the same model and prompt."""
+    token-id prompts, as `lm_eval --model local-completions` sends them); pooled over each letter's spellings as
+    `medgpt eval mcq` does, the choice per question is the one its LoglikScorer makes on the same model and prompt."""
     import math
 
     from lm_eval.models.openai_completions import LocalCompletionsAPI
@@ -251,24 +251,27 @@ def test_lm_eval_local_completions_picks_what_eval_mcq_picks(served, tiny_model,
     from medgpt.eval.mcq import LETTERS, LoglikScorer, Question, prompt_text
 
     url, engine = served
-    questions = [Question(str(i), "anatomy", q, choices, "A", f"q:{i}") for i, (q, choices) in enumerate([
-        ("Which organ pumps blood?", ("heart", "liver", "lung", "kidney")),
-        ("Which bone is in the thigh?", ("femur", "ulna", "tibia", "radius")),
-        ("Where is insulin made?", ("spleen", "pancreas", "stomach", "skin")),
-        ("Which vitamin comes from sunlight?", ("A", "B12", "C", "D")),
-        ("What does a stethoscope hear?", ("sounds", "light", "heat", "smell")),
-        ("Which cells carry oxygen?", ("red cells", "platelets", "neurons", "white cells"))])]
-    scorer = LoglikScorer(reference, engine.tokenizer, engine.template, batch_size=4)
-    prompts = [scorer.encode(prompt_text(q, [], "mmlu")) for q in questions]
-    expected = [LETTERS[int(row.argmax())] for row in scorer.letter_logprobs(prompts)]
+    items = [("Which organ pumps blood around the body?", ("liver", "heart", "lung", "kidney")),
+             ("Which bone is in the thigh?", ("ulna", "radius", "femur", "tibia")),
+             ("Which organ makes insulin?", ("spleen", "stomach", "skin", "pancreas")),
+             ("Which gas do the lungs take in from the air?", ("helium", "nitrogen", "argon", "oxygen"))]
+    questions = [Question(str(i), "anatomy", q, choices, "A", f"q:{i}") for i, (q, choices) in enumerate(items)]
+    shots = [Question("s", "anatomy", "Which organ filters the blood to make urine?", ("brain", "kidney", "heart",
+                                                                                       "skin"), "B", "s")]
+    scorer = LoglikScorer(reference, engine.tokenizer, engine.template, batch_size=8)
+    prompts = [scorer.encode(prompt_text(q, shots, "mmlu")) for q in questions]
+    reference = scorer.letter_logprobs(prompts)
+    expected = [LETTERS[int(row.argmax())] for row in reference]
 
     harness = LocalCompletionsAPI(base_url=f"{url}/v1/completions", model="tiny", tokenizer=tiny_model,
-                                  tokenizer_backend="huggingface", tokenized_requests=True, batch_size=4,
+                                  tokenizer_backend="huggingface", tokenized_requests=True, batch_size=8,
                                   max_retries=1, max_length=2048)
     requests = [(("", ""), ids, [t]) for ids in prompts for spellings in scorer.letter_ids for t in spellings]
-    scores = iter(loglik for loglik, _ in harness._loglikelihood_tokens(requests))
+    scores = iter([loglik for loglik, _ in harness._loglikelihood_tokens(requests)])
     picked = []
-    for _ in questions:
+    for row in reference:
         pooled = [math.log(sum(math.exp(next(scores)) for _ in spellings)) for spellings in scorer.letter_ids]
+        total = math.log(sum(map(math.exp, pooled)))
+        assert [p - total for p in pooled] == pytest.approx(row.tolist(), abs=1e-3)  # the same numbers
         picked.append(LETTERS[max(range(len(LETTERS)), key=pooled.__getitem__)])
     assert picked == expected

@@ -190,3 +190,4 @@ def test_exposed_bind_without_a_key_is_warned_about_and_limits_are_in_help(capsy
     for limit in ("--max-n", "--max-tokens-cap", "--max-body-bytes", "--docs",
                   "stop at most 8 non-empty strings of at most 256 characters", "at most --max-n choices"):
         assert limit in text
+
