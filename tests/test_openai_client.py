@@ -248,7 +248,7 @@ def test_lm_eval_local_completions_picks_what_eval_mcq_picks(served, tiny_model,
 
     from lm_eval.models.openai_completions import LocalCompletionsAPI
 
-    from medgpt.eval.mcq import LETTERS, LoglikScorer, Question, prompt_text
+    from medgpt.eval.mcq import LETTERS, LoglikScorer, Question, evaluate_loglik, prompt_text
 
     url, engine = served
     items = [("Which organ pumps blood around the body?", ("liver", "heart", "lung", "kidney")),
@@ -259,19 +259,19 @@ def test_lm_eval_local_completions_picks_what_eval_mcq_picks(served, tiny_model,
     shots = [Question("s", "anatomy", "Which organ filters the blood to make urine?", ("brain", "kidney", "heart",
                                                                                        "skin"), "B", "s")]
     scorer = LoglikScorer(reference, engine.tokenizer, engine.template, batch_size=8)
-    prompts = [scorer.encode(prompt_text(q, shots, "mmlu")) for q in questions]
-    reference = scorer.letter_logprobs(prompts)
-    expected = [LETTERS[int(row.argmax())] for row in reference]
+    items = evaluate_loglik(scorer, {"anatomy": questions}, {"anatomy": shots}, "mmlu", chat=False, max_length=2048,
+                            n_shots=1)
+    assert [item["shots"] for item in items] == [1] * len(questions)
 
     harness = LocalCompletionsAPI(base_url=f"{url}/v1/completions", model="tiny", tokenizer=tiny_model,
                                   tokenizer_backend="huggingface", tokenized_requests=True, batch_size=8,
                                   max_retries=1, max_length=2048)
-    requests = [(("", ""), ids, [t]) for ids in prompts for spellings in scorer.letter_ids for t in spellings]
+    texts = [prompt_text(q, shots, "mmlu") for q in questions]
+    cands = [scorer.candidates(text) for text in texts]
+    requests = [(("", ""), scorer.encode(text), [t]) for text, letters in zip(texts, cands)
+                for spellings in letters for t in spellings]
     scores = iter([loglik for loglik, _ in harness._loglikelihood_tokens(requests)])
-    picked = []
-    for row in reference:
-        pooled = [math.log(sum(math.exp(next(scores)) for _ in spellings)) for spellings in scorer.letter_ids]
-        total = math.log(sum(map(math.exp, pooled)))
-        assert [p - total for p in pooled] == pytest.approx(row.tolist(), abs=1e-3)  # the same numbers
-        picked.append(LETTERS[max(range(len(LETTERS)), key=pooled.__getitem__)])
-    assert picked == expected
+    for item, letters in zip(items, cands):
+        pooled = [math.log(sum(math.exp(next(scores)) for _ in spellings)) for spellings in letters]
+        assert pooled == pytest.approx([item["loglik"][k] for k in LETTERS], abs=1e-3)  # the same numbers
+        assert LETTERS[max(range(len(LETTERS)), key=pooled.__getitem__)] == item["pred"]
