@@ -258,3 +258,24 @@ def test_engine_limits_are_request_errors(engine, prompts):
     room = engine.max_context - 3
     result = engine.submit(Request([prompts[0][0]] * room, GenerationParams(max_new_tokens=50))).result()
     assert result.completion_tokens <= 3
+
+
+def test_an_engine_nobody_holds_is_freed_with_its_thread(tiny_model):
+    """Engines are opened per command and per test: the scheduler thread must not keep the model alive."""
+    import gc
+    import time
+    import weakref
+
+    engine = load_engine(tiny_model, dtype="fp32")
+    assert engine.submit(Request([1, 2, 3], GenerationParams(max_new_tokens=2))).result().completion_tokens >= 1
+    ref, thread = weakref.ref(engine), engine._thread
+    del engine
+    deadline = time.monotonic() + 10
+    while (ref() is not None or thread.is_alive()) and time.monotonic() < deadline:
+        gc.collect()
+        time.sleep(0.1)
+    assert ref() is None and not thread.is_alive()
+    closed = load_engine(tiny_model, dtype="fp32")
+    closed.close()
+    with pytest.raises(UserError, match="closed"):
+        closed.submit(Request([1, 2, 3], GenerationParams(max_new_tokens=2))).result()

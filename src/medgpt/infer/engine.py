@@ -19,6 +19,7 @@ import collections
 import logging
 import secrets
 import threading
+import weakref
 from concurrent.futures import Future
 from typing import Any
 
@@ -274,7 +275,8 @@ class TransformersEngine(BaseEngine):
         self._wake = threading.Condition()
         self._closed = False
         self._batch = Batch()
-        self._thread = threading.Thread(target=self._loop, name="medgpt-engine", daemon=True)
+        self._thread = threading.Thread(target=self._serve, args=(weakref.ref(self),), name="medgpt-engine",
+                                        daemon=True)
         self._thread.start()
         log.info("loaded %s%s on %s (%s), template %s", opened.folder,
                  f" + adapter {opened.adapter}" if opened.adapter else "", device, self.dtype, self.template.name)
@@ -338,27 +340,48 @@ class TransformersEngine(BaseEngine):
 
     # -- the scheduler ---------------------------------------------------------------------------------
 
-    def _loop(self) -> None:
+    @staticmethod
+    def _serve(ref: weakref.ref) -> None:
+        """The scheduler thread: it holds the engine only while working or for a second of waiting, so an engine
+        nobody uses any more is freed (and its thread ends) without `close()`."""
         import torch
 
         with torch.inference_mode():
-            while True:
-                with self._wake:
-                    while not self._queue and not self._batch.rows and not self._closed:
-                        self._wake.wait()
-                    if self._closed:
-                        break
-                    room = self.max_batch_size - len(self._batch.rows)
-                    new = [self._queue.popleft() for _ in range(min(room, len(self._queue)))]
-                for request, future in new:
-                    self._start(request, future)
-                self._drop_cancelled()
-                if self._batch.rows:
-                    self._step()
+            while (engine := ref()) is not None and engine._cycle():
+                del engine
+        if engine is not None:
+            engine._shut()
+
+    def _cycle(self) -> bool:
+        """Admit waiting requests, drop cancelled rows, run one step; False once closed."""
+        with self._wake:
+            if not self._queue and not self._batch.rows and not self._closed:
+                self._wake.wait(timeout=1.0)
+            if self._closed:
+                return False
+            room = self.max_batch_size - len(self._batch.rows)
+            new = [self._queue.popleft() for _ in range(min(room, len(self._queue)))]
+        try:
+            for request, future in new:
+                self._start(request, future)
+            self._drop_cancelled()
+            if self._batch.rows:
+                self._step()
+        except Exception as exc:  # a fault of the scheduler itself: the running requests fail, the engine goes on
+            log.exception("the decoding step failed")
+            for row in self._batch.rows:
+                if not row.future.done():
+                    row.future.set_exception(exc)
+            self._batch = Batch()
+        return True
+
+    def _shut(self) -> None:
         for row in self._batch.rows:
             row.future.set_exception(UserError("the engine was closed"))
-        for _, future in self._queue:
-            future.set_exception(UserError("the engine was closed"))
+        self._batch = Batch()
+        with self._wake:
+            while self._queue:
+                self._queue.popleft()[1].set_exception(UserError("the engine was closed"))
 
     def _start(self, request: Request, future: Future) -> None:
         """Prefill one request alone, choose its first token and merge it into the batch."""
@@ -381,16 +404,24 @@ class TransformersEngine(BaseEngine):
                                                 for i, t in enumerate(row.prompt[1:])]
             if row.params.max_new_tokens == 0:
                 row.finish_reason = "length"
-                future.set_result(row.completion())
+            else:
+                self._take(row, logits[-1])
+            if row.finish_reason is None:
+                self._batch.add([row], cache, torch.ones_like(ids))
                 return
-            self._take(row, logits[-1])
+            completion = row.completion()
         except Exception as exc:  # this request only
             self._fail(future, exc)
             return
-        if row.finish_reason is not None:
-            future.set_result(row.completion())
+        future.set_result(completion)
+
+    def _finish(self, row: Row) -> None:
+        try:
+            completion = row.completion()
+        except Exception as exc:
+            self._fail(row.future, exc)
             return
-        self._batch.add([row], cache, torch.ones_like(ids))
+        row.future.set_result(completion)
 
     def _take(self, row: Row, logits) -> None:
         import torch
@@ -403,7 +434,7 @@ class TransformersEngine(BaseEngine):
         for row in batch.rows:
             if row.request.cancelled:
                 row.finish_reason = "stop"
-                row.future.set_result(row.completion())
+                self._finish(row)
         batch.keep([i for i, row in enumerate(batch.rows) if not row.request.cancelled])
 
     def _forward(self, cache, mask, rows: list[Row]):
@@ -444,7 +475,7 @@ class TransformersEngine(BaseEngine):
                 self._fail(row.future, exc)
                 continue
             if row.finish_reason is not None:
-                row.future.set_result(row.completion())
+                self._finish(row)
             else:
                 keep.append(i)
         batch.keep(keep)
