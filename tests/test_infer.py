@@ -274,17 +274,19 @@ def test_predict_reports_bad_rows_with_location(tmp_path, engine):
 
 
 class CountingEngine:
-    """Wraps an engine, counts the prompts it answers, and can fail on a given call (an interruption)."""
+    """Wraps an engine, counts the prompts submitted to it, and can fail on a given one (an interruption)."""
 
-    def __init__(self, engine, fail_on_call: int | None = None):
-        self.engine, self.fail_on_call, self.calls, self.prompts = engine, fail_on_call, 0, 0
+    def __init__(self, engine, fail_on_prompt: int | None = None):
+        self.engine, self.fail_on_prompt, self.prompts = engine, fail_on_prompt, 0
 
-    def generate(self, batch, params, system=None):
-        self.calls += 1
-        if self.calls == self.fail_on_call:
+    def encode(self, messages, system=None):
+        return self.engine.encode(messages, system)
+
+    def submit(self, request):
+        if self.prompts + 1 == self.fail_on_prompt:
             raise KeyboardInterrupt
-        self.prompts += len(batch)
-        return self.engine.generate(batch, params, system)
+        self.prompts += 1
+        return self.engine.submit(request)
 
 
 def test_predict_keeps_order_and_resumes(tmp_path, engine):
@@ -293,8 +295,8 @@ def test_predict_keeps_order_and_resumes(tmp_path, engine):
     questions = write_rows(tmp_path / "q.jsonl", ROWS)
     params = GenerationParams(max_new_tokens=6)
     out = tmp_path / "a.jsonl"
-    with pytest.raises(KeyboardInterrupt):
-        predict_file(CountingEngine(engine, fail_on_call=2), questions, out, params, chunk_size=2)
+    with pytest.raises(KeyboardInterrupt):  # during the third chunk's submission: the first chunk is written
+        predict_file(CountingEngine(engine, fail_on_prompt=5), questions, out, params, chunk_size=2)
     partial = tmp_path / "a.jsonl.partial"
     assert not out.exists() and len(partial.read_text().splitlines()) == 2
     with partial.open("a") as f:

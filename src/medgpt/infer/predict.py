@@ -7,6 +7,7 @@ continues after it. The partial file is renamed to the output when every row is 
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import os
@@ -16,7 +17,7 @@ from typing import Any
 from medgpt.data import readers
 from medgpt.data.readers import RecordError
 from medgpt.errors import UserError
-from medgpt.infer.base import Engine, GenerationParams
+from medgpt.infer.base import Engine, GenerationParams, Request
 
 log = logging.getLogger(__name__)
 
@@ -101,16 +102,34 @@ def predict_file(engine: Engine, input_path: str | Path, output_path: str | Path
         log.info("resuming after %d finished rows of %d", done, len(inputs))
     output.parent.mkdir(parents=True, exist_ok=True)
     tokens = 0
+    ahead: collections.deque = collections.deque()  # chunks submitted, not written yet
     with open(partial, "a", encoding="utf-8") as sink, \
             tqdm(total=len(rows), initial=done, desc="predict", unit="row") as bar:
-        for start in range(done, len(rows), chunk_size):
-            chunk = rows[start:start + chunk_size]
-            completions = engine.generate([messages for _, messages in chunk], params, system=system)
+
+        def write_oldest() -> None:
+            nonlocal tokens
+            chunk, requests, futures = ahead[0]
+            completions = [future.result() for future in futures]
             for (row, _), completion in zip(chunk, completions):
                 sink.write(json.dumps({**row, RESPONSE_KEY: completion.text}, ensure_ascii=False) + "\n")
                 tokens += completion.completion_tokens
             sink.flush()
             os.fsync(sink.fileno())
+            ahead.popleft()
             bar.update(len(chunk))
+
+        try:  # the next chunk is submitted before the last is written, so the engine's batch never drains
+            for start in range(done, len(rows), chunk_size):
+                chunk = rows[start:start + chunk_size]
+                requests = [Request(engine.encode(messages, system), params) for _, messages in chunk]
+                ahead.append((chunk, requests, [engine.submit(request) for request in requests]))
+                if len(ahead) > 1:
+                    write_oldest()
+            while ahead:
+                write_oldest()
+        finally:  # interrupted or failed: stop generating what will not be written
+            for _, requests, _ in ahead:
+                for request in requests:
+                    request.cancelled = True
     os.replace(partial, output)
     return {"rows": len(rows), "generated": len(rows) - done, "resumed": done, "completion_tokens": tokens}
