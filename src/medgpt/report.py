@@ -643,10 +643,10 @@ def answers_section(prompts: list[list[dict]], answers: dict[str, list[Answer]],
     return "Answers side by side", [("text", note), ("table", headers, rows)]
 
 
-# What an evaluation metric is, and which way is better.
-EVAL_METRICS = {"accuracy": ("accuracy (%)", "higher"), "bleu": ("BLEU-4", "higher"), "bleu-4": ("BLEU-4", "higher"),
-                "rouge-l": ("ROUGE-L", "higher"), "rouge-1": ("ROUGE-1", "higher"), "rouge-2": ("ROUGE-2", "higher"),
-                "ppl": ("answer perplexity", "lower"), "nll": ("answer NLL (nats/token)", "lower")}
+# The evaluation metrics a report shows (each result also keeps ROUGE-1/2 and the NLL): what each is, and which way
+# is better.
+EVAL_METRICS = {"accuracy": ("accuracy (%)", "higher"), "bleu": ("BLEU-4", "higher"), "rouge-l": ("ROUGE-L", "higher"),
+                "ppl": ("answer perplexity", "lower")}
 
 
 def eval_metric_name(set_name: str, metric: str) -> str:
@@ -655,10 +655,10 @@ def eval_metric_name(set_name: str, metric: str) -> str:
 
 
 def metric_text(metric: str, value: Any) -> str:
-    """Accuracy as a percentage, every other metric as it is."""
+    """A metric value with two decimals (accuracy is a percentage already; no decimals from 1000 on), or "-"."""
     if not isinstance(value, (int, float)):
         return "-"
-    return _number(100 * value if metric == "accuracy" and value <= 1 else value)
+    return f"{value:.0f}" if abs(value) >= 1000 else f"{value:.2f}"
 
 
 def evaluation_section(evaluation: dict[str, Any]) -> tuple[str, list]:
