@@ -49,7 +49,8 @@ def add_generation_arguments(parser: argparse.ArgumentParser, max_new_tokens: in
     group.add_argument("--greedy", action="store_true",
                        help="greedy decoding: temperature 0, no top-p/top-k cut, repetition penalty 1.0 unless "
                             "--repetition-penalty is given (reproducible; what evaluation uses)")
-    group.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    group.add_argument("--stop", action="append", default=[],
+                       help="stop string (repeatable; at most 8, each at most 256 characters)")
     group.add_argument("--seed", type=int, help="default: none (a new random seed for each answer)")
 
 
