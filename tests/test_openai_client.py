@@ -74,6 +74,14 @@ def test_models_and_openai_errors(client, served):
     assert too_long.value.body["param"] == "max_tokens" and "at most 128" in too_long.value.body["message"]
     reply = httpx.put(f"{served[0]}/v1/chat/completions")
     assert reply.status_code == 405 and set(reply.json()["error"]) == {"message", "type", "param", "code"}
+    for choice in ({"type": "function", "function": "dose"}, {"type": "function", "function": {"name": "nope"}}):
+        reply = httpx.post(f"{served[0]}/v1/chat/completions", json={"messages": QUESTION, "tools": [DOSE],
+                                                                     "tool_choice": choice})
+        assert reply.status_code == 400 and reply.json()["error"]["param"] == "tool_choice"
+    bad_schema = {"type": "function", "function": {"name": "f", "parameters": {"type": "nonsense"}}}
+    reply = httpx.post(f"{served[0]}/v1/chat/completions", json={"messages": QUESTION, "tools": [bad_schema],
+                                                                 "tool_choice": "required"})
+    assert reply.status_code == 400 and reply.json()["error"]["param"] == "tools"
 
 
 def test_chat_n_seeds_roles_and_usage(client, served):

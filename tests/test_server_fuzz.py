@@ -133,6 +133,8 @@ CASES = [
     ("tools with a template without a tool format", "POST", CHAT, chat(tools=[{"type": "function", "function": {
         "name": "f", "parameters": {"type": "object"}}}]), None, 400, "tools"),
     ("tool_choice required without tools", "POST", CHAT, chat(tool_choice="required"), None, 400, "tool_choice"),
+    ("tool_choice function not an object", "POST", CHAT, chat(tool_choice={"type": "function", "function": "f"}),
+     None, 400, "tool_choice"),
     ("tools a string", "POST", CHAT, chat(tools="x"), None, 400, "tools"),
     ("tool name with spaces", "POST", CHAT, chat(tools=[{"type": "function", "function": {"name": "a b"}}]), None,
      400, "tools.0.function.name"),

@@ -395,13 +395,16 @@ def tool_use(body: ChatCompletionRequest, engine: Engine) -> tuple[ToolUse | Non
         return None, None
     tool_format = getattr(engine.template, "tool_format", None)
     if tool_format is None:
+        from medgpt.data.templates import TEMPLATES
+
+        with_tools = ", ".join(name for name, t in TEMPLATES.items() if t.tool_format)
         raise ApiError(400, f"tools: the chat template {engine.template.name!r} has no tool format; serve the model "
-                            "with --template qwen, qwen3, llama3.1 or mistral (the format it was trained with)",
-                       "tools")
+                            f"with --template NAME of the format it was trained with: {with_tools}", "tools")
     tools = [t.model_dump(exclude_none=True) for t in body.tools]
     names = [t["function"]["name"] for t in tools]
     if isinstance(choice, dict):
-        name = (choice.get("function") or {}).get("name") if choice.get("type") == "function" else None
+        function = choice.get("function") if choice.get("type") == "function" else None
+        name = function.get("name") if isinstance(function, dict) else None
         if name not in names:
             raise ApiError(400, f"tool_choice: expected {{type: function, function: {{name}}}} naming one of the "
                                 f"tools ({', '.join(names)})", "tool_choice")
