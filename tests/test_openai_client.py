@@ -106,9 +106,24 @@ def test_chat_n_seeds_roles_and_usage(client, served):
     assert streamed == {c.index: c.message.content for c in reply.choices}
 
 
+def test_assistant_tool_call_turn_with_null_content(client, served):
+    """OpenAI's shape of an earlier call (content null, arguments as JSON text) reaches the template as its own
+    training format has it (arguments as an object): the prompt is the one the template renders."""
+    _, engine = served
+    call = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+    turns = [*QUESTION, {"role": "assistant", "content": None, "tool_calls": [call]},
+             {"role": "user", "content": "And in Rome?"}]
+    reply = client.chat.completions.create(model="tiny", messages=turns, tools=[WEATHER], max_tokens=2)
+    as_trained = [*QUESTION, {"role": "assistant", "content": "", "tool_calls": [
+        {**call, "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]}, turns[-1]]
+    assert reply.usage.prompt_tokens == len(engine.encode(as_trained, tools=[WEATHER]))
+    without_tools = client.chat.completions.create(model="tiny", messages=QUESTION, max_tokens=2)
+    assert reply.usage.prompt_tokens > without_tools.usage.prompt_tokens + 20  # the tools are in the prompt
+
+
 @pytest.mark.xfail(strict=True, reason="infer.base.check_messages refuses role 'tool' before the template (which "
                                        "has the tool format) sees it; the server answers 400 naming messages")
-def test_tool_results_and_null_content_in_the_conversation(client):
+def test_tool_results_in_the_conversation(client):
     tool_turns = [*QUESTION, {"role": "assistant", "content": None, "tool_calls": [
         {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
         {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}, {"role": "user", "content": "And so?"}]
