@@ -512,8 +512,8 @@ def check_chars(texts: list[str], settings: ServerSettings, param: str) -> None:
 async def encode_chat(state: State, messages: list[dict], system: str | None = None,
                       tools: list[dict] | None = None) -> tuple[list[int], list[dict]]:
     """Prompt ids of a conversation (retrieval applied) and the sources retrieved."""
-    check_chars([m["content"] for m in messages] + ([json.dumps(tools)] if tools else []), state.settings,
-                "messages")
+    texts = [m["content"] for m in messages] + [json.dumps(m["tool_calls"]) for m in messages if m.get("tool_calls")]
+    check_chars(texts + ([json.dumps(tools)] if tools else []), state.settings, "messages")
     sources: list[dict] = []
     if state.augment:
         messages, sources = await asyncio.to_thread(state.augment, messages)
