@@ -291,3 +291,25 @@ def test_planner_matches_the_recorded_memory_peaks(tiny_model):
         head = "seq_cls" if case["stage"] == "rm" else "causal_lm"
         peak_mib = estimate(args, load_architecture(args.model, head))[0].peak / 2**20
         assert peak_mib == pytest.approx(case["measured_mib"], rel=0.10), case["name"]
+
+
+def test_activation_checkpointing_auto_is_on_where_the_planner_says_the_step_would_not_fit(tiny_model, monkeypatch):
+    """`activation_checkpointing: auto` (the default) asks the planner for the step without checkpointing: on
+    where its peak is over the device's share (here a CPU with RAM set either side of it), off where it fits;
+    an explicit value (or its alias gradient_checkpointing) is kept as given."""
+    import medgpt.config
+    from medgpt.config import CPU_MEMORY_SHARE, build_config
+
+    raw = {"stage": "sft", "model": tiny_model, "data": "x.jsonl", "per_device_train_batch_size": 2,
+           "max_length": 256, "report_to": "none"}
+    args = PlanArgs(tiny_model, stage="sft", method="lora", device="cpu", batch_size=2, seq_len=256)
+    peak_gib = estimate(args, load_architecture(tiny_model))[0].peak / GIB
+    for ram, expected in ((2 * peak_gib / CPU_MEMORY_SHARE, False), (0.5 * peak_gib / CPU_MEMORY_SHARE, True)):
+        monkeypatch.setattr(medgpt.config, "device_memory_gib", lambda gpu, ram=ram: ram)
+        cfg = build_config(raw)
+        assert cfg.train.activation_checkpointing is expected and cfg.train.gradient_checkpointing is expected
+        assert build_config({**raw, "activation_checkpointing": "auto"}).train.activation_checkpointing is expected
+    monkeypatch.setattr(medgpt.config, "device_memory_gib", lambda gpu: 10**6)
+    assert build_config({**raw, "gradient_checkpointing": True}).train.activation_checkpointing is True
+    monkeypatch.setattr(medgpt.config, "device_memory_gib", lambda gpu: 1e-6)
+    assert build_config({**raw, "activation_checkpointing": False}).train.activation_checkpointing is False

@@ -257,6 +257,14 @@ def build_config(raw: dict[str, Any], stage_module=None) -> Config:
         train = train_cls(**train_values)
     except (ValueError, TypeError) as exc:
         raise UserError(f"invalid training options: {exc}") from exc
+    if getattr(train, "use_liger_kernel", False):
+        import importlib.util
+
+        if train.use_cpu or not _cuda():
+            raise UserError("use_liger_kernel: Liger's kernels are Triton kernels for CUDA GPUs; this run trains "
+                            "on the CPU")
+        if importlib.util.find_spec("liger_kernel") is None:
+            raise UserError("use_liger_kernel needs the liger-kernel package: pip install liger-kernel")
     cfg = Config(run=run, model=parts["model"], data=data, lora=parts["lora"], train=train,
                  stage_args=make(stage_cls) if stage_cls else None, raw=raw)
     if configure := getattr(stage_module, "configure", None):
@@ -285,7 +293,7 @@ def checkpointing_needed(cfg: Config) -> bool:
                     seq_len=getattr(cfg.train, "max_length", None) or 1024, lora_rank=cfg.lora.lora_rank,
                     lora_target=cfg.lora.lora_target, lora_dropout=cfg.lora.lora_dropout,
                     pure_bf16=cfg.run.pure_bf16, trust_remote_code=cfg.model.trust_remote_code)
-    budget = _memory_gib(gpu) * (GPU_MEMORY_SHARE if gpu else CPU_MEMORY_SHARE)
+    budget = device_memory_gib(gpu) * (GPU_MEMORY_SHARE if gpu else CPU_MEMORY_SHARE)
     try:
         needed = needs_checkpointing(args, budget)
     except Exception as exc:  # an architecture the planner cannot build on the meta device
@@ -304,7 +312,7 @@ def _cuda() -> bool:
     return cuda_available()
 
 
-def _memory_gib(gpu: bool) -> float:
+def device_memory_gib(gpu: bool) -> float:
     """The device's memory in GiB: the first GPU's (this process's, under a launcher), else the machine's RAM."""
     import os
 
