@@ -177,6 +177,17 @@ def test_docs_are_off_by_default_and_behind_the_key_when_on(tiny_server):
             assert client.get(path, headers={"Authorization": "Bearer s3cret"}).status_code == 200
 
 
+def test_a_full_queue_is_a_429_error_object_streaming_or_not(tiny_server):
+    from fastapi.testclient import TestClient
+
+    _, app = tiny_server
+    with TestClient(create_app(app.state.engine, ServerSettings(max_queue=1))) as client:
+        for stream in (False, True):  # two choices never fit a queue of one: refused before anything is sent
+            reply = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
+                                                              "n": 2, "stream": stream})
+            assert reply.status_code == 429 and reply.json()["error"]["type"] == "rate_limit_error"
+
+
 def test_exposed_bind_without_a_key_is_warned_about_and_limits_are_in_help(capsys):
     from medgpt.cli import main
     from medgpt.infer.server import exposure_warning

@@ -879,11 +879,12 @@ async def completions(request: HttpRequest):
     return {**meta, "object": "text_completion", "choices": choices, "usage": usage(results, body.n)}
 
 
-async def stream_events(http: HttpRequest, prompt_ids: list[int], params: GenerationParams, n: int, meta: dict,
-                        kind: str, options: StreamOptions | None, extra: dict, use: ToolUse | None = None,
-                        echo_text: str | None = None) -> AsyncIterator[str]:
+def stream_events(http: HttpRequest, prompt_ids: list[int], params: GenerationParams, n: int, meta: dict,
+                  kind: str, options: StreamOptions | None, extra: dict, use: ToolUse | None = None,
+                  echo_text: str | None = None) -> AsyncIterator[str]:
     """Server-sent events of n streamed choices: text deltas as they come, each choice's finish, usage, [DONE].
 
+    The rows are submitted here, before the response starts, so a refusal (429) is still an error response.
     With tools, a choice's text is held back until it is finished and parsed (tool-call deltas or content)."""
     state = http.app.state
     loop = asyncio.get_running_loop()
@@ -898,11 +899,21 @@ async def stream_events(http: HttpRequest, prompt_ids: list[int], params: Genera
     for index, future in enumerate(futures):
         future.add_done_callback(lambda _, i=index: loop.call_soon_threadsafe(events.put_nowait, (i, None)))
 
+    return events_of(state, tracked, futures, events, meta, kind, options, extra, use, echo_text)
+
+
+async def events_of(state: State, tracked: list[Tracked], futures: list, events: asyncio.Queue, meta: dict,
+                    kind: str, options: StreamOptions | None, extra: dict, use: ToolUse | None,
+                    echo_text: str | None) -> AsyncIterator[str]:
+    """The events of `stream_events`' submitted rows, as their deltas and finishes arrive on `events`."""
+    chat = kind == "chat.completion.chunk"
+
     def chunk(index: int, delta: dict | str, finish: str | None = None, **more: Any) -> str:
         choice = ({"index": index, "delta": delta, "logprobs": None, "finish_reason": finish} if chat else
                   {"index": index, "text": delta, "logprobs": None, "finish_reason": finish})
         return sse({**meta, "object": kind, "choices": [choice], **more})
 
+    n = len(tracked)
     results: list[Completion | None] = [None] * n
     try:
         for index in range(n):
