@@ -153,6 +153,10 @@ def test_chat_logprobs_are_the_models(client, served, reference):
         assert entry.token == entry.top_logprobs[0].token  # greedy: the most likely token
         assert entry.logprob == pytest.approx(best.values[0].item(), abs=1e-4)
         assert bytes(entry.bytes).decode("utf-8") == entry.token
+    chunks = list(client.chat.completions.create(model="tiny", messages=QUESTION, max_tokens=5, temperature=0,
+                                                 logprobs=True, top_logprobs=3, stream=True))
+    streamed = [e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert [(e.token, e.logprob) for e in streamed] == [(e.token, e.logprob) for e in content]
 
 
 def test_completions_echo_scores_the_prompt(client, served, reference):
@@ -170,6 +174,13 @@ def test_completions_echo_scores_the_prompt(client, served, reference):
     for i in range(1, len(ids)):
         assert len(lp.top_logprobs[i]) in (2, 3) and lp.tokens[i] in lp.top_logprobs[i]
     assert reply.usage.prompt_tokens == len(ids) and reply.usage.completion_tokens == 0
+    whole = client.completions.create(model="tiny", prompt=ids, echo=True, logprobs=2, max_tokens=2, temperature=0)
+    chunks = list(client.completions.create(model="tiny", prompt=ids, echo=True, logprobs=2, max_tokens=2,
+                                            temperature=0, stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == whole.choices[0].text
+    assert [c.choices[0].logprobs for c in chunks if c.choices[0].logprobs] == [whole.choices[0].logprobs]
+    assert whole.choices[0].logprobs.tokens[:len(ids)] == lp.tokens and len(whole.choices[0].logprobs.tokens) == \
+        len(ids) + 2
 
     batch = client.completions.create(model="tiny", prompt=["Fever is", "A cough is"], n=2, max_tokens=3,
                                       temperature=0)

@@ -121,7 +121,6 @@ CASES = [
     ("top_logprobs 50", "POST", CHAT, chat(logprobs=True, top_logprobs=50), None, 400, "top_logprobs"),
     ("top_logprobs without logprobs", "POST", CHAT, chat(top_logprobs=2), None, 400, "top_logprobs"),
     ("logprobs 5", "POST", CHAT, chat(logprobs=5), None, 400, "logprobs"),
-    ("logprobs with stream", "POST", CHAT, chat(logprobs=True, stream=True), None, 400, "logprobs"),
     ("stream maybe", "POST", CHAT, chat(stream="maybe"), None, 400, "stream"),
     ("stream_options unknown key", "POST", CHAT, chat(stream=True, stream_options={"include_usage": True, "x": 1}),
      None, 400, "stream_options.x"),

@@ -776,8 +776,6 @@ async def chat_completions(request: HttpRequest):
         raise ApiError(400, f"{name} must be >= 1", name)
     if body.top_logprobs is not None and not body.logprobs:
         raise ApiError(400, "top_logprobs: needs logprobs: true", "top_logprobs")
-    if body.logprobs and body.stream:
-        raise ApiError(400, "logprobs: not supported with stream on this server", "logprobs")
     k = (body.top_logprobs or 0) if body.logprobs else None
     params = base_params(body, settings, state.engine, max_tokens, name, k, "top_logprobs")
     use, grammar = tool_use(body, state.engine)
@@ -800,8 +798,9 @@ async def chat_completions(request: HttpRequest):
             choices.append({"index": i, "message": message, "finish_reason": finish,
                             "logprobs": chat_logprobs(state.engine.tokenizer, result.logprobs, k or 0)})
         return {**meta, "object": "chat.completion", "choices": choices, "usage": usage(results, body.n), **extra}
+    scores = (lambda r: chat_logprobs(state.engine.tokenizer, r.logprobs, k or 0)) if k is not None else None
     events = stream_events(request, prompt_ids, params, body.n, meta, "chat.completion.chunk",
-                           body.stream_options, extra, use=use)
+                           body.stream_options, extra, use=use, scores=scores)
     return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
@@ -845,8 +844,6 @@ async def completions(request: HttpRequest):
     max_tokens = body.max_tokens
     if max_tokens is not None and (max_tokens < 0 or (max_tokens == 0 and not body.echo)):
         raise ApiError(400, "max_tokens must be >= 1 (0 only with echo, to score the prompt)", "max_tokens")
-    if body.logprobs is not None and body.stream:
-        raise ApiError(400, "logprobs: not supported with stream on this server", "logprobs")
     items = prompts(body.prompt, settings, engine)
     params = base_params(body, settings, engine, max_tokens, "max_tokens", body.logprobs, "logprobs")
     echo_scores = body.echo and body.logprobs is not None
@@ -863,8 +860,11 @@ async def completions(request: HttpRequest):
         if len(items) > 1:
             raise ApiError(400, "stream: one prompt per streamed request on this server", "stream")
         ids, fitted = tracked[0]
+        scores = None
+        if body.logprobs is not None:
+            scores = lambda r: completion_logprobs(engine.tokenizer, ids, r, body.echo, body.logprobs)  # noqa: E731
         events = stream_events(request, ids, fitted, body.n, meta, "text_completion", body.stream_options, {},
-                               echo_text=prepared[0][1] if body.echo else None)
+                               echo_text=prepared[0][1] if body.echo else None, echo=echo_scores, scores=scores)
         return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
     rows = [t for ids, fitted in tracked for t in choices_of(ids, fitted, body.n, echo=echo_scores)]
     results = await generate(request, rows)
@@ -881,11 +881,13 @@ async def completions(request: HttpRequest):
 
 def stream_events(http: HttpRequest, prompt_ids: list[int], params: GenerationParams, n: int, meta: dict,
                   kind: str, options: StreamOptions | None, extra: dict, use: ToolUse | None = None,
-                  echo_text: str | None = None) -> AsyncIterator[str]:
+                  echo_text: str | None = None, echo: bool = False,
+                  scores: Callable[[Completion], dict] | None = None) -> AsyncIterator[str]:
     """Server-sent events of n streamed choices: text deltas as they come, each choice's finish, usage, [DONE].
 
     The rows are submitted here, before the response starts, so a refusal (429) is still an error response.
-    With tools, a choice's text is held back until it is finished and parsed (tool-call deltas or content)."""
+    With tools, a choice's text is held back until it is finished and parsed (tool-call deltas or content).
+    `scores` makes a choice's log-probs object, sent with its finishing chunk (all its tokens at once)."""
     state = http.app.state
     loop = asyncio.get_running_loop()
     events: asyncio.Queue = asyncio.Queue()
@@ -894,23 +896,24 @@ def stream_events(http: HttpRequest, prompt_ids: list[int], params: GenerationPa
     def pusher(index: int) -> Callable[[str], None]:
         return lambda delta: loop.call_soon_threadsafe(events.put_nowait, (index, delta))
 
-    tracked = choices_of(prompt_ids, params, n, on_text=None if use else pusher)
+    tracked = choices_of(prompt_ids, params, n, echo, on_text=None if use else pusher)
     futures = submit(state, tracked)
     for index, future in enumerate(futures):
         future.add_done_callback(lambda _, i=index: loop.call_soon_threadsafe(events.put_nowait, (i, None)))
 
-    return events_of(state, tracked, futures, events, meta, kind, options, extra, use, echo_text)
+    return events_of(state, tracked, futures, events, meta, kind, options, extra, use, echo_text, scores)
 
 
 async def events_of(state: State, tracked: list[Tracked], futures: list, events: asyncio.Queue, meta: dict,
                     kind: str, options: StreamOptions | None, extra: dict, use: ToolUse | None,
-                    echo_text: str | None) -> AsyncIterator[str]:
+                    echo_text: str | None, scores: Callable[[Completion], dict] | None) -> AsyncIterator[str]:
     """The events of `stream_events`' submitted rows, as their deltas and finishes arrive on `events`."""
     chat = kind == "chat.completion.chunk"
 
-    def chunk(index: int, delta: dict | str, finish: str | None = None, **more: Any) -> str:
-        choice = ({"index": index, "delta": delta, "logprobs": None, "finish_reason": finish} if chat else
-                  {"index": index, "text": delta, "logprobs": None, "finish_reason": finish})
+    def chunk(index: int, delta: dict | str, finish: str | None = None, logprobs: dict | None = None,
+              **more: Any) -> str:
+        choice = ({"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish} if chat else
+                  {"index": index, "text": delta, "logprobs": logprobs, "finish_reason": finish})
         return sse({**meta, "object": kind, "choices": [choice], **more})
 
     n = len(tracked)
@@ -943,7 +946,7 @@ async def events_of(state: State, tracked: list[Tracked], futures: list, events:
                                 else {"tool_calls": calls})
                 elif result.text:
                     yield chunk(index, {"content": result.text})
-            yield chunk(index, {} if chat else "", finish, **extra)
+            yield chunk(index, {} if chat else "", finish, scores(result) if scores else None, **extra)
         done = [r for r in results if r is not None]
         record(state, tracked, done)
         if options is not None and options.include_usage:
