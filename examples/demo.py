@@ -54,6 +54,26 @@ def side_by_side(title_left: str, left: str, title_right: str, right: str, width
     return "\n".join(f"{a}{' ' * (column - width_of(a))} | {b}" for a, b in rows)
 
 
+def print_evaluation(summary_file: Path, width: int) -> None:
+    """What each stage changed on the held-out sets, with the 95% interval of the paired difference."""
+    import json
+
+    from medgpt.report import eval_metric_name, metric_text
+
+    if not summary_file.exists():
+        return
+    summary = json.loads(summary_file.read_text(encoding="utf-8"))
+    print("\n" + "=" * width)
+    print("held-out evaluation: change per stage (after - before, 95% confidence interval of the paired difference)")
+    for c in summary["changes"]:
+        metric = c["metric"]
+        lo, hi = c.get("ci95") or (None, None)
+        values = f"{metric_text(metric, c.get('before')):>8} -> {metric_text(metric, c.get('after')):>8}"
+        interval = f"[{metric_text(metric, lo)}, {metric_text(metric, hi)}]"
+        verdict = "significant" if c.get("significant") else "not significant"
+        print(f"  {c['stage']:<10} {eval_metric_name(c['set'], metric):<44} {values}  {interval}  {verdict}")
+
+
 def main(argv: list[str]) -> int:
     import json
     import logging
@@ -95,6 +115,7 @@ def main(argv: list[str]) -> int:
         print("\n".join(wrap(f"Q{i + 1}: {messages[-1]['content']}", width)))
         print(side_by_side("base model", answers["base"]["answers"][i], f"after {last}",
                            answers[last]["answers"][i], width))
+    print_evaluation(pipeline.run_dir / "eval" / "summary.json", width)
     final = final_model(pipeline)
     print("\n" + "=" * width)
     print(f"tuned model: {final['model']}")

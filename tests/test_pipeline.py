@@ -21,7 +21,7 @@ def tiny_config(model: str, sample_data: Path, run_dir: Path, **dpo) -> dict:
     """SFT -> DPO on the tiny model, two steps each, a checkpoint every step."""
     return {
         "output_dir": str(run_dir), "model": model, "per_device_train_batch_size": 2, "logging_steps": 1,
-        "save_steps": 1, "report_to": "none", "report_max_new_tokens": 4,
+        "save_steps": 1, "report_to": "none", "report_max_new_tokens": 4, "eval_sets": "none",
         "stages": [
             {"stage": "sft", "data": str(sample_data / "sft" / "medical_sft.jsonl"), "max_length": 128, "max_steps": 2},
             {"stage": "dpo", "data": str(sample_data / "pref" / "medical_pref.jsonl"), "max_length": 128,
@@ -96,6 +96,47 @@ def test_pipeline_skips_restarts_and_resumes(tiny_model, sample_data, tmp_path, 
     assert read_manifest(run_dir)["stages"]["dpo"]["status"] == "done"
 
 
+@pytest.mark.slow
+def test_report_shows_what_each_stage_changed_on_held_out_sets(tiny_model, sample_data, tmp_path):
+    """The pipeline evaluates the base model and every stage's model on its eval sets; the report's before/after
+    table agrees with `medgpt eval mcq` run on its own on the same models (a separate code path: the command)."""
+    run_dir = tmp_path / "run"
+    raw = tiny_config(tiny_model, sample_data, run_dir)
+    raw["stages"][1]["max_steps"] = 1
+    raw["eval_sets"] = [
+        {"name": "mcq", "kind": "mcq", "data": str(sample_data / "mcq"), "limit": 12},
+        {"name": "qa", "kind": "qa", "data": str(sample_data / "qa" / "medical_qa.jsonl"), "limit": 6,
+         "max_new_tokens": 8},
+    ]
+    raw["report_prompts"] = "none"
+    run_pipeline(build_pipeline(raw))
+    summary = json.loads((run_dir / "eval" / "summary.json").read_text())
+    assert list(summary["models"]) == ["base", "sft", "dpo"]
+    stages = {(c["stage"], c["set"], c["metric"]) for c in summary["changes"]}
+    for stage in ("sft", "dpo", "whole run"):
+        assert {(stage, "mcq", "accuracy"), (stage, "qa", "rouge-l"), (stage, "qa", "ppl")} <= stages
+    for c in summary["changes"]:
+        lo, hi = c["ci95"]
+        assert c["significant"] == (lo > 0 or hi < 0)
+        before = summary["models"][c["from"]][c["set"]]["metrics"][c["metric"]]
+        after = summary["models"][c["to"]][c["set"]]["metrics"][c["metric"]]
+        assert c["diff"] == pytest.approx(after - before)
+    # the same accuracy as the eval command on the SFT model
+    out = tmp_path / "sft_mcq.json"
+    assert main(["eval", "mcq", "--model", str(run_dir / "sft" / "merged"), "--data", str(sample_data / "mcq"),
+                 "--split", "val", "--limit", "12", "--output", str(out)]) == 0
+    alone = json.loads(out.read_text())
+    assert summary["models"]["sft"]["mcq"]["metrics"]["accuracy"] == pytest.approx(alone["accuracy"])
+    md = (run_dir / "report.md").read_text()
+    assert "## Evaluation before and after each stage" in md
+    assert "| sft | base → sft | mcq: accuracy (%) (higher is better) |" in md
+    assert "answer perplexity (lower is better)" in md
+    # a second run evaluates nothing again (cached by model files and data contents)
+    mtime = (run_dir / "eval" / "sft" / "mcq.json").stat().st_mtime_ns
+    run_pipeline(build_pipeline(raw))
+    assert (run_dir / "eval" / "sft" / "mcq.json").stat().st_mtime_ns == mtime
+
+
 def test_handoff_adapter_and_reward_model_wiring(tiny_model, sample_data, tmp_path):
     sft = str(sample_data / "sft" / "medical_sft.jsonl")
     pref = str(sample_data / "pref" / "medical_pref.jsonl")
@@ -120,6 +161,7 @@ def test_handoff_adapter_and_reward_model_wiring(tiny_model, sample_data, tmp_pa
     ({"handoff": "copy"}, "handoff 'copy'"),
     ({"stages": [{"data": "x"}]}, "stages[0]: expected a mapping with `stage:`"),
     ({"stages": []}, "stages: expected a non-empty list"),
+    ({"eval_sets": [{"name": "x", "kind": "essay", "data": "y"}]}, "eval_sets: "),
     # each stage's own checks (its `configure`) run for every stage before the first one starts
     ({"stages": [{"stage": "sft", "data": "x"}, {"stage": "ppo", "data": "y", "reward_fn": "length", "val_size": 0.1}]},
      "stage ppo: ppo has no evaluation split"),

@@ -7,7 +7,10 @@ A pipeline config is the flat config of `medgpt train` (shared by every stage) p
 - `output_dir`: the run folder; a stage writes into RUN/<name> unless it sets its own `output_dir`;
 - `handoff`: `merge` (default) merges a LoRA stage into RUN/<name>/merged and the next stage starts a new
   adapter on it (DPO's reference is then the SFT model); `adapter` trains the same adapter further;
-- `report_max_new_tokens`: answer length in the report (the prompts come from `report_prompts`).
+- `report_max_new_tokens`: answer length in the report (the prompts come from `report_prompts`);
+- `eval_sets`: held-out sets that the base model and every stage's model are evaluated on after training
+  (MCQ accuracy, QA BLEU/ROUGE-L, answer perplexity; default: the shipped sample sets, `none` for none); the
+  report shows each stage's change with a 95% confidence interval.
 
 A reward-model stage (rm) is not the next policy: it starts on the current policy's model, and the next
 stage that takes `reward_model` (ppo, grpo) gets its output. RUN/manifest.json records every finished
@@ -41,7 +44,7 @@ log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 HANDOFFS = ("merge", "adapter")
 DEFAULT_STAGES = [{"stage": "pt"}, {"stage": "sft"}, {"stage": "dpo"}]
-PIPELINE_KEYS = ("stages", "handoff", "output_dir", "report_max_new_tokens")
+PIPELINE_KEYS = ("stages", "handoff", "output_dir", "report_max_new_tokens", "eval_sets")
 # Keys that change how a stage runs but not what it produces: left out of its hash.
 CONTROL_KEYS = ("resume", "report_prompts")
 DATA_KEYS = ("data", "eval_data")
@@ -74,6 +77,7 @@ class Pipeline:
     template: str
     report_prompts: str | None
     report_max_new_tokens: int
+    eval_sets: list = field(default_factory=list)  # medgpt.eval.suite.EvalSet
 
 
 @dataclass
@@ -136,6 +140,7 @@ def build_pipeline(raw: dict[str, Any], overrides: dict[str, Any] | None = None)
         raise UserError(f"report_max_new_tokens {max_new_tokens!r}: expected a positive integer")
     if not isinstance(items, list) or not items:
         raise UserError("stages: expected a non-empty list of mappings, each with `stage:`")
+    eval_sets = _eval_sets(shared.pop("eval_sets", None))
     report_prompts = shared.pop("report_prompts", None)
     if report_prompts is not None:
         report_prompts = str(report_prompts)
@@ -167,7 +172,17 @@ def build_pipeline(raw: dict[str, Any], overrides: dict[str, Any] | None = None)
                         f"{', '.join(s.name for s in stages)}")
     return Pipeline(run_dir=run_dir, handoff=handoff, stages=stages, base=base,
                     template=str(stages[0].cfg.model.template), report_prompts=report_prompts,
-                    report_max_new_tokens=max_new_tokens)
+                    report_max_new_tokens=max_new_tokens, eval_sets=eval_sets)
+
+
+def _eval_sets(value: Any) -> list:
+    """The `eval_sets:` of a pipeline config: None = the shipped sample sets, `none` = no evaluation."""
+    from medgpt.eval.suite import default_eval_sets, parse_eval_sets
+
+    try:
+        return default_eval_sets() if value is None else parse_eval_sets(value)
+    except UserError as exc:
+        raise UserError(f"eval_sets: {exc}") from None
 
 
 def _build_stage(name: str, own: dict[str, Any], shared: dict[str, Any], policy: dict[str, str | None],
@@ -399,9 +414,54 @@ def run_pipeline(p: Pipeline, start_from: str | None = None, report: bool = True
         outcomes.append(Outcome(stage.name, stage.kind, step.action, time.time() - started, stage.output_dir,
                                 entry.get("metrics", {})))
     if report and procs.main:
-        write_pipeline_report(p, manifest, prompts)
+        evaluation = evaluate_pipeline(p)
+        write_pipeline_report(p, manifest, prompts, evaluation)
     procs.wait()
     return outcomes
+
+
+def policy_models(p: Pipeline) -> dict[str, Any]:
+    """The models a pipeline's evaluation and report answers compare: the base model, then each policy stage's
+    output, by label (a reward model scores rather than answers, and is left out)."""
+    from medgpt.report import ModelRef
+
+    refs = {"base": ModelRef(str(p.base["model"]), p.base["adapter"], p.template)}
+    for stage in p.stages:
+        if stage.produces:
+            refs[stage.name] = ModelRef(str(stage.produces["model"]), stage.produces["adapter"],
+                                        stage.cfg.model.template)
+    return refs
+
+
+def evaluate_pipeline(p: Pipeline) -> dict[str, Any] | None:
+    """Every model of the run on the `eval_sets`, one model in memory at a time (results cached under RUN/eval/,
+    so a re-run evaluates only what changed), and what each stage changed against the model it started from:
+    {"sets": [names], "models": {label: {set: result}}, "changes": [{"stage", "from", "set", "metric", ...}]}."""
+    if not p.eval_sets:
+        return None
+    from medgpt.eval.suite import compare_results, evaluate
+
+    refs = policy_models(p)
+    results: dict[str, dict] = {}
+    for label, ref in refs.items():
+        started = time.time()
+        results[label] = evaluate(ref.model, ref.adapter, ref.template, p.eval_sets, p.run_dir / "eval" / label)
+        log.info("evaluated %s on %s in %.1fs", label, ", ".join(s.name for s in p.eval_sets), time.time() - started)
+    labels = list(refs)
+    pairs = [(after, before, after) for before, after in zip(labels, labels[1:])]
+    if len(labels) > 2:
+        pairs.append(("whole run", labels[0], labels[-1]))
+    changes = [{"stage": name, "from": before, "to": after, "set": set_name, "metric": metric, **change}
+               for name, before, after in pairs
+               for set_name, metrics in compare_results(results[before], results[after]).items()
+               for metric, change in metrics.items()]
+    summary = {"sets": [s.name for s in p.eval_sets], "models": results, "changes": changes}
+    from medgpt.report import write_text
+
+    slim = {**summary, "models": {label: {name: {k: v for k, v in r.items() if k != "items"} for name, r in sets.items()}
+                                  for label, sets in results.items()}}
+    write_text(p.run_dir / "eval" / "summary.json", json.dumps(slim, indent=2, ensure_ascii=False, default=str))
+    return summary
 
 
 def final_model(p: Pipeline) -> dict[str, str | None]:
@@ -410,17 +470,17 @@ def final_model(p: Pipeline) -> dict[str, str | None]:
     return produced[-1] if produced else p.base
 
 
-def write_pipeline_report(p: Pipeline, manifest: dict[str, Any], prompts: list[list[dict]]) -> Path:
-    from medgpt.report import ModelRef, StageResult, write_report
+def write_pipeline_report(p: Pipeline, manifest: dict[str, Any], prompts: list[list[dict]],
+                          evaluation: dict[str, Any] | None = None) -> Path:
+    from medgpt.report import StageResult, write_report
 
+    refs = policy_models(p)
     results, summary = [], []
     for stage in p.stages:
         entry = manifest["stages"].get(stage.name, {})
-        answers = ModelRef(stage.produces["model"], stage.produces["adapter"], stage.cfg.model.template) \
-            if stage.produces else None
-        results.append(StageResult(stage.name, stage.kind, stage.output_dir, answers))
+        results.append(StageResult(stage.name, stage.kind, stage.output_dir, refs.get(stage.name)))
         summary.append([stage.name, stage.kind, entry.get("status", "not run"), entry.get("seconds", ""),
                         str(stage.output_dir)])
-    base = ModelRef(str(p.base["model"]), p.base["adapter"], p.template)
-    return write_report(p.run_dir, results, base, prompts, p.report_max_new_tokens,
-                        title=f"medgpt pipeline report: {' -> '.join(s.name for s in p.stages)}", summary=summary)
+    return write_report(p.run_dir, results, refs["base"], prompts, p.report_max_new_tokens,
+                        title=f"medgpt pipeline report: {' -> '.join(s.name for s in p.stages)}", summary=summary,
+                        evaluation=evaluation)
