@@ -474,19 +474,6 @@ def test_items_keep_the_raw_log_likelihood(answers_c_model, sample_data):
     assert result["accuracy"] == result["overall"]["accuracy"]
 
 
-def test_emitted_lm_eval_task_renders_medgpts_prompt(sample_data, tmp_path):
-    """Reference: lm-eval's own task loader renders the emitted YAML to exactly medgpt's plain-text prompt."""
-    from lm_eval.tasks import TaskManager, get_task_dict
-
-    assert main(["eval", "mcq", "--data", str(sample_data / "mcq"), "--subjects", "physician", "--limit", "2",
-                 "--emit-lm-eval-task", str(tmp_path)]) == 0
-    task = get_task_dict(["medgpt_physician"], TaskManager(include_path=str(tmp_path)))["medgpt_physician"]
-    doc = next(iter(task.test_docs()))
-    q = mcq.load_questions(str(sample_data / "mcq"), subjects=["physician"])["physician"][0]
-    assert task.fewshot_context(doc, 0) == mcq.prompt_text(q, [], "ceval")
-    assert task.doc_to_choice(doc) == list(mcq.LETTERS) and task.doc_to_target(doc) == "ABCD".index(q.answer)
-
-
 # ---- perplexity, intervals, suite -------------------------------------------------------------------
 
 

@@ -15,6 +15,23 @@ pytestmark = pytest.mark.slow
 LIMIT = 2  # questions per subject: 6 in all
 
 
+def test_emitted_lm_eval_task_renders_medgpts_prompt(sample_data, tmp_path):
+    """Reference: lm-eval's own task loader renders the emitted YAML to exactly medgpt's plain-text prompt."""
+    from lm_eval.tasks import TaskManager, get_task_dict
+
+    from medgpt.eval import mcq
+
+    assert main(["eval", "mcq", "--data", str(sample_data / "mcq"), "--subjects", "physician", "--limit", "2",
+                 "--shots", "2", "--emit-lm-eval-task", str(tmp_path)]) == 0
+    task = get_task_dict(["medgpt_physician"], TaskManager(include_path=str(tmp_path)))["medgpt_physician"]
+    doc = next(iter(task.test_docs()))
+    q = mcq.load_questions(str(sample_data / "mcq"), subjects=["physician"])["physician"][0]
+    dev = mcq.load_questions(str(sample_data / "mcq"), "dev", subjects=["physician"])["physician"]
+    assert task.fewshot_context(doc, 0) == mcq.prompt_text(q, [], "ceval")
+    assert task.fewshot_context(doc, 2) == mcq.prompt_text(q, dev[:2], "ceval")
+    assert task.doc_to_choice(doc) == list(mcq.LETTERS) and task.doc_to_target(doc) == "ABCD".index(q.answer)
+
+
 @pytest.fixture(scope="module")
 def harness_run(bundled_model, sample_data, tmp_path_factory):
     """lm-eval's `hf` model on the emitted tasks, one-shot (so the few-shot rows are in the prompt too)."""

@@ -303,13 +303,14 @@ def continuation_ids(whole: list[int], prompt: list[int]) -> list[int]:
     return whole[len(prompt):]
 
 
-def _fit(build, encode, shots: list[Question], max_length: int) -> tuple[list[int], int]:
-    """Prompt ids with as many shots as fit in max_length (longest shots go first, as CMMLU does)."""
+def _fit(build, encode, shots: list[Question], max_length: int) -> tuple[list[int], list[Question]]:
+    """Prompt ids with as many shots as fit in max_length (longest shots go first, as CMMLU does), and the
+    shots kept; the ids may still be longer than max_length when no shot is left to drop."""
     kept = list(shots)
     while True:
         ids = encode(build(kept))
         if len(ids) <= max_length or not kept:
-            return ids[-max_length:], len(kept)
+            return ids, kept
         kept.remove(max(kept, key=lambda s: len(s.question) + sum(map(len, s.choices))))
 
 
@@ -443,11 +444,10 @@ def evaluate_loglik(scorer: LoglikScorer, questions: dict[str, list[Question]], 
     prompts, used, cands, flat = [], [], [], []
     for q, pool in _flat_with_shots(questions, shots, n_shots):
         build = lambda s, q=q: render(q, s, style)  # noqa: E731
-        ids, n = _fit(build, scorer.encode, pool, max_length)
-        full = scorer.encode(build(pool[:n]))
-        prompts.append(ids)
-        used.append(n)
-        cands.append(scorer.candidates(build(pool[:n]), full))
+        ids, kept = _fit(build, scorer.encode, pool, max_length)
+        prompts.append(ids[-max_length:])
+        used.append(len(kept))
+        cands.append(scorer.candidates(build(kept), ids))
         flat.append(q)
     loglik = scorer.letter_loglik(prompts, cands, progress=True)
     probs = loglik.softmax(-1)
