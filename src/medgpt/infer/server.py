@@ -891,7 +891,6 @@ def stream_events(http: HttpRequest, prompt_ids: list[int], params: GenerationPa
     state = http.app.state
     loop = asyncio.get_running_loop()
     events: asyncio.Queue = asyncio.Queue()
-    chat = kind == "chat.completion.chunk"
 
     def pusher(index: int) -> Callable[[str], None]:
         return lambda delta: loop.call_soon_threadsafe(events.put_nowait, (index, delta))
