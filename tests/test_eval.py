@@ -198,7 +198,7 @@ def test_bleu_matches_the_libraries():
 
 
 # Chinese pairs without Latin text, so the reference tokenization below is unambiguous: every character
-# that is not punctuation is a token (what ChatGLM's and MedicalGPT's evaluations hand to rouge-chinese)
+# that is not punctuation is a token (what ChatGLM's P-tuning evaluation hands to rouge-chinese)
 ZH_PAIRS = [
     ("高血压患者应该低盐饮食并规律服药。", "高血压患者需要低盐饮食，并按时服用降压药。"),
     ("，，。", "高血压，需要服药，定期复查。"),
@@ -528,7 +528,8 @@ def test_mcnemar_and_paired_bootstrap_against_scipy():
     lo, hi = stats.paired_interval(stats.mean_of(100.0), before[:, None].astype(float), after[:, None].astype(float))
     ref = bootstrap((before.astype(float), after.astype(float)), lambda x, y: 100 * (y.mean() - x.mean()),
                     paired=True, vectorized=False, method="percentile", n_resamples=2000, random_state=0)
-    assert lo == pytest.approx(ref.confidence_interval.low, abs=3) and hi == pytest.approx(ref.confidence_interval.high, abs=3)
+    assert lo == pytest.approx(ref.confidence_interval.low, abs=3)
+    assert hi == pytest.approx(ref.confidence_interval.high, abs=3)
     assert lo > 0  # 9 gained against 2 lost on 40 items
     assert stats.standard_error(10, 40) == pytest.approx(100 * math.sqrt(0.25 * 0.75 / 40))
 

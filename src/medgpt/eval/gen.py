@@ -6,7 +6,7 @@ and English into words (sacrebleu's own `zh` tokenizer), `jieba` splits into jie
 cumulative BLEU with n-gram orders 1..n.
 
 ROUGE, per pair: a reference with Chinese in it is scored the way the Chinese reference projects do
-(ChatGLM's and MedicalGPT's evaluation): the same tokens, punctuation removed, space-joined, scored by
+(ChatGLM's P-tuning evaluation and those built on it): the same tokens, punctuation removed, space-joined, scored by
 `rouge-chinese`; any other pair is scored by `rouge-score` exactly as it ships (its tokenizer: lower-case,
 letters and digits only; no stemming), so ROUGE of an English answer is the number everyone else reports.
 """
@@ -64,21 +64,32 @@ def rouge_tokens(text: str, mode: str = "char") -> list[str]:
     return [t for t in tokenize(text, mode) if not _is_punctuation(t)]
 
 
+_ROUGE_SCORE_KEYS = {"rouge-1": "rouge1", "rouge-2": "rouge2", "rouge-l": "rougeL"}
+
+
+@lru_cache(maxsize=1)
+def _rouge_score():
+    from rouge_score.rouge_scorer import RougeScorer
+
+    return RougeScorer(list(_ROUGE_SCORE_KEYS.values()))
+
+
 def rouge_scores(prediction: str, reference: str, mode: str = "char") -> dict[str, float]:
     """ROUGE-1/2/L F1 (0-100) of one pair: rouge-chinese on Chinese tokens when the reference holds Chinese,
     else rouge-score with its own tokenizer and defaults."""
     if _CJK.search(reference):
-        from rouge_chinese import Rouge
-
+        try:
+            from rouge_chinese import Rouge
+        except ImportError:
+            raise UserError("ROUGE of Chinese answers needs the rouge-chinese package: pip install rouge-chinese") \
+                from None
         hyp, ref = " ".join(rouge_tokens(prediction, mode)), " ".join(rouge_tokens(reference, mode))
         if not hyp or not ref:
             return dict.fromkeys(ROUGE, 0.0)
         scores = Rouge().get_scores(hyp, ref)[0]
         return {k: round(100 * scores[k]["f"], 2) for k in ROUGE}
-    from rouge_score.rouge_scorer import RougeScorer
-
-    scores = RougeScorer(["rouge1", "rouge2", "rougeL"]).score(reference, prediction)
-    return {k: round(100 * scores[k.replace("-", "").replace("l", "L")].fmeasure, 2) for k in ROUGE}
+    scores = _rouge_score().score(reference, prediction)
+    return {k: round(100 * scores[key].fmeasure, 2) for k, key in _ROUGE_SCORE_KEYS.items()}
 
 
 def _bleu(order: int, sentence: bool):

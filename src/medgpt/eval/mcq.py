@@ -521,9 +521,12 @@ def write_lm_eval_tasks(args: McqArgs, out_dir: str | Path) -> list[Path]:
     questions = load_questions(args.data, args.split, args.subjects, args.limit, args.subject)
     shots = load_shots(args, list(questions))
     written = []
+
+    def row(q: Question) -> dict:
+        return {"id": q.id, "question": q.question, **dict(zip(LETTERS, q.choices)), "answer": q.answer}
+
     for subject, qs in questions.items():
         name = "medgpt_" + "".join(c if c.isalnum() else "_" for c in subject)
-        row = lambda q: {"id": q.id, "question": q.question, **dict(zip(LETTERS, q.choices)), "answer": q.answer}  # noqa: E731
         write_jsonl(out / f"{name}.jsonl", [row(q) for q in qs])
         files = {"test": str((out / f"{name}.jsonl").resolve())}
         task = {"task": name, "dataset_path": "json", "dataset_kwargs": {"data_files": files}, "test_split": "test",

@@ -33,7 +33,7 @@ class EvalSet:
     data: str  # path (file or C-Eval-style folder)
     split: str = "val"  # for mcq folders
     max_new_tokens: int = 96  # for qa
-    limit: int | None = None  # first N items
+    limit: int | None = None  # first N items (per subject for mcq, as `eval mcq --limit`)
 
 
 def default_eval_sets() -> list[EvalSet]:
@@ -212,9 +212,7 @@ def evaluate(model: str | None, adapter: str | None, template: str | None, sets:
                 _write(_shared_cache(key), result)
                 results[s.name] = result
         finally:
-            close = getattr(engine, "close", None)
-            if close is not None:
-                close()
+            engine.close()
     return {s.name: results[s.name] for s in sets}
 
 
