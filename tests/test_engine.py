@@ -15,7 +15,7 @@ from test_infer import QUESTIONS, sharpen
 
 from medgpt.errors import UserError
 from medgpt.infer.base import GenerationParams, Request
-from medgpt.infer.engine import load_engine
+from medgpt.infer.engine import load_engine, prompt_logprobs
 
 
 @pytest.fixture(scope="module")
@@ -100,6 +100,11 @@ def test_log_probs_and_prompt_scoring_equal_the_model_log_softmax(engine, prompt
         assert entry.top[0][0] == best and entry.top[0][1] == pytest.approx(float(reference[i - 1, best]), abs=1e-4)
     assert [e.logprob for e in generated.prompt_logprobs[1:]] == pytest.approx(
         [e.logprob for e in scored.prompt_logprobs[1:]], abs=1e-5)
+    with torch.inference_mode():  # a long prompt is scored a chunk of positions at a time: the same numbers
+        logits = engine.model(torch.tensor([prompt])).logits[0].float()
+    chunked = prompt_logprobs(logits, prompt, 1, chunk=7)
+    assert [(e.token_id, e.top[0][0]) for e in chunked] == [(e.token_id, e.top[0][0]) for e in scored.prompt_logprobs[1:]]
+    assert [e.logprob for e in chunked] == pytest.approx([e.logprob for e in scored.prompt_logprobs[1:]], abs=1e-5)
     assert len(generated.logprobs) == len(generated.token_ids) == 8
     for j, entry in enumerate(generated.logprobs):
         row = reference[len(prompt) + j - 1]
@@ -187,8 +192,8 @@ def test_one_bad_request_fails_alone(engine, prompts):
     sharing a running batch with 6 innocent requests: only the bad ones fail, the innocent answer as alone."""
     poison = engine.tokenizer.encode(" poison", add_special_tokens=False)[0]
 
-    def refuse_poison(module, args):
-        if (args[0] == poison).any() and args[0].shape[1] == 1:  # a decoding step that carries the token
+    def refuse_poison(module, args):  # any forward (a prefill or a decoding step) that carries the token
+        if (args[0] == poison).any():
             raise RuntimeError("this token breaks the model")
 
     def broken_callback(delta):
@@ -200,18 +205,20 @@ def test_one_bad_request_fails_alone(engine, prompts):
            Request(prompts[1], GenerationParams(max_new_tokens=8), on_text=broken_callback),
            Request(prompts[2], GenerationParams(max_new_tokens=8, temperature=1.0, seed=2**70)),
            Request(prompts[2], GenerationParams(max_new_tokens=8, temperature=1.0, repetition_penalty=1e-300)),
-           Request([engine.vocab_size + 5], GenerationParams(max_new_tokens=8))]
+           Request([engine.vocab_size + 5], GenerationParams(max_new_tokens=8)),
+           Request(prompts[1][:3] + [poison] + prompts[1][3:], GenerationParams(max_new_tokens=8))]  # its prefill
     tiny_temperature = Request(prompts[3], GenerationParams(max_new_tokens=8, temperature=1e-300))
     hook = engine.model.get_input_embeddings().register_forward_pre_hook(refuse_poison)
     try:
-        mixed = [innocent[0], bad[0], innocent[1], innocent[2], bad[1], bad[2], innocent[3], tiny_temperature,
-                 bad[3], innocent[4], bad[4], innocent[5]]
+        mixed = [innocent[0], bad[0], innocent[1], innocent[2], bad[1], bad[2], innocent[3], bad[5],
+                 tiny_temperature, bad[3], innocent[4], bad[4], innocent[5]]
         futures = [engine.submit(r) for r in mixed]
         outcomes = {id(r): f.exception(timeout=120) or f.result() for r, f in zip(mixed, futures)}
     finally:
         hook.remove()
     assert [outcomes[id(r)].token_ids for r in innocent] == [a.token_ids for a in alone]
     assert isinstance(outcomes[id(bad[0])], RuntimeError) and isinstance(outcomes[id(bad[1])], ConnectionError)
+    assert isinstance(outcomes[id(bad[5])], RuntimeError)
     for request, field in ((bad[2], "seed"), (bad[3], "repetition_penalty"), (bad[4], "vocabulary")):
         assert isinstance(outcomes[id(request)], UserError) and field in str(outcomes[id(request)])
     # a temperature too small to divide by decodes greedily (vLLM's rule)

@@ -1,8 +1,9 @@
 """The transformers engine, and `load_engine`, which opens either engine by name (see base.py for the interface).
 
 The transformers engine serves every submitted request with continuous batching: one scheduler thread keeps a
-running batch with one shared KV cache; a new request is prefilled alone and merged into the batch (left padding),
-each step runs one forward for every row, and a finished or cancelled row leaves the batch at once. Each row has
+running batch with one shared KV cache; requests that arrive together are prefilled together (left-padded, similar
+lengths in one forward) and merged into the batch, each step runs one forward for every row, and a finished or
+cancelled row leaves the batch at once. Each row has
 its own sampling (temperature, top-p/k, penalties, logit bias, a grammar, its own seeded generator), stop strings,
 log-probs and streaming; a failure while processing one row fails only that request, and a forward that fails
 for the whole batch is retried row by row so only the request that caused it fails.
@@ -30,6 +31,7 @@ from medgpt.infer.base import (BaseEngine, Completion, Engine, Request, TokenLog
 log = logging.getLogger(__name__)
 
 ENGINES = ("transformers", "vllm")
+PREFILL_TOKENS = 2048  # most prompt tokens (padding included) prefilled in one forward
 GREEDY_BELOW = 1e-5  # a temperature under this decodes greedily (vLLM's rule): dividing by it would overflow
 
 
@@ -59,6 +61,18 @@ def token_logprob(logprobs, token: int, k: int) -> TokenLogprob:
         values, ids = logprobs.topk(k)
         top = list(zip(ids.tolist(), values.tolist()))
     return TokenLogprob(token, float(logprobs[token]), top)
+
+
+def prompt_logprobs(logits, prompt: list[int], k: int, chunk: int = 256) -> list[TokenLogprob]:
+    """Each prompt token's log-prob given the tokens before it (from the logits of every prompt position),
+    a chunk of positions at a time so a long prompt never holds a second [positions, vocabulary] tensor."""
+    import torch
+
+    out = []
+    for start in range(0, len(prompt) - 1, chunk):
+        scores = torch.log_softmax(logits[start:min(start + chunk, len(prompt) - 1)], dim=-1)
+        out += [token_logprob(scores[i], t, k) for i, t in enumerate(prompt[start + 1:start + 1 + len(scores)])]
+    return out
 
 
 class Row:
@@ -362,8 +376,7 @@ class TransformersEngine(BaseEngine):
             room = self.max_batch_size - len(self._batch.rows)
             new = [self._queue.popleft() for _ in range(min(room, len(self._queue)))]
         try:
-            for request, future in new:
-                self._start(request, future)
+            self._admit(new)
             self._drop_cancelled()
             if self._batch.rows:
                 self._step()
@@ -383,37 +396,77 @@ class TransformersEngine(BaseEngine):
             while self._queue:
                 self._queue.popleft()[1].set_exception(UserError("the engine was closed"))
 
-    def _start(self, request: Request, future: Future) -> None:
-        """Prefill one request alone, choose its first token and merge it into the batch."""
+    def _admit(self, new: list[tuple[Request, Future]]) -> None:
+        """Prefill new requests (similar lengths together, left-padded, up to PREFILL_TOKENS a forward; a request
+        that scores its prompt alone), choose each one's first token and merge them into the running batch."""
+        rows = []
+        for request, future in new:
+            if request.cancelled:
+                future.set_result(Completion("", len(request.prompt_ids), 0, "stop"))
+                continue
+            try:
+                rows.append(Row(request, future, self))
+            except Exception as exc:  # this request only (a grammar that does not compile)
+                self._fail(future, exc)
+        groups: list[list[Row]] = []
+        for row in sorted(rows, key=lambda r: len(r.prompt)):
+            group = groups[-1] if groups else None
+            if (group is None or row.request.echo or group[0].request.echo
+                    or (len(group) + 1) * len(row.prompt) > PREFILL_TOKENS):
+                groups.append([row])
+            else:
+                group.append(row)
+        for group in groups:
+            try:
+                self._prefill(group)
+            except Exception as exc:
+                if len(group) == 1:
+                    self._fail(group[0].future, exc)
+                    continue
+                log.warning("prefilling %d requests together failed (%s); prefilling them one by one", len(group), exc)
+                for row in group:
+                    try:
+                        self._prefill([row])
+                    except Exception as alone:  # this request only
+                        self._fail(row.future, alone)
+
+    def _prefill(self, rows: list[Row]) -> None:
+        """One forward over these prompts (left-padded), then each row's first token; rows still going join."""
         import torch
         from transformers import DynamicCache
 
-        if request.cancelled:
-            future.set_result(Completion("", len(request.prompt_ids), 0, "stop"))
-            return
-        try:
-            row = Row(request, future, self)
-            ids = torch.tensor([row.prompt], device=self.device)
-            cache = DynamicCache()
-            out = self.model(input_ids=ids, past_key_values=cache, use_cache=True,
-                             logits_to_keep=0 if request.echo else 1)
-            logits = out.logits[0].float()
-            if request.echo:
-                scores = torch.log_softmax(logits[:-1], dim=-1)
-                row.prompt_logprobs = [None] + [token_logprob(scores[i], t, row.params.logprobs or 0)
-                                                for i, t in enumerate(row.prompt[1:])]
-            if row.params.max_new_tokens == 0:
-                row.finish_reason = "length"
-            else:
-                self._take(row, logits[-1])
+        width = max(len(row.prompt) for row in rows)
+        pad = self.tokenizer.pad_token_id or 0
+        ids = torch.tensor([[pad] * (width - len(r.prompt)) + r.prompt for r in rows], device=self.device)
+        mask = torch.tensor([[0] * (width - len(r.prompt)) + [1] * len(r.prompt) for r in rows], device=self.device)
+        padded = len(rows) > 1
+        cache = DynamicCache()
+        echo = rows[0].request.echo  # a scoring request is prefilled alone, with the logits of every position
+        out = self.model(input_ids=ids, attention_mask=mask if padded else None, past_key_values=cache,
+                         position_ids=(mask.cumsum(-1) - 1).clamp(min=0) if padded else None, use_cache=True,
+                         logits_to_keep=0 if echo else 1)
+        logits = out.logits.float()
+        if echo:
+            rows[0].prompt_logprobs = [None] + prompt_logprobs(logits[0], rows[0].prompt, rows[0].params.logprobs or 0)
+        group = Batch()
+        group.rows, group.cache, group.mask = rows, cache, mask
+        going = []
+        for i, row in enumerate(rows):
+            try:
+                if row.params.max_new_tokens == 0:
+                    row.finish_reason = "length"
+                else:
+                    self._take(row, logits[i, -1])
+            except Exception as exc:  # this request only
+                self._fail(row.future, exc)
+                continue
             if row.finish_reason is None:
-                self._batch.add([row], cache, torch.ones_like(ids))
-                return
-            completion = row.completion()
-        except Exception as exc:  # this request only
-            self._fail(future, exc)
-            return
-        future.set_result(completion)
+                going.append(i)
+            else:
+                self._finish(row)
+        group.keep(going)
+        if group.rows:
+            self._batch.add(group.rows, group.cache, group.mask)
 
     def _finish(self, row: Row) -> None:
         try:
