@@ -23,7 +23,7 @@ EVAL=(--data "$SAMPLE/mcq" --split val --template chatml --style ceval)
 mkdir -p "$OUT/eval"
 for run in selected baseline_random; do
     "$MEDGPT" data contamination "$OUT/select/$run.jsonl" --against "$SAMPLE/mcq" --split val \
-        --output "$OUT/eval/contamination_$run.json"
+        --output "$OUT/eval/contamination_$run.json" | tee "$OUT/eval/contamination_$run.txt"
 done
 
 # 3. the same SFT recipe on each (a finished run is not trained again)
@@ -64,10 +64,7 @@ done
     echo "## Contamination of the training sets"
     echo
     for run in selected baseline_random; do
-        "$PYTHON" -c "import json, sys; s = json.load(open(sys.argv[1]))['summary']; print(f'- {sys.argv[2]}: ' \
-f\"{s['contaminated_train']} of {s['train_items']} training items contaminate {s['contaminated_eval']} of \" \
-f\"{s['eval_items']} eval items ({s['by_ngram']} by n-gram overlap, {s['by_embedding']} by similarity)\")" \
-            "$OUT/eval/contamination_$run.json" "$run"
+        echo "- $run: $(head -n 1 "$OUT/eval/contamination_$run.txt") (pairs in eval/contamination_$run.json)"
     done
 } > "$OUT/compare.md"
 cat "$OUT/compare.md"
