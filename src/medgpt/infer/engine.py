@@ -21,7 +21,7 @@ import logging
 import secrets
 import threading
 import weakref
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from medgpt.errors import UserError
@@ -75,10 +75,15 @@ def prompt_logprobs(logits, prompt: list[int], k: int, chunk: int = 256) -> list
     return out
 
 
+def ready(item: tuple[Request, Future, Future | None]) -> bool:
+    """A waiting request can start: it has no grammar, or its grammar is compiled (or failed to)."""
+    return item[2] is None or item[2].done()
+
+
 class Row:
     """One request in the running batch: its decoding state and its own sampling."""
 
-    def __init__(self, request: Request, future: Future, engine: TransformersEngine):
+    def __init__(self, request: Request, future: Future, engine: TransformersEngine, grammar: Future | None):
         import torch
 
         self.request, self.future, self.params = request, future, request.params
@@ -98,7 +103,11 @@ class Row:
         if not self.greedy:
             seed = self.params.seed if self.params.seed is not None else secrets.randbits(63)
             self.generator = torch.Generator().manual_seed(seed)
-        self.matcher = engine.grammar_matcher(self.params.grammar) if self.params.grammar else None
+        self.matcher = None
+        if grammar is not None:
+            import xgrammar
+
+            self.matcher = xgrammar.GrammarMatcher(grammar.result())
         self.bias = None
         if self.params.logit_bias:
             ids, values = zip(*self.params.logit_bias.items())
@@ -285,6 +294,7 @@ class TransformersEngine(BaseEngine):
         self.max_context = int(getattr(config, "max_position_embeddings", None) or 2048)
         self.vocab_size = int(self.model.get_output_embeddings().weight.shape[0])
         self._grammars = None  # xgrammar's compiler for this tokenizer, made at the first grammar
+        self._compiler = ThreadPoolExecutor(1, thread_name_prefix="medgpt-grammar")
         self._queue: collections.deque = collections.deque()
         self._wake = threading.Condition()
         self._closed = False
@@ -309,9 +319,17 @@ class TransformersEngine(BaseEngine):
             if self._closed:
                 future.set_exception(UserError("the engine is closed"))
                 return future
-            self._queue.append((request, future))
+            grammar = None
+            if request.params.grammar:  # compiled off the scheduler thread: a slow grammar delays only its request
+                grammar = self._compiler.submit(self._compile, request.params.grammar)
+                grammar.add_done_callback(lambda _: self._notify())
+            self._queue.append((request, future, grammar))
             self._wake.notify()
         return future
+
+    def _notify(self) -> None:
+        with self._wake:
+            self._wake.notify()
 
     def waiting(self) -> int:
         return len(self._queue)
@@ -338,8 +356,8 @@ class TransformersEngine(BaseEngine):
         if any(t >= self.vocab_size for t in request.params.logit_bias):
             raise UserError(f"logit_bias: token ids must be below the vocabulary size {self.vocab_size}")
 
-    def grammar_matcher(self, grammar: str):
-        """A fresh xgrammar matcher of `grammar` (EBNF; compiled once per text); a bad grammar is a UserError."""
+    def _compile(self, grammar: str):
+        """`grammar` (EBNF) compiled for this tokenizer (xgrammar caches by text); a bad grammar is a UserError."""
         import xgrammar
 
         if self._grammars is None:
@@ -347,10 +365,9 @@ class TransformersEngine(BaseEngine):
                                                            stop_token_ids=sorted(self.stop_ids))
             self._grammars = xgrammar.GrammarCompiler(info, max_threads=1)
         try:
-            compiled = self._grammars.compile_grammar(grammar)
+            return self._grammars.compile_grammar(grammar)
         except RuntimeError as exc:
             raise UserError(f"grammar: {exc}") from exc
-        return xgrammar.GrammarMatcher(compiled)
 
     # -- the scheduler ---------------------------------------------------------------------------------
 
@@ -369,12 +386,17 @@ class TransformersEngine(BaseEngine):
     def _cycle(self) -> bool:
         """Admit waiting requests, drop cancelled rows, run one step; False once closed."""
         with self._wake:
-            if not self._queue and not self._batch.rows and not self._closed:
+            if not self._batch.rows and not self._closed and not any(ready(item) for item in self._queue):
                 self._wake.wait(timeout=1.0)
             if self._closed:
                 return False
             room = self.max_batch_size - len(self._batch.rows)
-            new = [self._queue.popleft() for _ in range(min(room, len(self._queue)))]
+            new = [item for item in self._queue if ready(item)][:room]
+            if new:
+                taken = {id(item) for item in new}
+                waiting = [item for item in self._queue if id(item) not in taken]
+                self._queue.clear()
+                self._queue.extend(waiting)
         try:
             self._admit(new)
             self._drop_cancelled()
@@ -396,16 +418,16 @@ class TransformersEngine(BaseEngine):
             while self._queue:
                 self._queue.popleft()[1].set_exception(UserError("the engine was closed"))
 
-    def _admit(self, new: list[tuple[Request, Future]]) -> None:
+    def _admit(self, new: list[tuple[Request, Future, Future | None]]) -> None:
         """Prefill new requests (similar lengths together, left-padded, up to PREFILL_TOKENS a forward; a request
         that scores its prompt alone), choose each one's first token and merge them into the running batch."""
         rows = []
-        for request, future in new:
+        for request, future, grammar in new:
             if request.cancelled:
                 future.set_result(Completion("", len(request.prompt_ids), 0, "stop"))
                 continue
             try:
-                rows.append(Row(request, future, self))
+                rows.append(Row(request, future, self, grammar))
             except Exception as exc:  # this request only (a grammar that does not compile)
                 self._fail(future, exc)
         groups: list[list[Row]] = []
