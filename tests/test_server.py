@@ -188,6 +188,23 @@ def test_a_full_queue_is_a_429_error_object_streaming_or_not(tiny_server):
             assert reply.status_code == 429 and reply.json()["error"]["type"] == "rate_limit_error"
 
 
+def test_models_lists_the_loaded_adapter(tiny_model, tmp_path):
+    from fastapi.testclient import TestClient
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model), LoraConfig(r=2, target_modules=["q_proj"])) \
+        .save_pretrained(tmp_path / "nurse-lora")
+    engine = load_engine(tiny_model, adapter=str(tmp_path / "nurse-lora"), dtype="fp32")
+    try:
+        with TestClient(create_app(engine, model_name="tiny")) as client:
+            models = client.get("/v1/models").json()["data"]
+    finally:
+        engine.close()
+    assert [(m["id"], m.get("parent")) for m in models] == [("tiny", None), ("nurse-lora", "tiny")]
+    assert models[0]["max_model_len"] == engine.max_context == 2048
+
+
 def test_exposed_bind_without_a_key_is_warned_about_and_limits_are_in_help(capsys):
     from medgpt.cli import main
     from medgpt.infer.server import exposure_warning
