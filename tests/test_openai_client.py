@@ -121,6 +121,20 @@ def test_assistant_tool_call_turn_with_null_content(client, served):
     assert reply.usage.prompt_tokens > without_tools.usage.prompt_tokens + 20  # the tools are in the prompt
 
 
+def test_penalties_and_logit_bias_are_honoured(client, served):
+    """Each field reaches the engine: the answer is the engine's own for the same settings, and not the plain one."""
+    _, engine = served
+    greedy = engine.generate([QUESTION], GenerationParams(max_new_tokens=8))[0]
+    plain, banned = greedy.text, greedy.token_ids[0]
+    for fields, params in (({"frequency_penalty": 2.0, "presence_penalty": 1.5},
+                            {"frequency_penalty": 2.0, "presence_penalty": 1.5}),
+                           ({"extra_body": {"repetition_penalty": 3.0}}, {"repetition_penalty": 3.0}),
+                           ({"logit_bias": {str(banned): -100}}, {"logit_bias": {banned: -100.0}})):
+        reply = client.chat.completions.create(model="tiny", messages=QUESTION, max_tokens=8, temperature=0, **fields)
+        expected = engine.generate([QUESTION], GenerationParams(max_new_tokens=8, **params))[0].text
+        assert reply.choices[0].message.content == expected != plain
+
+
 @pytest.mark.xfail(strict=True, reason="infer.base.check_messages refuses role 'tool' before the template (which "
                                        "has the tool format) sees it; the server answers 400 naming messages")
 def test_tool_results_in_the_conversation(client):
