@@ -84,13 +84,14 @@ def use_plain_head(model) -> None:
         lm_head = self.get_output_embeddings()
         logits = lm_head(hidden[mask].to(lm_head.weight.device)).float()
         picked = targets[mask].to(logits.device)
-        log_probs = -torch.nn.functional.cross_entropy(logits, picked, reduction="none")
+        log_softmax = logits.log_softmax(-1)  # what autograd keeps (not the logits)
+        log_probs = log_softmax.gather(-1, picked.unsqueeze(-1)).squeeze(-1)
         with torch.no_grad():
-            log_softmax = logits.log_softmax(-1)
-            entropy = -(log_softmax.exp() * log_softmax).sum(-1)
-            is_top1 = logits.argmax(-1) == picked
-            mean_logits = logits.mean(-1)
-        del log_softmax
+            mean_logits, is_top1 = logits.mean(-1), logits.argmax(-1) == picked
+            del logits
+            plogp = log_softmax.detach().exp().mul_(log_softmax.detach())  # one temporary of the logits' size
+            entropy = -plogp.sum(-1)
+            del plogp
 
         def spread(values):  # back to the label mask's shape, zero where there is no label
             return values.new_zeros(mask.shape).masked_scatter(mask.to(values.device), values)
