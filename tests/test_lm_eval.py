@@ -1,5 +1,6 @@
 """`medgpt eval mcq` agrees with lm-evaluation-harness: the reference is lm-eval's own `hf` model scoring the
-tasks `eval mcq --emit-lm-eval-task` writes (the same prompts, letters and few-shot rows), on the bundled model."""
+tasks `eval mcq --emit-lm-eval-task` writes (the same prompts, letters and few-shot rows), on the bundled model.
+lm-eval's task loader is the reference for the prompts, its `hf` model for the letters and log-likelihoods."""
 
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ def test_emitted_lm_eval_task_renders_medgpts_prompt(sample_data, tmp_path):
 
     assert main(["eval", "mcq", "--data", str(sample_data / "mcq"), "--subjects", "physician", "--limit", "2",
                  "--shots", "2", "--emit-lm-eval-task", str(tmp_path)]) == 0
-    task = get_task_dict(["medgpt_physician"], TaskManager(include_path=str(tmp_path)))["medgpt_physician"]
+    tasks = TaskManager(include_path=str(tmp_path), include_defaults=False)  # only the emitted tasks
+    task = get_task_dict(["medgpt_physician"], tasks)["medgpt_physician"]
     doc = next(iter(task.test_docs()))
     q = mcq.load_questions(str(sample_data / "mcq"), subjects=["physician"])["physician"][0]
     dev = mcq.load_questions(str(sample_data / "mcq"), "dev", subjects=["physician"])["physician"]
@@ -34,25 +36,25 @@ def test_emitted_lm_eval_task_renders_medgpts_prompt(sample_data, tmp_path):
 
 @pytest.fixture(scope="module")
 def harness_run(bundled_model, sample_data, tmp_path_factory):
-    """lm-eval's `hf` model on the emitted tasks, one-shot (so the few-shot rows are in the prompt too)."""
+    """lm-eval's `hf` model on the emitted tasks, zero-shot (few-shot prompts are checked by rendering above)."""
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
     tasks = tmp_path_factory.mktemp("lm-eval-tasks")
-    assert main(["eval", "mcq", "--data", str(sample_data / "mcq"), "--limit", str(LIMIT), "--shots", "1",
+    assert main(["eval", "mcq", "--data", str(sample_data / "mcq"), "--limit", str(LIMIT),
                  "--emit-lm-eval-task", str(tasks)]) == 0
     names = sorted(p.stem for p in tasks.glob("*.yaml"))
     assert names == ["medgpt_basic_medicine", "medgpt_clinical_medicine", "medgpt_physician"]
+    manager = TaskManager(include_path=str(tasks), include_defaults=False)
     out = simple_evaluate(model="hf", model_args=f"pretrained={bundled_model},dtype=float32", tasks=names,
-                          task_manager=TaskManager(include_path=str(tasks)), log_samples=True, batch_size=8,
-                          device="cpu")
+                          task_manager=manager, log_samples=True, batch_size=8, device="cpu")
     return out
 
 
 def test_eval_mcq_picks_the_letters_lm_eval_picks(harness_run, bundled_model, sample_data, tmp_path):
     result = tmp_path / "mcq.json"
     assert main(["eval", "mcq", "--model", bundled_model, "--data", str(sample_data / "mcq"), "--limit", str(LIMIT),
-                 "--shots", "1", "--template", "none", "--dtype", "fp32", "--output", str(result)]) == 0
+                 "--template", "none", "--dtype", "fp32", "--output", str(result)]) == 0
     items = [json.loads(line) for line in (tmp_path / "mcq.items.jsonl").read_text().splitlines()]
     ours = {(i["subject"], i["id"]): i for i in items}
     assert len(ours) == 3 * LIMIT
