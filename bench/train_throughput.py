@@ -270,6 +270,22 @@ def machine() -> dict:
             "cuda": torch.cuda.is_available(), "torch": torch.__version__, "python": platform.python_version()}
 
 
+def summarize(entry: dict) -> dict:
+    """Statistics of one shape that a changing machine load disturbs least: the median over steps of the ratio
+    of the two systems' tokens/s in adjacent steps (run back to back, so under the same load), and each
+    system's best step (its tokens/s when the machine left it alone the most)."""
+    base, ours = entry["baseline"], entry["medgpt"]
+    rate = {name: [t / s for t, s in zip(r["step_tokens"], r["step_seconds"])] for name, r in
+            (("baseline", base), ("medgpt", ours))}
+    entry["step_ratios"] = [round(m / b, 3) for m, b in zip(rate["medgpt"], rate["baseline"])]
+    entry["median_step_ratio"] = round(statistics.median(entry["step_ratios"]), 3)
+    entry["best_step_tokens_per_second"] = {k: round(max(v), 2) for k, v in rate.items()}
+    entry["best_step_ratio"] = round(max(rate["medgpt"]) / max(rate["baseline"]), 3)
+    entry["overall_ratio"] = round(ours["non_padding_tokens_per_second"] / base["non_padding_tokens_per_second"], 3)
+    entry["peak_rss_ratio"] = round(ours["peak_rss_mib"] / base["peak_rss_mib"], 3)
+    return entry
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="HuggingFaceTB/SmolLM2-135M-Instruct")
@@ -278,7 +294,14 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--worker", choices=("medgpt", "baseline"), help=argparse.SUPPRESS)
     parser.add_argument("--profile", metavar="SHAPE", help="profile one medgpt run of SHAPE (torch.profiler)")
+    parser.add_argument("--summarize", action="store_true", help="recompute the summaries of the results file")
     args = parser.parse_args()
+    if args.summarize:
+        report = json.loads(args.out.read_text())
+        for entry in report["shapes"].values():
+            summarize(entry)
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+        return 0
     if args.worker:
         print("RESULT", json.dumps(worker(args.worker, args.shapes, args.model, turns=True)), flush=True)
         return 0
@@ -312,6 +335,7 @@ def main() -> int:
             "stage": stage, "batch_size": batch, "max_length": length, "measured_steps": steps,
             "flops_per_token": per_token, "ratio_per_pair": ratios, "median_ratio": statistics.median(ratios),
             "pairs": blocks, "matmul_peak": peak, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **results}
+        summarize(report["shapes"][shape])
         print(f"{shape}: median ratio {statistics.median(ratios):.2f} ({ratios})", flush=True)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         tmp = args.out.with_name(args.out.name + ".tmp")
