@@ -293,10 +293,10 @@ def checkpointing_needed(cfg: Config) -> bool:
                     seq_len=getattr(cfg.train, "max_length", None) or 1024, lora_rank=cfg.lora.lora_rank,
                     lora_target=cfg.lora.lora_target, lora_dropout=cfg.lora.lora_dropout,
                     pure_bf16=cfg.run.pure_bf16, trust_remote_code=cfg.model.trust_remote_code)
-    budget = device_memory_gib(gpu) * (GPU_MEMORY_SHARE if gpu else CPU_MEMORY_SHARE)
     try:
+        budget = device_memory_gib(gpu) * (GPU_MEMORY_SHARE if gpu else CPU_MEMORY_SHARE)
         needed = needs_checkpointing(args, budget)
-    except Exception as exc:  # an architecture the planner cannot build on the meta device
+    except Exception as exc:  # an architecture the planner cannot build on the meta device, a GPU unread
         logging.getLogger(__name__).info("activation_checkpointing auto: no memory plan for %s (%s): %s",
                                          cfg.model.model, exc, "on" if gpu else "off")
         return gpu
