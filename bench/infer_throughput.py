@@ -87,12 +87,17 @@ def static_batch(engine, prompts: list[list[int]], max_new_tokens: int) -> list[
 
 
 def transformers_continuous(engine, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
-    """transformers' continuous batching API (paged cache), greedy."""
+    """transformers' continuous batching API (paged cache), greedy; its cache sized to the work (left to itself
+    it takes most of the free memory, which on a shared machine gets it killed)."""
     from transformers import GenerationConfig
+    from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=sorted(engine.stop_ids),
                               pad_token_id=engine.tokenizer.pad_token_id)
-    out = engine.model.generate_batch(prompts, generation_config=config)
+    page = 64
+    pages = -(-(max(map(len, prompts)) + max_new_tokens) // page)
+    paged = ContinuousBatchingConfig(page_size=page, num_blocks=2 * len(prompts) * pages, max_batch_tokens=2048)
+    out = engine.model.generate_batch(prompts, generation_config=config, continuous_batching_config=paged)
     return [cut_at_stop(list(o.generated_tokens), engine.stop_ids) for o in out.values()]
 
 

@@ -6,11 +6,13 @@ prompts in the same order at every concurrency). Per concurrency: request throug
 first token (TTFT), time per output token after the first (TPOT), inter-token latency (ITL, the gaps between
 streamed chunks), p50/p95, and failed or lost requests (not 200, no `[DONE]`, no tokens, or no answer at all).
 Output tokens come from the stream's usage chunk (`stream_options.include_usage`). Results go to
-bench/results/server_load.json.
+bench/results/server_load.json; its `previous_static_batcher` section is this bench (`--url`) against the server as
+it was before continuous batching (commit 66aae1b: a worker thread running each batch of waiting requests as one
+padded `generate`).
 
     python bench/server_load.py                          # bundled SmolLM2-135M, concurrency 1,4,16, 32 tokens
     python bench/server_load.py --concurrency 1,8 --max-tokens 64 --threads 2
-    python bench/server_load.py --url http://127.0.0.1:8000   # any running OpenAI-compatible server
+    python bench/server_load.py --url http://127.0.0.1:8000 --label other   # any running OpenAI-compatible server
 """
 
 from __future__ import annotations
@@ -103,6 +105,7 @@ def main() -> None:
     parser.add_argument("--min-requests", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--url", help="bench this running server instead of starting one")
+    parser.add_argument("--label", default="server_load", help="the section of the results file to write")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     set_threads(args.threads)
@@ -140,7 +143,7 @@ def main() -> None:
         result["output_tokens_per_s_over_concurrency_1"] = {
             c: round(run["output_tokens_per_s"] / by[1]["output_tokens_per_s"], 2) for c, run in by.items()}
     result["machine"] = machine()
-    save("server_load", result, RESULTS)
+    save(args.label, result, RESULTS)
     print(json.dumps(result, indent=2))
 
 
