@@ -179,10 +179,7 @@ def _eval_sets(value: Any) -> list:
     """The `eval_sets:` of a pipeline config: None = the shipped sample sets, `none` = no evaluation."""
     from medgpt.eval.suite import default_eval_sets, parse_eval_sets
 
-    try:
-        return default_eval_sets() if value is None else parse_eval_sets(value)
-    except UserError as exc:
-        raise UserError(f"eval_sets: {exc}") from None
+    return default_eval_sets() if value is None else parse_eval_sets(value)
 
 
 def _build_stage(name: str, own: dict[str, Any], shared: dict[str, Any], policy: dict[str, str | None],
