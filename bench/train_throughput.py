@@ -42,7 +42,7 @@ RESULTS = ROOT / "bench" / "results" / "train_throughput.json"
 DATA = {"sft": ROOT / "src/medgpt/sample_data/sft/medical_sft.jsonl",
         "dpo": ROOT / "src/medgpt/sample_data/pref/medical_pref.jsonl"}
 # name -> (stage, batch size, max length, measured steps)
-SHAPES = {"sft-2x256": ("sft", 2, 256, 6), "sft-4x512": ("sft", 4, 512, 3), "dpo-2x384": ("dpo", 2, 384, 6)}
+SHAPES = {"sft-2x256": ("sft", 2, 256, 12), "sft-4x512": ("sft", 4, 512, 3), "dpo-2x384": ("dpo", 2, 384, 6)}
 RECORDS = 64
 LORA = {"lora_rank": 8, "lora_alpha": 16, "lora_dropout": 0.05, "lora_target": "all-linear"}
 SEED = 42
