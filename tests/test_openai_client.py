@@ -135,14 +135,19 @@ def test_penalties_and_logit_bias_are_honoured(client, served):
         assert reply.choices[0].message.content == expected != plain
 
 
-@pytest.mark.xfail(strict=True, reason="infer.base.check_messages refuses role 'tool' before the template (which "
-                                       "has the tool format) sees it; the server answers 400 naming messages")
 def test_tool_results_in_the_conversation(client):
     tool_turns = [*QUESTION, {"role": "assistant", "content": None, "tool_calls": [
         {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
         {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}, {"role": "user", "content": "And so?"}]
     after_tool = client.chat.completions.create(model="tiny", messages=tool_turns, tools=[WEATHER], max_tokens=4)
     assert after_tool.choices[0].finish_reason in ("stop", "length")
+    # the model answers right after a tool result, and the result's text is in its prompt
+    sizes = []
+    for result in ("sunny", "sunny, 24 degrees, light wind from the west"):
+        turns = [*tool_turns[:2], {"role": "tool", "tool_call_id": "call_1", "content": result}]
+        reply = client.chat.completions.create(model="tiny", messages=turns, tools=[WEATHER], max_tokens=2)
+        sizes.append(reply.usage.prompt_tokens)
+    assert sizes[1] > sizes[0]
 
 
 def test_chat_logprobs_are_the_models(client, served, reference):

@@ -249,15 +249,16 @@ def engine_facts(engine: Any) -> dict[str, str]:
 
 
 def check_messages(messages: Any) -> list[dict]:
-    """Canonical messages: a non-empty list of {"role", "content": str} ending with a user turn."""
+    """Canonical messages: a non-empty list of {"role", "content": str} ending with a user turn (or with tool
+    results, which the model answers); the template checks tool calls and tool turns in detail."""
     if not isinstance(messages, list) or not messages:
         raise UserError("messages must be a non-empty list of {role, content}")
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant") \
+        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant", "tool") \
                 or not isinstance(m.get("content"), str):
-            raise UserError(f"messages[{i}]: expected {{role: system|user|assistant, content: string}}")
-    if messages[-1]["role"] != "user":
-        raise UserError("the last message must come from the user")
+            raise UserError(f"messages[{i}]: expected {{role: system|user|assistant|tool, content: string}}")
+    if messages[-1]["role"] not in ("user", "tool"):
+        raise UserError("the last message must come from the user (or be a tool result)")
     return messages
 
 
