@@ -54,11 +54,17 @@ def side_by_side(title_left: str, left: str, title_right: str, right: str, width
     return "\n".join(f"{a}{' ' * (column - width_of(a))} | {b}" for a, b in rows)
 
 
+def shown(answer: dict) -> str:
+    """An answer of the report's answers.json, with the mark of one cut at the token limit."""
+    cut = answer.get("finish_reason") == "length"
+    return answer["text"] + (f" [cut at {answer.get('completion_tokens')} tokens]" if cut else "")
+
+
 def print_evaluation(summary_file: Path, width: int) -> None:
     """What each stage changed on the held-out sets, with the 95% interval of the paired difference."""
     import json
 
-    from medgpt.report import eval_metric_name, metric_text
+    from medgpt.report import EVAL_METRICS, eval_metric_name, metric_text
 
     if not summary_file.exists():
         return
@@ -67,6 +73,8 @@ def print_evaluation(summary_file: Path, width: int) -> None:
     print("held-out evaluation: change per stage (after - before, 95% confidence interval of the paired difference)")
     for c in summary["changes"]:
         metric = c["metric"]
+        if metric not in EVAL_METRICS:
+            continue
         lo, hi = c.get("ci95") or (None, None)
         values = f"{metric_text(metric, c.get('before')):>8} -> {metric_text(metric, c.get('after')):>8}"
         interval = f"[{metric_text(metric, lo)}, {metric_text(metric, hi)}]"
@@ -113,8 +121,8 @@ def main(argv: list[str]) -> int:
     for i, messages in enumerate(load_prompts(pipeline.report_prompts)):
         print("\n" + "=" * width)
         print("\n".join(wrap(f"Q{i + 1}: {messages[-1]['content']}", width)))
-        print(side_by_side("base model", answers["base"]["answers"][i], f"after {last}",
-                           answers[last]["answers"][i], width))
+        print(side_by_side("base model", shown(answers["base"]["answers"][i]), f"after {last}",
+                           shown(answers[last]["answers"][i]), width))
     print_evaluation(pipeline.run_dir / "eval" / "summary.json", width)
     final = final_model(pipeline)
     print("\n" + "=" * width)
