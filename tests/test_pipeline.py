@@ -161,7 +161,7 @@ def test_handoff_adapter_and_reward_model_wiring(tiny_model, sample_data, tmp_pa
     ({"handoff": "copy"}, "handoff 'copy'"),
     ({"stages": [{"data": "x"}]}, "stages[0]: expected a mapping with `stage:`"),
     ({"stages": []}, "stages: expected a non-empty list"),
-    ({"eval_sets": [{"name": "x", "kind": "essay", "data": "y"}]}, "eval_sets: "),
+    ({"eval_sets": [{"name": "x", "kind": "essay", "data": "y"}]}, "eval_sets[0] (x): kind 'essay'"),
     # each stage's own checks (its `configure`) run for every stage before the first one starts
     ({"stages": [{"stage": "sft", "data": "x"}, {"stage": "ppo", "data": "y", "reward_fn": "length", "val_size": 0.1}]},
      "stage ppo: ppo has no evaluation split"),
