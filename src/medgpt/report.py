@@ -242,8 +242,9 @@ def generate_answers(refs: dict[str, ModelRef], prompts: list[list[dict]], cache
     cache = read_json(cache_file)
     out: dict[str, list[Answer]] = {}
     todo = {}
+    keys = {label: _answers_key(ref, prompts, max_new_tokens) for label, ref in refs.items()}
     for label, ref in refs.items():
-        key = _answers_key(ref, prompts, max_new_tokens)
+        key = keys[label]
         found = cache.get(label, {}) if cache.get(label, {}).get("key") == key else read_json(shared_answers(key))
         if found.get("key") == key:
             out[label] = [Answer(**a) for a in found["answers"]]
@@ -263,8 +264,7 @@ def generate_answers(refs: dict[str, ModelRef], prompts: list[list[dict]], cache
         entry = {"key": key, "answers": [asdict(a) for a in out[label]]}
         write_text(shared_answers(key), json.dumps(entry, ensure_ascii=False))
         log.info("report: %s answered %d prompts in %.1fs", label, len(prompts), time.time() - started)
-    new = {label: {"key": _answers_key(ref, prompts, max_new_tokens), "answers": [asdict(a) for a in out[label]]}
-           for label, ref in refs.items()}
+    new = {label: {"key": keys[label], "answers": [asdict(a) for a in out[label]]} for label in refs}
     if new != {label: cache.get(label) for label in refs}:
         write_text(cache_file, json.dumps({**cache, **new}, indent=2, ensure_ascii=False))
     return {label: out[label] for label in refs}
