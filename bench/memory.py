@@ -42,6 +42,7 @@ CASES = [
     ("smollm2-dpo-full", "bundled", "dpo", "full", 1, 256, False),
     ("smollm2-dpo-lora", "bundled", "dpo", "lora", 1, 256, False),
 ]
+LORA_DROPOUT = 0.05  # the recorded cases ran with it (it adds a mask per adapted layer: the harder count)
 STEPS = 2  # the optimizer states exist from the end of step 1, so step 2 reaches the steady-state peak
 
 
@@ -104,6 +105,7 @@ def worker(case: dict) -> dict:
             "stage": case["stage"], "model": case["model_path"], "method": case["method"], "data": str(data),
             "max_steps": STEPS, "per_device_train_batch_size": case["batch_size"], "max_length": case["seq_len"],
             "overlong": "truncate", "gradient_checkpointing": case["gradient_checkpointing"],
+            "lora_dropout": case["lora_dropout"],
             "output_dir": str(Path(tmp) / "out"), "save_strategy": "no", "report_to": "none", "logging_steps": 1,
             "dataloader_num_workers": 0, "seed": 0,
         })
@@ -122,7 +124,8 @@ def estimate(case: dict) -> dict:
 
     result = plan(PlanArgs(model=case["model_path"], stage=case["stage"], method=case["method"], device="cpu",
                            batch_size=case["batch_size"], seq_len=case["seq_len"],
-                           gradient_checkpointing=case["gradient_checkpointing"]), gpu_memory=[])
+                           gradient_checkpointing=case["gradient_checkpointing"],
+                           lora_dropout=case["lora_dropout"]), gpu_memory=[])
     parts = {k: v * GIB / MIB for k, v in result.estimate.gib().items()}
     return {"estimate_mib": parts.pop("peak"), "estimate_parts_mib": {k: round(v, 1) for k, v in parts.items() if v},
             "activation_parts_mib": {k: round(v / MIB, 1) for k, v in result.estimate.detail.items()}}
@@ -162,7 +165,7 @@ def main() -> None:
         if args.only and args.only not in name:
             continue
         case = {"name": name, "model": model, "model_path": paths[model], "stage": stage, "method": method,
-                "batch_size": batch, "seq_len": seq_len, "gradient_checkpointing": gc}
+                "batch_size": batch, "seq_len": seq_len, "gradient_checkpointing": gc, "lora_dropout": LORA_DROPOUT}
         done = subprocess.run([sys.executable, __file__, "--worker", json.dumps(case)], env=env, text=True,
                               capture_output=True, cwd=ROOT)
         line = next((l for l in done.stdout.splitlines() if l.startswith("RESULT ")), None)

@@ -1,6 +1,8 @@
 """Training throughput, paired against the loops users run: medgpt's SFT and DPO with their default config, and in
 the same invocation the baselines below, alternating A B A B (each run in a fresh process, so each has its own
-peak RSS), on the same records, LoRA (r=8, all-linear), max length, batch size and steps.
+peak RSS), on the same records, LoRA (r=8, alpha 16, all-linear), max length, batch size and steps. LoRA
+dropout: medgpt's default (0, PEFT's default) against the reference project's 0.05 in the SFT baseline;
+`--baseline-lora-dropout 0` runs the control with the same dropout on both sides (DPO switches dropout off).
 
 - SFT baseline: `transformers.Trainer` + PEFT LoRA + `DataCollatorForSeq2Seq`, fp32, gradient checkpointing
   off (the plain loop most scripts and the reference project run; `baseline_sft` below, ~40 lines).
@@ -44,7 +46,9 @@ DATA = {"sft": ROOT / "src/medgpt/sample_data/sft/medical_sft.jsonl",
 # name -> (stage, batch size, max length, measured steps)
 SHAPES = {"sft-2x256": ("sft", 2, 256, 12), "sft-4x512": ("sft", 4, 512, 3), "dpo-2x384": ("dpo", 2, 384, 6)}
 RECORDS = 64
-LORA = {"lora_rank": 8, "lora_alpha": 16, "lora_dropout": 0.05, "lora_target": "all-linear"}
+LORA = {"lora_rank": 8, "lora_alpha": 16, "lora_target": "all-linear"}  # medgpt keeps its default lora_dropout (0)
+REFERENCE_DROPOUT = 0.05  # the reference project's lora_dropout
+BASELINE_DROPOUT = REFERENCE_DROPOUT  # the SFT baseline's; --baseline-lora-dropout 0 runs the equal control
 SEED = 42
 
 
@@ -60,7 +64,7 @@ def medgpt_config(stage: str, batch: int, length: int, steps: int, out: str, mod
 def peft_lora():
     from peft import LoraConfig
 
-    return LoraConfig(r=LORA["lora_rank"], lora_alpha=LORA["lora_alpha"], lora_dropout=LORA["lora_dropout"],
+    return LoraConfig(r=LORA["lora_rank"], lora_alpha=LORA["lora_alpha"], lora_dropout=BASELINE_DROPOUT,
                       target_modules="all-linear", task_type="CAUSAL_LM")
 
 
@@ -173,7 +177,8 @@ def worker(system: str, shape: str, model: str, profile: Path | None = None, tur
             from medgpt.train import lm_head
 
             head = lm_head.choose(cfg, trainer.accelerator.unwrap_model(trainer.model).get_base_model())
-    return {"system": system, "shape": shape, "step_seconds": [round(t, 3) for t in times[1:]],
+    dropout = cfg.lora.lora_dropout if system == "medgpt" else BASELINE_DROPOUT
+    return {"system": system, "shape": shape, "lora_dropout": dropout, "step_seconds": [round(t, 3) for t in times[1:]],
             "step_tokens": tokens[1:], "non_padding_tokens_per_second": round(sum(tokens[1:]) / sum(times[1:]), 2),
             "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
             "gradient_checkpointing": bool(args.gradient_checkpointing), "bf16": bool(args.bf16),
@@ -185,7 +190,8 @@ class Turns:
     """A worker process the driver hands steps to, one at a time."""
 
     def __init__(self, system: str, shape: str, model: str):
-        cmd = [sys.executable, __file__, "--worker", system, "--shapes", shape, "--model", model]
+        cmd = [sys.executable, __file__, "--worker", system, "--shapes", shape, "--model", model,
+               "--baseline-lora-dropout", str(BASELINE_DROPOUT)]
         self.system = system
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
         self.expect("READY")
@@ -292,10 +298,15 @@ def main() -> int:
     parser.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated, from {', '.join(SHAPES)}")
     parser.add_argument("--pairs", type=int, default=3, help="A B pairs per shape")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--baseline-lora-dropout", type=float, default=BASELINE_DROPOUT,
+                        help="the SFT baseline's lora_dropout (default: the reference project's); other values "
+                             "are recorded as SHAPE@baseline-dropout-VALUE")
     parser.add_argument("--worker", choices=("medgpt", "baseline"), help=argparse.SUPPRESS)
     parser.add_argument("--profile", metavar="SHAPE", help="profile one medgpt run of SHAPE (torch.profiler)")
     parser.add_argument("--summarize", action="store_true", help="recompute the summaries of the results file")
     args = parser.parse_args()
+    global BASELINE_DROPOUT
+    BASELINE_DROPOUT = args.baseline_lora_dropout
     if args.summarize:
         report = json.loads(args.out.read_text())
         for entry in report["shapes"].values():
@@ -331,11 +342,12 @@ def main() -> int:
         for r in results.values():
             r["matmul_peak_share_fp32"] = round(
                 r["non_padding_tokens_per_second"] * per_token / 1e9 / peak["fp32_gflops"], 4)
-        report["shapes"][shape] = {
+        key = shape if BASELINE_DROPOUT == REFERENCE_DROPOUT or stage != "sft" else f"{shape}@baseline-dropout-{BASELINE_DROPOUT:g}"
+        report["shapes"][key] = {
             "stage": stage, "batch_size": batch, "max_length": length, "measured_steps": steps,
             "flops_per_token": per_token, "ratio_per_pair": ratios, "median_ratio": statistics.median(ratios),
             "pairs": blocks, "matmul_peak": peak, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **results}
-        summarize(report["shapes"][shape])
+        summarize(report["shapes"][key])
         print(f"{shape}: median ratio {statistics.median(ratios):.2f} ({ratios})", flush=True)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         tmp = args.out.with_name(args.out.name + ".tmp")

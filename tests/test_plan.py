@@ -147,7 +147,7 @@ def test_qlora_matches_the_qlora_paper(tmp_path):
 
 
 def test_activations_follow_the_setup(qwen7b):
-    args = PlanArgs(QWEN_7B, stage="sft", method="lora", batch_size=2, seq_len=2048)
+    args = PlanArgs(QWEN_7B, stage="sft", method="lora", batch_size=2, seq_len=2048, lora_dropout=0.05)
     base = estimate(args, qwen7b)[0].activations
     assert estimate(replace(args, gradient_checkpointing=True), qwen7b)[0].activations < base / 5
     assert estimate(replace(args, batch_size=4), qwen7b)[0].activations > 1.9 * base
@@ -287,7 +287,7 @@ def test_planner_matches_the_recorded_memory_peaks(tiny_model):
     for case in report["cases"]:
         args = PlanArgs(models[case["model"]], stage=case["stage"], method=case["method"], device="cpu",
                         batch_size=case["batch_size"], seq_len=case["seq_len"],
-                        gradient_checkpointing=case["gradient_checkpointing"])
+                        gradient_checkpointing=case["gradient_checkpointing"], lora_dropout=case["lora_dropout"])
         head = "seq_cls" if case["stage"] == "rm" else "causal_lm"
         peak_mib = estimate(args, load_architecture(args.model, head))[0].peak / 2**20
         assert peak_mib == pytest.approx(case["measured_mib"], rel=0.10), case["name"]

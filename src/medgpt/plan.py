@@ -212,7 +212,7 @@ class PlanArgs:
     zero: int = 0
     lora_rank: int = 8
     lora_target: str = "all-linear"
-    lora_dropout: float = 0.05
+    lora_dropout: float = 0.0
     reference: bool | None = None  # None: the stage's default
     reward_model: bool | None = None  # None: the stage's default (PPO yes, GRPO no)
     pure_bf16: bool = False  # trained weights, gradients and AdamW states in bf16 (config key pure_bf16)

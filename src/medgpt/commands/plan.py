@@ -33,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="GPU sizes to find the largest micro-batch for (default: 24 40 80)")
     parser.add_argument("--lora-rank", type=int, default=8)
     parser.add_argument("--lora-target", default="all-linear", help="all-linear or comma-separated module names")
-    parser.add_argument("--lora-dropout", type=float, default=0.05)
+    parser.add_argument("--lora-dropout", type=float, default=0.0)
     parser.add_argument("--reference", action=argparse.BooleanOptionalAction, default=None,
                         help="hold a reference model (default: dpo, kto, ppo yes; grpo no, as TRL's beta=0)")
     parser.add_argument("--reward-model", action=argparse.BooleanOptionalAction, default=None,

@@ -79,6 +79,10 @@ def build_trainer(cfg: Config, trainer_cls, datasets: Callable, load: Callable |
     )
     cast_trainable(trainer.model, training_precision(cfg).trainable)  # what the trainer added or cast (PEFT, TRL)
     lm_head.apply(trainer, cfg)
+    if cfg.run.method != "full" or cfg.model.adapter:
+        from medgpt.train import lora_forward
+
+        log.info("LoRA layers with the fused update: %d", lora_forward.apply(trainer))
     return trainer, stats
 
 

@@ -1,0 +1,92 @@
+"""The fused LoRA forward against PEFT's own `lora.Linear.forward` (the reference): the same logits and the same
+adapter gradients, with and without dropout, and PEFT's path wherever the fused one would not be exact."""
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+
+def peft_pair(tiny_model, **lora):
+    """Two copies of the tiny model with the same LoRA weights (lora_B made non-zero), the second fused."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from medgpt.train import lora_forward
+
+    models = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", **lora))
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.data.normal_(0, 0.5)
+        models.append(model)
+    fused = lora_forward.fuse(models[1])
+    return models[0], models[1], fused
+
+
+def forward_backward(model, ids, seed=1):
+    torch.manual_seed(seed)
+    out = model(input_ids=ids, labels=ids)
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return out.logits.detach(), grads
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_fused_lora_gives_peft_logits_and_gradients(tiny_model, dropout):
+    reference, fused, count = peft_pair(tiny_model, lora_dropout=dropout)
+    assert count == sum(1 for n, _ in fused.named_modules() if n.endswith(("q_proj", "down_proj", "up_proj",
+                                                                           "gate_proj", "k_proj", "v_proj",
+                                                                           "o_proj")))
+    reference.train(), fused.train()
+    ids = torch.randint(0, 1000, (2, 24))
+    logits_ref, grads_ref = forward_backward(reference, ids)
+    logits, grads = forward_backward(fused, ids)  # same seed: the same dropout masks, drawn in the same order
+    torch.testing.assert_close(logits, logits_ref, rtol=1e-5, atol=1e-5)
+    assert grads.keys() == grads_ref.keys() and len(grads) == 2 * count
+    for name in grads:
+        torch.testing.assert_close(grads[name], grads_ref[name], rtol=1e-4, atol=1e-6)
+
+
+def test_disabled_merged_and_dora_adapters_take_peft_path(tiny_model):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from medgpt.train import lora_forward
+
+    reference, fused, _ = peft_pair(tiny_model)
+    ids = torch.randint(0, 1000, (1, 16))
+    reference.eval(), fused.eval()
+    with torch.no_grad():
+        with reference.disable_adapter(), fused.disable_adapter():  # DPO's reference pass
+            torch.testing.assert_close(fused(input_ids=ids).logits, reference(input_ids=ids).logits)
+        adapted = reference(input_ids=ids).logits
+        fused.merge_adapter()
+        torch.testing.assert_close(fused(input_ids=ids).logits, adapted, rtol=1e-4, atol=1e-4)
+        fused.unmerge_adapter()
+        torch.testing.assert_close(fused(input_ids=ids).logits, adapted, rtol=1e-5, atol=1e-5)
+
+    torch.manual_seed(0)
+    dora = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32),
+                          LoraConfig(r=4, target_modules="all-linear", use_dora=True, init_lora_weights=False))
+    dora.eval()
+    with torch.no_grad():
+        expected = dora(input_ids=ids).logits
+        assert lora_forward.fuse(dora) > 0
+        torch.testing.assert_close(dora(input_ids=ids).logits, expected)
+
+
+def test_training_set_up_fuses_lora_layers(tiny_model, sample_data, tmp_path):
+    from trl import SFTTrainer
+
+    from medgpt.config import build_config
+    from medgpt.train import common, lora_forward, sft
+
+    cfg = build_config({"stage": "sft", "model": tiny_model, "data": str(sample_data / "sft" / "medical_sft.jsonl"),
+                        "max_samples": 4, "max_steps": 1, "output_dir": str(tmp_path / "out"), "report_to": "none"})
+    assert cfg.lora.lora_dropout == 0.0  # the default: PEFT's, and no mask per adapted layer
+    trainer, _ = common.build_trainer(cfg, SFTTrainer, sft.build_datasets)
+    layers = [m for m in trainer.model.modules() if type(m).__name__ == "Linear" and hasattr(m, "lora_A")]
+    assert layers and all(m.forward.__func__ is lora_forward.fused_forward for m in layers)
