@@ -298,7 +298,7 @@ def main() -> int:
     parser.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated, from {', '.join(SHAPES)}")
     parser.add_argument("--pairs", type=int, default=3, help="A B pairs per shape")
     parser.add_argument("--out", type=Path, default=RESULTS)
-    parser.add_argument("--baseline-lora-dropout", type=float, default=BASELINE_DROPOUT,
+    parser.add_argument("--baseline-lora-dropout", type=float, default=REFERENCE_DROPOUT,
                         help="the SFT baseline's lora_dropout (default: the reference project's); other values "
                              "are recorded as SHAPE@baseline-dropout-VALUE")
     parser.add_argument("--worker", choices=("medgpt", "baseline"), help=argparse.SUPPRESS)

@@ -507,7 +507,7 @@ class LoraArgs:
 
     lora_rank: int = 8
     lora_alpha: int = 16
-    lora_dropout: float = 0.0  # PEFT's default; masks cost a sixth of a CPU LoRA step (bench/train_throughput.py)
+    lora_dropout: float = 0.0  # PEFT's default; masks cost about 15% of a CPU LoRA step
     lora_target: str = "all-linear"  # comma-separated module names, or all-linear
     modules_to_save: str | None = None  # comma-separated, e.g. embed_tokens,lm_head or score
     use_dora: bool = False
