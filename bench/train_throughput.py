@@ -292,6 +292,13 @@ def summarize(entry: dict) -> dict:
     return entry
 
 
+def result_key(shape: str) -> str:
+    """The results file's key of SHAPE: a baseline run with another dropout than the reference's is a control."""
+    if BASELINE_DROPOUT == REFERENCE_DROPOUT or SHAPES[shape][0] != "sft":
+        return shape
+    return f"{shape}@baseline-dropout-{BASELINE_DROPOUT:g}"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="HuggingFaceTB/SmolLM2-135M-Instruct")
@@ -318,6 +325,7 @@ def main() -> int:
         return 0
     if args.profile:
         target = args.out.with_name(f"train_profile_{args.profile}.txt")
+        target.parent.mkdir(parents=True, exist_ok=True)
         result = worker("medgpt", args.profile, args.model, profile=target)
         print(json.dumps(result), f"\nprofile: {target}")
         return 0
@@ -329,8 +337,9 @@ def main() -> int:
     report = {"benchmark": "training throughput, medgpt defaults vs the baseline loops (LoRA r=8 all-linear)",
               "model": args.model, "records": RECORDS, "machine": machine(), "matmul_peak": peak,
               "load_average_start": os.getloadavg(), "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "shapes": {}}
+    keys = {shape: result_key(shape) for shape in shapes}
     if args.out.exists() and (earlier := json.loads(args.out.read_text())).get("model") == args.model:
-        report["shapes"] = {k: v for k, v in earlier.get("shapes", {}).items() if k not in shapes}  # kept
+        report["shapes"] = {k: v for k, v in earlier.get("shapes", {}).items() if k not in keys.values()}  # kept
     for shape in shapes:
         stage, batch, length, steps = SHAPES[shape]
         per_token = flops_per_token(stage, args.model)
@@ -342,7 +351,7 @@ def main() -> int:
         for r in results.values():
             r["matmul_peak_share_fp32"] = round(
                 r["non_padding_tokens_per_second"] * per_token / 1e9 / peak["fp32_gflops"], 4)
-        key = shape if BASELINE_DROPOUT == REFERENCE_DROPOUT or stage != "sft" else f"{shape}@baseline-dropout-{BASELINE_DROPOUT:g}"
+        key = keys[shape]
         report["shapes"][key] = {
             "stage": stage, "batch_size": batch, "max_length": length, "measured_steps": steps,
             "flops_per_token": per_token, "ratio_per_pair": ratios, "median_ratio": statistics.median(ratios),

@@ -90,3 +90,50 @@ def test_training_set_up_fuses_lora_layers(tiny_model, sample_data, tmp_path):
     trainer, _ = common.build_trainer(cfg, SFTTrainer, sft.build_datasets)
     layers = [m for m in trainer.model.modules() if type(m).__name__ == "Linear" and hasattr(m, "lora_A")]
     assert layers and all(m.forward.__func__ is lora_forward.fused_forward for m in layers)
+
+
+def test_bf16_base_weights_give_the_autocast_products(tiny_model):
+    """Reference: PEFT's model with fp32 weights under torch's own bf16 autocast, which casts each frozen weight
+    for every product; holding the base weights in bf16 must give the same logits and adapter gradients."""
+    from medgpt.models import cast_lora_base_weights
+    from medgpt.train import lora_forward
+
+    reference, cast, count = peft_pair(tiny_model)
+    lora_forward.fuse(reference)  # both fused: only where the base weights are held differs
+    assert cast_lora_base_weights(cast, "bf16") == count
+    bases = [m.base_layer.weight for m in cast.modules() if hasattr(m, "base_layer") and hasattr(m, "lora_A")]
+    assert bases and all(w.dtype == torch.bfloat16 and not w.requires_grad for w in bases)
+    assert all(p.dtype == torch.float32 for p in cast.parameters() if p.requires_grad)  # the adapter stays fp32
+    ids = torch.randint(0, 1000, (2, 24))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits_ref, grads_ref = forward_backward(reference, ids)
+        logits, grads = forward_backward(cast, ids)
+    torch.testing.assert_close(logits, logits_ref, rtol=0, atol=0)
+    for name in grads:
+        torch.testing.assert_close(grads[name], grads_ref[name], rtol=0, atol=0)
+
+
+def test_training_under_bf16_autocast_holds_base_weights_in_bf16(tiny_model, sample_data, tmp_path, monkeypatch):
+    """Where the CPU computes bf16 natively (forced here), SFT keeps the LoRA base in bf16 and trains and
+    evaluates under the Trainer's autocast; GRPO, which generates outside it, keeps fp32."""
+    import math
+
+    from trl import SFTTrainer
+
+    import medgpt.models
+    from medgpt.config import build_config
+    from medgpt.train import common, sft
+
+    monkeypatch.setattr(medgpt.models, "cpu_supports_bf16", lambda: True)
+    cfg = build_config({"stage": "sft", "model": tiny_model, "data": str(sample_data / "sft" / "medical_sft.jsonl"),
+                        "max_samples": 8, "val_size": 2, "max_steps": 2, "max_length": 512, "overlong": "truncate",
+                        "output_dir": str(tmp_path / "out"), "report_to": "none"})
+    assert cfg.train.bf16 and common.runs_under_autocast_only(cfg)
+    trainer, _ = common.build_trainer(cfg, SFTTrainer, sft.build_datasets)
+    bases = [m.base_layer.weight for m in trainer.model.modules() if hasattr(m, "lora_A")]
+    assert bases and all(w.dtype == torch.bfloat16 for w in bases)
+    trainer.train()
+    assert math.isfinite(trainer.evaluate()["eval_loss"])
+    grpo = build_config({"stage": "grpo", "model": tiny_model, "data": str(sample_data / "sft" / "medical_sft.jsonl"),
+                         "output_dir": str(tmp_path / "grpo"), "report_to": "none"})
+    assert not common.runs_under_autocast_only(grpo)

@@ -394,6 +394,27 @@ def cast_trainable(model, dtype: str = "fp32"):
     return model
 
 
+def cast_lora_base_weights(model, dtype: str) -> int:
+    """Hold the frozen weights of LoRA's plain linear base layers in `dtype`, the run's autocast dtype; returns
+    how many layers were cast. Autocast casts a frozen weight to its dtype for every product (it caches the
+    casts of trained weights only), so the products are the same, with the cast done once per run instead of
+    once per forward and half the weight memory. Only for models that run under autocast alone: outside it an
+    fp32 input meets a bf16 weight."""
+    import torch
+    from peft.tuners.lora.layer import Linear
+
+    target, count = torch_dtype(dtype), 0
+    for module in model.modules():
+        base = getattr(module, "base_layer", None)
+        if isinstance(module, Linear) and type(base) is torch.nn.Linear and not base.weight.requires_grad:
+            if base.weight.dtype != target:
+                base.weight.data = base.weight.data.to(target)
+                if base.bias is not None:
+                    base.bias.data = base.bias.data.to(target)
+                count += 1
+    return count
+
+
 def torch_dtype(name: str, training: bool = False):
     """Map a dtype name to torch. `auto` is bf16 (fp16 on GPUs without bf16) on a GPU; on a CPU, bf16 where it
     is native for inference and fp32 for training. For training this is the dtype of the frozen weights: the

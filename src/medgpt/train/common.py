@@ -60,7 +60,7 @@ def build_trainer(cfg: Config, trainer_cls, datasets: Callable, load: Callable |
                   task_type: str = "CAUSAL_LM", **trainer_kwargs):
     """The one way a TRL trainer is set up: the model `load(cfg)` returns (default: the policy), the data
     `datasets(cfg, tokenizer)` returns, the configured LoRA and the metrics log; returns (trainer, read counts)."""
-    from medgpt.models import cast_trainable, open_tokenizer
+    from medgpt.models import cast_lora_base_weights, cast_trainable, open_tokenizer
 
     tokenizer = open_tokenizer(cfg.model)
     train_ds, eval_ds, stats = datasets(cfg, tokenizer)
@@ -77,13 +77,27 @@ def build_trainer(cfg: Config, trainer_cls, datasets: Callable, load: Callable |
         callbacks=[metrics_callback(cfg.output_dir)],
         **trainer_kwargs,
     )
-    cast_trainable(trainer.model, training_precision(cfg).trainable)  # what the trainer added or cast (PEFT, TRL)
+    precision = training_precision(cfg)
+    cast_trainable(trainer.model, precision.trainable)  # what the trainer added or cast (PEFT, TRL)
+    if precision.autocast and precision.frozen != precision.autocast and runs_under_autocast_only(cfg):
+        count = cast_lora_base_weights(trainer.model, precision.autocast)
+        log.info("LoRA base layers held in %s (the autocast dtype): %d", precision.autocast, count)
     lm_head.apply(trainer, cfg)
     if cfg.run.method != "full" or cfg.model.adapter:
         from medgpt.train import lora_forward
 
         log.info("LoRA layers with the fused update: %d", lora_forward.apply(trainer))
     return trainer, stats
+
+
+AUTOCAST_ONLY_STAGES = ("sft", "pt", "dpo")  # TRL runs their models only inside its loss's autocast
+
+
+def runs_under_autocast_only(cfg: Config) -> bool:
+    """True where every forward of the model being trained runs under the trainer's autocast (its training and
+    evaluation losses): not GRPO's and PPO's generation, nor DPO's reference log-probs computed in advance."""
+    return (cfg.run.stage in AUTOCAST_ONLY_STAGES and cfg.run.method != "full"
+            and not getattr(cfg.train, "precompute_ref_log_probs", False))
 
 
 def metrics_callback(output_dir: Path):
