@@ -14,7 +14,9 @@ the measured steps' batches that are not padding, over the wall time from the en
 of the last step), peak RSS, and the share of the machine's matmul peak (measured here, fp32 and bf16) that the
 useful matmul FLOPs reach (LoRA: 4 x parameters per token, forward and the backward to the activations, no
 weight gradients for the frozen base; DPO adds the reference forward, 2 x parameters per token); per pair the
-ratio medgpt / baseline, and its median. Results: bench/results/train_throughput.json. Numbers, not pass/fail.
+ratio medgpt / baseline, and its median. Results: bench/results/train_throughput_cpu-bf16.json on a CPU whose
+bf16 matmuls measure faster than fp32 (medgpt then trains under bf16 autocast, the baselines in fp32),
+train_throughput_cpu-fp32.json on the others (both in fp32). Numbers, not pass/fail.
 
     python bench/train_throughput.py                       # every shape, 3 pairs
     python bench/train_throughput.py --shapes sft-2x256 --pairs 3
@@ -40,7 +42,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "bench" / "results" / "train_throughput.json"
+RESULTS = ROOT / "bench" / "results" / "train_throughput_cpu-{precision}.json"  # by medgpt's CPU precision
 DATA = {"sft": ROOT / "src/medgpt/sample_data/sft/medical_sft.jsonl",
         "dpo": ROOT / "src/medgpt/sample_data/pref/medical_pref.jsonl"}
 # name -> (stage, batch size, max length, measured steps)
@@ -289,6 +291,10 @@ def summarize(entry: dict) -> dict:
     entry["best_step_ratio"] = round(max(rate["medgpt"]) / max(rate["baseline"]), 3)
     entry["overall_ratio"] = round(ours["non_padding_tokens_per_second"] / base["non_padding_tokens_per_second"], 3)
     entry["peak_rss_ratio"] = round(ours["peak_rss_mib"] / base["peak_rss_mib"], 3)
+    for r in (base, ours):  # the useful matmul FLOP/s over each measured peak (a bf16 run is bound by bf16's)
+        gflops = r["non_padding_tokens_per_second"] * entry["flops_per_token"] / 1e9
+        for kind in ("fp32", "bf16"):
+            r[f"matmul_peak_share_{kind}"] = round(gflops / entry["matmul_peak"][f"{kind}_gflops"], 4)
     return entry
 
 
@@ -304,7 +310,8 @@ def main() -> int:
     parser.add_argument("--model", default="HuggingFaceTB/SmolLM2-135M-Instruct")
     parser.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated, from {', '.join(SHAPES)}")
     parser.add_argument("--pairs", type=int, default=3, help="A B pairs per shape")
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--out", type=Path, help="results file (default: bench/results/train_throughput_cpu-"
+                                                 "bf16.json or _cpu-fp32.json, by this CPU's bf16 speed)")
     parser.add_argument("--baseline-lora-dropout", type=float, default=REFERENCE_DROPOUT,
                         help="the SFT baseline's lora_dropout (default: the reference project's); other values "
                              "are recorded as SHAPE@baseline-dropout-VALUE")
@@ -312,6 +319,10 @@ def main() -> int:
     parser.add_argument("--profile", metavar="SHAPE", help="profile one medgpt run of SHAPE (torch.profiler)")
     parser.add_argument("--summarize", action="store_true", help="recompute the summaries of the results file")
     args = parser.parse_args()
+    if args.out is None:
+        from medgpt.models import cpu_supports_bf16
+
+        args.out = Path(str(RESULTS).format(precision="bf16" if cpu_supports_bf16() else "fp32"))
     global BASELINE_DROPOUT
     BASELINE_DROPOUT = args.baseline_lora_dropout
     if args.summarize:
@@ -348,9 +359,6 @@ def main() -> int:
         for b in blocks:
             print(f"{shape} pair {b['pair']}: baseline {b['baseline']} tok/s, medgpt {b['medgpt']} tok/s, "
                   f"ratio {b['ratio']}, load {b['load_average']}", flush=True)
-        for r in results.values():
-            r["matmul_peak_share_fp32"] = round(
-                r["non_padding_tokens_per_second"] * per_token / 1e9 / peak["fp32_gflops"], 4)
         key = keys[shape]
         report["shapes"][key] = {
             "stage": stage, "batch_size": batch, "max_length": length, "measured_steps": steps,
