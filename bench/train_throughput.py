@@ -20,6 +20,7 @@ train_throughput_cpu-fp32.json on the others (both in fp32). Numbers, not pass/f
 
     python bench/train_throughput.py                       # every shape, 3 pairs
     python bench/train_throughput.py --shapes sft-2x256 --pairs 3
+    python bench/train_throughput.py --medgpt-dtype fp32   # control: medgpt without bf16 autocast
     python bench/train_throughput.py --profile sft-2x256   # torch.profiler table of one medgpt run
 """
 
@@ -51,6 +52,7 @@ RECORDS = 64
 LORA = {"lora_rank": 8, "lora_alpha": 16, "lora_target": "all-linear"}  # medgpt keeps its default lora_dropout (0)
 REFERENCE_DROPOUT = 0.05  # the reference project's lora_dropout
 BASELINE_DROPOUT = REFERENCE_DROPOUT  # the SFT baseline's; --baseline-lora-dropout 0 runs the equal control
+MEDGPT_DTYPE = "auto"  # medgpt's `dtype`; --medgpt-dtype fp32 runs the control without bf16 autocast
 SEED = 42
 
 
@@ -59,6 +61,7 @@ def medgpt_config(stage: str, batch: int, length: int, steps: int, out: str, mod
     from medgpt.config import build_config
 
     return build_config({"stage": stage, "model": model, "data": str(DATA[stage]), "max_samples": RECORDS,
+                         "dtype": MEDGPT_DTYPE,
                          "overlong": "truncate", "max_length": length, "per_device_train_batch_size": batch,
                          "max_steps": steps, "output_dir": out, "report_to": "none", "seed": SEED, **LORA, **extra})
 
@@ -193,7 +196,7 @@ class Turns:
 
     def __init__(self, system: str, shape: str, model: str):
         cmd = [sys.executable, __file__, "--worker", system, "--shapes", shape, "--model", model,
-               "--baseline-lora-dropout", str(BASELINE_DROPOUT)]
+               "--baseline-lora-dropout", str(BASELINE_DROPOUT), "--medgpt-dtype", MEDGPT_DTYPE]
         self.system = system
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
         self.expect("READY")
@@ -299,10 +302,12 @@ def summarize(entry: dict) -> dict:
 
 
 def result_key(shape: str) -> str:
-    """The results file's key of SHAPE: a baseline run with another dropout than the reference's is a control."""
-    if BASELINE_DROPOUT == REFERENCE_DROPOUT or SHAPES[shape][0] != "sft":
-        return shape
-    return f"{shape}@baseline-dropout-{BASELINE_DROPOUT:g}"
+    """The results file's key of SHAPE: a baseline run with another dropout than the reference's, or medgpt in
+    another dtype than its default, is a control."""
+    key = shape
+    if BASELINE_DROPOUT != REFERENCE_DROPOUT and SHAPES[shape][0] == "sft":
+        key += f"@baseline-dropout-{BASELINE_DROPOUT:g}"
+    return key + (f"@medgpt-{MEDGPT_DTYPE}" if MEDGPT_DTYPE != "auto" else "")
 
 
 def main() -> int:
@@ -315,6 +320,8 @@ def main() -> int:
     parser.add_argument("--baseline-lora-dropout", type=float, default=REFERENCE_DROPOUT,
                         help="the SFT baseline's lora_dropout (default: the reference project's); other values "
                              "are recorded as SHAPE@baseline-dropout-VALUE")
+    parser.add_argument("--medgpt-dtype", default="auto", choices=("auto", "fp32"),
+                        help="medgpt's dtype (default: its own choice; fp32 is recorded as SHAPE@medgpt-fp32)")
     parser.add_argument("--worker", choices=("medgpt", "baseline"), help=argparse.SUPPRESS)
     parser.add_argument("--profile", metavar="SHAPE", help="profile one medgpt run of SHAPE (torch.profiler)")
     parser.add_argument("--summarize", action="store_true", help="recompute the summaries of the results file")
@@ -323,8 +330,8 @@ def main() -> int:
         from medgpt.models import cpu_supports_bf16
 
         args.out = Path(str(RESULTS).format(precision="bf16" if cpu_supports_bf16() else "fp32"))
-    global BASELINE_DROPOUT
-    BASELINE_DROPOUT = args.baseline_lora_dropout
+    global BASELINE_DROPOUT, MEDGPT_DTYPE
+    BASELINE_DROPOUT, MEDGPT_DTYPE = args.baseline_lora_dropout, args.medgpt_dtype
     if args.summarize:
         report = json.loads(args.out.read_text())
         for entry in report["shapes"].values():
