@@ -20,7 +20,8 @@ train_throughput_cpu-fp32.json on the others (both in fp32). Numbers, not pass/f
 
     python bench/train_throughput.py                       # every shape, 3 pairs
     python bench/train_throughput.py --shapes sft-2x256 --pairs 3
-    python bench/train_throughput.py --medgpt-dtype fp32   # control: medgpt without bf16 autocast
+    python bench/train_throughput.py --medgpt-set dtype=fp32                        # control: no bf16 autocast
+    python bench/train_throughput.py --shapes dpo-2x384 --medgpt-set activation_checkpointing=true
     python bench/train_throughput.py --profile sft-2x256   # torch.profiler table of one medgpt run
 """
 
@@ -52,7 +53,7 @@ RECORDS = 64
 LORA = {"lora_rank": 8, "lora_alpha": 16, "lora_target": "all-linear"}  # medgpt keeps its default lora_dropout (0)
 REFERENCE_DROPOUT = 0.05  # the reference project's lora_dropout
 BASELINE_DROPOUT = REFERENCE_DROPOUT  # the SFT baseline's; --baseline-lora-dropout 0 runs the equal control
-MEDGPT_DTYPE = "auto"  # medgpt's `dtype`; --medgpt-dtype fp32 runs the control without bf16 autocast
+MEDGPT_SET: dict[str, str] = {}  # --medgpt-set KEY=VALUE: medgpt options other than its defaults (a control)
 SEED = 42
 
 
@@ -61,7 +62,7 @@ def medgpt_config(stage: str, batch: int, length: int, steps: int, out: str, mod
     from medgpt.config import build_config
 
     return build_config({"stage": stage, "model": model, "data": str(DATA[stage]), "max_samples": RECORDS,
-                         "dtype": MEDGPT_DTYPE,
+                         **MEDGPT_SET,
                          "overlong": "truncate", "max_length": length, "per_device_train_batch_size": batch,
                          "max_steps": steps, "output_dir": out, "report_to": "none", "seed": SEED, **LORA, **extra})
 
@@ -196,7 +197,8 @@ class Turns:
 
     def __init__(self, system: str, shape: str, model: str):
         cmd = [sys.executable, __file__, "--worker", system, "--shapes", shape, "--model", model,
-               "--baseline-lora-dropout", str(BASELINE_DROPOUT), "--medgpt-dtype", MEDGPT_DTYPE]
+               "--baseline-lora-dropout", str(BASELINE_DROPOUT),
+               *[a for k, v in MEDGPT_SET.items() for a in ("--medgpt-set", f"{k}={v}")]]
         self.system = system
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
         self.expect("READY")
@@ -307,7 +309,7 @@ def result_key(shape: str) -> str:
     key = shape
     if BASELINE_DROPOUT != REFERENCE_DROPOUT and SHAPES[shape][0] == "sft":
         key += f"@baseline-dropout-{BASELINE_DROPOUT:g}"
-    return key + (f"@medgpt-{MEDGPT_DTYPE}" if MEDGPT_DTYPE != "auto" else "")
+    return key + "".join(f"@medgpt-{k}={v}" for k, v in sorted(MEDGPT_SET.items()))
 
 
 def main() -> int:
@@ -320,8 +322,9 @@ def main() -> int:
     parser.add_argument("--baseline-lora-dropout", type=float, default=REFERENCE_DROPOUT,
                         help="the SFT baseline's lora_dropout (default: the reference project's); other values "
                              "are recorded as SHAPE@baseline-dropout-VALUE")
-    parser.add_argument("--medgpt-dtype", default="auto", choices=("auto", "fp32"),
-                        help="medgpt's dtype (default: its own choice; fp32 is recorded as SHAPE@medgpt-fp32)")
+    parser.add_argument("--medgpt-set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a medgpt option instead of its default, e.g. dtype=fp32 (a control, recorded as "
+                             "SHAPE@medgpt-KEY=VALUE); repeatable")
     parser.add_argument("--worker", choices=("medgpt", "baseline"), help=argparse.SUPPRESS)
     parser.add_argument("--profile", metavar="SHAPE", help="profile one medgpt run of SHAPE (torch.profiler)")
     parser.add_argument("--summarize", action="store_true", help="recompute the summaries of the results file")
@@ -330,8 +333,13 @@ def main() -> int:
         from medgpt.models import cpu_supports_bf16
 
         args.out = Path(str(RESULTS).format(precision="bf16" if cpu_supports_bf16() else "fp32"))
-    global BASELINE_DROPOUT, MEDGPT_DTYPE
-    BASELINE_DROPOUT, MEDGPT_DTYPE = args.baseline_lora_dropout, args.medgpt_dtype
+    global BASELINE_DROPOUT
+    BASELINE_DROPOUT = args.baseline_lora_dropout
+    for item in args.medgpt_set:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            parser.error(f"--medgpt-set {item!r}: expected KEY=VALUE")
+        MEDGPT_SET[key.strip()] = value.strip()
     if args.summarize:
         report = json.loads(args.out.read_text())
         for entry in report["shapes"].values():
@@ -369,7 +377,7 @@ def main() -> int:
         key = keys[shape]
         report["shapes"][key] = {
             "stage": stage, "batch_size": batch, "max_length": length, "measured_steps": steps,
-            "flops_per_token": per_token, "ratio_per_pair": ratios, "median_ratio": statistics.median(ratios),
+            "flops_per_token": per_token, "medgpt_options": dict(MEDGPT_SET), "ratio_per_pair": ratios, "median_ratio": statistics.median(ratios),
             "pairs": blocks, "matmul_peak": peak, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **results}
         summarize(report["shapes"][key])
         print(f"{shape}: median ratio {statistics.median(ratios):.2f} ({ratios})", flush=True)

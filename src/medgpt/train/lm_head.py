@@ -8,9 +8,9 @@ positions only. Without Triton (CPUs) it folds every position, padding and promp
 element-wise torch passes per vocabulary tile, and recomputes the tiles in the backward pass.
 
 `plain` keeps the same contract (same outputs, same loss) but projects only the labelled positions through the
-LM head once and takes one log-softmax: the logits of those positions are held (labelled tokens x vocabulary x
-4 bytes, twice with the gradient), which `auto` allows on a CPU where they fit in `PLAIN_LOGITS_SHARE` of the
-RAM. GPUs keep TRL's kernel.
+LM head once and takes their logsumexp: the fp32 logits of those positions are held (labelled tokens x
+vocabulary x 4 bytes) and turned into their own gradient in the backward pass; `auto` allows that on a CPU
+where twice their size fits in `PLAIN_LOGITS_SHARE` of the RAM. GPUs keep TRL's kernel.
 """
 
 from __future__ import annotations
@@ -58,6 +58,20 @@ def ram_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
+ENTROPY_ROWS = 256  # positions per slice of the entropy: a temporary of 256 x vocabulary, not of the logits' size
+
+
+def entropy_of(logits, lse):
+    """The entropy of each row's softmax, -sum p log p with log p = logits - lse, a slice of rows at a time."""
+    import torch
+
+    parts = []
+    for start in range(0, logits.shape[0], ENTROPY_ROWS):
+        log_p = logits[start:start + ENTROPY_ROWS] - lse[start:start + ENTROPY_ROWS].unsqueeze(-1)
+        parts.append(-(log_p.exp() * log_p).sum(-1))
+    return torch.cat(parts) if parts else logits.new_zeros(0)
+
+
 def use_plain_head(model) -> None:
     """Replace TRL's fused head on `model` (the causal LM TRL patched, not its PEFT wrapper) with the plain one:
     `fused_lm_head=True` calls return the same `FusedCausalLMOutput` fields (log_probs, entropy, mean_logits,
@@ -67,6 +81,27 @@ def use_plain_head(model) -> None:
     from trl.trainer.utils import FusedCausalLMOutput
 
     original = types.MethodType(type(model).forward, model)  # the model's own forward, under TRL's patch
+
+    class LabelLogProbs(torch.autograd.Function):
+        """log softmax(logits)[label] per row, and the rows' logsumexp, keeping only the logits (which the head
+        made anyway): the backward pass turns them, in place, into their gradient g * (one-hot - softmax).
+        `log_softmax` + `gather` keep the log-softmax and then build a dense gradient of it and one of the
+        logits: three logits-sized buffers at the peak of the backward pass instead of one."""
+
+        @staticmethod
+        def forward(ctx, logits, labels):
+            lse = logits.logsumexp(-1)
+            picked = logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - lse
+            ctx.save_for_backward(logits, lse, labels)
+            ctx.mark_non_differentiable(lse)
+            return picked, lse
+
+        @staticmethod
+        @torch.autograd.function.once_differentiable
+        def backward(ctx, grad, _):
+            logits, lse, labels = ctx.saved_tensors
+            grad_logits = logits.sub_(lse.unsqueeze(-1)).exp_().mul_(-grad.unsqueeze(-1))
+            return grad_logits.scatter_add_(-1, labels.unsqueeze(-1), grad.unsqueeze(-1)), None
 
     def forward(self, *args, fused_lm_head=False, labels=None, shift_labels=None, num_items_in_batch=None,
                 **kwargs):
@@ -84,14 +119,10 @@ def use_plain_head(model) -> None:
         lm_head = self.get_output_embeddings()
         logits = lm_head(hidden[mask].to(lm_head.weight.device)).float()
         picked = targets[mask].to(logits.device)
-        log_softmax = logits.log_softmax(-1)  # what autograd keeps (not the logits)
-        log_probs = log_softmax.gather(-1, picked.unsqueeze(-1)).squeeze(-1)
+        log_probs, lse = LabelLogProbs.apply(logits, picked)
         with torch.no_grad():
             mean_logits, is_top1 = logits.mean(-1), logits.argmax(-1) == picked
-            del logits
-            plogp = log_softmax.detach().exp().mul_(log_softmax.detach())  # one temporary of the logits' size
-            entropy = -plogp.sum(-1)
-            del plogp
+            entropy = entropy_of(logits.detach(), lse)
 
         def spread(values):  # back to the label mask's shape, zero where there is no label
             return values.new_zeros(mask.shape).masked_scatter(mask.to(values.device), values)
