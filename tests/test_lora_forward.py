@@ -126,7 +126,7 @@ def test_training_under_bf16_autocast_holds_base_weights_in_bf16(tiny_model, sam
 
     monkeypatch.setattr(medgpt.models, "cpu_supports_bf16", lambda: True)
     cfg = build_config({"stage": "sft", "model": tiny_model, "data": str(sample_data / "sft" / "medical_sft.jsonl"),
-                        "max_samples": 8, "val_size": 2, "max_steps": 2, "max_length": 512, "overlong": "truncate",
+                        "max_samples": 8, "val_size": 2, "max_steps": 2, "max_length": 64, "overlong": "truncate",
                         "output_dir": str(tmp_path / "out"), "report_to": "none"})
     assert cfg.train.bf16 and common.runs_under_autocast_only(cfg)
     trainer, _ = common.build_trainer(cfg, SFTTrainer, sft.build_datasets)
