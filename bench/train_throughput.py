@@ -58,13 +58,16 @@ SEED = 42
 
 
 def medgpt_config(stage: str, batch: int, length: int, steps: int, out: str, model: str, **extra):
-    """medgpt's default config for the stage, with only the shape, the data and the output folder set."""
+    """medgpt's default config for the stage, with only the shape, the data and the output folder set (and the
+    options of --medgpt-set, which may not change what the benchmark holds equal)."""
     from medgpt.config import build_config
 
-    return build_config({"stage": stage, "model": model, "data": str(DATA[stage]), "max_samples": RECORDS,
-                         **MEDGPT_SET,
-                         "overlong": "truncate", "max_length": length, "per_device_train_batch_size": batch,
-                         "max_steps": steps, "output_dir": out, "report_to": "none", "seed": SEED, **LORA, **extra})
+    fixed = {"stage": stage, "model": model, "data": str(DATA[stage]), "max_samples": RECORDS,
+             "overlong": "truncate", "max_length": length, "per_device_train_batch_size": batch,
+             "max_steps": steps, "output_dir": out, "report_to": "none", "seed": SEED, **LORA, **extra}
+    if clash := sorted(MEDGPT_SET.keys() & fixed.keys()):
+        raise SystemExit(f"--medgpt-set {', '.join(clash)}: the benchmark sets this for both systems")
+    return build_config({**fixed, **MEDGPT_SET})
 
 
 def peft_lora():
@@ -304,8 +307,8 @@ def summarize(entry: dict) -> dict:
 
 
 def result_key(shape: str) -> str:
-    """The results file's key of SHAPE: a baseline run with another dropout than the reference's, or medgpt in
-    another dtype than its default, is a control."""
+    """The results file's key of SHAPE: a baseline run with another dropout than the reference's, or medgpt with
+    options of --medgpt-set, is a control."""
     key = shape
     if BASELINE_DROPOUT != REFERENCE_DROPOUT and SHAPES[shape][0] == "sft":
         key += f"@baseline-dropout-{BASELINE_DROPOUT:g}"
@@ -340,7 +343,16 @@ def main() -> int:
         if not sep or not key:
             parser.error(f"--medgpt-set {item!r}: expected KEY=VALUE")
         MEDGPT_SET[key.strip()] = value.strip()
+    if MEDGPT_SET and not args.worker:  # a bad option is reported here, not by a worker after the peak is measured
+        from medgpt.errors import UserError
+
+        try:
+            medgpt_config("sft", 2, 64, 1, tempfile.gettempdir(), args.model)
+        except UserError as exc:
+            parser.error(f"--medgpt-set: {exc}")
     if args.summarize:
+        if not args.out.exists():
+            parser.error(f"--summarize: {args.out} does not exist (run the benchmark first)")
         report = json.loads(args.out.read_text())
         for entry in report["shapes"].values():
             summarize(entry)
@@ -377,7 +389,8 @@ def main() -> int:
         key = keys[shape]
         report["shapes"][key] = {
             "stage": stage, "batch_size": batch, "max_length": length, "measured_steps": steps,
-            "flops_per_token": per_token, "medgpt_options": dict(MEDGPT_SET), "ratio_per_pair": ratios, "median_ratio": statistics.median(ratios),
+            "flops_per_token": per_token, "medgpt_options": dict(MEDGPT_SET), "ratio_per_pair": ratios,
+            "median_ratio": statistics.median(ratios),
             "pairs": blocks, "matmul_peak": peak, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **results}
         summarize(report["shapes"][key])
         print(f"{shape}: median ratio {statistics.median(ratios):.2f} ({ratios})", flush=True)
