@@ -176,7 +176,10 @@ def test_system_prompt_rules():
     turns = CONVERSATION[1:3]
     assert qwen.default_system in qwen.render(turns)  # None: the default
     assert "<|im_start|>system" not in qwen.render(turns, system="")  # "": none
-    assert qwen.render(CONVERSATION, system="Other.").count("Other.") == 1  # the argument wins
+    # the conversation's own system prompt wins; the argument fills in where it has none
+    assert "Other." not in qwen.render(CONVERSATION, system="Other.") and SYSTEM in qwen.render(CONVERSATION, system="Other.")
+    assert qwen.render(turns, system="Other.").count("Other.") == 1 and qwen.default_system not in qwen.render(
+        turns, system="Other.")
     assert SYSTEM in qwen.render(CONVERSATION) and qwen.default_system not in qwen.render(CONVERSATION)
     # Gemma has no system role: the prompt opens the first user turn
     assert gemma.render(CONVERSATION).startswith(f"<bos><start_of_turn>user\n{SYSTEM}\n\n{turns[0]['content']}")

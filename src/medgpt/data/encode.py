@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
+from medgpt.data.messages import with_system
 from medgpt.data.readers import OVERLONG, check_choice
 from medgpt.data.stats import DataStats
 
@@ -51,24 +52,15 @@ def encode_conversations(records: list[dict], tokenizer, template, cfg: Config, 
     return rows
 
 
-def add_system_prompt(messages: list[dict], system: str | None) -> list[dict]:
-    """Prepend the configured system prompt to a prompt that has none of its own."""
-    if not system or (messages and messages[0]["role"] == "system"):
-        return messages
-    return [{"role": "system", "content": system}, *messages]
-
-
 def to_rows(records: list[dict], tokenizer, template, cfg: Config, stats: DataStats, responses: tuple[str, ...],
             carry: tuple[str, ...] = ()) -> list[dict]:
     """Records -> TRL conversational rows (prompt with the system prompt, the `responses` fields and the
-    `carry` fields). A record whose longest prompt+response is over max_length is dropped (counted) or
-    left to the trainer to truncate, as `overlong` says."""
-    keep = range(len(records))
-    if max_length := getattr(cfg.train, "max_length", None):
-        def length(messages: list[dict]) -> int:
-            return len(template.encode(tokenizer, messages, system=cfg.data.system)["input_ids"])
-
-        lengths = [max(length(r["prompt"] + r[key]) for key in responses) for r in records]
-        keep = filter_by_length(records, lengths, max_length, cfg.data.overlong, stats)
-    return [{"prompt": add_system_prompt(records[i]["prompt"], cfg.data.system),
-             **{key: records[i][key] for key in responses + carry}} for i in keep]
+    `carry` fields). A row whose longest prompt+response, rendered as the trainer renders that row, is over
+    max_length tokens is dropped (counted) or left to the trainer to truncate, as `overlong` says."""
+    rows = [{"prompt": with_system(r["prompt"], cfg.data.system), **{key: r[key] for key in responses + carry}}
+            for r in records]
+    if not (max_length := getattr(cfg.train, "max_length", None)):
+        return rows
+    lengths = [max(len(template.encode(tokenizer, row["prompt"] + row[key])["input_ids"]) for key in responses)
+               for row in rows]
+    return [rows[i] for i in filter_by_length(records, lengths, max_length, cfg.data.overlong, stats)]

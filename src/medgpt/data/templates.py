@@ -28,10 +28,10 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from medgpt.data.messages import check_tools, split_system
 from medgpt.errors import UserError
 
 IGNORE_INDEX = -100
-ROLES = ("system", "user", "assistant", "tool")
 Segment = tuple[str, bool]  # (text, labelled)
 
 
@@ -62,56 +62,6 @@ def _jinja_expr(fmt: str, expr: str = "content") -> str:
 def _tojson(value: Any, indent: int | None = None) -> str:
     """JSON as the `tojson` filter of transformers' chat-template renderer writes it."""
     return json.dumps(value, ensure_ascii=False, indent=indent)
-
-
-def _split_system(messages: list[dict], system: str | None, default: str | None) -> tuple[str, list[dict]]:
-    """The effective system prompt and the remaining turns.
-
-    Precedence: the `system` argument, then a leading system message, then the template default;
-    an empty string means no system prompt at all.
-    """
-    if not isinstance(messages, list) or not messages:
-        raise UserError("messages must be a non-empty list of {'role', 'content'} objects")
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-            raise UserError(f"message {i}: expected {{'role': system|user|assistant|tool, 'content': str}}, "
-                            f"got {m!r:.120}")
-        if m["role"] == "system" and i:
-            raise UserError(f"message {i}: a system message may only come first")
-        if m.get("tool_calls") is not None:
-            _check_tool_calls(i, m)
-    turns = messages[1:] if messages[0]["role"] == "system" else messages
-    if system is None:
-        system = messages[0]["content"] if messages[0]["role"] == "system" else default
-    return system or "", list(turns)
-
-
-def _check_tool_calls(i: int, message: dict) -> None:
-    """An assistant's tool calls: [{"type": "function", "function": {"name": str, "arguments": dict}}, ...]."""
-    calls = message["tool_calls"]
-    if message["role"] != "assistant" or not isinstance(calls, list):
-        raise UserError(f"message {i}: only an assistant message may carry tool_calls, a list of calls")
-    for k, call in enumerate(calls):
-        function = call.get("function") if isinstance(call, dict) else None
-        if (not isinstance(function, dict) or not isinstance(function.get("name"), str)
-                or not isinstance(function.get("arguments"), dict) or call.get("type", "function") != "function"
-                or not isinstance(call.get("id", ""), str)):
-            raise UserError(f"message {i}: tool call {k}: expected {{'type': 'function', 'function': {{'name': str, "
-                            f"'arguments': dict}}}}, got {call!r:.120}")
-
-
-def _check_tools(tools: Any) -> list[dict] | None:
-    """The tools beside a conversation: [{"type": "function", "function": {"name", ...}}, ...]; empty is none."""
-    if tools is None or tools == []:
-        return None
-    if not isinstance(tools, list):
-        raise UserError(f"tools: expected a list of {{'type': 'function', 'function': {{...}}}}, got {tools!r:.120}")
-    for k, tool in enumerate(tools):
-        function = tool.get("function") if isinstance(tool, dict) else None
-        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
-            raise UserError(f"tools: tool {k}: expected {{'type': 'function', 'function': {{'name': str, "
-                            f"'description': str, 'parameters': dict}}}}, got {tool!r:.120}")
-    return tools
 
 
 # -- tool formats: how a template writes the tools, an assistant's tool calls and the tool results -------------
@@ -182,8 +132,8 @@ class Template:
     def segments(self, messages: list[dict], system: str | None = None,
                  add_generation_prompt: bool = False, tools: list[dict] | None = None) -> list[Segment]:
         """The rendered text as consecutive (text, labelled) pieces; joining them gives render()."""
-        system_text, turns = _split_system(messages, system, self.default_system)
-        tools = _check_tools(tools)
+        system_text, turns = split_system(messages, system, self.default_system)
+        tools = check_tools(tools)
         self._check_tool_use(turns, tools)
         if "system" in self.strip:
             system_text = system_text.strip()
@@ -457,11 +407,8 @@ class AutoTemplate(Template):
 
     def segments(self, messages: list[dict], system: str | None = None,
                  add_generation_prompt: bool = False, tools: list[dict] | None = None) -> list[Segment]:
-        _split_system(messages, None, None)  # validates
-        tools = _check_tools(tools)
-        turns = messages[1:] if messages[0]["role"] == "system" else list(messages)
-        if system is None and messages[0]["role"] == "system":
-            system = messages[0]["content"]
+        system, turns = split_system(messages, system)
+        tools = check_tools(tools)
         msgs = ([{"role": "system", "content": system}] if system else []) + turns
         full = self._apply(msgs, add_generation_prompt, tools)
         out: list[Segment] = []

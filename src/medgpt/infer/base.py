@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from medgpt.data.messages import check_messages
 from medgpt.errors import UserError
 
 # A retrieval hook (knowledge-base answers): turns the conversation into augmented messages and the
@@ -248,31 +249,10 @@ def engine_facts(engine: Any) -> dict[str, str]:
     return facts
 
 
-def check_messages(messages: Any) -> list[dict]:
-    """Canonical messages: a non-empty list of {"role", "content": str} ending with a user turn (or with tool
-    results, which the model answers); the template checks tool calls and tool turns in detail."""
-    if not isinstance(messages, list) or not messages:
-        raise UserError("messages must be a non-empty list of {role, content}")
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant", "tool") \
-                or not isinstance(m.get("content"), str):
-            raise UserError(f"messages[{i}]: expected {{role: system|user|assistant|tool, content: string}}")
-    if messages[-1]["role"] not in ("user", "tool"):
-        raise UserError("the last message must come from the user (or be a tool result)")
-    return messages
-
-
-def split_system(messages: list[dict], system: str | None) -> tuple[list[dict], str | None]:
-    """A leading system message wins over the default system prompt."""
-    if messages and messages[0]["role"] == "system":
-        return messages[1:], messages[0]["content"]
-    return messages, system
-
-
 class BaseEngine:
     """What every engine shares: prompts through the template, validation, batches and streams over `submit`.
 
-    The system prompt of a prompt is decided here only: a leading system message, else the `system` given
+    The system prompt follows `medgpt.data.messages`' rule: a leading system message, else the `system` given
     with the call, else the engine's default `system`, else the template's own.
     """
 
@@ -292,7 +272,8 @@ class BaseEngine:
                tools: list[dict] | None = None) -> list[int]:
         """Token ids of the prompt, rendered by the same template as training (with `tools` where it has a
         tool format)."""
-        messages, system = split_system(check_messages(messages), self.system if system is None else system)
+        messages = check_messages(messages, prompt=True)
+        system = self.system if system is None else system
         return list(self.template.encode_prompt(self.tokenizer, messages, system=system, tools=tools))
 
     def submit(self, request: Request) -> Future[Completion]:

@@ -1,0 +1,84 @@
+"""Canonical messages: what a conversation, its tools and its tool calls must look like, and the one rule for its
+system prompt. Templates, encoding, preference rows, GRPO/PPO prompts, engines and the server all use these.
+
+A conversation is a non-empty list of `{"role": system|user|assistant|tool, "content": str}`; a system message
+may only come first; an assistant message may carry `tool_calls`
+(`[{"type": "function", "function": {"name": str, "arguments": dict}, "id"?: str}]`).
+
+The system prompt, one rule for every stage and every engine: a conversation's own leading system message wins;
+the configured `system` (a config's `system:`, `--system`, a server's default) fills in where it has none; where
+neither is given, the template's default. An empty string means no system prompt at all.
+
+Standard library only.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from medgpt.errors import UserError
+
+ROLES = ("system", "user", "assistant", "tool")
+
+
+def check_messages(messages: Any, prompt: bool = False) -> list[dict]:
+    """`messages` checked as a canonical conversation; `prompt=True`: one the model answers next, so it ends
+    with a user turn or with tool results."""
+    if not isinstance(messages, list) or not messages:
+        raise UserError("messages must be a non-empty list of {'role', 'content'} objects")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+            raise UserError(f"message {i}: expected {{'role': system|user|assistant|tool, 'content': str}}, "
+                            f"got {m!r:.120}")
+        if m["role"] == "system" and i:
+            raise UserError(f"message {i}: a system message may only come first")
+        if m.get("tool_calls") is not None:
+            check_tool_calls(i, m)
+    if prompt and messages[-1]["role"] not in ("user", "tool"):
+        raise UserError("the last message must come from the user (or be a tool result)")
+    return messages
+
+
+def check_tool_calls(i: int, message: dict) -> None:
+    """An assistant's tool calls: [{"type": "function", "function": {"name": str, "arguments": dict}}, ...]."""
+    calls = message["tool_calls"]
+    if message["role"] != "assistant" or not isinstance(calls, list):
+        raise UserError(f"message {i}: only an assistant message may carry tool_calls, a list of calls")
+    for k, call in enumerate(calls):
+        function = call.get("function") if isinstance(call, dict) else None
+        if (not isinstance(function, dict) or not isinstance(function.get("name"), str)
+                or not isinstance(function.get("arguments"), dict) or call.get("type", "function") != "function"
+                or not isinstance(call.get("id", ""), str)):
+            raise UserError(f"message {i}: tool call {k}: expected {{'type': 'function', 'function': {{'name': str, "
+                            f"'arguments': dict}}}}, got {call!r:.120}")
+
+
+def check_tools(tools: Any) -> list[dict] | None:
+    """The tools beside a conversation: [{"type": "function", "function": {"name", ...}}, ...]; empty is none."""
+    if tools is None or tools == []:
+        return None
+    if not isinstance(tools, list):
+        raise UserError(f"tools: expected a list of {{'type': 'function', 'function': {{...}}}}, got {tools!r:.120}")
+    for k, tool in enumerate(tools):
+        function = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise UserError(f"tools: tool {k}: expected {{'type': 'function', 'function': {{'name': str, "
+                            f"'description': str, 'parameters': dict}}}}, got {tool!r:.120}")
+    return tools
+
+
+def split_system(messages: Any, system: str | None = None, default: str | None = None) -> tuple[str, list[dict]]:
+    """The conversation's effective system prompt ("" for none) and its other turns, by the one rule: its own
+    leading system message, else `system`, else `default`."""
+    messages = check_messages(messages)
+    if messages[0]["role"] == "system":
+        return messages[0]["content"], list(messages[1:])
+    return (default if system is None else system) or "", list(messages)
+
+
+def with_system(messages: list[dict], system: str | None) -> list[dict]:
+    """`messages` with `system` as their leading system message where they have none of their own (the same rule
+    as `split_system`, written into the messages, as TRL's trainers and tokenizer chat templates take them)."""
+    if not system or (messages and messages[0]["role"] == "system"):
+        return messages
+    return [{"role": "system", "content": system}, *messages]
