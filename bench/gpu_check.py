@@ -188,7 +188,7 @@ def stage_config(case: dict, folder: Path, out: Path) -> dict:
 def run_stage(case: dict, folder: Path, out: Path) -> dict:
     import torch
 
-    from medgpt.config import build_config
+    from medgpt.train import build_config
     from medgpt.data.readers import read_log
     from medgpt.train import common, run_training
 
@@ -231,7 +231,7 @@ def run_baseline(case: dict, folder: Path, out: Path) -> dict:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
-    from medgpt.config import build_config
+    from medgpt.train import build_config
     from medgpt.data.encode import encode_conversations
     from medgpt.data.readers import read_records
     from medgpt.data.templates import get_template

@@ -60,7 +60,7 @@ SEED = 42
 def medgpt_config(stage: str, batch: int, length: int, steps: int, out: str, model: str, **extra):
     """medgpt's default config for the stage, with only the shape, the data and the output folder set (and the
     options of --medgpt-set, which may not change what the benchmark holds equal)."""
-    from medgpt.config import build_config
+    from medgpt.train import build_config
 
     fixed = {"stage": stage, "model": model, "data": str(DATA[stage]), "max_samples": RECORDS,
              "overlong": "truncate", "max_length": length, "per_device_train_batch_size": batch,

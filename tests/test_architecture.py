@@ -1,15 +1,19 @@
-"""The layering rules of docs/architecture.md, checked on the source with `ast`: no module reaches into another
-module's private names, and no two modules import each other (directly or round a longer loop), counting the
-imports made inside functions too, since those run as well."""
+"""The layering rules of docs/architecture.md, checked on the source with `ast`: every module sits in a layer of
+the page's layer table and imports only from its own layer and the layers below; no module reaches into another
+module's private names; no two modules, and no two packages, import each other (directly or round a longer
+loop). Imports made inside functions count too, since those run as well; imports under `if TYPE_CHECKING:` do
+not (they never run)."""
 
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import medgpt
 
 SRC = Path(medgpt.__file__).parent
+ARCHITECTURE = SRC.parent.parent / "docs" / "architecture.md"
 
 
 def module_name(path: Path) -> str:
@@ -32,7 +36,7 @@ def imports(module: str, source: str | None = None) -> tuple[set[str], list[str]
     found: set[str] = set()
     private: list[str] = []
     aliases: dict[str, str] = {}  # local name -> medgpt module it is bound to
-    for node in ast.walk(tree):
+    for node in runtime_nodes(tree):
         if isinstance(node, ast.Import):
             for alias in node.names:
                 if target := resolve(alias.name):
@@ -59,6 +63,65 @@ def imports(module: str, source: str | None = None) -> tuple[set[str], list[str]
                 private.append(f"{module} uses {target}.{node.attr} (line {node.lineno})")
     found.discard(module)
     return found, private
+
+
+def runtime_nodes(tree: ast.AST):
+    """Every node of `tree` except those under `if TYPE_CHECKING:` (imports for type hints only)."""
+    stack = [tree]
+    while stack:
+        node = stack.pop()
+        yield node
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.If) and "TYPE_CHECKING" in ast.unparse(child.test):
+                stack.extend(child.orelse)
+            else:
+                stack.append(child)
+
+
+def layer_table(text: str) -> dict[str, int]:
+    """Module name -> layer number, from the page's layer table: rows `| N. name | `path`, `package/`, ... |`."""
+    layers: dict[str, int] = {}
+    for number, cell in re.findall(r"^\|\s*(\d+)\.[^|]*\|([^|]*)\|", text, re.MULTILINE):
+        for path in re.findall(r"`([^`]+)`", cell):
+            name = "medgpt" if path == "medgpt/__init__.py" else "medgpt." + path.removesuffix(".py").rstrip(
+                "/").replace("/", ".")
+            layers[name] = int(number)
+    return layers
+
+
+def layer_of(module: str, layers: dict[str, int]) -> int | None:
+    """The layer of a module: its own row, else its package's (the root package holds only itself)."""
+    if module in layers:
+        return layers[module]
+    package = module.rpartition(".")[0]
+    return layer_of(package, layers) if package != "medgpt" else None
+
+
+def upward_imports(graph: dict[str, set[str]], layers: dict[str, int]) -> list[str]:
+    """Every import of a module from a layer above its own, and every module the table does not place."""
+    found = [f"{m} is in no layer of the table" for m in sorted(graph) if layer_of(m, layers) is None]
+    for module, deps in sorted(graph.items()):
+        own = layer_of(module, layers)
+        for dep in sorted(deps):
+            theirs = layer_of(dep, layers)
+            if own is not None and theirs is not None and theirs > own and not dep.startswith(module + "."):
+                found.append(f"{module} (layer {own}) imports {dep} (layer {theirs})")
+    return found
+
+
+def package_of(module: str) -> str:
+    """The top package a module belongs to (medgpt.train.sft -> medgpt.train; a top-level module is its own)."""
+    return ".".join(module.split(".")[:2])
+
+
+def package_graph(graph: dict[str, set[str]]) -> dict[str, set[str]]:
+    edges: dict[str, set[str]] = {}
+    for module, deps in graph.items():
+        edges.setdefault(package_of(module), set()).update(package_of(d) for d in deps)
+    for package, deps in edges.items():
+        deps.discard(package)
+        deps.discard("medgpt")  # the root package: its __init__ holds constants only
+    return edges
 
 
 def find_circles(edges: dict[str, set[str]]) -> list[list[str]]:
@@ -93,6 +156,33 @@ def test_no_module_uses_another_modules_private_names():
 
 def test_no_import_circles():
     assert find_circles({m: deps for m, (deps, _) in GRAPH.items()}) == []
+
+
+LAYERS = layer_table(ARCHITECTURE.read_text(encoding="utf-8"))
+EDGES = {m: deps for m, (deps, _) in GRAPH.items()}
+
+
+def test_every_module_imports_only_its_own_layer_and_those_below():
+    assert upward_imports(EDGES, LAYERS) == []
+
+
+def test_no_import_circles_between_packages():
+    assert find_circles(package_graph(EDGES)) == []
+
+
+def test_the_layer_and_package_checks_catch_a_planted_offence():
+    """A planted upward import (data -> train, inside a function) and a planted package cycle are found; an
+    import for type hints only is not an import."""
+    assert LAYERS["medgpt.errors"] == 0 and LAYERS["medgpt.train"] == 4 and LAYERS["medgpt.cli"] == 5
+    planted = "def f():\n    from medgpt.train import common\n    return common\n"
+    deps, _ = imports("medgpt.data.encode", planted)
+    assert upward_imports({"medgpt.data.encode": deps}, LAYERS) == [
+        "medgpt.data.encode (layer 1) imports medgpt.train.common (layer 4)"]
+    typed = "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from medgpt.config import Config\n"
+    assert imports("medgpt.data.encode", typed)[0] == set()
+    cycle = {**EDGES, "medgpt.eval.gen": EDGES["medgpt.eval.gen"] | {"medgpt.select.recall"}}
+    assert ["medgpt.eval", "medgpt.select", "medgpt.eval"] in find_circles(package_graph(cycle))
+    assert upward_imports({"medgpt.newmodule": set()}, LAYERS) == ["medgpt.newmodule is in no layer of the table"]
 
 
 def test_the_checks_catch_what_they_look_for():

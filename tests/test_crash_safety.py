@@ -12,9 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from medgpt.config import build_config
-from medgpt.data.stats import temporary_sibling
-from medgpt.models import save_atomic
+from medgpt.train import build_config
+from medgpt.files import save_atomic, temporary_sibling
 from medgpt.train import common
 
 
@@ -87,7 +86,7 @@ def test_a_pipeline_stage_killed_while_merging_resumes_with_the_merge_only(tmp_p
 
 @pytest.mark.slow
 def test_resume_after_a_kill_logs_each_step_once_and_at_max_steps_trains_nothing(tiny_model, tmp_path, sample_data):
-    from medgpt.config import load_config
+    from medgpt.train import load_config
     from medgpt.data.readers import read_log
     from medgpt.train import run_training
 

@@ -11,6 +11,7 @@ import pytest
 from medgpt.cli import main
 from medgpt.errors import UserError
 from medgpt.eval import compare, gen, mcq
+from medgpt.files import value_digest
 
 
 @pytest.fixture(scope="module")
@@ -65,19 +66,18 @@ def test_loglik_picks_the_letter_with_the_largest_logit(tiny_model, sample_data)
     """Batched, left-padded scoring agrees with one unpadded float32 forward per question."""
     import torch
 
-    from medgpt.infer.base import resolve_template
-    from medgpt.models import ModelArgs, load_model, load_tokenizer
+    from medgpt.models import open_model
 
-    tokenizer = load_tokenizer(tiny_model)
-    model = load_model(ModelArgs(model=tiny_model, dtype="fp32"))
-    scorer = mcq.LoglikScorer(model, tokenizer, resolve_template(None, tiny_model, None, tokenizer), batch_size=5)
+    opened = open_model(tiny_model, dtype="fp32")  # the product path: the template recorded beside the model
+    model, tokenizer = opened.model, opened.tokenizer
+    scorer = mcq.LoglikScorer(model, tokenizer, opened.template, batch_size=5)
     questions = mcq.load_questions(str(sample_data / "mcq"), "val", limit=4)
     shots = mcq.load_questions(str(sample_data / "mcq"), "dev")
     flat = [q for qs in questions.values() for q in qs]
     # different shot counts give prompts of very different lengths, so batches are padded
     prompts = [scorer.encode(mcq.question_messages(q, shots[q.subject][:i % 3], "cmmlu")) for i, q in enumerate(flat)]
     assert len({len(p) for p in prompts}) > 5
-    scores = scorer.letter_logprobs(prompts)
+    scores = torch.log_softmax(scorer.letter_loglik(prompts), dim=-1)
     for prompt, row in zip(prompts, scores):
         with torch.no_grad():
             logits = model(torch.tensor([prompt])).logits[0, -1]
@@ -299,7 +299,7 @@ def test_gen_with_model_resumes(tiny_model, sample_data, tmp_path):
     # a run interrupted after two answers: those are reused, not generated again
     rows = [json.loads(line) for line in (sample_data / "qa" / "medical_qa.jsonl").read_text().splitlines()][:3]
     key = {"model": tiny_model, "adapter": None, "template": None,
-           "questions": gen.content_hash([r["question"] for r in rows]), "max_new_tokens": 4, "system": None}
+           "questions": value_digest([r["question"] for r in rows]), "max_new_tokens": 4, "system": None}
     partial.write_text("\n".join(json.dumps(x) for x in [key, {"prediction": "kept 1"}, {"prediction": "kept 2"}]))
     again = gen.run_gen(str(sample_data / "qa" / "medical_qa.jsonl"), **args)
     assert [i["prediction"] for i in again["items"]][:2] == ["kept 1", "kept 2"]
@@ -308,7 +308,7 @@ def test_gen_with_model_resumes(tiny_model, sample_data, tmp_path):
     edited = tmp_path / "medical_qa.jsonl"
     edited.write_text("".join(json.dumps({**r, "question": r["question"] + "？"}, ensure_ascii=False) + "\n"
                               for r in rows), encoding="utf-8")
-    key["questions"] = gen.content_hash([r["question"] for r in rows])  # the old file's questions
+    key["questions"] = value_digest([r["question"] for r in rows])  # the old file's questions
     partial.write_text("\n".join(json.dumps(x) for x in [key, {"prediction": "kept 1"}, {"prediction": "kept 2"}]))
     fresh = gen.run_gen(str(edited), **args)
     assert "kept 1" not in [i["prediction"] for i in fresh["items"]]
@@ -482,12 +482,10 @@ def test_answer_nll_equals_the_models_own_loss(tiny_model, sample_data):
     import torch
 
     from medgpt.eval import ppl
-    from medgpt.infer.base import resolve_template
-    from medgpt.models import ModelArgs, load_model, load_tokenizer
+    from medgpt.models import open_model
 
-    tokenizer = load_tokenizer(tiny_model)
-    model = load_model(ModelArgs(model=tiny_model, dtype="fp32"))
-    template = resolve_template(None, tiny_model, None, tokenizer)
+    opened = open_model(tiny_model, dtype="fp32")  # the product path: the template recorded beside the model
+    model, tokenizer, template = opened.model, opened.tokenizer, opened.template
     conversations = [m for _, m in ppl.read_conversations(str(sample_data / "qa" / "medical_qa.jsonl"), 5)]
     scores = ppl.answer_nll(model, tokenizer, template, conversations, batch_size=3)
     for messages, (total, tokens) in zip(conversations, scores):

@@ -298,7 +298,8 @@ def test_activation_checkpointing_auto_is_on_where_the_planner_says_the_step_wou
     where its peak is over the device's share (here a CPU with RAM set either side of it), off where it fits;
     an explicit value (or its alias gradient_checkpointing) is kept as given."""
     import medgpt.config
-    from medgpt.config import CPU_MEMORY_SHARE, build_config
+    from medgpt.config import CPU_MEMORY_SHARE
+    from medgpt.train import build_config
 
     raw = {"stage": "sft", "model": tiny_model, "data": "x.jsonl", "per_device_train_batch_size": 2,
            "max_length": 256, "report_to": "none"}

@@ -9,7 +9,7 @@ import logging
 import pytest
 import torch
 
-from medgpt.config import build_config
+from medgpt.train import build_config
 from medgpt.errors import UserError
 from medgpt.train import ppo
 from medgpt.train.rewards import REWARD_FUNCTIONS, keyword_reward, reward_function

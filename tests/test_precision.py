@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from medgpt.config import build_config
+from medgpt.train import build_config
 from medgpt.errors import UserError
 from medgpt.models import Precision, cast_trainable, training_precision
 from medgpt.plan import PlanArgs, estimate, load_architecture

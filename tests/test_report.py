@@ -164,7 +164,8 @@ class FakeEngine:
 
 
 def test_html_report_names_axes_settings_cut_answers_and_data(tmp_path, monkeypatch):
-    from medgpt.config import load_config, read_yaml
+    from medgpt.config import read_yaml
+    from medgpt.train import load_config
     from medgpt.models import write_meta
     from medgpt.report import SETTINGS_FILE, settled_settings
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from medgpt.cli import main
-from medgpt.config import build_config
+from medgpt.train import build_config
 from medgpt.errors import UserError
 from medgpt.train import run_training
 from medgpt.data.records import read_prompts, read_unpaired

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from medgpt.config import build_config
+from medgpt.train import build_config
 from medgpt.data.encode import encode_conversations
 from medgpt.data.readers import read_records
 from medgpt.data.templates import IGNORE_INDEX, get_template

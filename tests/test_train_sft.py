@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from medgpt.cli import main
-from medgpt.config import load_config
+from medgpt.train import load_config
 from medgpt.errors import UserError
 from medgpt.train import run_training
 
@@ -109,7 +109,7 @@ def test_unknown_config_key_is_an_error_with_a_suggestion():
 
 
 def test_older_reward_keys_are_read_or_pointed_to_their_new_place():
-    from medgpt.config import build_config
+    from medgpt.train import build_config
 
     assert build_config({"stage": "grpo", "rewards": "length"}).stage_args.reward_fn == "length"
     with pytest.raises(UserError, match=r"length_target \(now reward_kwargs: \{target_chars: N\}\)"):
@@ -117,7 +117,7 @@ def test_older_reward_keys_are_read_or_pointed_to_their_new_place():
 
 
 def test_an_eval_split_evaluates_each_epoch_unless_the_config_says_otherwise():
-    from medgpt.config import build_config
+    from medgpt.train import build_config
 
     assert build_config({"stage": "sft", "val_size": 0.1}).train.eval_strategy == "epoch"
     assert build_config({"stage": "sft", "val_size": 0.1, "eval_strategy": "no"}).train.eval_strategy == "no"

@@ -201,15 +201,12 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return loaded
 
 
-def build_config(raw: dict[str, Any], stage_module=None) -> Config:
+def build_stage_config(raw: dict[str, Any], stage_module: Any) -> Config:
     """Validate a flat dict of options, split it into the typed parts of a `Config` and settle it: the shared
-    rules, then the stage's own `configure(cfg)`. The result is fixed: nothing changes it while the stage runs."""
+    rules, then the stage's own `configure(cfg)`. The result is fixed: nothing changes it while the stage runs.
+    `stage_module` is the stage's module (`medgpt.train.stage_module`; `medgpt.train.build_config` finds it)."""
     raw = {ALIASES.get(k, k): v for k, v in raw.items()}
     stage = str(raw.get("stage", "sft"))
-    if stage_module is None:
-        from medgpt.train import stage_module as find
-
-        stage_module = find(stage)
     ours = {"run": RunArgs, "model": ModelArgs, "data": DataArgs, "lora": LoraArgs}
     stage_cls = getattr(stage_module, "STAGE_ARGS", None)
     train_cls = stage_module.CONFIG_CLASS
@@ -358,12 +355,13 @@ def _device_defaults(raw: dict[str, Any], run: RunArgs, model: ModelArgs) -> dic
     return out
 
 
-def load_config(path: str | Path | None, overrides: list[str] | dict[str, Any] | None = None, **defaults: Any) -> Config:
-    """YAML file (optional) + overrides (command line) -> Config. Later sources win."""
+def read_config(path: str | Path | None, overrides: list[str] | dict[str, Any] | None = None,
+                **defaults: Any) -> dict[str, Any]:
+    """YAML file (optional) + overrides (command line) -> one flat dict of options. Later sources win."""
     raw: dict[str, Any] = dict(defaults)
     if path:
         raw.update(read_yaml(path))
     if isinstance(overrides, list):
         overrides = parse_overrides(overrides)
     raw.update(overrides or {})
-    return build_config(raw)
+    return raw

@@ -15,14 +15,14 @@ import importlib.util
 import json
 import logging
 import os
-import shutil
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from medgpt import DEFAULT_MODEL
 from medgpt.errors import UserError
+from medgpt.files import read_json, save_atomic, value_digest, write_json
 
 log = logging.getLogger(__name__)
 
@@ -117,12 +117,12 @@ def bundled_model_dir(name: str) -> Path:
         model.load_state_dict(quantized.state_dict())
         model.generation_config.eos_token_id = tokenizer.eos_token_id
         model.generation_config.pad_token_id = tokenizer.pad_token_id
-        from medgpt.data.stats import temporary_sibling
 
-        tmp = temporary_sibling(target)
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        os.replace(tmp, target)
+        def save(tmp: Path) -> None:
+            model.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+
+        save_atomic(target, save)
     return target
 
 
@@ -132,7 +132,7 @@ def read_meta(folder: str | Path) -> dict:
 
 
 def write_meta(folder: str | Path, **meta: Any) -> None:
-    (Path(folder) / MEDGPT_META).write_text(json.dumps(meta, indent=2, ensure_ascii=False))
+    write_json(Path(folder) / MEDGPT_META, meta)
 
 
 def adapter_base(adapter: str) -> str | None:
@@ -242,11 +242,6 @@ def open_model(model: str | None = None, adapter: str | None = None, template: s
     return opened
 
 
-def open_args(args: ModelArgs, **kwargs: Any) -> OpenModel:
-    """open_model with the fields of `args` (a stage's model options); `kwargs` add to or override them."""
-    return open_model(**{**{f.name: getattr(args, f.name) for f in fields(args)}, **kwargs})
-
-
 def cuda_available() -> bool:
     import torch
 
@@ -290,7 +285,6 @@ def measure_matmul(dtype: str, size: int = 256, budget_s: float = 0.1) -> float:
 def matmul_speed() -> dict:
     """fp32 and bf16 matmul GFLOP/s of this CPU, measured once (about 0.3 s) and cached in the medgpt cache,
     keyed by CPU model, flags, torch version and thread count; what `auto` precision is decided by."""
-    import hashlib
     import platform
 
     import torch
@@ -302,27 +296,19 @@ def matmul_speed() -> dict:
     model = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")),
                  platform.processor() or platform.machine())
     flags = next((line for line in cpuinfo.splitlines() if line.startswith("flags")), "")
-    key = hashlib.sha256(f"{model}|{flags}|{torch.__version__}|{torch.get_num_threads()}".encode()).hexdigest()[:16]
+    key = value_digest([model, flags, torch.__version__, torch.get_num_threads()])[:16]
     path = cache_dir() / "matmul_speed" / f"{key}.json"
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        pass
+    cached = read_json(path, {})
+    if cached:
+        return cached
     start = time.perf_counter()
     fp32 = measure_matmul("fp32")
     bf16 = measure_matmul("bf16", budget_s=0.05)
     result = {"cpu": model, "torch": torch.__version__, "threads": torch.get_num_threads(),
               "fp32": round(fp32, 2), "bf16": round(bf16, 2), "seconds": round(time.perf_counter() - start, 3)}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(result))
-    os.replace(tmp, path)
+    write_json(path, result)
     log.info("matmul speed of this CPU: fp32 %.1f, bf16 %.1f GFLOP/s (cached in %s)", fp32, bf16, path)
     return result
-
-
-def bf16_available() -> bool:
-    return gpu_supports_bf16() if cuda_available() else cpu_supports_bf16()
 
 
 DTYPE_NAMES = {"fp32": "fp32", "float32": "fp32", "bf16": "bf16", "bfloat16": "bf16", "fp16": "fp16",
@@ -465,12 +451,6 @@ def model_config(args: ModelArgs, folder: str):
     return config
 
 
-def model_kwargs(args: ModelArgs, training: bool = False) -> tuple[str, dict]:
-    """The local folder and the from_pretrained keyword arguments for `args` (used by TRL trainers too)."""
-    folder = resolve_model(args.model, args.trust_remote_code)
-    return folder, pretrained_kwargs(args, folder, training)
-
-
 def pretrained_kwargs(args: ModelArgs, folder: str, training: bool = False) -> dict:
     """The from_pretrained keyword arguments for `args`, the model being in the local `folder`."""
     dtype = torch_dtype(args.dtype, training)
@@ -522,6 +502,21 @@ def load_weights(args: ModelArgs, folder: str, training: bool = False, head: str
     return model
 
 
+def position_ids(attention_mask):
+    """Position ids that skip left padding, as generate() computes them."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def left_padded(rows: list[list[int]], pad_id: int | None, device=None):
+    """Token rows left-padded to the longest for one forward: (ids, attention mask, position ids)."""
+    import torch
+
+    width = max(len(row) for row in rows)
+    ids = torch.tensor([[pad_id or 0] * (width - len(row)) + list(row) for row in rows], device=device)
+    mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in rows], device=device)
+    return ids, mask, position_ids(mask)
+
+
 @dataclass
 class LoraArgs:
     """LoRA / QLoRA settings (PEFT)."""
@@ -550,21 +545,6 @@ def lora_config(args: LoraArgs, task_type: str = "CAUSAL_LM"):
         use_rslora=args.use_rslora,
         task_type=task_type,
     )
-
-
-def save_atomic(out: str | Path, save) -> Path:
-    """Call `save(tmp_folder)` and rename the folder to `out` only when it is complete; the temporary folders of
-    killed earlier attempts are removed first."""
-    from medgpt.data.stats import temporary_sibling
-
-    out = Path(out)
-    tmp = temporary_sibling(out)
-    tmp.mkdir(parents=True)
-    save(tmp)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-    return out
 
 
 def merge_adapter(adapter: str, out: str, base: str | None = None, dtype: str = "fp32",

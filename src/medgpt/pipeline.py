@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-import hashlib
 import json
 import logging
 import os
@@ -36,8 +35,10 @@ from pathlib import Path
 from typing import Any
 
 from medgpt import DEFAULT_MODEL
-from medgpt.config import ALIASES, Config, build_config, parse_overrides, read_yaml
+from medgpt.config import ALIASES, Config, parse_overrides, read_yaml
 from medgpt.errors import UserError
+from medgpt.files import files_fingerprint, folder_digest, is_main_process, value_digest, write_json
+from medgpt.stages import stage_facts
 
 log = logging.getLogger(__name__)
 
@@ -184,12 +185,14 @@ def _eval_sets(value: Any) -> list:
 
 def _build_stage(name: str, own: dict[str, Any], shared: dict[str, Any], policy: dict[str, str | None],
                  reward_model: str | None, handoff: str, run_dir: Path) -> Stage:
+    from medgpt.train import build_config
+
     kind = str(own["stage"])
     raw = {**shared, **own}
     if "model" not in own and "adapter" not in own:
         raw["model"] = policy["model"]
         raw.pop("adapter", None)
-        if policy["adapter"] and kind != "rm":  # a reward model starts a new adapter with a score head
+        if policy["adapter"] and not stage_facts(kind).score_head:  # a reward model starts an adapter with its head
             raw["adapter"] = policy["adapter"]
     if reward_model and "reward_model" not in own and _accepts(kind, "reward_model"):
         raw["reward_model"] = reward_model
@@ -203,7 +206,7 @@ def _build_stage(name: str, own: dict[str, Any], shared: dict[str, Any], policy:
         raise UserError(f"stage {name}: no training data: set `data:` in its entry (or --{name}.data PATH)")
     out = str(cfg.output_dir)
     lora = cfg.run.method != "full"
-    if kind == "rm":
+    if stage_facts(kind).score_head:  # a reward model: what later stages take as reward_model, not as policy
         produces = None
     elif lora and handoff == "merge":
         produces = {"model": str(Path(out) / "merged"), "adapter": None}
@@ -211,23 +214,11 @@ def _build_stage(name: str, own: dict[str, Any], shared: dict[str, Any], policy:
         produces = {"model": cfg.model.model, "adapter": out}
     else:
         produces = {"model": out, "adapter": None}
-    return Stage(name=name, kind=kind, raw=raw, cfg=cfg, merge=lora and handoff == "merge" and kind != "rm",
+    return Stage(name=name, kind=kind, raw=raw, cfg=cfg, merge=lora and handoff == "merge" and produces is not None,
                  produces=produces)
 
 
 # ---- hashing and the manifest ------------------------------------------------------------------
-
-
-def content_hash(path: Path) -> str:
-    """sha256 of a file, or of a folder's files (names and contents, in order)."""
-    digest = hashlib.sha256()
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    for file in files:
-        digest.update(str(file.relative_to(path) if file != path else file.name).encode())
-        with file.open("rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()
 
 
 def _inputs(value: Any) -> list:
@@ -236,7 +227,7 @@ def _inputs(value: Any) -> list:
     out = []
     for item in (str(i).strip() for i in items):
         path = Path(item).expanduser()
-        out.append([item, content_hash(path) if path.exists() else None])
+        out.append([item, folder_digest(path) if path.exists() else None])
     return out
 
 
@@ -245,7 +236,7 @@ def stage_hash(stage: Stage, previous: dict[str, Any] | None, made: set[str] = f
     from (local folders by their files; those in `made`, which earlier stages wrote, through the previous
     stage's manifest entry) and the medgpt version."""
     from medgpt import __version__
-    from medgpt.report import files_fingerprint
+    from medgpt.report import REPORT_FILES
 
     config = {k: v for k, v in stage.raw.items() if k not in CONTROL_KEYS}
     local = [k for k in MODEL_KEYS if config.get(k) and str(config[k]) not in made
@@ -253,11 +244,11 @@ def stage_hash(stage: Stage, previous: dict[str, Any] | None, made: set[str] = f
     parts = {
         "config": config,
         "data": {k: _inputs(config[k]) for k in DATA_KEYS if config.get(k)},
-        "models": {k: files_fingerprint(config[k]) for k in local},
+        "models": {k: files_fingerprint(config[k], skip=REPORT_FILES) for k in local},
         "previous": previous,
         "medgpt": __version__,
     }
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return value_digest(parts)[:16]
 
 
 def read_manifest(run_dir: Path) -> dict[str, Any]:
@@ -327,7 +318,7 @@ class _Processes:
 
     @property
     def main(self) -> bool:
-        return self.state is None or self.state.is_main_process
+        return is_main_process()
 
     def wait(self) -> None:
         if self.state is not None:
@@ -335,9 +326,6 @@ class _Processes:
 
 
 def _write_manifest(run_dir: Path, manifest: dict[str, Any]) -> None:
-    from medgpt.train.common import write_json
-
-    run_dir.mkdir(parents=True, exist_ok=True)
     write_json(run_dir / MANIFEST, manifest)
 
 
@@ -364,6 +352,7 @@ class Outcome:
 def run_pipeline(p: Pipeline, start_from: str | None = None, report: bool = True) -> list[Outcome]:
     """Run the stages the plan says need running, record each in the manifest, then write the report."""
     from medgpt.models import cuda_available, merge_adapter
+    from medgpt.report import write_training_report
     from medgpt.train import run_training
 
     procs = _Processes()
@@ -390,6 +379,8 @@ def run_pipeline(p: Pipeline, start_from: str | None = None, report: bool = True
             procs.wait()
             cfg = dataclasses.replace(stage.cfg, run=dataclasses.replace(stage.cfg.run, resume=step.action == "resume"))
             metrics = run_training(cfg)
+            if procs.main:
+                write_training_report(cfg)
             del cfg
             gc.collect()
             entry.update(status="trained", metrics={k: v for k, v in metrics.items() if isinstance(v, (int, float))})
@@ -453,11 +444,9 @@ def evaluate_pipeline(p: Pipeline) -> dict[str, Any] | None:
                for set_name, metrics in compare_results(results[before], results[after]).items()
                for metric, change in metrics.items()]
     summary = {"sets": [s.name for s in p.eval_sets], "models": results, "changes": changes}
-    from medgpt.report import write_text
-
     slim = {**summary, "models": {label: {name: {k: v for k, v in r.items() if k != "items"} for name, r in sets.items()}
                                   for label, sets in results.items()}}
-    write_text(p.run_dir / "eval" / "summary.json", json.dumps(slim, indent=2, ensure_ascii=False, default=str))
+    write_json(p.run_dir / "eval" / "summary.json", slim)
     return summary
 
 

@@ -38,15 +38,12 @@ from pathlib import Path
 
 from medgpt.errors import UserError
 from medgpt.models import DTYPE_BYTES, Precision, training_precision
-from medgpt.train import STAGES
+from medgpt.stages import STAGES, Stage, stage_facts
 
 GIB = 2**30
 # the training methods as the planner tells them apart: method qlora with quantization_bit 4 or 8
 PLAN_METHODS = ("full", "lora", "qlora4", "qlora8")
 DEVICES = ("gpu", "cpu")
-PAIRED = ("rm", "dpo", "kto", "orpo")  # chosen and rejected (or KTO's KL pairs) go through the model together
-FUSED_HEAD = ("pt", "sft", "dpo", "kto", "grpo")  # TRL trainers with the fused log-prob LM head
-NO_DROPOUT = ("rm", "ppo", "dpo", "kto", "orpo")  # trainers that switch dropout off (TRL's disable_dropout=True)
 FUSED_TILE = (4096, 32768)  # trl.kernels.chunked_logprob: TOKEN_CHUNK_SIZE, _CHUNKED_LOGPROB_CHUNK_SIZE
 NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4-bit codes + 8-bit absmax per 64 + fp32 per 256 absmax (double quant)
 GPU_OVERHEAD = 1.0 * GIB  # CUDA context, cuBLAS workspace and allocator slack
@@ -218,6 +215,14 @@ class PlanArgs:
     pure_bf16: bool = False  # trained weights, gradients and AdamW states in bf16 (config key pure_bf16)
     trust_remote_code: bool = False
 
+    @property
+    def facts(self) -> Stage:
+        return stage_facts(self.stage)
+
+    @property
+    def wants_reward(self) -> bool:
+        return self.facts.reward_model if self.reward_model is None else self.reward_model
+
     def validate(self) -> PlanArgs:
         checks = [
             (self.stage in STAGES, f"stage {self.stage!r}: expected one of {', '.join(STAGES)}"),
@@ -347,16 +352,16 @@ def _layer_bytes(arch: Architecture, args: PlanArgs, lora_in: int, lora_layers: 
         return attention + mlp + norms
     mlp = 3 * 2 * i  # gate, SiLU(gate), up
     norms = 2 * 4 * h  # the fp32 input of each RMSNorm
-    dropout = args.lora_dropout > 0 and args.stage not in NO_DROPOUT
+    dropout = args.lora_dropout > 0 and not args.facts.dropout_off
     mask = (1 if gpu else 4) if dropout else 0  # a bool mask on GPU; a float noise tensor on CPU
     return attention + mlp + norms + (2 + mask) * lora_in + 2 * args.lora_rank * lora_layers
 
 
 def _trainable(args: PlanArgs, arch: Architecture) -> int:
-    value_head = arch.hidden + 1 if args.stage == "ppo" else 0  # medgpt's PPO: a value head on the policy
+    value_head = arch.hidden + 1 if args.facts.value_head else 0
     if args.method == "full":
         return arch.params + value_head
-    head = arch.output_params if args.stage == "rm" else 0  # PEFT trains the classification head (modules_to_save)
+    head = arch.output_params if args.facts.score_head else 0  # PEFT trains it (modules_to_save)
     return lora_params(arch, args.lora_rank, args.lora_target) + value_head + head
 
 
@@ -365,27 +370,27 @@ def _activations(args: PlanArgs, arch: Architecture, wide: bool) -> dict[str, fl
     full, gpu = args.method == "full", args.device == "gpu"
     stream = 4 if wide else 2  # bytes of the residual stream: the dtype of the weights
     targets = {} if full else arch.layer_linears(lora_targets(arch, args.lora_target))
-    tokens = args.batch_size * (2 if args.stage in PAIRED else 1) * args.seq_len
+    tokens = args.batch_size * (2 if args.facts.paired else 1) * args.seq_len
     per_token = _layer_bytes(arch, args, sum(i for i, _ in targets.values()), len(targets), wide)
     if args.gradient_checkpointing:  # each layer keeps only its input; one layer is recomputed at a time
         parts = {"layers": tokens * (arch.layers * stream * arch.hidden + per_token)}
     else:
         parts = {"layers": tokens * arch.layers * per_token}
-    if args.stage in FUSED_HEAD:
+    if args.facts.fused_head:
         rows, cols = min(tokens, FUSED_TILE[0]), min(arch.vocab, FUSED_TILE[1])
         # the bf16 tile; the bf16 copy of the fp32 weight chunk it multiplies; on CPU about 8 fp32 temporaries
         # of the tile (PyTorch ops instead of a Triton kernel); the final hidden states are kept
         tile = rows * cols * 2 + (0 if gpu else rows * cols * 8 * 4) + (cols * arch.hidden * 2 if wide else 0)
         parts["lm_head"] = tile + tokens * arch.hidden * stream
-    elif args.stage != "rm":
+    elif not args.facts.score_head:
         parts["lm_head"] = tokens * arch.vocab * (2 + 4 + 4)  # bf16 logits, fp32 log-softmax and its gradient
     if wide:  # autocast's bf16 weight copies live until the backward pass has used them
         layer_weights = sum(i * o for i, o in arch.layer_linears().values())
         copies = layer_weights * (1 if args.gradient_checkpointing else arch.layers)
-        if args.stage not in FUSED_HEAD and args.stage != "rm":
+        if not (args.facts.fused_head or args.facts.score_head):
             copies += arch.vocab * arch.hidden  # the LM head's weight, cast whole for the full logits
         parts["autocast_weights"] = 2.0 * copies
-    if args.stage in ("ppo", "grpo"):
+    if args.facts.generates:
         parts["generation_kv_cache"] = 2 * arch.layers * 2 * arch.kv_heads * arch.head_dim * tokens  # bf16 k, v
     return parts
 
@@ -411,16 +416,15 @@ def estimate(args: PlanArgs, arch: Architecture, reward_arch: Architecture | Non
     # generation and training take turns: the larger one counts
     activations = max(activations, detail.get("generation_kv_cache", 0.0))
 
-    wants_reference = args.reference if args.reference is not None else args.stage in ("dpo", "kto", "ppo")
+    wants_reference = args.facts.reference if args.reference is None else args.reference
     reference = per.frozen * arch.params if wants_reference and full else 0.0  # frozen, like a LoRA base
-    wants_reward = args.reward_model if args.reward_model is not None else args.stage == "ppo"
     # loaded for inference, unquantized: bf16 on a GPU (and on a CPU with native bf16)
-    reward = 2.0 * reward_arch.params if wants_reward and reward_arch is not None else 0.0
+    reward = 2.0 * reward_arch.params if args.wants_reward and reward_arch is not None else 0.0
     head_gradient = 0.0
     if full:
         head_params = arch.output_params or arch.vocab * arch.hidden
         head_gradient = per.gradient * head_params
-        if args.stage in FUSED_HEAD and per.gradient != 4:
+        if args.facts.fused_head and per.gradient != 4:
             head_gradient += 4.0 * head_params  # the fused head accumulates it in fp32, then casts it (a copy)
     return Estimate(
         weights=weights,
@@ -458,18 +462,21 @@ def needs_checkpointing(args: PlanArgs, budget_gib: float) -> bool:
     what `activation_checkpointing: auto` turns checkpointing on for (it recomputes every layer's forward pass
     in the backward pass, a third more compute, so it is on only where it is needed)."""
     args = replace(args, gradient_checkpointing=False).validate()
-    arch = load_architecture(args.model, "seq_cls" if args.stage == "rm" else "causal_lm", args.trust_remote_code)
-    wants_reward = args.reward_model if args.reward_model is not None else args.stage == "ppo"
-    reward_arch = load_architecture(args.model, "seq_cls", args.trust_remote_code) if wants_reward else None
+    arch, reward_arch = architectures(args)
     return estimate(args, arch, reward_arch)[0].peak > budget_gib * GIB
+
+
+def architectures(args: PlanArgs) -> tuple[Architecture, Architecture | None]:
+    """The architecture the stage trains (a sequence classifier for a reward model) and its reward model's."""
+    arch = load_architecture(args.model, "seq_cls" if args.facts.score_head else "causal_lm", args.trust_remote_code)
+    reward_arch = load_architecture(args.model, "seq_cls", args.trust_remote_code) if args.wants_reward else None
+    return arch, reward_arch
 
 
 def plan(args: PlanArgs, gpu_memory: list[float] = (24, 40, 80)) -> Plan:
     """Estimate `args`, and the largest micro-batch for each GPU size in `gpu_memory` (GiB)."""
     args.validate()
-    arch = load_architecture(args.model, "seq_cls" if args.stage == "rm" else "causal_lm", args.trust_remote_code)
-    wants_reward = args.reward_model if args.reward_model is not None else args.stage == "ppo"
-    reward_arch = load_architecture(args.model, "seq_cls", args.trust_remote_code) if wants_reward else None
+    arch, reward_arch = architectures(args)
     result, trainable = estimate(args, arch, reward_arch)
     notes = _notes(args, arch)
     fits = {g: max_micro_batch(args, arch, reward_arch, g) for g in gpu_memory}
@@ -478,13 +485,13 @@ def plan(args: PlanArgs, gpu_memory: list[float] = (24, 40, 80)) -> Plan:
 
 def _notes(args: PlanArgs, arch: Architecture) -> list[str]:
     notes = []
-    if args.stage in PAIRED:
+    if args.facts.paired:
         notes.append(f"{args.stage}: each example is two sequences (chosen and rejected) in one forward pass")
-    if args.stage in ("dpo", "kto", "ppo") and args.method != "full":
+    if args.facts.reference and args.method != "full":
         notes.append("reference = the policy with its LoRA adapter switched off: no second copy")
-    if args.stage == "ppo":
+    if args.facts.value_head:
         notes.append("value head on the policy (no separate critic); reward model = the same architecture, frozen")
-    if args.stage in ("ppo", "grpo"):
+    if args.facts.generates:
         notes.append("generation KV cache counted for one micro-batch; TRL GRPO generates steps_per_generation "
                      "micro-batches at once")
     if args.zero:
@@ -498,6 +505,6 @@ def _notes(args: PlanArgs, arch: Architecture) -> list[str]:
         notes.append("cpu: assumes native bf16 (AVX512-BF16/AMX) for autocast; without it medgpt trains in fp32")
     if args.zero == 3 and args.gpus > 1:
         notes.append("ZeRO-3: one gathered layer added to the weights; communication buckets not counted")
-    if args.stage in FUSED_HEAD:
+    if args.facts.fused_head:
         notes.append("LM head: TRL's fused log-prob head (no full logits)")
     return notes

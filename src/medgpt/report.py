@@ -13,21 +13,22 @@ import base64
 import dataclasses
 import enum
 import gc
-import hashlib
 import html
 import io
-import json
 import logging
 import math
-import os
 import re
 import time
+from collections import defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from medgpt.data.readers import read_log
 from medgpt.errors import UserError
+from medgpt.files import (ResultCache, atomic_write, files_fingerprint, read_json, value_digest,
+                          write_json)
+from medgpt.stages import STAGES_BY_NAME, UNKNOWN, Stage
 
 log = logging.getLogger(__name__)
 
@@ -91,12 +92,6 @@ PANELS: dict[str, tuple[str, str]] = {
     "grad_norm": ("Gradient norm", "gradient L2 norm"),
     "learning_rate": ("Learning-rate schedule", "learning rate"),
 }
-LOSS_UNITS = {"pt": "loss (nats/token)", "sft": "loss (nats/token)", "rm": "loss (nats/pair)",
-              "orpo": "loss (NLL nats/token + β × odds-ratio loss)", "kto": "KTO loss (per example)",
-              "grpo": "GRPO loss (per token)", "ppo": "loss (clipped surrogate; value: squared error)"}
-# What one unit of per_device_train_batch_size is, by stage.
-BATCH_UNITS = {"pt": "blocks", "sft": "conversations", "dpo": "pairs", "orpo": "pairs", "rm": "pairs",
-               "kto": "examples", "grpo": "completions", "ppo": "responses"}
 # Final metrics that are not curves: what they are.
 FINAL_METRICS = {"train_loss": "loss averaged over the whole run", "train_runtime": "training time (s)",
                  "train_samples_per_second": "training samples per second",
@@ -121,23 +116,22 @@ def metric_label(key: str) -> tuple[str, str] | None:
 
 def y_label(panel: str, stage: str | None, settings: dict | None = None) -> str:
     """The y-axis label with its unit; the unit of some panels depends on what the stage computes."""
+    facts = facts_of(stage)
     if panel == "loss":
-        if stage == "dpo":
-            loss_type = (settings or {}).get("loss_type") or ["sigmoid"]
-            return "loss (nats/pair)" if loss_type in (["sigmoid"], "sigmoid") else "loss (per pair)"
-        return LOSS_UNITS.get(stage or "", "loss")
-    if panel == "implicit_reward":
-        return "β × mean log-prob (nats/token)" if stage == "orpo" else "β × log-prob ratio to reference (nats)"
-    if panel == "logps":
-        return "mean log-prob (nats/token)" if stage == "orpo" else "log-prob (nats/answer)"
-    if panel == "kl":
-        return {"grpo": "KL (nats/token)", "ppo": "KL (nats/response)", "kto": "KL estimate (nats/answer)"}.get(
-            stage or "", "KL (nats)")
-    return PANELS[panel][1]
+        loss_type = (settings or {}).get("loss_type") or ["sigmoid"]
+        sigmoid = loss_type in (["sigmoid"], "sigmoid")  # DPO's default loss: -log σ of the margin, in nats
+        return "loss (nats/pair)" if facts.name == "dpo" and sigmoid else facts.loss_unit
+    return {"implicit_reward": facts.reward_unit, "logps": facts.logps_unit, "kl": facts.kl_unit}.get(
+        panel, PANELS[panel][1])
+
+
+def facts_of(stage: str | None) -> Stage:
+    """The stage's entry in `medgpt.stages` (a folder of an unknown stage: generic labels)."""
+    return STAGES_BY_NAME.get(stage or "", UNKNOWN)
 
 
 def x_label(stage: str | None) -> str:
-    return "PPO step (one rollout and its updates)" if stage == "ppo" else "optimizer step"
+    return facts_of(stage).step
 
 
 @dataclass
@@ -174,28 +168,6 @@ def load_prompts(source: str | None) -> list[list[dict]]:
     return [r["prompt"] for r in records]
 
 
-def read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
-def files_fingerprint(path: str | Path) -> list:
-    """Names, sizes and modification times of a folder's files (not its checkpoints, nor the report files a
-    training run writes beside its model, which change each time a report is written): changes when a model is
-    trained again, without reading gigabytes of weights."""
-    path = Path(path).expanduser()
-    if path.is_file():
-        stat = path.stat()
-        return [[path.name, stat.st_size, stat.st_mtime_ns]]
-    if not path.is_dir():
-        return []
-    return [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in sorted(path.iterdir())
-            if p.is_file() and p.name not in REPORT_FILES]
-
-
 # ---- answers -----------------------------------------------------------------------------------
 
 
@@ -217,17 +189,19 @@ class Answer:
 
 
 def _answers_key(ref: ModelRef, prompts: list[list[dict]], max_new_tokens: int) -> str:
-    parts = {"ref": asdict(ref), "files": [files_fingerprint(p) for p in (ref.model, ref.adapter) if p],
-             "prompts": prompts, "max_new_tokens": max_new_tokens, "format": ANSWERS_FORMAT}
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+    """Keyed by the model's files (not the report files a training run writes beside its model, which change each
+    time a report is written), the prompts and the settings."""
+    files = [files_fingerprint(p, skip=REPORT_FILES) for p in (ref.model, ref.adapter) if p]
+    return value_digest({"ref": asdict(ref), "files": files, "prompts": prompts, "max_new_tokens": max_new_tokens,
+                         "format": ANSWERS_FORMAT})
 
 
-def shared_answers(key: str) -> Path:
-    """Where answers with this key are kept for every run (a base model answers the same prompts in every run
-    that starts from it: generated once, reused by each training report and pipeline run)."""
+def shared_answers() -> ResultCache:
+    """Answers kept for every run (a base model answers the same prompts in every run that starts from it:
+    generated once, reused by each training report and pipeline run)."""
     from medgpt.models import cache_dir
 
-    return cache_dir() / "answers" / f"{key[:32]}.json"
+    return ResultCache(cache_dir() / "answers")
 
 
 def generate_answers(refs: dict[str, ModelRef], prompts: list[list[dict]], cache_file: Path,
@@ -239,14 +213,15 @@ def generate_answers(refs: dict[str, ModelRef], prompts: list[list[dict]], cache
     from medgpt.infer.base import GenerationParams
     from medgpt.infer.engine import load_engine
 
-    cache = read_json(cache_file)
+    cache = read_json(cache_file, {})
+    shared = shared_answers()
     out: dict[str, list[Answer]] = {}
     todo = {}
     keys = {label: _answers_key(ref, prompts, max_new_tokens) for label, ref in refs.items()}
     for label, ref in refs.items():
         key = keys[label]
-        found = cache.get(label, {}) if cache.get(label, {}).get("key") == key else read_json(shared_answers(key))
-        if found.get("key") == key:
+        found = cache.get(label) if (cache.get(label) or {}).get("key") == key else shared.get(key)
+        if found:
             out[label] = [Answer(**a) for a in found["answers"]]
         else:
             todo[label] = (ref, key)
@@ -261,12 +236,11 @@ def generate_answers(refs: dict[str, ModelRef], prompts: list[list[dict]], cache
         del engine
         gc.collect()
         out[label] = [Answer(c.text.strip(), c.finish_reason, c.completion_tokens) for c in completions]
-        entry = {"key": key, "answers": [asdict(a) for a in out[label]]}
-        write_text(shared_answers(key), json.dumps(entry, ensure_ascii=False))
+        shared.put(key, {"answers": [asdict(a) for a in out[label]]})
         log.info("report: %s answered %d prompts in %.1fs", label, len(prompts), time.time() - started)
     new = {label: {"key": keys[label], "answers": [asdict(a) for a in out[label]]} for label in refs}
     if new != {label: cache.get(label) for label in refs}:
-        write_text(cache_file, json.dumps({**cache, **new}, indent=2, ensure_ascii=False))
+        write_json(cache_file, {**cache, **new})
     return {label: out[label] for label in refs}
 
 
@@ -358,9 +332,6 @@ SETTING_KEYS = ("stage", "method", "model", "adapter", "template", "dtype", "qua
                 "mini_batch_size", "ppo_epochs", "num_generations", "beta", "loss_type", "kl_coef", "bf16", "fp16",
                 "use_cpu", "pure_bf16", "seed")
 DEVICE_DEPENDENT = ("bf16", "fp16", "use_cpu")  # defaults chosen on the machine that trained: not in the config
-STAGE_OPTIONS = {"dpo": ("beta", "loss_type"), "kto": ("beta", "loss_type"), "orpo": ("beta",),
-                 "grpo": ("beta", "num_generations", "loss_type"),
-                 "ppo": ("kl_coef", "ppo_epochs", "rollout_batch_size", "mini_batch_size")}
 
 
 def _plain(value: Any) -> Any:
@@ -415,10 +386,10 @@ def _weights_text(cfg) -> str:
 def recorded_settings(folder: Path) -> dict | None:
     """A stage's settings from its folder: hyperparameters.json, else medgpt.json's config plus the defaults
     of the stage's config classes (device-chosen defaults stay unknown); None when neither is there."""
-    settled = read_json(folder / SETTINGS_FILE)
+    settled = read_json(folder / SETTINGS_FILE, {})
     if settled.get("values"):
         return settled
-    meta = read_json(folder / META_FILE)
+    meta = read_json(folder / META_FILE, {})
     if not meta:
         return None
     from medgpt.config import ALIASES, DataArgs, RunArgs
@@ -448,8 +419,8 @@ def recorded_settings(folder: Path) -> dict | None:
             values[key] = _plain(raw[key])
         elif key not in DEVICE_DEPENDENT and key in defaults and values.get(key) is None:
             values[key] = _plain(defaults[key])
-    if stage == "pt" and values.get("block_size"):
-        values["max_length"] = values["block_size"]
+    if values.get(length_key := facts_of(stage).length_key):
+        values["max_length"] = values[length_key]
     measured = {"device": "CPU"} if _truthy(values.get("use_cpu")) else {}
     return {"values": values, "measured": measured}
 
@@ -477,7 +448,7 @@ def settings_rows(settings: dict, folder: Path, steps_logged: int | None) -> lis
         text += f", training the adapter {values['adapter']} further"
     rows.append(["method", text])
     if method in ("lora", "qlora") and (values.get("lora_rank") or (folder / "adapter_config.json").exists()):
-        adapter = read_json(folder / "adapter_config.json")  # what PEFT saved: the truth for old runs too
+        adapter = read_json(folder / "adapter_config.json", {})  # what PEFT saved: the truth for old runs too
         rank, alpha = adapter.get("r", values.get("lora_rank")), adapter.get("lora_alpha", values.get("lora_alpha"))
         target = adapter.get("target_modules", values.get("lora_target"))
         if isinstance(target, list):
@@ -496,7 +467,7 @@ def settings_rows(settings: dict, folder: Path, steps_logged: int | None) -> lis
     warmup = _warmup_text(values.get("warmup_steps"))
     rows.append(["learning rate", f"{_number(lr)}{schedule}{warmup}" if lr is not None else missing])
     max_steps = _int(values.get("max_steps")) or 0
-    unit = "rollouts" if stage == "ppo" else "optimizer steps"
+    unit = facts_of(stage).steps
     epochs = values.get("num_train_epochs")
     planned = f"{max_steps} {unit} (max_steps)" if max_steps > 0 else \
         f"{_number(epochs)} epoch{'' if _int(epochs) == 1 else 's'} (num_train_epochs)"
@@ -519,7 +490,7 @@ def settings_rows(settings: dict, folder: Path, steps_logged: int | None) -> lis
     processes = measured.get("processes")
     device = measured.get("device", missing)
     rows.append(["device", device + (f" × {processes} processes" if processes and processes > 1 else "")])
-    options = [f"{key} {_listed(values[key])}" for key in STAGE_OPTIONS.get(stage or "", ())
+    options = [f"{key} {_listed(values[key])}" for key in facts_of(stage).options
                if values.get(key) is not None]
     if options:
         rows.append([f"{stage} options", ", ".join(options)])
@@ -549,8 +520,8 @@ def _batch_text(values: dict, measured: dict, stage: str | None) -> str:
     per_device, accumulation = _int(values.get("per_device_train_batch_size")), \
         _int(values.get("gradient_accumulation_steps")) or 1
     processes = measured.get("processes")
-    unit = BATCH_UNITS.get(stage or "", "examples")
-    if stage == "ppo":
+    unit = facts_of(stage).batch_unit
+    if facts_of(stage).rollouts:
         rollout = values.get("rollout_batch_size")
         minibatch = values.get("mini_batch_size") or (per_device or 0) * accumulation
         per = f" × {processes} processes" if processes else " per process"
@@ -565,16 +536,10 @@ def _batch_text(values: dict, measured: dict, stage: str | None) -> str:
 
 
 def _length_text(values: dict, stage: str | None) -> str:
-    if stage == "ppo":
-        return f"prompt {values.get('max_prompt_length')} + {values.get('max_new_tokens')} new tokens (rollouts)"
-    if stage == "grpo":
-        return f"{values.get('max_completion_length')} tokens per completion"
-    length = values.get("max_length")
-    if not length:
+    text = facts_of(stage).length
+    if "{max_length}" in text and not values.get("max_length"):
         return "no limit"
-    if stage == "pt":
-        return f"{length} tokens per block"
-    return f"{length} tokens (longer records: {values.get('overlong') or 'drop'})"
+    return text.format_map(defaultdict(lambda: None, {**values, "overlong": values.get("overlong") or "drop"}))
 
 
 # ---- document ----------------------------------------------------------------------------------
@@ -607,7 +572,7 @@ def stage_section(result: StageResult) -> tuple[str, list]:
         blocks.append(("table", ["setting", "value"], settings_rows(settings, result.folder, max(steps, default=0))))
     else:
         blocks.append(("text", f"No settings recorded ({SETTINGS_FILE} and {META_FILE} are missing)."))
-    stats = read_json(result.folder / "data_stats.json")
+    stats = read_json(result.folder / "data_stats.json", {})
     if stats:
         table = []
         for split, s in stats.items():
@@ -624,7 +589,7 @@ def stage_section(result: StageResult) -> tuple[str, list]:
                                "logging interval); dashed lines with squares: the eval set."))
     else:
         blocks.append(("text", "No training curves logged (metrics.jsonl is empty or missing)."))
-    metrics = read_json(result.folder / "final_metrics.json")
+    metrics = read_json(result.folder / "final_metrics.json", {})
     numeric = [[k, _number(v), final_metric_meaning(k)] for k, v in sorted(metrics.items())
                if isinstance(v, (int, float))]
     if numeric:
@@ -771,14 +736,6 @@ def to_html(title: str, sections: list[tuple[str, list]]) -> str:
             f"<style>{HTML_STYLE}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
 
 
-def write_text(path: Path, content: str | bytes) -> None:
-    """Write to a temporary name and rename: a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(content if isinstance(content, bytes) else content.encode("utf-8"))
-    tmp.replace(path)
-
-
 def write_report(folder: str | Path, results: list[StageResult], base: ModelRef | None = None,
                  prompts: list[list[dict]] | None = None, max_new_tokens: int = MAX_NEW_TOKENS,
                  title: str = "medgpt run report", summary: list[list] | None = None,
@@ -806,10 +763,10 @@ def write_report(folder: str | Path, results: list[StageResult], base: ModelRef 
     for _, blocks in sections:
         for block in blocks:
             if block[0] == "image":
-                write_text(folder / "plots" / block[1], block[2])
-    write_text(folder / "report.html", to_html(title, sections))
+                atomic_write(folder / "plots" / block[1], block[2])
+    atomic_write(folder / "report.html", to_html(title, sections))
     report = folder / "report.md"
-    write_text(report, to_markdown(title, sections))
+    atomic_write(report, to_markdown(title, sections))
     log.info("report written: %s and %s", report, folder / "report.html")
     return report
 
@@ -826,13 +783,14 @@ def write_training_report(cfg) -> Path | None:
     hyperparameters.json for later reports), curves, metrics and data, and the answers of the starting model
     and of the trained one (`report_prompts: none` turns answers off).
 
-    Called after the model is saved, so a failure here is logged and never loses a finished training.
+    Called by the command that trained (`medgpt train`, the pipeline) once the model is saved, on the main
+    process only, so a failure here is logged and never loses a finished training.
     """
     folder = cfg.output_dir
     try:
-        write_text(folder / SETTINGS_FILE, json.dumps(settled_settings(cfg), indent=2, ensure_ascii=False))
+        write_json(folder / SETTINGS_FILE, settled_settings(cfg))
         prompts = load_prompts(cfg.run.report_prompts)
-        answers = cfg.run.stage != "rm"
+        answers = not facts_of(cfg.run.stage).score_head  # a reward model scores, it does not answer
         result = StageResult(cfg.run.stage, cfg.run.stage, folder, trained_model(cfg, folder) if answers else None)
         base = ModelRef(cfg.model.model, cfg.model.adapter, cfg.model.template) if answers else None
         return write_report(folder, [result], base, prompts, title=f"medgpt {cfg.run.stage} report")

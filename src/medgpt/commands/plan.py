@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from medgpt.plan import DEVICES, PAIRED, PLAN_METHODS, STAGES  # medgpt.plan imports only the standard library at the top
+from medgpt.plan import DEVICES, PLAN_METHODS  # medgpt.plan imports only the standard library at the top
+from medgpt.stages import STAGES, stage_facts
 ROWS = (("weights", "weights"), ("gradients", "gradients"), ("optimizer", "optimizer states"),
         ("activations", "activations"), ("reference_model", "reference model"), ("reward_model", "reward model"),
         ("overhead", "CUDA context and slack"))
@@ -57,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(report, indent=2))
         return 0
     a, sizes = result.arch, report["per_device_gib"]
-    pairs = " (x2: chosen + rejected)" if args.stage in PAIRED else ""
+    pairs = " (x2: chosen + rejected)" if stage_facts(args.stage).paired else ""
     print(f"{a.name}  [{a.source}]")
     print(f"{args.stage}, {args.method}, device {args.device}: {a.params / 1e9:.3f} B params, "
           f"{result.trainable / 1e6:,.2f} M trainable ({100 * result.trainable / a.params:.2f}%)")

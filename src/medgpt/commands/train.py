@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import os
+
+from medgpt.stages import STAGES
 
 USAGE = "medgpt train [CONFIG.yaml] [--key value ...]"
 
@@ -13,7 +14,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     # file, then --key value pairs, so options that start with -- are never mistaken for medgpt's own.
     parser.usage = USAGE
     parser.epilog = (
-        "CONFIG.yaml holds `stage:` (pt, sft, rm, ppo, dpo, orpo, kto, grpo) and its options; --key value pairs "
+        "CONFIG.yaml holds `stage:` (" + ", ".join(STAGES) + ") and its options; --key value pairs "
         "override it (e.g. --learning_rate 1e-4 --max_steps 20). Every option of the stage's TRL config "
         "(a transformers TrainingArguments) is a valid key too."
     )
@@ -27,14 +28,16 @@ def split_config(words: list[str]) -> tuple[str | None, list[str]]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from medgpt.config import load_config
-    from medgpt.train import run_training
+    from medgpt.files import is_main_process
+    from medgpt.report import write_training_report
+    from medgpt.train import load_config, run_training
 
     config_path, overrides = split_config(list(args.overrides))
     cfg = load_config(config_path, overrides)
     metrics = run_training(cfg)
-    if int(os.environ.get("RANK", "0")) != 0:
+    if not is_main_process():
         return 0
+    write_training_report(cfg)
     print(f"{cfg.run.stage} finished: {cfg.output_dir}")
     for key in sorted(metrics):
         if isinstance(metrics[key], (int, float)):

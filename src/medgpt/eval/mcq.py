@@ -21,6 +21,7 @@ from typing import Any
 from medgpt.data.answers import extract_choice
 from medgpt.data.readers import as_object, hub_rows, read_records
 from medgpt.errors import UserError
+from medgpt.files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -382,30 +383,20 @@ class LoglikScorer:
         import torch
         from tqdm.auto import tqdm
 
+        from medgpt.models import left_padded
+
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
         out = torch.zeros(len(prompts), len(LETTERS))
         device = next(self.model.parameters()).device
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         for start in tqdm(range(0, len(order), self.batch_size), desc="mcq", unit="batch", disable=not progress):
             chunk = order[start:start + self.batch_size]
-            width = max(len(prompts[i]) for i in chunk)
-            ids = torch.tensor([[pad] * (width - len(prompts[i])) + prompts[i] for i in chunk], device=device)
-            mask = torch.tensor([[0] * (width - len(prompts[i])) + [1] * len(prompts[i]) for i in chunk],
-                                device=device)
-            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            ids, mask, positions = left_padded([prompts[i] for i in chunk], self.tokenizer.pad_token_id, device)
             with torch.inference_mode():
                 logprobs = torch.log_softmax(self._last_logits(ids, mask, positions), dim=-1).cpu()
             for row, i in zip(logprobs, chunk):
                 cands = letter_ids[i] if letter_ids is not None else self.letter_ids
                 out[i] = torch.stack([torch.logsumexp(row[c], dim=0) for c in cands])
         return out
-
-    def letter_logprobs(self, prompts: list[list[int]], letter_ids: list[list[list[int]]] | None = None,
-                        progress: bool = False):
-        """(n, 4) log-probabilities over A-D only (the raw log-likelihoods renormalized)."""
-        import torch
-
-        return torch.log_softmax(self.letter_loglik(prompts, letter_ids, progress), dim=-1)
 
 
 def _item(q: Question, pred: str | None, shots_used: int, **extra: Any) -> dict:
@@ -541,7 +532,6 @@ def write_lm_eval_tasks(args: McqArgs, out_dir: str | Path) -> list[Path]:
             task.update({"fewshot_split": "dev", "num_fewshot": args.shots, "fewshot_config": {"sampler": "first_n"}})
         path = out / f"{name}.yaml"
         # JSON is YAML: every string is quoted exactly, newlines and Jinja braces included
-        path.write_text("\n".join(f"{k}: {json.dumps(v, ensure_ascii=False)}" for k, v in task.items()) + "\n",
-                        encoding="utf-8")
+        atomic_write(path, "\n".join(f"{k}: {json.dumps(v, ensure_ascii=False)}" for k, v in task.items()) + "\n")
         written.append(path)
     return written

@@ -315,19 +315,6 @@ def require_template(template: Any) -> Any:
     return template
 
 
-def resolve_template(name: str | None, model: str | None, adapter: str | None, tokenizer):
-    """The template named, else the one recorded beside the adapter or model (medgpt.json), else the tokenizer's."""
-    from medgpt.data.templates import get_template
-    from medgpt.models import read_meta, recorded_template, resolve_model
-
-    metas = []
-    if adapter and Path(adapter).expanduser().is_dir():
-        metas.append(read_meta(Path(adapter).expanduser()))
-    if model and name is None:
-        metas.append(read_meta(resolve_model(model)))
-    return get_template(recorded_template(name, *metas), tokenizer)
-
-
 def stop_tokens(tokenizer, template, model=None) -> tuple[set[int], list[str]]:
     """The ids and strings that end a response: eos (the tokenizer's and the model's generation config's) and
     the template's stop words, as single token ids where the vocabulary has them, else as strings."""

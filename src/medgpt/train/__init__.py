@@ -16,20 +16,34 @@ from __future__ import annotations
 
 import importlib
 
-from medgpt.errors import UserError
+from pathlib import Path
+from typing import Any
 
-STAGES = ("pt", "sft", "rm", "ppo", "dpo", "orpo", "kto", "grpo")
+from medgpt.config import Config, build_stage_config, read_config
+from medgpt.errors import UserError
+from medgpt.stages import stage_facts
 
 
 def stage_module(stage: str):
-    if stage not in STAGES:
-        raise UserError(f"stage {stage!r}: expected one of {', '.join(STAGES)}")
+    """The module of a stage named in `medgpt.stages`."""
+    stage_facts(stage)
     try:
         return importlib.import_module(f"medgpt.train.{stage}")
     except ModuleNotFoundError as exc:
         if exc.name == f"medgpt.train.{stage}":
             raise UserError(f"stage {stage!r} is not available in this version") from exc
         raise
+
+
+def build_config(raw: dict[str, Any]) -> Config:
+    """A flat dict of options -> the settled `Config` of the stage it names (`stage`, default sft)."""
+    return build_stage_config(raw, stage_module(str(raw.get("stage", "sft"))))
+
+
+def load_config(path: str | Path | None, overrides: list[str] | dict[str, Any] | None = None,
+                **defaults: Any) -> Config:
+    """YAML file (optional) + overrides (command line) -> the stage's settled `Config`. Later sources win."""
+    return build_config(read_config(path, overrides, **defaults))
 
 
 def run_training(cfg) -> dict:

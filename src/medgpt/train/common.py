@@ -11,6 +11,8 @@ from typing import Any, Callable
 
 from medgpt.config import Config, training_precision
 from medgpt.errors import UserError
+from medgpt.files import is_main_process, write_json
+from medgpt.stages import stage_facts
 from medgpt.train import lm_head
 
 log = logging.getLogger(__name__)
@@ -90,13 +92,10 @@ def build_trainer(cfg: Config, trainer_cls, datasets: Callable, load: Callable |
     return trainer, stats
 
 
-AUTOCAST_ONLY_STAGES = ("sft", "pt", "dpo")  # TRL runs their models only inside its loss's autocast
-
-
 def runs_under_autocast_only(cfg: Config) -> bool:
     """True where every forward of the model being trained runs under the trainer's autocast (its training and
     evaluation losses): not GRPO's and PPO's generation, nor DPO's reference log-probs computed in advance."""
-    return (cfg.run.stage in AUTOCAST_ONLY_STAGES and cfg.run.method != "full"
+    return (stage_facts(cfg.run.stage).autocast_only and cfg.run.method != "full"
             and not getattr(cfg.train, "precompute_ref_log_probs", False))
 
 
@@ -163,14 +162,8 @@ def prepare_output(cfg: Config, resumed_at: int | None = None) -> None:
     if not cfg.run.resume or resumed_at is None:  # every process of a multi-process run gets here
         metrics.unlink(missing_ok=True)
         (cfg.output_dir / MEDGPT_META).unlink(missing_ok=True)
-    elif metrics.exists() and _is_main_process():
+    elif metrics.exists() and is_main_process():
         write_jsonl(metrics, [row for row in read_log(metrics) if row.get("step", 0) <= resumed_at])
-
-
-def _is_main_process() -> bool:
-    import os
-
-    return int(os.environ.get("RANK", "0")) == 0
 
 
 def whole_run_train_loss(output_dir: Path) -> float | None:
@@ -254,18 +247,17 @@ def train_and_save(trainer, cfg: Config, stats: dict, extra_metrics: Callable[[A
 
 
 def save_outputs(cfg: Config, tokenizer, stats: dict, metrics: dict) -> None:
-    """Everything beside the saved weights: tokenizer, counts, metrics, the report, and medgpt.json.
+    """Everything beside the saved weights: tokenizer, counts, metrics, and medgpt.json (the report is the
+    command's: `medgpt.report.write_training_report`).
 
     medgpt.json is written last: its presence marks the folder complete.
     """
     from medgpt.models import write_meta
-    from medgpt.report import write_training_report
 
     out = cfg.output_dir
     tokenizer.save_pretrained(str(out))
     write_json(out / "data_stats.json", {split: s.to_dict() for split, s in stats.items()})
     write_json(out / "final_metrics.json", metrics)
-    write_training_report(cfg)
     write_meta(out, stage=cfg.run.stage, method=cfg.run.method, base_model=cfg.model.model,
                adapter_base=cfg.model.adapter, template=cfg.model.template, complete=True,
                config={k: v for k, v in cfg.raw.items() if _jsonable(v)})
@@ -277,10 +269,3 @@ def _jsonable(value: Any) -> bool:
         return True
     except TypeError:
         return False
-
-
-def write_json(path: Path, data: Any) -> None:
-    """Write JSON atomically: a reader never sees half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False, default=str), encoding="utf-8")
-    tmp.replace(path)

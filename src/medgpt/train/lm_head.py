@@ -20,9 +20,9 @@ import types
 
 from medgpt.config import Config
 from medgpt.errors import UserError
+from medgpt.stages import stage_facts
 
 log = logging.getLogger(__name__)
-PLAIN_STAGES = ("sft", "pt", "dpo")  # the TRL trainers whose fused head (temperature 1) `plain` stands in for
 PLAIN_LOGITS_SHARE = 0.1  # of the RAM the labelled positions' logits (and their gradient) may take on a CPU
 # model configs whose logits are scaled or soft-capped: TRL's head applies these; `plain` does not
 SCALED_LOGITS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier",
@@ -34,7 +34,7 @@ def choose(cfg: Config, model) -> str:
     asked = cfg.run.lm_head_loss
     text = model.config.get_text_config()
     scaled = [k for k in SCALED_LOGITS if getattr(text, k, None) not in (None, 1.0)]
-    why_not = (f"stage {cfg.run.stage} keeps TRL's head" if cfg.run.stage not in PLAIN_STAGES
+    why_not = (f"stage {cfg.run.stage} keeps TRL's head" if not stage_facts(cfg.run.stage).plain_head
                else f"the model scales its logits ({', '.join(scaled)})" if scaled else None)
     if asked == "plain" and why_not:
         raise UserError(f"lm_head_loss plain: {why_not} (use auto or chunked)")

@@ -170,13 +170,6 @@ def build_rewards(args: RewardArgs, device: str | None = None, dtype: str = "aut
     return out
 
 
-def load_reward_model(args, training: bool = False):
-    """A sequence-classification model with a single output (the score), with its adapter if any."""
-    from medgpt.models import open_args
-
-    return open_args(args, template="none", head="seq_cls", training=training).model
-
-
 class RewardModel:
     """A trained reward model (`medgpt train` stage rm: a LoRA adapter with its score head, or a full
     model) that scores (prompt, response) pairs; also a reward of GRPO and PPO."""
