@@ -7,7 +7,9 @@ message goes. The text of a conversation is
     prefix [system] user₁ assistant_start assistant₁ assistant_sep user₂ ... (assistant_start | suffix)
 
 with the variations a family needs as fields (a system prompt folded into a user turn, trimmed contents, a
-tool format, ...); each row is checked against the family's official template in the tests.
+tool format, ...); each row is checked against the family's official template in the tests. A tool format
+(`data/tool_formats.py`) writes the tools, tool calls and tool results; `data/template_jinja.py` writes a
+template as Jinja (`Template.chat_template`).
 
 Only `assistant` is labelled: the response and the end-of-turn marker that closes it (so the model learns
 to stop); `stop_words[0]` is always that marker. In a template with a tool format an assistant's tool calls
@@ -24,11 +26,12 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import itertools
-import json
 from dataclasses import dataclass, field
 from typing import Any
 
 from medgpt.data.messages import check_tools, split_system
+from medgpt.data.template_jinja import chat_template as jinja_chat_template
+from medgpt.data.tool_formats import TOOL_FORMATS, ToolFormat, get_tool_format
 from medgpt.errors import UserError
 
 IGNORE_INDEX = -100
@@ -38,70 +41,6 @@ Segment = tuple[str, bool]  # (text, labelled)
 def _fill(fmt: str, content: str) -> str:
     # str.replace, not str.format: contents and formats may hold braces
     return fmt.replace("{content}", content)
-
-
-def _jinja(text: str) -> str:
-    """A Jinja string literal (Jinja unescapes literals like Python does)."""
-    return repr(text)
-
-
-def _jinja_terms(fmt: str, expr: str = "content") -> list[str]:
-    """A format string as Jinja terms to join with +: literals around `expr` where {content} is."""
-    before, found, after = fmt.partition("{content}")
-    terms = [_jinja(before)] if before else []
-    if found:
-        terms.append(expr)
-    return terms + ([_jinja(after)] if after else [])
-
-
-def _jinja_expr(fmt: str, expr: str = "content") -> str:
-    """A format string as one Jinja expression."""
-    return " + ".join(_jinja_terms(fmt, expr)) or "''"
-
-
-def _tojson(value: Any, indent: int | None = None) -> str:
-    """JSON as the `tojson` filter of transformers' chat-template renderer writes it."""
-    return json.dumps(value, ensure_ascii=False, indent=indent)
-
-
-# -- tool formats: how a template writes the tools, an assistant's tool calls and the tool results -------------
-
-# Qwen2.5 / Qwen3 (Hermes-style): the tools open the system turn, calls are <tool_call> JSON lines in the reply,
-# results are <tool_response> blocks in a user turn
-_QWEN_TOOLS_HEAD = ("# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
-                    "You are provided with function signatures within <tools></tools> XML tags:\n<tools>")
-_QWEN_TOOLS_TAIL = ("\n</tools>\n\nFor each function call, return a json object with function name and arguments "
-                    "within <tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": "
-                    "<args-json-object>}\n</tool_call>")
-# Llama-3.1 (tools in the first user turn, the default of its template): one JSON call per reply, results in an
-# ipython turn
-_LLAMA3_SYSTEM_HEADER = "<|start_header_id|>system<|end_header_id|>\n\n"
-_LLAMA31_DATES = "Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n"
-_LLAMA31_TOOLS = ("Given the following functions, please respond with a JSON for a function call with its proper "
-                  "arguments that best answers the given prompt.\n\n"
-                  'Respond in the format {"name": function name, "parameters": dictionary of argument name and its '
-                  'value}.Do not use variables.\n\n')
-TOOL_FORMATS = ("qwen", "llama3.1", "mistral")
-
-
-def _mistral_tools(tools: list[dict]) -> str:
-    """Mistral v0.3's [AVAILABLE_TOOLS] block (its template writes string values unescaped)."""
-    def one(tool: dict) -> str:
-        fields = [f'"{key}": "{val}"' if isinstance(val, str) else f'"{key}": {_tojson(val)}'
-                  for key, val in tool["function"].items() if key != "return"]
-        return '{"type": "function", "function": {' + ", ".join(fields) + "}}"
-    return "[AVAILABLE_TOOLS] [" + ", ".join(one(t) for t in tools) + "][/AVAILABLE_TOOLS]"
-
-
-def _mistral_id(value: Any) -> bool:
-    """Mistral's format takes tool-call ids of exactly 9 letters and digits."""
-    return isinstance(value, str) and len(value) == 9 and value.isalnum()
-
-
-def _mistral_call_ids(turns: list[dict]) -> list[str]:
-    """The id of each tool call in order: its own where it has a Mistral one, else its number, zero-padded."""
-    calls = [c for m in turns for c in m.get("tool_calls") or []]
-    return [c["id"] if _mistral_id(c.get("id")) else f"{k:09d}" for k, c in enumerate(calls, 1)]
 
 
 @dataclass(frozen=True)
@@ -124,8 +63,17 @@ class Template:
     no_system: bool = False  # the format has no system prompt: one is an error, as in the model's own template
     final_reply_prefix: str = ""  # labelled text opening a reply that ends the conversation (Qwen3's empty think)
     suffix: str = ""  # unlabelled text after a finished conversation, i.e. without the generation prompt
-    tool_format: str | None = None  # one of TOOL_FORMATS: how tools, tool calls and tool results are written
+    tool_format: str | None = None  # a name in TOOL_FORMATS: how tools, tool calls and tool results are written
     families: str = ""  # the model families whose official chat format this is (`medgpt template list`)
+
+    def __post_init__(self) -> None:
+        if self.tool_format is not None:
+            get_tool_format(self.tool_format)
+
+    @property
+    def tool_syntax(self) -> ToolFormat | None:
+        """The tool format's definition (None: the template takes no tools)."""
+        return TOOL_FORMATS[self.tool_format] if self.tool_format else None
 
     # -- text ---------------------------------------------------------------------------------------
 
@@ -137,46 +85,30 @@ class Template:
         self._check_tool_use(turns, tools)
         if "system" in self.strip:
             system_text = system_text.strip()
-        users = [i for i, m in enumerate(turns) if m["role"] == "user"]
-        if system_text and self.no_system:
-            raise UserError(f"template {self.name!r}: the format has no system prompt (the model's own template "
-                            "rejects one); give the instructions in the first user message, or pass --system ''")
-        fold_at = None
-        if system_text and self.fold_system:
-            if not users:
-                raise UserError(f"template {self.name!r}: the system prompt opens a user turn, and there is none")
-            fold_at = users[0] if self.fold_system == "first" else users[-1]
-        tools_at = None
-        if tools and self.tool_format in ("llama3.1", "mistral"):
-            if not users or (self.tool_format == "llama3.1" and users[0] != 0):
-                where = "first" if self.tool_format == "llama3.1" else "last"
-                raise UserError(f"template {self.name!r}: the tools go in the {where} user message, and the "
-                                "conversation does not start with one")
-            tools_at = users[0] if self.tool_format == "llama3.1" else users[-1]
-        call_ids = _mistral_call_ids(turns) if self.tool_format == "mistral" else []
-        results = 0
+        fold_at, tools_at = self._placements(turns, system_text, tools)
+        syntax = self.tool_syntax
+        ids = syntax.call_ids(turns) if syntax else []
+        calls_before = results = 0
         out: list[Segment] = [(self.prefix, False), (self._system_block(system_text, tools), False)]
         for i, m in enumerate(turns):
             content = m["content"].strip() if m["role"] in self.strip else m["content"]
             if m["role"] == "user":
                 if i == fold_at:
                     content = _fill(self.system, system_text) + content
-                if i == tools_at and self.tool_format == "llama3.1":
-                    content = _LLAMA31_TOOLS + "".join(_tojson(t, indent=4) + "\n\n" for t in tools) + content
-                if i == tools_at and self.tool_format == "mistral":
-                    out.append((_mistral_tools(tools), False))
+                before, opening = syntax.user_tools(tools) if syntax and i == tools_at else ("", "")
                 fmt = self.first_user if i == 0 and self.first_user is not None else self.user
-                out.append((_fill(fmt, content), False))
+                out += [(before, False), (_fill(fmt, opening + content), False)]
             elif m["role"] == "assistant":
                 calls = m.get("tool_calls") or []
-                reply = self._tool_calls(i, content, calls, call_ids) if calls else _fill(self.assistant, content)
+                reply = self._calls_reply(i, content, calls, ids[calls_before:calls_before + len(calls)]) \
+                    if calls else _fill(self.assistant, content)
+                calls_before += len(calls)
                 if i == len(turns) - 1:
                     reply = self.final_reply_prefix + reply
-                call_ids = call_ids[len(calls):] if self.tool_format == "mistral" else call_ids
                 out += [(self.assistant_start, False), (reply, True), (self.assistant_sep, False)]
             else:
                 results += 1
-                out.append((self._tool_result(turns, i, content, results), False))
+                out.append((syntax.write_result(turns, i, content, results, ids), False))  # type: ignore[union-attr]
         out.append((self.assistant_start if add_generation_prompt else self.suffix, False))
         return [s for s in out if s[0]]
 
@@ -192,54 +124,49 @@ class Template:
             raise UserError(f"template {self.name!r} has no tool format, and the conversation has {what}; templates "
                             f"with one: {', '.join(n for n, t in TEMPLATES.items() if t.tool_format)}")
 
+    def _placements(self, turns: list[dict], system_text: str,
+                    tools: list[dict] | None) -> tuple[int | None, int | None]:
+        """The index of the user turn the system prompt opens (fold_system) and of the one the tools open (None:
+        no such turn)."""
+        users = [i for i, m in enumerate(turns) if m["role"] == "user"]
+        if system_text and self.no_system:
+            raise UserError(f"template {self.name!r}: the format has no system prompt (the model's own template "
+                            "rejects one); give the instructions in the first user message, or pass --system ''")
+        fold_at = None
+        if system_text and self.fold_system:
+            if not users:
+                raise UserError(f"template {self.name!r}: the system prompt opens a user turn, and there is none")
+            fold_at = users[0] if self.fold_system == "first" else users[-1]
+        tools_in = self.tool_syntax.tools_in if tools and self.tool_syntax else "system"
+        if tools_in == "system":
+            return fold_at, None
+        if not users or (tools_in == "first" and users[0] != 0):
+            raise UserError(f"template {self.name!r}: the tools go in the {tools_in} user message, and the "
+                            "conversation does not start with one")
+        return fold_at, users[0] if tools_in == "first" else users[-1]
+
     def _system_block(self, system_text: str, tools: list[dict] | None) -> str:
         """The system turn, with the tools where the tool format puts them there."""
         if self.fold_system:
             return ""
-        content = system_text
-        if tools and self.tool_format == "qwen":
-            lead = system_text + "\n\n" if system_text or self.default_system is not None else ""
-            content = lead + _QWEN_TOOLS_HEAD + "".join("\n" + _tojson(t) for t in tools) + _QWEN_TOOLS_TAIL
+        syntax = self.tool_syntax if tools else None
+        content = syntax.system_text(system_text, tools, self.default_system is not None) if syntax else system_text
         if not (content or self.system_always):
             return ""
         block = _fill(self.system, content)
-        if tools and self.tool_format == "llama3.1":
-            block = block.replace(_LLAMA3_SYSTEM_HEADER, _LLAMA3_SYSTEM_HEADER + "Environment: ipython\n", 1)
-        return block
+        return syntax.system_block(block) if syntax else block
 
-    def _tool_calls(self, i: int, content: str, calls: list[dict], call_ids: list[str]) -> str:
-        """The labelled reply of an assistant turn with tool calls (and, in Qwen's format, text before them)."""
-        if self.tool_format != "qwen" and content:
+    def _calls_reply(self, i: int, content: str, calls: list[dict], ids: list[str]) -> str:
+        """The labelled reply of assistant turn i with tool calls (and its text, where the format takes one)."""
+        syntax = self.tool_syntax
+        assert syntax is not None  # _check_tool_use refuses tool calls without a format
+        if content and not syntax.text_before_calls:
             raise UserError(f"message {i}: template {self.name!r} writes an assistant turn with tool calls as the "
                             "calls alone: its text would be dropped; give the text its own assistant turn")
-        functions = [c["function"] for c in calls]
-        if self.tool_format == "qwen":
-            lines = ['<tool_call>\n{"name": "' + f["name"] + '", "arguments": ' + _tojson(f["arguments"])
-                     + "}\n</tool_call>" for f in functions]
-            return _fill(self.assistant, content + ("\n" if content else "") + "\n".join(lines))
-        if self.tool_format == "llama3.1":
-            if len(functions) != 1:
-                raise UserError(f"message {i}: template {self.name!r} takes one tool call per assistant turn "
-                                f"(Llama-3.1's format), got {len(functions)}")
-            f = functions[0]
-            return _fill(self.assistant, '{"name": "' + f["name"] + '", "parameters": ' + _tojson(f["arguments"]) + "}")
-        entries = [_tojson(f)[:-1] + ', "id": "' + call_id + '"}' for f, call_id in zip(functions, call_ids)]
-        return "[TOOL_CALLS] [" + ", ".join(entries) + "]</s>"
-
-    def _tool_result(self, turns: list[dict], i: int, content: str, number: int) -> str:
-        """A tool result (unlabelled); Qwen's format groups consecutive results in one user turn."""
-        if self.tool_format == "qwen":
-            first = i == 0 or turns[i - 1]["role"] != "tool"
-            last = i == len(turns) - 1 or turns[i + 1]["role"] != "tool"
-            return (("<|im_start|>user" if first else "") + "\n<tool_response>\n" + content + "\n</tool_response>"
-                    + ("<|im_end|>\n" if last else ""))
-        if self.tool_format == "llama3.1":
-            return "<|start_header_id|>ipython<|end_header_id|>\n\n" + _tojson(content) + "<|eot_id|>"
-        call_id = turns[i].get("tool_call_id")
-        if not _mistral_id(call_id):
-            ids = _mistral_call_ids(turns)
-            call_id = ids[number - 1] if number <= len(ids) else f"{number:09d}"
-        return '[TOOL_RESULTS] {"content": ' + content + ', "call_id": "' + call_id + '"}[/TOOL_RESULTS]'
+        if len(calls) > 1 and not syntax.parallel_calls:
+            raise UserError(f"message {i}: template {self.name!r} takes one tool call per assistant turn (tool "
+                            f"format {syntax.name!r}), got {len(calls)}")
+        return _fill(syntax.calls_reply or self.assistant, syntax.write_calls(content, calls, ids))
 
     # -- tokens -------------------------------------------------------------------------------------
 
@@ -258,141 +185,12 @@ class Template:
         segments = self.segments(messages, system, add_generation_prompt=True, tools=tools)
         return encode_segments(tokenizer, segments)["input_ids"]
 
-    # -- Jinja --------------------------------------------------------------------------------------
-
     def chat_template(self) -> str:
         """A Jinja chat template (for tokenizer.chat_template) that renders exactly what render() does.
 
         A leading system message plays the role of render()'s `system` argument; `tools` is the tools.
         """
-        def out(*pieces: str) -> str:  # pieces: format strings, whose {content} stands for `content`
-            terms = [t for fmt in pieces for t in _jinja_terms(fmt)]
-            return "{{- " + " + ".join(terms) + " -}}" if terms else ""
-
-        def fail(message: str) -> str:
-            return "{{- raise_exception(" + _jinja(f"template {self.name!r}: {message}") + ") -}}"
-
-        def when(test: str, *body: str) -> str:
-            return "{%- if " + test + " -%}" + "".join(body) + "{%- endif -%}"
-
-        def let(name: str, expr: str) -> str:
-            return "{%- set " + name + " = " + expr + " -%}"
-
-        fmt, system_expr = self.tool_format, _jinja_expr(self.system, "ns.system")
-        strip = when("message['role'] in " + repr(list(self.strip)), let("content", "content | trim")) \
-            if self.strip else ""
-        j = [
-            let("ns", "namespace(system=" + _jinja(self.default_system or "") + ", first_user=-1, last_user=-1, "
-                "calls=[], count=0, results=0, text='', reply='')"),
-            "{%- if messages and messages[0]['role'] == 'system' -%}",
-            let("ns.system", "messages[0]['content']"), let("loop_messages", "messages[1:]"),
-            "{%- else -%}" + let("loop_messages", "messages") + "{%- endif -%}",
-            let("tool_list", "tools if tools is defined and tools else none"),
-            "{%- for message in loop_messages -%}{%- if message['role'] == 'user' -%}",
-            when("ns.first_user < 0", let("ns.first_user", "loop.index0")), let("ns.last_user", "loop.index0"),
-            "{%- endif -%}{%- endfor -%}",
-            let("ns.system", "ns.system | trim") if "system" in self.strip else "",
-            when("ns.system", fail("the format has no system prompt")) if self.no_system else "",
-            when("ns.system and ns.first_user < 0", fail("the system prompt opens a user turn, and there is none"))
-            if self.fold_system else "",
-        ]
-        if fmt is None:
-            j.append(when("tool_list or loop_messages | selectattr('role', 'equalto', 'tool') | list "
-                          "or loop_messages | selectattr('tool_calls') | list", fail("it has no tool format")))
-        elif fmt in ("llama3.1", "mistral"):
-            j.append(when("tool_list and " + ("ns.first_user != 0" if fmt == "llama3.1" else "ns.last_user < 0"),
-                          fail("the tools go in a user message: the conversation must start with one")))
-        if fmt == "mistral":  # the call ids: their own where they are Mistral's 9 letters/digits, else the number
-            mistral_id = "{0} is string and {0} | length == 9 and {0}.isalnum()"
-            j += ["{%- for m in loop_messages -%}{%- for c in (m['tool_calls'] or []) -%}",
-                  let("ns.count", "ns.count + 1"),
-                  "{%- if " + mistral_id.format("c['id']") + " -%}" + let("ns.calls", "ns.calls + [c['id']]"),
-                  "{%- else -%}" + let("ns.calls", "ns.calls + ['%09d' | format(ns.count)]") + "{%- endif -%}",
-                  "{%- endfor -%}{%- endfor -%}", let("ns.count", "0")]
-        j.append(out(self.prefix))
-        if not self.fold_system:
-            j.append(let("ns.text", "ns.system"))
-            if fmt == "qwen":
-                lead = "ns.system + '\\n\\n'" if self.default_system is not None else \
-                    "(ns.system + '\\n\\n' if ns.system else '')"
-                j.append(when("tool_list", let("ns.text", lead + " + " + _jinja(_QWEN_TOOLS_HEAD)),
-                              "{%- for t in tool_list -%}" + let("ns.text", "ns.text + '\\n' + t | tojson")
-                              + "{%- endfor -%}", let("ns.text", "ns.text + " + _jinja(_QWEN_TOOLS_TAIL))))
-            env = when("tool_list", let("ns.text", "ns.text | replace(" + _jinja(_LLAMA3_SYSTEM_HEADER) + ", "
-                                        + _jinja(_LLAMA3_SYSTEM_HEADER + "Environment: ipython\n") + ", 1)")) \
-                if fmt == "llama3.1" else ""
-            j.append(when("true" if self.system_always else "ns.text",
-                          let("ns.text", _jinja_expr(self.system, "ns.text")), env, "{{- ns.text -}}"))
-        user = out(self.user)
-        if self.first_user is not None:
-            user = "{%- if loop.first -%}" + out(self.first_user) + "{%- else -%}" + user + "{%- endif -%}"
-        fold_at = "ns.first_user" if self.fold_system == "first" else "ns.last_user"
-        j += ["{%- for message in loop_messages -%}", let("content", "message['content']"), strip,
-              "{%- if message['role'] == 'user' -%}",
-              when("ns.system and loop.index0 == " + fold_at, let("content", system_expr + " + content"))
-              if self.fold_system else ""]
-        if fmt == "llama3.1":
-            j.append(when("tool_list and loop.index0 == ns.first_user", let("ns.text", _jinja(_LLAMA31_TOOLS)),
-                          "{%- for t in tool_list -%}" + let("ns.text", "ns.text + t | tojson(indent=4) + '\\n\\n'")
-                          + "{%- endfor -%}", let("content", "ns.text + content")))
-        elif fmt == "mistral":
-            j.append(when("tool_list and loop.index0 == ns.last_user", "{{- '[AVAILABLE_TOOLS] [' -}}",
-                          "{%- for tool in tool_list -%}{{- '{\"type\": \"function\", \"function\": {' -}}",
-                          "{%- for key, val in tool['function'].items() if key != 'return' -%}",
-                          "{%- if val is string -%}{{- '\"' + key + '\": \"' + val + '\"' -}}",
-                          "{%- else -%}{{- '\"' + key + '\": ' + val | tojson -}}{%- endif -%}",
-                          when("not loop.last", "{{- ', ' -}}"), "{%- endfor -%}{{- '}}' -}}",
-                          when("not loop.last", "{{- ', ' -}}"), "{%- endfor -%}{{- '][/AVAILABLE_TOOLS]' -}}"))
-        j += [user, "{%- elif message['role'] == 'assistant' -%}"]
-        reply = let("ns.reply", _jinja_expr(self.assistant))
-        if fmt is None:
-            j.append(reply)
-        else:
-            j.append("{%- if message['tool_calls'] -%}")
-            if fmt == "qwen":
-                j += [let("ns.text", "content + ('\\n' if content else '')"),
-                      "{%- for c in message['tool_calls'] -%}",
-                      when("not loop.first", let("ns.text", "ns.text + '\\n'")),
-                      let("ns.text", "ns.text + '<tool_call>\\n{\"name\": \"' + c['function']['name'] + '\", "
-                          "\"arguments\": ' + c['function']['arguments'] | tojson + '}\\n</tool_call>'"),
-                      "{%- endfor -%}", let("ns.reply", _jinja_expr(self.assistant, "ns.text"))]
-            else:
-                j.append(when("content", fail("an assistant turn with tool calls is written as the calls alone")))
-            if fmt == "llama3.1":
-                j += [when("message['tool_calls'] | length != 1", fail("it takes one tool call per assistant turn")),
-                      let("f", "message['tool_calls'][0]['function']"),
-                      let("ns.reply", _jinja_expr(self.assistant, "'{\"name\": \"' + f['name'] + '\", "
-                                                  "\"parameters\": ' + f['arguments'] | tojson + '}'"))]
-            elif fmt == "mistral":
-                j += [let("ns.text", "''"), "{%- for c in message['tool_calls'] -%}", let("ns.count", "ns.count + 1"),
-                      let("ns.text", "ns.text + (', ' if not loop.first else '') + (c['function'] | tojson)[:-1] "
-                          "+ ', \"id\": \"' + ns.calls[ns.count - 1] + '\"}'"), "{%- endfor -%}",
-                      let("ns.reply", "'[TOOL_CALLS] [' + ns.text + ']</s>'")]
-            j += ["{%- else -%}", reply, "{%- endif -%}"]
-        if self.final_reply_prefix:
-            j.append(when("loop.last", let("ns.reply", _jinja(self.final_reply_prefix) + " + ns.reply")))
-        j.append("{{- " + " + ".join([*_jinja_terms(self.assistant_start, ""), "ns.reply",
-                                      *_jinja_terms(self.assistant_sep, "")]) + " -}}")
-        if fmt == "qwen":
-            j += ["{%- elif message['role'] == 'tool' -%}",
-                  when("loop.first or loop_messages[loop.index0 - 1]['role'] != 'tool'", "{{- '<|im_start|>user' -}}"),
-                  "{{- '\\n<tool_response>\\n' + content + '\\n</tool_response>' -}}",
-                  when("loop.last or loop_messages[loop.index0 + 1]['role'] != 'tool'", "{{- '<|im_end|>\\n' -}}")]
-        elif fmt == "llama3.1":
-            j += ["{%- elif message['role'] == 'tool' -%}",
-                  "{{- '<|start_header_id|>ipython<|end_header_id|>\\n\\n' + content | tojson + '<|eot_id|>' -}}"]
-        elif fmt == "mistral":
-            j += ["{%- elif message['role'] == 'tool' -%}", let("ns.results", "ns.results + 1"),
-                  let("call_id", "message['tool_call_id']"),
-                  "{%- if not (" + mistral_id.format("call_id") + ") -%}",
-                  let("call_id", "ns.calls[ns.results - 1] if ns.results <= ns.calls | length "
-                      "else '%09d' | format(ns.results)"), "{%- endif -%}",
-                  "{{- '[TOOL_RESULTS] {\"content\": ' + content + ', \"call_id\": \"' + call_id + "
-                  "'\"}[/TOOL_RESULTS]' -}}"]
-        j += ["{%- endif -%}{%- endfor -%}",
-              "{%- if add_generation_prompt -%}" + out(self.assistant_start)
-              + ("{%- else -%}" + out(self.suffix) if self.suffix else "") + "{%- endif -%}"]
-        return "".join(j)
+        return jinja_chat_template(self)
 
 
 @dataclass(frozen=True)
@@ -512,6 +310,7 @@ def _adds_bos(tokenizer: Any) -> bool:
 
 # -- the registry ---------------------------------------------------------------------------------
 
+_LLAMA3_SYSTEM_HEADER = "<|start_header_id|>system<|end_header_id|>\n\n"
 _CHATML = dict(system="<|im_start|>system\n{content}<|im_end|>\n", user="<|im_start|>user\n{content}<|im_end|>\n",
                assistant_start="<|im_start|>assistant\n", assistant="{content}<|im_end|>", assistant_sep="\n")
 _LLAMA3 = dict(prefix="<|begin_of_text|>", system=_LLAMA3_SYSTEM_HEADER + "{content}<|eot_id|>",
@@ -521,6 +320,7 @@ _LLAMA3 = dict(prefix="<|begin_of_text|>", system=_LLAMA3_SYSTEM_HEADER + "{cont
 _GEMMA = dict(prefix="<bos>", system="{content}\n\n", user="<start_of_turn>user\n{content}<end_of_turn>\n",
               assistant_start="<start_of_turn>model\n", assistant="{content}<end_of_turn>", assistant_sep="\n",
               strip=("user", "assistant"))
+_LLAMA31_DATES = "Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n"
 _VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
                   "The assistant gives helpful, detailed, and polite answers to the user's questions.")
 _ALPACA_SYSTEM = ("Below is an instruction that describes a task. "
