@@ -148,9 +148,8 @@ def _compare(args: argparse.Namespace) -> int:
     markdown = markdown_table(table)
     print(markdown if args.format == "markdown" else to_text(table), end="")
     if args.markdown:
-        from medgpt.data.stats import atomic_writer
+        from medgpt.files import atomic_write
 
-        with atomic_writer(args.markdown) as handle:
-            handle.write(markdown)
+        atomic_write(args.markdown, markdown)
         print(f"written: {args.markdown}")
     return 0

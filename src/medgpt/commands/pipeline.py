@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 
 # Flags of this command that may also come after the config, among the overrides.
 OWN_FLAGS = {"--from": "start_from", "--dry-run": "dry_run", "--no-report": "no_report"}
@@ -45,6 +44,7 @@ def split_own_flags(args: argparse.Namespace) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from medgpt.files import is_main_process
     from medgpt.pipeline import final_model, load_pipeline, plan_steps, run_pipeline
 
     overrides = split_own_flags(args)
@@ -58,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"  {stage.name:<12} {stage.kind:<5} {step.action:<7} hash {step.hash}  from {starts}")
         return 0
     outcomes = run_pipeline(pipeline, args.start_from, report=not args.no_report)
-    if os.environ.get("RANK", "0") != "0":
+    if not is_main_process():
         return 0  # under accelerate/torchrun every process runs the pipeline; one summary is enough
     print(f"pipeline finished: {pipeline.run_dir}")
     for o in outcomes:

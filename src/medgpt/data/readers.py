@@ -40,8 +40,9 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from medgpt.data.stats import DataStats, atomic_writer, preview, write_stats
+from medgpt.data.stats import DataStats, preview, write_stats
 from medgpt.errors import UserError
+from medgpt.files import atomic_writer
 
 __all__ = [
     "DataStats", "RecordError", "as_object", "check_choice", "check_order", "convert", "detect_kind", "expand",

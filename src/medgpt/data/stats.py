@@ -6,17 +6,12 @@ so a later filter (e.g. token length) only has to call `drop` on a record that w
 
 from __future__ import annotations
 
-import glob
-import json
-import os
-import shutil
-import tempfile
 from collections import Counter
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+
+from medgpt.files import write_json
 
 MAX_EXAMPLES = 5
 STATS_FILE = "data_stats.json"
@@ -26,46 +21,6 @@ def preview(items: list[str], limit: int = MAX_EXAMPLES) -> str:
     """The first few items, comma-separated, saying how many more there are (keeps logs readable)."""
     more = len(items) - limit
     return ", ".join(items[:limit]) + (f" and {more} more" if more > 0 else "")
-
-
-@contextmanager
-def atomic_writer(path: str | Path) -> Iterator[IO[str]]:
-    """Open a temporary file beside `path` and rename it over `path` only once writing succeeded,
-    so that a crash never leaves a half-written file that looks complete."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            yield handle
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
-
-
-def temporary_sibling(path: str | Path) -> Path:
-    """This process's temporary folder name beside `path` (`.NAME.tmp-PID`, not created), once the ones that
-    killed processes left there are removed: an interrupted write never leaves copies piling up."""
-    path = Path(path)
-    prefix = f".{path.name}.tmp-"
-    for old in path.parent.glob(glob.escape(prefix) + "*"):
-        pid = old.name[len(prefix):]
-        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
-            shutil.rmtree(old, ignore_errors=True)
-    tmp = path.with_name(prefix + str(os.getpid()))
-    shutil.rmtree(tmp, ignore_errors=True)
-    return tmp
 
 
 @dataclass
@@ -138,7 +93,5 @@ def write_stats(folder: str | Path, stats: DataStats | Mapping[str, DataStats]) 
     (`{"train": ..., "eval": ...}` -> `{"train": {...}, "eval": {...}}`), atomically."""
     payload = stats.to_dict() if isinstance(stats, DataStats) else {k: s.to_dict() for k, s in stats.items()}
     path = Path(folder) / STATS_FILE
-    with atomic_writer(path) as handle:
-        json.dump(payload, handle, ensure_ascii=False, indent=2)
-        handle.write("\n")
+    write_json(path, payload)
     return path

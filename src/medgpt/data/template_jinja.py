@@ -8,7 +8,10 @@ them is ever written. Standard library only.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from medgpt.data.templates import Template
 
 _NAMESPACE = "namespace(system={}, first_user=-1, last_user=-1, calls=[], count=0, results=0, text='', reply='')"
 
@@ -47,8 +50,8 @@ def let(name: str, expr: str) -> str:
     return "{%- set " + name + " = " + expr + " -%}"
 
 
-def chat_template(template: Any) -> str:
-    """The Jinja text of `template` (a Template); a leading system message plays render()'s `system`, `tools` is
+def chat_template(template: Template) -> str:
+    """The Jinja text of `template`; a leading system message plays render()'s `system`, `tools` is
     the tools."""
     return "".join([
         _setup(template), _refusals(template), template.tool_syntax.jinja_call_ids() if template.tool_syntax else "",
@@ -65,11 +68,11 @@ def chat_template(template: Any) -> str:
     ])
 
 
-def _fail(template: Any, message: str) -> str:
+def _fail(template: Template, message: str) -> str:
     return "{{- raise_exception(" + literal(f"template {template.name!r}: {message}") + ") -}}"
 
 
-def _setup(template: Any) -> str:
+def _setup(template: Template) -> str:
     """ns.system (a leading system message, else the default), loop_messages, tool_list, the first and last user
     turns."""
     return "".join([
@@ -85,7 +88,7 @@ def _setup(template: Any) -> str:
     ])
 
 
-def _refusals(template: Any) -> str:
+def _refusals(template: Template) -> str:
     """What render() refuses before writing anything: a system prompt the format cannot hold, tools it cannot
     place."""
     syntax = template.tool_syntax
@@ -102,7 +105,7 @@ def _refusals(template: Any) -> str:
     return "".join(out)
 
 
-def _system_turn(template: Any) -> str:
+def _system_turn(template: Template) -> str:
     """The system block, with the tools where the format puts them there; none where the prompt opens a user turn."""
     if template.fold_system:
         return ""
@@ -113,7 +116,7 @@ def _system_turn(template: Any) -> str:
         "ns.text", expression(template.system, "ns.text")), block, "{{- ns.text -}}")
 
 
-def _user_turn(template: Any) -> str:
+def _user_turn(template: Template) -> str:
     """A user turn: the system prompt where it opens this turn, the tools where they go here."""
     out = []
     if template.fold_system:
@@ -129,7 +132,7 @@ def _user_turn(template: Any) -> str:
     return "".join(out) + user
 
 
-def _assistant_turn(template: Any) -> str:
+def _assistant_turn(template: Template) -> str:
     """An assistant turn: its reply (or its tool calls) between the role header and the separator."""
     syntax = template.tool_syntax
     reply = let("ns.reply", expression(template.assistant))

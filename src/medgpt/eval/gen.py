@@ -13,7 +13,6 @@ letters and digits only; no stemming), so ROUGE of an English answer is the numb
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import re
@@ -24,6 +23,7 @@ from typing import Any
 
 from medgpt.data.readers import as_object, read_records
 from medgpt.errors import UserError
+from medgpt.files import atomic_write, value_digest, write_json
 from medgpt.eval.stats import bleu_stats
 
 log = logging.getLogger(__name__)
@@ -131,11 +131,6 @@ def read_rows(path: str | Path, fields: tuple[str, ...]) -> list[dict]:
     return rows
 
 
-def content_hash(value: Any) -> str:
-    """SHA-256 of a JSON-able value: what a resumable or cached result is keyed by (contents, not paths)."""
-    return hashlib.sha256(json.dumps(value, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
-
-
 def generate_predictions(engine, rows: list[dict], max_new_tokens: int, system: str | None, partial: Path,
                      key: dict, chunk: int = 32) -> list[str]:
     """Answers in input order; finished chunks go to `partial` (headed by `key`, what produced them: the model,
@@ -150,9 +145,8 @@ def generate_predictions(engine, rows: list[dict], max_new_tokens: int, system: 
     if lines and json.loads(lines[0]) == key:
         done = [json.loads(line)["prediction"] for line in lines[1:] if line][:len(rows)]
         log.info("gen: resuming after %d answers found in %s", len(done), partial)
-    partial.parent.mkdir(parents=True, exist_ok=True)
-    partial.write_text("".join(json.dumps(x, ensure_ascii=False) + "\n"
-                               for x in [key, *({"prediction": d} for d in done)]), encoding="utf-8")
+    kept = [key, *({"prediction": d} for d in done)]
+    atomic_write(partial, "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in kept))
     params = GenerationParams(max_new_tokens=max_new_tokens, temperature=0.0)
     with partial.open("a", encoding="utf-8") as handle, tqdm(total=len(rows), initial=len(done), desc="gen") as bar:
         for start in range(len(done), len(rows), chunk):
@@ -185,7 +179,7 @@ def run_gen(data: str | None, model: str | None = None, predictions: str | None 
         engine = load_engine(model, adapter=adapter, template=template, dtype=dtype,
                              trust_remote_code=trust_remote_code, max_batch_size=batch_size)
         partial = partial or Path(f".gen-{Path(data).stem}.partial.jsonl")
-        key = {"model": model, "adapter": adapter, "template": template, "questions": content_hash(
+        key = {"model": model, "adapter": adapter, "template": template, "questions": value_digest(
             [r["question"] for r in rows]), "max_new_tokens": max_new_tokens, "system": system}
         preds = generate_predictions(engine, rows, max_new_tokens, system, partial, key)
         partial.unlink(missing_ok=True)
@@ -199,7 +193,6 @@ def run_gen(data: str | None, model: str | None = None, predictions: str | None 
 def write_result(result: dict[str, Any], output: str | Path) -> tuple[Path, Path]:
     """The summary as JSON and the items as jsonl beside it (`X.json` + `X.items.jsonl`), each atomically."""
     from medgpt.data.readers import write_jsonl
-    from medgpt.train.common import write_json
 
     output = Path(output).expanduser()
     output.parent.mkdir(parents=True, exist_ok=True)

@@ -10,7 +10,6 @@ its 95% paired-bootstrap interval (and McNemar's exact test for accuracy).
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import asdict, dataclass, fields
@@ -19,6 +18,8 @@ from typing import Any
 
 from medgpt.errors import UserError
 from medgpt.eval import stats
+from medgpt.files import (ResultCache, files_fingerprint, folder_digest, read_keyed, value_digest,
+                          write_json)
 
 log = logging.getLogger(__name__)
 
@@ -84,48 +85,18 @@ def parse_eval_sets(value: Any) -> list[EvalSet]:
 # ---- caching -------------------------------------------------------------------------------------
 
 
-def _data_hash(path: str) -> str:
-    import hashlib
-
-    root = Path(path).expanduser()
-    digest = hashlib.sha256()
-    for file in sorted(root.rglob("*")) if root.is_dir() else [root]:
-        if file.is_file():
-            digest.update(str(file.relative_to(root) if root.is_dir() else file.name).encode())
-            digest.update(file.read_bytes())
-    return digest.hexdigest()
-
-
 def _model_files(model: str | None, adapter: str | None) -> list:
     from medgpt.models import resolve_model
-    from medgpt.report import files_fingerprint
+    from medgpt.report import REPORT_FILES
 
     folders = [resolve_model(model)] + ([resolve_model(adapter)] if adapter else [])
-    return [files_fingerprint(f) for f in folders]
+    return [files_fingerprint(f, skip=REPORT_FILES) for f in folders]
 
 
 def set_key(model_files: list, template: str | None, s: EvalSet) -> str:
-    from medgpt.eval.gen import content_hash
-
-    return content_hash({"format": FORMAT, "model": model_files, "template": template, "set": asdict(s),
-                         "data": _data_hash(s.data)})
-
-
-def _cached(paths: list[Path], key: str) -> dict | None:
-    for path in paths:
-        try:
-            result = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError):
-            continue
-        if isinstance(result, dict) and result.get("key") == key:
-            return result
-    return None
-
-
-def _shared_cache(key: str) -> Path:
-    from medgpt.models import cache_dir
-
-    return cache_dir() / "eval" / f"{key[:32]}.json"
+    data = Path(s.data).expanduser()
+    return value_digest({"format": FORMAT, "model": model_files, "template": template, "set": asdict(s),
+                         "data": folder_digest(data) if data.exists() else None})
 
 
 # ---- running the sets ----------------------------------------------------------------------------
@@ -171,18 +142,21 @@ def evaluate(model: str | None, adapter: str | None, template: str | None, sets:
     """Run every set on one loaded model; returns {set name: result} and writes out_dir/<set>.json each.
 
     A "qa" set gives BLEU-4 and ROUGE of greedy answers and, on the same rows, the answer perplexity."""
+    from medgpt.models import cache_dir
+
     out_dir = Path(out_dir)
     model_files = _model_files(model, adapter)
+    shared = ResultCache(cache_dir() / "eval")
     results: dict[str, dict] = {}
     todo: list[tuple[EvalSet, str]] = []
     for s in sets:
         key = set_key(model_files, template, s)
-        cached = _cached([out_dir / f"{s.name}.json", _shared_cache(key)], key)
+        cached = read_keyed(out_dir / f"{s.name}.json", key) or shared.get(key)
         if cached is not None:
             log.info("eval %s: cached (%s)", s.name, out_dir / f"{s.name}.json")
             results[s.name] = cached
             if not (out_dir / f"{s.name}.json").exists():
-                _write(out_dir / f"{s.name}.json", cached)
+                write_json(out_dir / f"{s.name}.json", cached)
         else:
             todo.append((s, key))
     if todo:
@@ -208,19 +182,12 @@ def evaluate(model: str | None, adapter: str | None, template: str | None, sets:
                 log.info("eval %s: %s (%d items, %.0f s)", s.name,
                          ", ".join(f"{k} {v:.2f}" for k, v in result["metrics"].items()), result["n"],
                          result["seconds"])
-                _write(out_dir / f"{s.name}.json", result)
-                _write(_shared_cache(key), result)
+                write_json(out_dir / f"{s.name}.json", result)
+                shared.put(key, result)
                 results[s.name] = result
         finally:
             engine.close()
     return {s.name: results[s.name] for s in sets}
-
-
-def _write(path: Path, result: dict) -> None:
-    from medgpt.train.common import write_json
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_json(path, result)
 
 
 # ---- intervals and paired comparison -------------------------------------------------------------

@@ -454,19 +454,16 @@ class TransformersEngine(BaseEngine):
 
     def _prefill(self, rows: list[Row]) -> None:
         """One forward over these prompts (left-padded), then each row's first token; rows still going join."""
-        import torch
         from transformers import DynamicCache
 
-        width = max(len(row.prompt) for row in rows)
-        pad = self.tokenizer.pad_token_id or 0
-        ids = torch.tensor([[pad] * (width - len(r.prompt)) + r.prompt for r in rows], device=self.device)
-        mask = torch.tensor([[0] * (width - len(r.prompt)) + [1] * len(r.prompt) for r in rows], device=self.device)
+        from medgpt.models import left_padded
+
+        ids, mask, positions = left_padded([r.prompt for r in rows], self.tokenizer.pad_token_id, self.device)
         padded = len(rows) > 1
         cache = DynamicCache()
         echo = rows[0].request.echo  # a scoring request is prefilled alone, with the logits of every position
         out = self.model(input_ids=ids, attention_mask=mask if padded else None, past_key_values=cache,
-                         position_ids=(mask.cumsum(-1) - 1).clamp(min=0) if padded else None, use_cache=True,
-                         logits_to_keep=0 if echo else 1)
+                         position_ids=positions if padded else None, use_cache=True, logits_to_keep=0 if echo else 1)
         logits = out.logits.float()
         if echo:
             rows[0].prompt_logprobs = [None] + prompt_logprobs(logits[0], rows[0].prompt, rows[0].params.logprobs or 0)

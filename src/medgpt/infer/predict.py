@@ -17,6 +17,7 @@ from typing import Any
 from medgpt.data import readers
 from medgpt.data.readers import RecordError
 from medgpt.errors import UserError
+from medgpt.files import atomic_write
 from medgpt.infer.base import Engine, GenerationParams, Request
 
 log = logging.getLogger(__name__)
@@ -66,7 +67,7 @@ def finished_rows(partial: Path, inputs: list[dict]) -> int:
     complete = data[:data.rfind(b"\n") + 1]
     if len(complete) != len(data):
         log.warning("%s: dropping an incomplete last line (interrupted while writing)", partial)
-        partial.write_bytes(complete)
+        atomic_write(partial, complete)
     done = 0
     for number, line in enumerate(complete.decode("utf-8").splitlines(), 1):
         row = json.loads(line)

@@ -18,12 +18,9 @@ in only when complete.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import os
 import re
-import shutil
 import unicodedata
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
@@ -32,8 +29,8 @@ from typing import Any
 
 import numpy as np
 
-from medgpt.data.stats import temporary_sibling
 from medgpt.errors import UserError
+from medgpt.files import file_digest, save_atomic
 from medgpt.rag import DEFAULT_CHUNK_SIZE, DEFAULT_EMBEDDER, DEFAULT_OVERLAP
 from medgpt.rag.documents import EXTENSIONS, Chunk, DocumentError, read_document, split_chunks
 
@@ -132,14 +129,6 @@ def search_text(chunk: Chunk, title: str) -> str:
     """What is embedded and BM25-indexed for a chunk: its text, led by the document title when the
     chunk does not already contain it (a later chunk often never names its topic)."""
     return chunk.text if title in chunk.text else f"{title}\n{chunk.text}"
-
-
-def file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def collect_files(sources: list[str | Path]) -> dict[str, Path]:
@@ -254,32 +243,23 @@ def _reusable(out: Path, settings: dict[str, Any], encoder) -> KnowledgeBase | N
 
 def _write_index(out: Path, meta: dict, chunks: list[Chunk], texts: list[str], embeddings: np.ndarray,
                  embedder_state: dict[str, np.ndarray]) -> None:
-    tmp = temporary_sibling(out)
-    tmp.mkdir(parents=True)
-    with (tmp / "chunks.jsonl").open("w", encoding="utf-8") as f:
-        for chunk in chunks:
-            f.write(json.dumps(asdict(chunk), ensure_ascii=False) + "\n")
-    np.save(tmp / "embeddings.npy", embeddings)
-    if embedder_state:
-        np.savez(tmp / "embedder.npz", **embedder_state)
-    _build_bm25(texts).save(str(tmp / "bm25"), show_progress=False)
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False), encoding="utf-8")
-    _swap_in(tmp, out)
+    def save(tmp: Path) -> None:
+        with (tmp / "chunks.jsonl").open("w", encoding="utf-8") as f:
+            for chunk in chunks:
+                f.write(json.dumps(asdict(chunk), ensure_ascii=False) + "\n")
+        np.save(tmp / "embeddings.npy", embeddings)
+        if embedder_state:
+            np.savez(tmp / "embedder.npz", **embedder_state)
+        _build_bm25(texts).save(str(tmp / "bm25"), show_progress=False)
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False), encoding="utf-8")
+
+    save_atomic(out, save)
 
 
 def _check_out(out: Path) -> None:
     """Refuse to replace something that is not an index (an empty folder is fine)."""
     if out.exists() and (not out.is_dir() or (not (out / "meta.json").exists() and any(out.iterdir()))):
         raise UserError(f"{out}: exists and is not a medgpt index; choose another --out")
-
-
-def _swap_in(tmp: Path, out: Path) -> None:
-    """Replace the folder `out` by `tmp`; at every moment one complete index sits at `out` or beside it."""
-    old = out.with_name(f".{out.name}.old-{os.getpid()}")
-    if out.exists():
-        os.replace(out, old)
-    os.replace(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def load_index(path: str | Path) -> KnowledgeBase:

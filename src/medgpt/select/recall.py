@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from medgpt.errors import UserError
+from medgpt.files import atomic_writer, write_json
 from medgpt.select.contamination import ContaminationArgs, NgramIndex, find_contamination
 from medgpt.select.embed import Embedder, get_embedder
 from medgpt.select.sources import EvalItem, load_eval_items, read_corpus, record_text
@@ -110,9 +110,8 @@ class EmbeddingCache:
         for _, part, path in tqdm(todo, desc=f"{desc} ({self.embedder.name})", unit="chunk",
                                   disable=len(todo) < 2):
             vectors = self.embedder.encode(part, batch_size=self.batch_size)
-            tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npy")
-            np.save(tmp, vectors)
-            os.replace(tmp, path)
+            with atomic_writer(path, "wb") as handle:
+                np.save(handle, vectors)
         return len(todo)
 
     def iter_vectors(self, texts: list[str]):
@@ -258,7 +257,6 @@ def _histogram(values: list[float]) -> dict[str, list]:
 def select(args: SelectArgs) -> dict[str, Any]:
     """Run the whole selection; returns the statistics (also written to out/select_stats.json)."""
     from medgpt.data.readers import convert, write_jsonl
-    from medgpt.train.common import write_json
 
     args.check()
     eval_items = load_eval_items(args.eval, args.split, args.subjects)

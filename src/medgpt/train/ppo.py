@@ -41,6 +41,7 @@ from transformers import TrainingArguments
 from medgpt.config import Config
 from medgpt.errors import UserError
 from medgpt.infer.base import stop_tokens
+from medgpt.models import position_ids
 from medgpt.train import common, prefs, rewards
 from medgpt.data.records import read_prompts
 
@@ -127,15 +128,10 @@ class ActorCritic(torch.nn.Module):
         cast_trainable(self, trainable)
 
     def forward(self, input_ids, attention_mask, logits_to_keep: int):
-        out = self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions(attention_mask),
+        out = self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
                           logits_to_keep=logits_to_keep, output_hidden_states=True, use_cache=False)
         hidden = out.hidden_states[-1].to(self.value_head.weight.dtype)  # a bf16 base without autocast
         return out.logits, self.value_head(hidden).squeeze(-1)
-
-
-def positions(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Position ids that skip left padding, as generate() computes them."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 def build_policy(cfg: Config, checkpoint: str | None):
@@ -290,7 +286,8 @@ def response_stats(model: ActorCritic | torch.nn.Module, batch: Rollout, tempera
         values = values[:, -width - 1:-1]
     else:
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                       position_ids=positions(batch.attention_mask), logits_to_keep=width + 1, use_cache=False).logits
+                       position_ids=position_ids(batch.attention_mask), logits_to_keep=width + 1,
+                       use_cache=False).logits
         values = None
     logprobs, entropy = selective_log_softmax_and_entropy(logits[:, :-1].float(), batch.responses,
                                                           temperature=temperature)
@@ -498,7 +495,7 @@ class PPO:
         return stats
 
     def save_checkpoint(self) -> None:
-        from medgpt.models import save_atomic
+        from medgpt.files import save_atomic, write_json
 
         if not self.accelerator.is_main_process:
             return
@@ -511,7 +508,7 @@ class PPO:
             save_file(self.unwrapped.value_head.state_dict(), str(tmp / VALUE_HEAD))
             torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
             torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
-            common.write_json(tmp / STATE_FILE, {"global_step": self.global_step, "kl_coef": self.kl.value})
+            write_json(tmp / STATE_FILE, {"global_step": self.global_step, "kl_coef": self.kl.value})
 
         save_atomic(out, save)
         log.info("saved %s", out)
