@@ -26,7 +26,7 @@ from medgpt.files import atomic_write
 log = logging.getLogger(__name__)
 
 LETTERS = ("A", "B", "C", "D")
-STYLES = ("ceval", "cmmlu", "mmlu")
+STYLES = ("ceval", "cmmlu", "mmlu")  # the keys of PROMPT_STYLES
 SCORING = ("loglik", "generate")  # how a question is scored: letter log-likelihood or a generated reply
 SPLITS = ("val", "dev", "test")
 CEVAL_MEDICAL = ("clinical_medicine", "basic_medicine", "physician")
@@ -250,28 +250,40 @@ def subject_name(style: str, subject: str) -> str:
     return next((t[subject] for t in tables if subject in t), subject)
 
 
+@dataclass(frozen=True)
+class PromptStyle:
+    """One benchmark's official prompt wording: `{name}` the subject, `{question}{options}` the question, `{letter}`
+    the answer letter (with the delimiter before it)."""
+
+    header: str
+    question: str
+    answer: str
+
+
+PROMPT_STYLES = {
+    "ceval": PromptStyle("以下是中国关于{name}考试的单项选择题，请选出其中的正确答案。\n\n", "{question}{options}\n答案：",
+                         "{letter}\n\n"),
+    "cmmlu": PromptStyle("以下是关于{name}的单项选择题，请直接给出正确答案的选项。\n\n", "题目：{question}{options}\n答案是：",
+                         "{letter}\n\n"),
+    "mmlu": PromptStyle("The following are multiple choice questions (with answers) about {name}.\n\n",
+                        "{question}{options}\nAnswer:", " {letter}\n\n"),
+}
+
+
 def header(style: str, subject: str) -> str:
     """The official instruction line of each benchmark."""
-    name = subject_name(style, subject)
-    if style == "ceval":
-        return f"以下是中国关于{name}考试的单项选择题，请选出其中的正确答案。\n\n"
-    if style == "cmmlu":
-        return f"以下是关于{name}的单项选择题，请直接给出正确答案的选项。\n\n"
-    return f"The following are multiple choice questions (with answers) about {subject.replace('_', ' ')}.\n\n"
+    name = subject.replace("_", " ") if style == "mmlu" else subject_name(style, subject)
+    return PROMPT_STYLES[style].header.format(name=name)
 
 
 def format_question(q: Question, style: str) -> str:
     """The question and options, ending where the answer letter goes."""
     options = "".join(f"\n{letter}. {text}" for letter, text in zip(LETTERS, q.choices))
-    if style == "ceval":
-        return f"{q.question}{options}\n答案："
-    if style == "cmmlu":
-        return f"题目：{q.question}{options}\n答案是："
-    return f"{q.question}{options}\nAnswer:"
+    return PROMPT_STYLES[style].question.format(question=q.question, options=options)
 
 
 def _answer_suffix(style: str, letter: str) -> str:
-    return f" {letter}\n\n" if style == "mmlu" else f"{letter}\n\n"
+    return PROMPT_STYLES[style].answer.format(letter=letter)
 
 
 def prompt_text(q: Question, shots: list[Question], style: str) -> str:
@@ -524,7 +536,7 @@ def write_lm_eval_tasks(args: McqArgs, out_dir: str | Path) -> list[Path]:
                 "output_type": "multiple_choice", "description": header(args.style, subject),
                 "doc_to_text": _lm_eval_text(args.style), "doc_to_choice": list(LETTERS),
                 "doc_to_target": "{{['A', 'B', 'C', 'D'].index(answer)}}",
-                "target_delimiter": " " if args.style == "mmlu" else "", "fewshot_delimiter": "\n\n",
+                "target_delimiter": _answer_suffix(args.style, "").rstrip("\n"), "fewshot_delimiter": "\n\n",
                 "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}]}
         if args.shots:
             write_jsonl(out / f"{name}_dev.jsonl", [row(q) for q in shots[subject]])

@@ -48,7 +48,7 @@ def choose(cfg: Config, model) -> str:
 def logits_bytes(cfg: Config, vocab: int) -> int:
     """The most the plain head holds: every token of a micro-batch labelled, fp32 logits and their gradient
     (DPO's chosen and rejected go through together)."""
-    rows = cfg.train.per_device_train_batch_size * (2 if cfg.run.stage == "dpo" else 1)
+    rows = cfg.train.per_device_train_batch_size * (2 if stage_facts(cfg.run.stage).paired else 1)
     return rows * (cfg.train.max_length or 1024) * vocab * 4 * 2
 
 
