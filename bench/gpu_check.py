@@ -189,7 +189,7 @@ def run_stage(case: dict, folder: Path, out: Path) -> dict:
     import torch
 
     from medgpt.train import build_config
-    from medgpt.data.readers import read_log
+    from medgpt.data.rows import read_log
     from medgpt.train import common, run_training
 
     meter = Meter()

@@ -87,7 +87,7 @@ def test_a_pipeline_stage_killed_while_merging_resumes_with_the_merge_only(tmp_p
 @pytest.mark.slow
 def test_resume_after_a_kill_logs_each_step_once_and_at_max_steps_trains_nothing(tiny_model, tmp_path, sample_data):
     from medgpt.train import load_config
-    from medgpt.data.readers import read_log
+    from medgpt.data.rows import read_log
     from medgpt.train import run_training
 
     out = tmp_path / "sft"

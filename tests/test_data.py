@@ -14,7 +14,10 @@ import pytest
 
 from medgpt.cli import main
 from medgpt.data.encode import filter_by_length
-from medgpt.data.readers import DataStats, convert, detect_kind, read_records, write_jsonl, write_stats
+from medgpt.data.convert import convert
+from medgpt.data.readers import detect_kind, read_records
+from medgpt.data.rows import write_jsonl
+from medgpt.data.stats import DataStats, write_stats
 from medgpt.errors import UserError
 
 SAMPLE = Path(__file__).resolve().parents[1] / "src" / "medgpt" / "sample_data"

@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from medgpt.data.readers import read_log
+from medgpt.data.rows import read_log
 from medgpt.errors import UserError
 from medgpt.files import (ResultCache, atomic_write, files_fingerprint, read_json, value_digest,
                           write_json)

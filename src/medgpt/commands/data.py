@@ -8,7 +8,8 @@ import json
 import math
 import sys
 
-from medgpt.data.readers import FORMATS, KINDS, ON_ERROR  # the standard library only: fast --help
+from medgpt.data.convert import FORMATS  # the standard library only: fast --help
+from medgpt.data.readers import KINDS, ON_ERROR
 from medgpt.errors import UserError
 from medgpt.select import contamination
 
@@ -135,7 +136,8 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _convert(args: argparse.Namespace) -> int:
-    from medgpt.data.readers import convert, write_jsonl
+    from medgpt.data.convert import convert
+    from medgpt.data.rows import write_jsonl
 
     kind, records, stats = _read(args.input, args, on_error=args.on_error)
     if kind not in ("sft", "pref"):

@@ -7,7 +7,8 @@ import logging
 from typing import TYPE_CHECKING
 
 from medgpt.data.messages import with_system
-from medgpt.data.readers import OVERLONG, check_choice
+from medgpt.data.readers import OVERLONG
+from medgpt.data.rows import check_choice
 from medgpt.data.stats import DataStats
 
 if TYPE_CHECKING:

@@ -21,7 +21,8 @@ count), the element index for a JSON array, the row index for parquet and hub da
 
 Callers with record kinds of their own read through the same loop: `read_records(..., normalize=fn)`.
 The public helpers (`as_object`, `message_list`, `turns`, `check_order`, `with_system`, `query_messages`,
-`to_sft`, `to_pref`) are the validation rules a normalizer builds on, and `iter_rows` gives the raw rows.
+`to_sft`, `to_pref`) are the validation rules a normalizer builds on; `medgpt.data.rows` gives the raw rows of
+every source, `medgpt.data.convert` writes canonical records back out in the exchange formats.
 
 A record that cannot be used either stops the read with `UserError("path:N: reason: detail")`
 (`on_error="fail"`) or is dropped and counted under its reason (`on_error="skip"`); reasons are the
@@ -32,28 +33,19 @@ and listed in `DataStats.skipped_files`.
 
 from __future__ import annotations
 
-import codecs
-import csv
 import json
 import logging
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from medgpt.data.stats import DataStats, preview, write_stats
+from medgpt.data.rows import RecordError, check_choice, expand, item_rows, iter_rows
+from medgpt.data.stats import DataStats
 from medgpt.errors import UserError
-from medgpt.files import atomic_writer
-
-__all__ = [
-    "DataStats", "RecordError", "as_object", "check_choice", "check_order", "convert", "detect_kind", "expand",
-    "hub_rows", "item_rows", "iter_rows", "message_list", "query_messages", "read_log", "read_records", "text_message",
-    "to_pref", "to_pt", "to_sft", "tools_field", "turns", "with_system", "write_jsonl", "write_stats",
-]
 
 logger = logging.getLogger(__name__)
 
 KINDS = ("pt", "sft", "pref")
-FORMATS = ("sharegpt", "openai", "alpaca", "pref")
 ON_ERROR = ("fail", "skip")
 OVERLONG = ("drop", "truncate")
 REASONS = (
@@ -61,257 +53,13 @@ REASONS = (
     "unknown role", "roles out of order", "identical chosen and rejected", "not UTF-8", "empty text",
     "invalid CSV", "longer than max_length", "conflicting fields",
 )
-EXTENSIONS = {"pt": (".txt", ".json", ".jsonl", ".parquet", ".csv"), "sft": (".json", ".jsonl", ".parquet", ".csv")}
-EXTENSIONS["pref"] = EXTENSIONS["sft"]
 ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
          "function_call": "assistant", "observation": "tool", "tool": "tool", "function": "tool"}
-SHAREGPT_ROLES = {"system": "system", "user": "human", "assistant": "gpt", "tool": "observation"}
-# CSV cells are strings; these columns may hold JSON (message lists, history pairs, tool lists).
-_STRUCTURED = {"conversations", "messages", "history", "prompt", "chosen", "rejected", "tools"}
-
-Row = tuple[str, Any]  # (location, parsed object | RecordError | None for a blank line)
-
-
-class RecordError(ValueError):
-    """Why one record cannot be used: `reason` is the stable counter key, the rest is for humans."""
-
-    def __init__(self, reason: str, detail: str = "") -> None:
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
-
-
-def check_choice(name: str, value: str, allowed: Iterable[str]) -> str:
-    """`value` when it is one of `allowed`; otherwise the user's error, naming the choices."""
-    if value not in allowed:
-        raise UserError(f"{name} must be one of {', '.join(allowed)}, not {value!r}")
-    return value
 
 
 def _type(value: Any) -> str:
     names = {dict: "an object", list: "a list", str: "a string", type(None): "null"}
     return names.get(type(value), type(value).__name__)
-
-
-# ---- sources and files -> raw rows -------------------------------------------------------------
-
-
-def _looks_like_path(item: str) -> bool:
-    return item.startswith(("/", "./", "../", "~")) or Path(item).suffix.lower() in EXTENSIONS["pt"]
-
-
-def expand(source: str | Path | list[str], kind: str, stats: DataStats) -> list[Path | str]:
-    """Files to read in order (folders recursively, sorted) and hub names, recording skipped files.
-    A kind other than pt, sft and pref (records a caller normalizes itself) takes the sft file types."""
-    extensions = EXTENSIONS.get(kind, EXTENSIONS["sft"])
-    if isinstance(source, (list, tuple)):
-        items = list(source)
-    else:
-        source = str(source)
-        items = [source] if Path(source).expanduser().exists() else source.split(",")
-    found: list[Path | str] = []
-    for item in (str(i).strip() for i in items if str(i).strip()):
-        path = Path(item).expanduser()
-        if path.is_dir():
-            files = sorted(p for p in path.rglob("*") if p.is_file())
-            readable = [p for p in files if p.suffix.lower() in extensions]
-            stats.skipped_files += [str(p) for p in files if p not in readable]
-            if not readable:
-                raise UserError(f"{path}: no {kind} data files ({', '.join(extensions)}) in this folder")
-            found += readable
-        elif path.is_file():
-            if path.suffix.lower() not in extensions:
-                raise UserError(f"{path}: cannot read {path.suffix or 'extension-less'} files as {kind} data "
-                                f"(expected {', '.join(extensions)})")
-            found.append(path)
-        elif _looks_like_path(item):
-            raise UserError(f"{item}: no such file or folder")
-        else:
-            found.append(item)
-    return found
-
-
-def _line_of(data: bytes, offset: int) -> int:
-    return data.count(b"\n", 0, offset) + 1
-
-
-def _lines(path: Path, data: bytes) -> Iterator[tuple[str, str | RecordError | None]]:
-    """Physical lines, each decoded on its own so that a bad byte spoils only its line."""
-    lines = data.split(b"\n")
-    if lines[-1] == b"":
-        lines.pop()
-    for number, raw in enumerate(lines, 1):
-        loc = f"{path}:{number}"
-        try:
-            line = raw.rstrip(b"\r").decode("utf-8")
-        except UnicodeDecodeError as exc:
-            yield loc, RecordError("not UTF-8", f"byte {raw[exc.start]:#04x} at column {exc.start + 1}")
-            continue
-        yield loc, line if line.strip() else None
-
-
-def _parse(line: str | RecordError | None) -> Any:
-    if not isinstance(line, str):
-        return line
-    try:
-        return json.loads(line)
-    except json.JSONDecodeError as exc:
-        return RecordError("invalid JSON", f"{exc.msg} at column {exc.colno}")
-
-
-def _txt_rows(path: Path, data: bytes) -> Iterator[Row]:
-    for loc, line in _lines(path, data):
-        yield loc, {"text": line} if isinstance(line, str) else line
-
-
-def _jsonl_rows(path: Path, data: bytes) -> Iterator[Row]:
-    for loc, line in _lines(path, data):
-        yield loc, _parse(line)
-
-
-def _json_rows(path: Path, data: bytes) -> Iterator[Row]:
-    """A .json file holds a JSON array of objects, one (possibly pretty-printed) object, or JSON lines."""
-    start = len(data) - len(data.lstrip())
-    head = data[start:start + 1]
-    if head in (b"[", b"{"):
-        try:
-            whole = json.loads(data.decode("utf-8"))
-        except UnicodeDecodeError as exc:
-            if head == b"[":
-                line = _line_of(data, exc.start)
-                raise UserError(f"{path}:{line}: not UTF-8: the JSON array cannot be read") from None
-            whole = None
-        except json.JSONDecodeError as exc:
-            if head == b"[":
-                raise UserError(f"{path}:{exc.lineno}: invalid JSON: {exc.msg}; "
-                                "the JSON array cannot be read") from None
-            whole = None
-        if isinstance(whole, list):
-            yield from ((f"{path}:{index}", item) for index, item in enumerate(whole))
-            return
-        if isinstance(whole, dict):
-            yield f"{path}:{_line_of(data, start)}", whole
-            return
-    yield from _jsonl_rows(path, data)
-
-
-def _csv_cell(key: str, value: str) -> Any:
-    """Decode JSON held in structured columns; an empty cell there means the field is absent."""
-    if key not in _STRUCTURED:
-        return value
-    if not value.strip():
-        return None
-    if value.lstrip()[:1] in ("[", "{"):
-        try:
-            return json.loads(value)
-        except json.JSONDecodeError:
-            pass
-    return value
-
-
-def _csv_rows(path: Path, data: bytes) -> Iterator[Row]:
-    """CSV with a header line; the location is the physical line a row starts on."""
-    bad: set[int] = set()
-
-    def decoded() -> Iterator[str]:
-        for number, raw in enumerate(data.splitlines(keepends=True), 1):
-            try:
-                yield raw.decode("utf-8")
-            except UnicodeDecodeError:
-                bad.add(number)
-                yield raw.decode("utf-8", errors="replace")
-
-    reader = csv.reader(decoded())
-    try:
-        header = next(reader, None)
-        if header is None:
-            return
-        if bad:
-            raise UserError(f"{path}:1: not UTF-8: the CSV header cannot be read")
-        previous = reader.line_num
-        for cells in reader:
-            first, previous = previous + 1, reader.line_num
-            loc = f"{path}:{first}"
-            if spoiled := sorted(bad.intersection(range(first, previous + 1))):
-                yield loc, RecordError("not UTF-8", f"line {spoiled[0]}")
-            elif not any(cell.strip() for cell in cells):
-                yield loc, None
-            elif len(cells) > len(header):
-                yield loc, RecordError("invalid CSV", f"{len(cells)} cells, the header has {len(header)}")
-            else:
-                yield loc, {key: _csv_cell(key, value) for key, value in zip(header, cells)}
-    except csv.Error as exc:
-        raise UserError(f"{path}:{reader.line_num}: invalid CSV: {exc}") from None
-
-
-def _parquet_rows(path: Path) -> Iterator[Row]:
-    import pyarrow.parquet as pq
-
-    try:
-        batches = pq.ParquetFile(path).iter_batches()
-    except Exception as exc:  # pyarrow raises several types for files that are not parquet
-        raise UserError(f"{path}: cannot read parquet: {exc}") from None
-    index = 0
-    for batch in batches:
-        for row in batch.to_pylist():
-            yield f"{path}:{index}", row
-            index += 1
-
-
-def hub_rows(name: str, subset: str | None, split: str) -> Iterator[Row]:
-    """The rows of a hub data set; one that cannot be loaded (offline, unknown name) is the user's error."""
-    try:
-        import datasets
-
-        dataset = datasets.load_dataset(name, subset, split=split)
-    except Exception as exc:  # offline, unknown name, bad subset/split: all the user's to fix
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        where = ", ".join(part for part in (subset, split) if part)
-        raise UserError(f"{name} ({where}): not a local path, and the hub data set cannot be loaded: "
-                        f"{reason}") from None
-    for index, row in enumerate(dataset):
-        yield f"{name}:{index}", row
-
-
-def item_rows(item: Path | str, subset: str | None = None, split: str = "train") -> Iterator[Row]:
-    """The raw rows of one file (by its extension) or, for a name, of a hub data set."""
-    if isinstance(item, str):
-        return hub_rows(item, subset, split)
-    suffix = item.suffix.lower()
-    if suffix == ".parquet":
-        return _parquet_rows(item)
-    try:
-        data = item.read_bytes().removeprefix(codecs.BOM_UTF8)
-    except OSError as exc:
-        raise UserError(f"{item}: cannot read: {exc.strerror}") from None
-    return {".txt": _txt_rows, ".jsonl": _jsonl_rows, ".json": _json_rows, ".csv": _csv_rows}[suffix](item, data)
-
-
-def iter_rows(source: str | Path | list[str], kind: str, stats: DataStats, subset: str | None = None,
-              split: str = "train") -> Iterator[Row]:
-    """The raw rows of every file and hub data set of `source` in order. The source is checked now, the
-    rows are read as they are taken; `stats` records the skipped files and each file as its reading starts."""
-    items = expand(source, kind, stats)
-    if stats.skipped_files:
-        logger.warning("skipping %d file(s) that are not %s data: %s", len(stats.skipped_files), kind,
-                       preview(stats.skipped_files))
-
-    def rows() -> Iterator[Row]:
-        for item in items:
-            stats.files.append(str(item))
-            yield from item_rows(item, subset, split)
-
-    return rows()
-
-
-def read_log(path: str | Path) -> list[dict]:
-    """The object rows of a JSON-lines log another process may be writing: a missing file is no rows,
-    and a line that is not an object (one cut off by an interrupted write) is skipped."""
-    path = Path(path)
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        return []
-    return [raw for _, raw in _jsonl_rows(path, data) if isinstance(raw, dict)]
 
 
 # ---- raw objects -> canonical records ----------------------------------------------------------
@@ -733,121 +481,3 @@ def detect_kind(source: str | list[str], subset: str | None = None, split: str =
                 return "pt"
             raise UserError(f"{loc}: cannot tell the kind from the fields {sorted(raw)}; pass --kind")
     raise UserError(f"{source}: no record to guess the kind from; pass --kind")
-
-
-def _kind_of(record: dict) -> str:
-    return "sft" if "messages" in record else "pref" if "prompt" in record else "pt" if "text" in record else "?"
-
-
-def _plain(messages: list[dict], loc: str, to: str) -> list[dict]:
-    """`messages`, refused when they hold tool calls or results, which `to` has no place for."""
-    if any(m["role"] == "tool" or m.get("tool_calls") for m in messages):
-        raise UserError(f"{loc}: {to} cannot hold tool calls or results; convert to sharegpt or openai")
-    return messages
-
-
-def _split_turns(messages: list[dict], loc: str, to: str) -> tuple[str, list[list[str]], list[dict]]:
-    """Leading system text, the [user, assistant] pairs, and a trailing unpaired message if any."""
-    messages = _plain(messages, loc, to)
-    system = messages[0]["content"] if messages and messages[0]["role"] == "system" else ""
-    body = messages[1:] if system else messages
-    pairs = [[body[i]["content"], body[i + 1]["content"]] for i in range(0, len(body) - 1, 2)]
-    return system, pairs, body[2 * len(pairs):]
-
-
-def _single(messages: list[dict], loc: str, key: str) -> str:
-    if len(messages) != 1:
-        raise UserError(f"{loc}: {key} has {len(messages)} messages; this format holds exactly one")
-    return _plain(messages, loc, "this format")[0]["content"]
-
-
-def _bare_call(call: dict) -> dict:
-    return {"name": call["function"]["name"], "arguments": call["function"]["arguments"]}
-
-
-def _sharegpt(messages: list[dict], loc: str) -> list[dict]:
-    """ShareGPT turns; tool calls as LLaMA-Factory's `function_call` turns (one call as an object, several as a
-    list) and results as `observation` turns, which have no field for the function's name."""
-    out = []
-    for index, m in enumerate(messages):
-        if m.get("tool_calls"):
-            if m["content"].strip():
-                raise UserError(f"{loc}: message {index} has text and tool calls; a sharegpt function_call turn "
-                                "holds only the calls (convert to openai)")
-            calls = [_bare_call(c) for c in m["tool_calls"]]
-            out.append({"from": "function_call",
-                        "value": json.dumps(calls[0] if len(calls) == 1 else calls, ensure_ascii=False)})
-        else:
-            out.append({"from": SHAREGPT_ROLES[m["role"]], "value": m["content"]})
-    return out
-
-
-def _sharegpt_tools(record: dict) -> dict:
-    """ShareGPT's `tools`: a JSON string of the function definitions."""
-    tools = record.get("tools")
-    return {"tools": json.dumps([t["function"] for t in tools], ensure_ascii=False)} if tools else {}
-
-
-def _openai(messages: list[dict]) -> list[dict]:
-    """OpenAI messages: tool call arguments as JSON strings, as the API writes them."""
-    return [{**m, "tool_calls": [{"type": "function", "function": {
-        "name": c["function"]["name"], "arguments": json.dumps(c["function"]["arguments"], ensure_ascii=False)}}
-        for c in m["tool_calls"]]} if m.get("tool_calls") else m for m in messages]
-
-
-def _with_openai_tools(record: dict) -> dict:
-    return {"tools": record["tools"]} if record.get("tools") else {}
-
-
-def _sft_alpaca(record: dict, loc: str) -> dict:
-    system, pairs, _ = _split_turns(record["messages"], loc, "alpaca")
-    if record.get("tools"):
-        raise UserError(f"{loc}: alpaca cannot hold tools; convert to sharegpt or openai")
-    return {"instruction": pairs[-1][0], "input": "", "output": pairs[-1][1], "system": system, "history": pairs[:-1]}
-
-
-def _pref_seed(record: dict, loc: str) -> dict:
-    system, history, (question, *_) = _split_turns(record["prompt"], loc, "the pref format")
-    if record.get("tools"):
-        raise UserError(f"{loc}: the pref format cannot hold tools; convert to sharegpt or openai")
-    return {"system": system, "history": history, "question": question["content"],
-            "response_chosen": _single(record["chosen"], loc, "chosen"),
-            "response_rejected": _single(record["rejected"], loc, "rejected")}
-
-
-_CONVERTERS: dict[tuple[str, str], Callable[[dict, str], dict]] = {
-    ("sft", "sharegpt"): lambda r, loc: {"conversations": _sharegpt(r["messages"], loc), **_sharegpt_tools(r)},
-    ("sft", "openai"): lambda r, loc: {"messages": _openai(r["messages"]), **_with_openai_tools(r)},
-    ("sft", "alpaca"): _sft_alpaca,
-    ("pref", "openai"): lambda r, loc: {**{k: _openai(r[k]) for k in ("prompt", "chosen", "rejected")},
-                                        **_with_openai_tools(r)},
-    ("pref", "sharegpt"): lambda r, loc: {"conversations": _sharegpt(r["prompt"], loc), **{
-        k: {"from": "gpt", "value": _single(r[k], loc, k)} for k in ("chosen", "rejected")}, **_sharegpt_tools(r)},
-    ("pref", "pref"): _pref_seed,
-}
-
-
-def convert(records: Iterable[dict], to: str) -> list[dict]:
-    """Canonical records -> `sharegpt`, `openai`, `alpaca` (sft, with `history`) or `pref` (the seed
-    preference format); `_loc` is used in errors and not copied. Tool conversations go to sharegpt
-    (LLaMA-Factory's `function_call`/`observation` turns and `tools` string) or openai (JSON-string arguments);
-    the formats that cannot hold them refuse them."""
-    check_choice("to", to, FORMATS)
-    out = []
-    for record in records:
-        kind, loc = _kind_of(record), record.get("_loc", "record")
-        converter = _CONVERTERS.get((kind, to))
-        if converter is None:
-            raise UserError(f"{loc}: cannot convert {kind} records to {to} "
-                            f"(possible: {', '.join(t for k, t in _CONVERTERS if k == kind) or 'none'})")
-        out.append(converter(record, loc))
-    return out
-
-
-def write_jsonl(path: str | Path, rows: Iterable[dict]) -> Path:
-    """Write rows as JSON lines (UTF-8, not escaped) atomically."""
-    path = Path(path)
-    with atomic_writer(path) as handle:
-        for row in rows:
-            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-    return path

@@ -18,8 +18,9 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from medgpt.data.readers import (DataStats, RecordError, as_object, check_order, read_records, text_message, to_pref,
-                                 to_sft, turns, with_system)
+from medgpt.data.readers import as_object, check_order, read_records, text_message, to_pref, to_sft, turns, with_system
+from medgpt.data.rows import RecordError
+from medgpt.data.stats import DataStats
 
 OPTION_LETTERS = "ABCDEFGH"
 _CJK = re.compile(r"[\u3400-\u9fff]")

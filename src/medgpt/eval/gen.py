@@ -192,7 +192,7 @@ def run_gen(data: str | None, model: str | None = None, predictions: str | None 
 
 def write_result(result: dict[str, Any], output: str | Path) -> tuple[Path, Path]:
     """The summary as JSON and the items as jsonl beside it (`X.json` + `X.items.jsonl`), each atomically."""
-    from medgpt.data.readers import write_jsonl
+    from medgpt.data.rows import write_jsonl
 
     output = Path(output).expanduser()
     output.parent.mkdir(parents=True, exist_ok=True)

@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from medgpt.data.answers import extract_choice
-from medgpt.data.readers import as_object, hub_rows, read_records
+from medgpt.data.readers import as_object, read_records
+from medgpt.data.rows import hub_rows
 from medgpt.errors import UserError
 from medgpt.files import atomic_write
 
@@ -517,7 +518,7 @@ def write_lm_eval_tasks(args: McqArgs, out_dir: str | Path) -> list[Path]:
     """lm-evaluation-harness tasks that score exactly what `eval mcq --template none` scores (the same prompt,
     header and letters; few-shot examples from the same dev rows): one task per subject, its questions as
     jsonl beside its YAML. Run them with `lm_eval --model hf --include_path DIR --tasks medgpt_SUBJECT`."""
-    from medgpt.data.readers import write_jsonl
+    from medgpt.data.rows import write_jsonl
 
     out = Path(out_dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from medgpt.data import readers
-from medgpt.data.readers import RecordError
+from medgpt.data.rows import RecordError
 from medgpt.errors import UserError
 from medgpt.files import atomic_write
 from medgpt.infer.base import Engine, GenerationParams, Request

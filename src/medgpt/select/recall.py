@@ -256,7 +256,8 @@ def _histogram(values: list[float]) -> dict[str, list]:
 
 def select(args: SelectArgs) -> dict[str, Any]:
     """Run the whole selection; returns the statistics (also written to out/select_stats.json)."""
-    from medgpt.data.readers import convert, write_jsonl
+    from medgpt.data.convert import convert
+    from medgpt.data.rows import write_jsonl
 
     args.check()
     eval_items = load_eval_items(args.eval, args.split, args.subjects)

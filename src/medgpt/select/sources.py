@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from medgpt.data.readers import item_rows
+from medgpt.data.rows import item_rows
 from medgpt.errors import UserError
 
 CORPUS_TEXT = ("user", "conversation")

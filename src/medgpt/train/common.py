@@ -154,7 +154,7 @@ def prepare_output(cfg: Config, resumed_at: int | None = None) -> None:
     unfinished (its medgpt.json goes), so a run killed half-way is never taken for the old complete one. A run
     resumed at step N keeps the log's rows up to N: the steps after it are trained (and logged) again, so each
     step is in the log once."""
-    from medgpt.data.readers import read_log, write_jsonl
+    from medgpt.data.rows import read_log, write_jsonl
     from medgpt.models import MEDGPT_META
 
     cfg.output_dir.mkdir(parents=True, exist_ok=True)
@@ -169,7 +169,7 @@ def prepare_output(cfg: Config, resumed_at: int | None = None) -> None:
 def whole_run_train_loss(output_dir: Path) -> float | None:
     """The mean training loss over every logged step of the run, resumed parts included (the Trainer's own
     `train_loss` covers only what the last process trained): each logged loss is the mean of its window."""
-    from medgpt.data.readers import read_log
+    from medgpt.data.rows import read_log
 
     rows = [r for r in read_log(Path(output_dir) / METRICS_FILE) if "loss" in r and "step" in r]
     total, steps, last = 0.0, 0, 0
