@@ -64,7 +64,7 @@ def print_evaluation(summary_file: Path, width: int) -> None:
     """What each stage changed on the held-out sets, with the 95% interval of the paired difference."""
     import json
 
-    from medgpt.report import EVAL_METRICS, eval_metric_name, metric_text
+    from medgpt.report.labels import EVAL_METRICS, eval_metric_name, metric_text
 
     if not summary_file.exists():
         return
@@ -111,7 +111,7 @@ def main(argv: list[str]) -> int:
     width = shutil.get_terminal_size((120, 40)).columns
     last = pipeline.stages[-1].name
     answers = json.loads((pipeline.run_dir / "answers.json").read_text(encoding="utf-8"))
-    from medgpt.report import load_prompts
+    from medgpt.report.answers import load_prompts
 
     print("\n" + "=" * width)
     print(f"medgpt demo: {' -> '.join(s.name.upper() for s in pipeline.stages)} on {pipeline.base['model']}")

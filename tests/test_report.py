@@ -17,7 +17,10 @@ from matplotlib.figure import Figure
 
 from medgpt.data.stats import DataStats
 from medgpt.errors import UserError
-from medgpt.report import ModelRef, StageResult, load_prompts, plot_curves, write_report
+from medgpt.report import write_report
+from medgpt.report.answers import ModelRef, load_prompts
+from medgpt.report.document import StageResult
+from medgpt.report.plots import plot_curves
 from medgpt.train import ppo
 
 
@@ -167,7 +170,7 @@ def test_html_report_names_axes_settings_cut_answers_and_data(tmp_path, monkeypa
     from medgpt.config import read_yaml
     from medgpt.train import load_config
     from medgpt.models import write_meta
-    from medgpt.report import SETTINGS_FILE, settled_settings
+    from medgpt.report.settings import SETTINGS_FILE, settled_settings
 
     # stage 1: a fresh SFT run, its settings settled by medgpt's own config code (hyperparameters.json)
     cfg = load_config("examples/sft_smollm2.yaml", ["--max_steps", "4", "--output_dir", str(tmp_path / "sft")])
@@ -275,7 +278,7 @@ def test_every_metric_the_report_names_is_one_the_trainers_log():
     in a new TRL would silently drop a curve)."""
     import transformers
 
-    from medgpt.report import METRICS, metric_label
+    from medgpt.report.labels import METRICS, metric_label
 
     sources = [*(TRL / "trainer").glob("*_trainer.py"), TRL / "experimental" / "orpo" / "orpo_trainer.py",
                Path(transformers.__file__).parent / "trainer.py", Path(ppo.__file__)]

@@ -236,7 +236,7 @@ def stage_hash(stage: Stage, previous: dict[str, Any] | None, made: set[str] = f
     from (local folders by their files; those in `made`, which earlier stages wrote, through the previous
     stage's manifest entry) and the medgpt version."""
     from medgpt import __version__
-    from medgpt.report import REPORT_FILES
+    from medgpt.report.answers import REPORT_FILES
 
     config = {k: v for k, v in stage.raw.items() if k not in CONTROL_KEYS}
     local = [k for k in MODEL_KEYS if config.get(k) and str(config[k]) not in made
@@ -359,7 +359,7 @@ def run_pipeline(p: Pipeline, start_from: str | None = None, report: bool = True
     manifest = read_manifest(p.run_dir)
     steps = plan_steps(p, start_from, manifest)
     if report:
-        from medgpt.report import load_prompts
+        from medgpt.report.answers import load_prompts
 
         prompts = load_prompts(p.report_prompts)  # a bad prompts file fails before hours of training
     procs.wait()
@@ -411,7 +411,7 @@ def run_pipeline(p: Pipeline, start_from: str | None = None, report: bool = True
 def policy_models(p: Pipeline) -> dict[str, Any]:
     """The models a pipeline's evaluation and report answers compare: the base model, then each policy stage's
     output, by label (a reward model scores rather than answers, and is left out)."""
-    from medgpt.report import ModelRef
+    from medgpt.report.answers import ModelRef
 
     refs = {"base": ModelRef(str(p.base["model"]), p.base["adapter"], p.template)}
     for stage in p.stages:
@@ -458,7 +458,8 @@ def final_model(p: Pipeline) -> dict[str, str | None]:
 
 def write_pipeline_report(p: Pipeline, manifest: dict[str, Any], prompts: list[list[dict]],
                           evaluation: dict[str, Any] | None = None) -> Path:
-    from medgpt.report import StageResult, write_report
+    from medgpt.report import write_report
+    from medgpt.report.document import StageResult
 
     refs = policy_models(p)
     results, summary = [], []

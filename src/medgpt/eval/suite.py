@@ -87,7 +87,7 @@ def parse_eval_sets(value: Any) -> list[EvalSet]:
 
 def _model_files(model: str | None, adapter: str | None) -> list:
     from medgpt.models import resolve_model
-    from medgpt.report import REPORT_FILES
+    from medgpt.report.answers import REPORT_FILES
 
     folders = [resolve_model(model)] + ([resolve_model(adapter)] if adapter else [])
     return [files_fingerprint(f, skip=REPORT_FILES) for f in folders]
