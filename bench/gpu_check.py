@@ -188,9 +188,8 @@ def stage_config(case: dict, folder: Path, out: Path) -> dict:
 def run_stage(case: dict, folder: Path, out: Path) -> dict:
     import torch
 
-    from medgpt.train import build_config
     from medgpt.data.rows import read_log
-    from medgpt.train import common, run_training
+    from medgpt.train import build_config, common, run_training
 
     meter = Meter()
     train_and_save = common.train_and_save
@@ -231,11 +230,11 @@ def run_baseline(case: dict, folder: Path, out: Path) -> dict:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
-    from medgpt.train import build_config
     from medgpt.data.encode import encode_conversations
     from medgpt.data.readers import read_records
     from medgpt.data.templates import get_template
     from medgpt.models import load_tokenizer
+    from medgpt.train import build_config
 
     cfg = build_config({**stage_config({**case, "kind": "sft"}, folder, out), "packing": False})
     tokenizer = load_tokenizer(str(folder))

@@ -82,8 +82,7 @@ def worker(case: dict) -> dict:
     import trl  # noqa: F401
     from transformers import TrainerCallback
 
-    from medgpt.train import build_config
-    from medgpt.train import common, run_training, stage_module
+    from medgpt.train import build_config, common, run_training, stage_module
 
     stage_module(case["stage"])  # import the stage (and its TRL trainer) before the baseline
     seen: dict[str, int] = {}

@@ -85,7 +85,6 @@ def print_evaluation(summary_file: Path, width: int) -> None:
 def main(argv: list[str]) -> int:
     import json
     import logging
-
     from argparse import Namespace
 
     from medgpt.commands.pipeline import split_own_flags

@@ -12,9 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from medgpt.train import build_config
 from medgpt.files import save_atomic, temporary_sibling
-from medgpt.train import common
+from medgpt.train import build_config, common
 
 
 def config(tmp_path: Path, **extra):
@@ -86,9 +85,8 @@ def test_a_pipeline_stage_killed_while_merging_resumes_with_the_merge_only(tmp_p
 
 @pytest.mark.slow
 def test_resume_after_a_kill_logs_each_step_once_and_at_max_steps_trains_nothing(tiny_model, tmp_path, sample_data):
-    from medgpt.train import load_config
     from medgpt.data.rows import read_log
-    from medgpt.train import run_training
+    from medgpt.train import load_config, run_training
 
     out = tmp_path / "sft"
     options = {"model": tiny_model, "output_dir": str(out), "method": "lora", "max_length": 128,

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from medgpt.cli import main
-from medgpt.data.encode import filter_by_length
 from medgpt.data.convert import convert
+from medgpt.data.encode import filter_by_length
 from medgpt.data.readers import detect_kind, read_records
 from medgpt.data.rows import write_jsonl
 from medgpt.data.stats import DataStats, write_stats

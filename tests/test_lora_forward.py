@@ -81,8 +81,7 @@ def test_disabled_merged_and_dora_adapters_take_peft_path(tiny_model):
 def test_training_set_up_fuses_lora_layers(tiny_model, sample_data, tmp_path):
     from trl import SFTTrainer
 
-    from medgpt.train import build_config
-    from medgpt.train import common, lora_forward, sft
+    from medgpt.train import build_config, common, lora_forward, sft
 
     cfg = build_config({"stage": "sft", "model": tiny_model, "data": str(sample_data / "sft" / "medical_sft.jsonl"),
                         "max_samples": 4, "max_steps": 1, "output_dir": str(tmp_path / "out"), "report_to": "none"})
@@ -121,8 +120,7 @@ def test_training_under_bf16_autocast_holds_base_weights_in_bf16(tiny_model, sam
     from trl import SFTTrainer
 
     import medgpt.models
-    from medgpt.train import build_config
-    from medgpt.train import common, sft
+    from medgpt.train import build_config, common, sft
 
     monkeypatch.setattr(medgpt.models, "cpu_supports_bf16", lambda: True)
     cfg = build_config({"stage": "sft", "model": tiny_model, "data": str(sample_data / "sft" / "medical_sft.jsonl"),

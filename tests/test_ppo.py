@@ -9,9 +9,8 @@ import logging
 import pytest
 import torch
 
-from medgpt.train import build_config
 from medgpt.errors import UserError
-from medgpt.train import ppo
+from medgpt.train import build_config, ppo, ppo_losses
 from medgpt.train.rewards import REWARD_FUNCTIONS, keyword_reward, reward_function
 
 MAX_NEW_TOKENS = 16
@@ -202,19 +201,19 @@ def test_gae_sums_discounted_future_rewards():
     rewards = torch.tensor([[0.0, 0.0, 1.0, 0.0]])
     values = torch.tensor([[0.5, 0.25, 0.0, 0.0]])
     # gamma = lam = 1: the advantage is the return from t minus V(s_t)
-    assert ppo.gae(rewards, values, 1.0, 1.0).tolist() == [[0.5, 0.75, 1.0, 0.0]]
+    assert ppo_losses.gae(rewards, values, 1.0, 1.0).tolist() == [[0.5, 0.75, 1.0, 0.0]]
     # lam = 0: the one-step TD error r_t + gamma V(s_t+1) - V(s_t)
-    assert ppo.gae(rewards, values, 0.5, 0.0).tolist() == [[-0.375, -0.25, 1.0, 0.0]]
+    assert ppo_losses.gae(rewards, values, 0.5, 0.0).tolist() == [[-0.375, -0.25, 1.0, 0.0]]
 
 
 def test_adaptive_kl_controller_moves_towards_the_target(sample_data, tmp_path):
     args = ppo_config("unused", tmp_path, sample_data, adaptive_kl=True, target_kl=2.0, horizon=100).train
-    controller = ppo.KLController(args, 0.1)
+    controller = ppo_losses.KLController(args, 0.1)
     controller.update(kl=4.0, n_responses=10)  # too far from the reference: penalise more (by at most 20%)
     assert controller.value == pytest.approx(0.1 * (1 + 0.2 * 10 / 100))
     controller.update(kl=1.0, n_responses=10)
     assert controller.value < 0.1 * (1 + 0.2 * 10 / 100)
-    fixed = ppo.KLController(ppo_config("unused", tmp_path, sample_data).train, 0.1)
+    fixed = ppo_losses.KLController(ppo_config("unused", tmp_path, sample_data).train, 0.1)
     fixed.update(kl=40.0, n_responses=10)
     assert fixed.value == 0.1
 
@@ -226,7 +225,7 @@ def test_clipped_losses_ignore_padding_and_clip_large_ratios(sample_data, tmp_pa
                         advantages=torch.tensor([[1.0, -1.0, 5.0]]), returns=torch.tensor([[1.0, 1.0, 9.0]]))
     args = ppo_config("unused", tmp_path, sample_data).train
     # ratio e^1 on both tokens: the positive advantage is clipped at 1.2, the negative one is not
-    losses = ppo.ppo_losses(batch, torch.tensor([[1.0, 1.0, 7.0]]), torch.tensor([[0.0, 0.0, 3.0]]), args)
+    losses = ppo_losses.ppo_losses(batch, torch.tensor([[1.0, 1.0, 7.0]]), torch.tensor([[0.0, 0.0, 3.0]]), args)
     assert losses["policy_loss"].item() == pytest.approx((-1.2 + torch.e) / 2)
     assert losses["clip_frac"].item() == pytest.approx(0.5)
     assert losses["value_loss"].item() == pytest.approx(0.5)

@@ -13,11 +13,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from medgpt.train import build_config
 from medgpt.errors import UserError
 from medgpt.models import Precision, cast_trainable, training_precision
 from medgpt.plan import PlanArgs, estimate, load_architecture
-from medgpt.train import common
+from medgpt.train import build_config, common
 
 BF16, FP16, FP32 = torch.bfloat16, torch.float16, torch.float32
 

@@ -168,9 +168,9 @@ class FakeEngine:
 
 def test_html_report_names_axes_settings_cut_answers_and_data(tmp_path, monkeypatch):
     from medgpt.config import read_yaml
-    from medgpt.train import load_config
     from medgpt.models import write_meta
     from medgpt.report.settings import SETTINGS_FILE, settled_settings
+    from medgpt.train import load_config
 
     # stage 1: a fresh SFT run, its settings settled by medgpt's own config code (hyperparameters.json)
     cfg = load_config("examples/sft_smollm2.yaml", ["--max_steps", "4", "--output_dir", str(tmp_path / "sft")])

@@ -10,11 +10,10 @@ from pathlib import Path
 import pytest
 
 from medgpt.cli import main
-from medgpt.train import build_config
-from medgpt.errors import UserError
-from medgpt.train import run_training
-from medgpt.data.records import read_prompts, read_unpaired
 from medgpt.data.answers import extract_choice
+from medgpt.data.records import read_prompts, read_unpaired
+from medgpt.errors import UserError
+from medgpt.train import build_config, run_training
 from medgpt.train.rewards import AUTO, REWARD_FUNCTIONS, answer_format, length_reward, mcq_accuracy
 
 FAST = dict(template="chatml", per_device_train_batch_size=4, logging_steps=1, activation_checkpointing=False,

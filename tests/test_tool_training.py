@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import pytest
 
-from medgpt.train import build_config
 from medgpt.data.encode import encode_conversations
 from medgpt.data.readers import read_records
 from medgpt.data.templates import IGNORE_INDEX, get_template
 from medgpt.errors import UserError
 from medgpt.models import load_tokenizer
+from medgpt.train import build_config
 
 
 def labelled_text(tokenizer, row: dict) -> str:

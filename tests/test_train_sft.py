@@ -11,9 +11,8 @@ import pytest
 import torch
 
 from medgpt.cli import main
-from medgpt.train import load_config
 from medgpt.errors import UserError
-from medgpt.train import run_training
+from medgpt.train import load_config, run_training
 
 ROOT = Path(__file__).resolve().parents[1]
 SFT_EXAMPLE = ROOT / "examples" / "sft_smollm2.yaml"

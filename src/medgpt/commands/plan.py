@@ -7,6 +7,7 @@ import json
 
 from medgpt.plan import DEVICES, PLAN_METHODS  # medgpt.plan imports only the standard library at the top
 from medgpt.stages import STAGES, stage_facts
+
 ROWS = (("weights", "weights"), ("gradients", "gradients"), ("optimizer", "optimizer states"),
         ("activations", "activations"), ("reference_model", "reference model"), ("reward_model", "reward model"),
         ("overhead", "CUDA context and slack"))

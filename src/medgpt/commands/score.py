@@ -43,8 +43,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _score_file(scorer, args: argparse.Namespace) -> int:
-    from medgpt.data.rows import write_jsonl
     from medgpt.data.records import read_scored
+    from medgpt.data.rows import write_jsonl
 
     records, stats = read_scored(args.input, "scored", on_error=args.on_error)
     if not records:

@@ -23,8 +23,8 @@ from typing import Any
 
 from medgpt.data.readers import as_object, read_records
 from medgpt.errors import UserError
-from medgpt.files import atomic_write, value_digest, write_json
 from medgpt.eval.stats import bleu_stats
+from medgpt.files import atomic_write, value_digest, write_json
 
 log = logging.getLogger(__name__)
 

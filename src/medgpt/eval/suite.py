@@ -18,8 +18,7 @@ from typing import Any
 
 from medgpt.errors import UserError
 from medgpt.eval import stats
-from medgpt.files import (ResultCache, files_fingerprint, folder_digest, read_keyed, value_digest,
-                          write_json)
+from medgpt.files import ResultCache, files_fingerprint, folder_digest, read_keyed, value_digest, write_json
 
 log = logging.getLogger(__name__)
 

@@ -20,8 +20,7 @@ from typing import Any
 from medgpt.errors import UserError
 from medgpt.files import atomic_write, write_json
 from medgpt.report.answers import ANSWERS_FILE, MAX_NEW_TOKENS, ModelRef, generate_answers, load_prompts
-from medgpt.report.document import (StageResult, answers_section, evaluation_section, stage_section, to_html,
-                                    to_markdown)
+from medgpt.report.document import StageResult, answers_section, evaluation_section, stage_section, to_html, to_markdown
 from medgpt.report.labels import facts_of
 from medgpt.report.settings import SETTINGS_FILE, settled_settings
 

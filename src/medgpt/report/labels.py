@@ -8,7 +8,6 @@ from typing import Any
 
 from medgpt.stages import STAGES_BY_NAME, UNKNOWN, Stage
 
-
 # The names TRL 1.x's trainers (SFT, DPO, KTO, ORPO, GRPO, Reward), transformers' Trainer and medgpt's PPO
 # log, by panel; `eval_NAME` is the same metric on the eval set. A name not listed here is not plotted
 # (it is still in the final metrics table when it is there).

@@ -157,8 +157,8 @@ def add_contamination_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_contamination(args: argparse.Namespace) -> int:
-    from medgpt.select.sources import load_eval_items, read_corpus, record_text
     from medgpt.files import write_json
+    from medgpt.select.sources import load_eval_items, read_corpus, record_text
 
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)
     subjects = [s.strip() for s in args.subjects.split(",")] if args.subjects else None

@@ -15,7 +15,6 @@ A stage module defines:
 from __future__ import annotations
 
 import importlib
-
 from pathlib import Path
 from typing import Any
 
