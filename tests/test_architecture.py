@@ -196,3 +196,30 @@ def test_the_checks_catch_what_they_look_for():
     assert find_circles({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == [["a", "b", "c", "a"]]
     assert find_circles({"a": {"b"}, "b": set()}) == []
     assert find_circles({"p": {"p.m"}, "p.m": {"p"}}) == []  # a package and its own module
+
+
+TESTS = Path(__file__).parent
+BENCH = TESTS.parent / "bench"
+PROJECT_TESTS = {"test_architecture.py"}  # the layering of the whole source, not one module
+
+
+def module_under_test(test_file: str, modules: set[str], scripts: set[str]) -> str | None:
+    """The module, package or bench script a test file is named after: `test_<path with _>[_<aspect>].py`
+    (tests/test_data_templates.py -> medgpt.data.templates, tests/test_infer_server_fuzz.py ->
+    medgpt.infer.server); the longest name that fits, or None."""
+    stem = test_file.removeprefix("test_").removesuffix(".py")
+    names = {m.removeprefix("medgpt.").replace(".", "_"): m for m in modules if m != "medgpt"}
+    names.update({f"bench_{s}": f"bench/{s}.py" for s in scripts})
+    fits = [n for n in names if stem == n or stem.startswith(n + "_")]
+    return names[max(fits, key=len)] if fits else None
+
+
+def test_every_test_file_is_named_after_the_module_it_tests():
+    """A reader finds a module's tests by its name: tests/test_<package>_<module>.py (or its package's file)."""
+    scripts = {p.stem for p in BENCH.glob("*.py")}
+    unnamed = [p.name for p in sorted(TESTS.glob("test_*.py"))
+               if p.name not in PROJECT_TESTS and module_under_test(p.name, set(MODULES), scripts) is None]
+    assert unnamed == []
+    assert module_under_test("test_infer_server_fuzz.py", set(MODULES), scripts) == "medgpt.infer.server"
+    assert module_under_test("test_data_templates.py", set(MODULES), scripts) == "medgpt.data.templates"
+    assert module_under_test("test_stages_of_life.py", {"medgpt.data"}, set()) is None
