@@ -1,8 +1,10 @@
-"""Shared fixtures: a tiny random Llama with the bundled tokenizer (fast tests) and the bundled model."""
+"""Shared fixtures: a tiny random Llama with the bundled tokenizer (fast tests), a sharpened copy of it and one
+engine on that copy for the inference tests, the bundled tokenizer and the bundled model."""
 
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -40,10 +42,49 @@ def build_tiny_model(folder: Path, seed: int = 0) -> Path:
     return folder
 
 
+def sharpen(tiny_model: str, folder: Path, std: float = 0.2) -> str:
+    """The tiny model with larger random weights: its greedy text then depends on the prompt (not just newlines)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    shutil.copytree(tiny_model, folder)
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for weight in (p for p in model.parameters() if p.dim() > 1):
+            weight.normal_(0, std)
+    model.save_pretrained(folder)
+    return str(folder)
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> str:
     """Path of a tiny random causal LM (seconds to train on a CPU)."""
     return str(build_tiny_model(tmp_path_factory.mktemp("tiny-llama")))
+
+
+@pytest.fixture(scope="session")
+def sharp_model(tiny_model, tmp_path_factory) -> str:
+    """Path of the tiny model sharpened (`sharpen`): greedy text that depends on the prompt."""
+    return sharpen(tiny_model, tmp_path_factory.mktemp("sharp") / "model")
+
+
+@pytest.fixture(scope="session")
+def engine(sharp_model):
+    """The transformers engine on the sharpened tiny model (fp32, batches of up to 8), one for the session."""
+    from medgpt.infer.engine import load_engine
+
+    engine = load_engine(sharp_model, dtype="fp32", max_batch_size=8)
+    yield engine
+    engine.close()
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """The bundled tokenizer (SmolLM2's, with its ChatML chat template)."""
+    from medgpt.models import load_tokenizer
+
+    return load_tokenizer()
 
 
 @pytest.fixture(scope="session")

@@ -328,7 +328,7 @@ _ALPACA_SYSTEM = ("Below is an instruction that describes a task. "
 _QWEN_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
 _DEEPSEEK_BOS, _DEEPSEEK_EOS = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
 
-# Each row is checked against the family's own chat template in tests/test_templates.py (the official Jinja
+# Each row is checked against the family's own chat template in tests/test_data_templates.py (the official Jinja
 # texts are in tests/fixtures/chat_templates/, whose README lists the sources and every known difference).
 TEMPLATES: dict[str, Template] = {t.name: t for t in (
     # FastChat vicuna_v1.1; the tokenizer adds <s>

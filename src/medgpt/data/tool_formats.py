@@ -3,7 +3,7 @@ text and as pieces of its generated Jinja), how a model's reply is read back int
 one), and the grammar that makes a model write one call.
 
 One class per format, one entry in `TOOL_FORMATS`; a template names its format in `Template.tool_format`.
-Each format is checked against its family's official template in tests/test_templates.py.
+Each format is checked against its family's official template in tests/test_data_templates.py.
 
 Standard library only at import time (xgrammar is imported where a grammar is built).
 """

@@ -13,12 +13,11 @@ import pytest
 
 from medgpt.infer.base import GenerationParams
 from medgpt.infer.engine import load_engine
-from test_infer import sharpen
 
 
 @pytest.fixture(scope="module")
-def engine(tiny_model, tmp_path_factory):
-    return load_engine(sharpen(tiny_model, tmp_path_factory.mktemp("sharp") / "model"), dtype="fp32")
+def engine(sharp_model):
+    return load_engine(sharp_model, dtype="fp32")
 
 
 @pytest.fixture(scope="module")
@@ -138,7 +137,7 @@ def test_page_shows_the_loaded_model_and_every_setting(page, tiny_model):
 
 def test_page_starts_from_the_model_generation_config(tiny_model, tmp_path):
     from medgpt.infer.webui import build_demo
-    from test_infer import with_generation_config
+    from _inference import with_generation_config
 
     folder = with_generation_config(tiny_model, tmp_path / "shipped", do_sample=True, temperature=0.6, top_k=20)
     engine = load_engine(folder, dtype="fp32")

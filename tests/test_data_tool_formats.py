@@ -109,13 +109,13 @@ def test_ids_are_in_each_formats_style():
 
 
 def test_every_format_is_compared_with_an_official_template():
-    """tests/test_templates.py renders tools, calls and results against a family's official Jinja: each
+    """tests/test_data_templates.py renders tools, calls and results against a family's official Jinja: each
     registered format is among those compared."""
-    import test_templates
+    import test_data_templates
 
-    compared = test_templates.test_tools_render_as_the_official_template.pytestmark[0].args[1]
+    compared = test_data_templates.test_tools_render_as_the_official_template.pytestmark[0].args[1]
     assert {TEMPLATES[name].tool_format for name in compared} == set(TOOL_FORMATS)
-    assert set(compared) <= set(test_templates.SPECIAL_TOKENS)  # each has its official Jinja fixture
+    assert set(compared) <= set(test_data_templates.SPECIAL_TOKENS)  # each has its official Jinja fixture
 
 
 class LinesTools(ToolFormat):

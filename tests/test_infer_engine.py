@@ -1,29 +1,176 @@
-"""The transformers engine's continuous batching: requests joining and leaving a running batch, log-probs and
-prompt scoring, penalties, logit bias, grammars, one request's failure isolated from its batch, cancellation.
+"""`medgpt.infer.engine`, the transformers engine: batched greedy decoding equal to one prompt at a time, length and
+stop strings, the model's end-of-turn token, streaming, seeded sampling, the template from the model's metadata or
+by name, adapters applied without merging, the checkpoint's generation_config kept out of requests; and its
+continuous batching: requests joining and leaving a running batch, log-probs and prompt scoring, penalties, logit
+bias, grammars, one request's failure isolated from its batch, cancellation.
 
 The references are transformers' own: `model(input_ids).logits` for log-probs, `model.generate` for greedy
 decoding and the repetition penalty, pydantic for the JSON a grammar promises; OpenAI's published formula for
-the presence and frequency penalties.
+the presence and frequency penalties; for an adapter, the model with the adapter merged into it.
+
+The `engine` fixture (tests/conftest.py) is one engine on the sharpened tiny model for the whole session.
 """
 
 from __future__ import annotations
 
+import shutil
 import threading
 
 import pytest
-from test_infer import QUESTIONS, sharpen
+from _inference import QUESTIONS
 
 from medgpt.errors import UserError
 from medgpt.infer.base import GenerationParams, Request
-from medgpt.infer.engine import load_engine, prompt_logprobs
+from medgpt.infer.engine import held_back, load_engine, prompt_logprobs, stop_position
 
 
-@pytest.fixture(scope="module")
-def engine(tiny_model, tmp_path_factory):
-    engine = load_engine(sharpen(tiny_model, tmp_path_factory.mktemp("sharp") / "model"), dtype="fp32",
-                         max_batch_size=8)
-    yield engine
-    engine.close()
+# -- generation, streaming, stop words, sampling, templates, adapters ------------------------------------
+
+
+def test_stop_helpers():
+    assert stop_position("abc STOP def END", ["END", "STOP"]) == 4
+    assert stop_position("abc", ["x"]) == -1
+    assert held_back("answer <|im", ["<|im_end|>"]) == 4  # a stop string may be starting: not shown yet
+    assert held_back("answer", ["<|im_end|>"]) == 0
+
+
+def test_batched_greedy_equals_one_by_one(engine):
+    params = GenerationParams(max_new_tokens=12)
+    batched = engine.generate(QUESTIONS, params)
+    single = [engine.generate([q], params)[0] for q in QUESTIONS]
+    assert [c.text for c in batched] == [c.text for c in single]
+    assert [c.completion_tokens for c in batched] == [c.completion_tokens for c in single]
+    for completion, question in zip(batched, QUESTIONS):
+        assert completion.prompt_tokens == len(engine.encode(question))
+        assert completion.finish_reason in ("stop", "length")
+
+
+def test_length_and_stop_strings(engine):
+    long = engine.generate(QUESTIONS[:1], GenerationParams(max_new_tokens=16))[0]
+    assert long.finish_reason == "length" and long.completion_tokens == 16
+    stop = long.text[len(long.text) // 2:][:3]
+    assert stop.strip(), long.text
+    cut = engine.generate(QUESTIONS[:1], GenerationParams(max_new_tokens=16, stop=[stop]))[0]
+    assert cut.finish_reason == "stop"
+    assert cut.text == long.text[:long.text.find(stop)]
+    assert cut.completion_tokens < 16
+
+
+def test_stream_matches_generate(engine):
+    for params in (GenerationParams(max_new_tokens=12), GenerationParams(max_new_tokens=12, stop=["e"])):
+        deltas = list(engine.stream(QUESTIONS[0], params))
+        assert "".join(deltas) == engine.generate(QUESTIONS[:1], params)[0].text
+        assert len(deltas) > 1 or params.stop
+
+
+def test_stream_ends_with_the_completion(engine):
+    for params in (GenerationParams(max_new_tokens=7), GenerationParams(max_new_tokens=30, stop=["e"])):
+        expected = engine.generate(QUESTIONS[:1], params)[0]
+        stream = engine.stream(QUESTIONS[0], params)
+        assert stream.completion is None  # known only at the end
+        assert "".join(stream) == expected.text
+        assert stream.completion == expected
+    assert expected.finish_reason == "stop" and engine.generate(QUESTIONS[:1], GenerationParams(
+        max_new_tokens=7))[0].finish_reason == "length"
+
+
+def test_eos_and_template_stop_words_end_generation(engine):
+    """The model's only way to end a turn (eos = <|im_end|>) stops it with finish_reason stop."""
+    import torch
+
+    eos = engine.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert eos in engine.stop_ids
+    bias = torch.zeros(len(engine.tokenizer))
+    bias[eos] = 1e4
+    head = engine.model.get_output_embeddings()
+    original = head.weight.data.clone()
+    try:
+        head.weight.data[:] = 0
+        head.bias = torch.nn.Parameter(bias)
+        completion = engine.generate(QUESTIONS[:1], GenerationParams(max_new_tokens=10))[0]
+    finally:
+        head.weight.data[:] = original
+        head.bias = None
+    assert completion == type(completion)("", completion.prompt_tokens, 1, "stop")
+
+
+def test_seeded_sampling_is_per_request(engine):
+    params = GenerationParams(max_new_tokens=10, temperature=1.0, top_k=50, top_p=0.95, seed=7)
+    alone = engine.generate(QUESTIONS[:1], params)[0].text
+    assert engine.generate(QUESTIONS[:1], params)[0].text == alone
+    other_seed = GenerationParams(max_new_tokens=10, temperature=1.0, top_k=50, top_p=0.95, seed=8)
+    assert engine.generate(QUESTIONS[:1], other_seed)[0].text != alone
+    # in a batch beside rows with other settings, a seeded row samples exactly as it does alone
+    from medgpt.infer.base import Request
+
+    rows = [Request(engine.encode(QUESTIONS[1]), GenerationParams(max_new_tokens=4)),
+            Request(engine.encode(QUESTIONS[0]), params),
+            Request(engine.encode(QUESTIONS[2]), GenerationParams(max_new_tokens=20, repetition_penalty=1.3))]
+    assert engine.run(rows)[1].text == alone
+
+
+def test_model_generation_config_does_not_leak_into_requests(engine):
+    """Only the request's own settings apply, whatever the checkpoint's generation_config recommends."""
+    question = QUESTIONS[:1]
+    before = engine.generate(question, GenerationParams(max_new_tokens=10))[0].text
+    config = engine.model.generation_config
+    saved = config.to_dict()
+    try:
+        config.update(repetition_penalty=5.0, no_repeat_ngram_size=1, do_sample=True, temperature=3.0)
+        assert engine.generate(question, GenerationParams(max_new_tokens=10))[0].text == before
+    finally:
+        config.update(**saved)
+
+
+def test_template_from_metadata_and_by_name(sharp_model, tmp_path):
+    from medgpt.data.templates import get_template
+    from medgpt.models import write_meta
+
+    folder = tmp_path / "model"
+    shutil.copytree(sharp_model, folder)
+    write_meta(folder, template="vicuna")
+    recorded = load_engine(str(folder), dtype="fp32")
+    assert recorded.template.name == "vicuna"
+    assert "</s>" in recorded.stop_strings or recorded.tokenizer.convert_tokens_to_ids("</s>") in recorded.stop_ids
+    named = load_engine(str(folder), template="chatml", dtype="fp32")
+    assert named.encode(QUESTIONS[0]) == get_template("chatml").encode_prompt(named.tokenizer, QUESTIONS[0])
+    with pytest.raises(UserError, match="unknown template"):
+        load_engine(str(folder), template="nope")
+
+
+@pytest.mark.slow
+def test_adapter_applies_without_merging(sharp_model, tmp_path):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from medgpt.models import merge_adapter
+
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(sharp_model),
+                           LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False))
+    model.save_pretrained(tmp_path / "adapter")
+    params = GenerationParams(max_new_tokens=10)
+    base = load_engine(sharp_model, dtype="fp32").generate(QUESTIONS, params)
+    adapted_engine = load_engine(sharp_model, adapter=str(tmp_path / "adapter"), dtype="fp32")
+    assert type(adapted_engine.model).__name__.startswith("Peft")
+    adapted = adapted_engine.generate(QUESTIONS, params)
+    merged = merge_adapter(str(tmp_path / "adapter"), str(tmp_path / "merged"), base=sharp_model)
+    assert [c.text for c in adapted] == [c.text for c in load_engine(str(merged), dtype="fp32").generate(QUESTIONS, params)]
+    assert [c.text for c in adapted] != [c.text for c in base]
+
+
+@pytest.mark.slow
+def test_bundled_model_answers_sanely_in_bf16(bundled_model):
+    engine = load_engine(bundled_model)  # auto: bf16 where the CPU has fast bf16
+    answers = engine.generate([[{"role": "user", "content": "What is the capital of France?"}],
+                               [{"role": "user", "content": "Say hello."}]], GenerationParams(max_new_tokens=24))
+    # facts and a stop of its own, not one wording: fp32 (CPUs without native bf16) and bf16 word it differently
+    assert "Paris" in answers[0].text and answers[0].finish_reason == "stop"
+    assert "hello" in answers[1].text.lower()
+
+
+# -- continuous batching ---------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")

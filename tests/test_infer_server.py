@@ -1,6 +1,7 @@
 """The API server: the official openai client against the bundled model; limits, keys, bad input, load.
 
-More in test_openai_client.py (every endpoint through real clients) and test_server_fuzz.py (hostile input)."""
+More in test_infer_server_openai_client.py (every endpoint through real clients) and test_infer_server_fuzz.py
+(hostile input)."""
 
 from __future__ import annotations
 

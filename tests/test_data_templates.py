@@ -1,4 +1,10 @@
-"""Chat templates: exact text, Jinja equivalence, label spans, `auto`, and the `medgpt template` command."""
+"""`medgpt.data.templates`: chat templates' exact text, label spans, system prompt rules, BOS handling and `auto`;
+each template rendered as its family's official chat template renders (tests/fixtures/chat_templates, sources in
+its README.md), tools, tool calls and results included, and the templates whose families publish no Jinja against
+FastChat's Conversation.get_prompt, LLaMA-Factory's alpaca template and Stanford Alpaca's prompt.
+
+The generated Jinja is in test_data_template_jinja.py, the `medgpt template` command in test_commands_template.py,
+SentencePiece tokenizers in test_data_templates_sentencepiece.py."""
 
 from __future__ import annotations
 
@@ -6,72 +12,24 @@ import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
-import json  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
+from _conversations import (CONVERSATION, PARALLEL_CONVERSATION, SYSTEM,  # noqa: E402
+                            TOOL_CONVERSATION, TOOL_CONVERSATIONS, TOOLS)
 
-from medgpt.cli import main  # noqa: E402
 from medgpt.data.templates import IGNORE_INDEX, TEMPLATES, get_template, list_templates  # noqa: E402
 from medgpt.errors import UserError  # noqa: E402
 
-SYSTEM = "你是一名专业的医生 (a careful doctor)."
-CONVERSATION = [
-    {"role": "system", "content": SYSTEM},
-    {"role": "user", "content": "我最近总是头疼，怎么办？"},
-    {"role": "assistant", "content": "头疼可能与睡眠不足有关，建议规律作息、多喝水。"},
-    {"role": "user", "content": "What if I also have a fever of 38.5°C?"},
-    {"role": "assistant", "content": "Take paracetamol, rest, and see a doctor if it lasts over 3 days."},
-    {"role": "user", "content": "谢谢 thanks!"},
-    {"role": "assistant", "content": "不客气! Get well soon."},
-]
 ANSWERS = [m["content"] for m in CONVERSATION if m["role"] == "assistant"]
 
-# tools, tool calls and results in the canonical form (arguments a dict; no call ids, as ShareGPT data has none)
-TOOLS = [
-    {"type": "function", "function": {"name": "get_weather", "description": "查询城市天气 (current weather)",
-                                      "parameters": {"type": "object", "required": ["city"], "properties": {
-                                          "city": {"type": "string", "description": "城市"}}}}},
-    {"type": "function", "function": {"name": "find_clinic", "description": "Find an open clinic near a city",
-                                      "parameters": {"type": "object", "properties": {
-                                          "city": {"type": "string"}, "open_now": {"type": "boolean"}}}}},
-]
-WEATHER = {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "北京"}}}
-CLINIC = {"type": "function", "function": {"name": "find_clinic", "arguments": {"city": "北京", "open_now": True}}}
-TOOL_CONVERSATION = [
-    {"role": "system", "content": SYSTEM},
-    {"role": "user", "content": "北京今天热吗？我有点发烧。"},
-    {"role": "assistant", "content": "", "tool_calls": [WEATHER]},
-    {"role": "tool", "content": '{"temp_c": 38, "sky": "晴"}', "name": "get_weather"},
-    {"role": "assistant", "content": "北京今天38°C、晴。发烧时请多喝水，避免暴晒。"},
-    {"role": "user", "content": "Thanks!"},
-    {"role": "assistant", "content": "You're welcome. See a doctor if the fever lasts."},
-]
-# two calls in one turn (Qwen's and Mistral's formats), with text before them (Qwen's only)
-PARALLEL_CONVERSATION = [
-    *TOOL_CONVERSATION[1:2],
-    {"role": "assistant", "content": "我先查一下。", "tool_calls": [WEATHER, CLINIC]},
-    {"role": "tool", "content": '{"temp_c": 38, "sky": "晴"}', "name": "get_weather"},
-    {"role": "tool", "content": "Clinic A (2 km), open until 22:00", "name": "find_clinic"},
-    {"role": "assistant", "content": "38°C；最近的诊所是 Clinic A。"},
-]
-TOOL_CONVERSATIONS = [TOOL_CONVERSATION, TOOL_CONVERSATION[1:], TOOL_CONVERSATION[:-1], TOOL_CONVERSATION[:4],
-                      PARALLEL_CONVERSATION, [{**m, "content": ""} if m.get("tool_calls") else m
-                                              for m in PARALLEL_CONVERSATION]]
 
 # On the bundled (ChatML) tokenizer these formats' end-of-turn markers are plain text, not special tokens, and
 # byte-level BPE merges the punctuation on both sides of a turn boundary ("</s><s>" -> "><",
 # "<|eot_id|><|start_header_id|>" -> "><"). The merged token starts inside the reply, so it is labelled (the
 # model learns to finish the marker) and carries the next turn's first character. With each model's own
-# tokenizer the markers are special tokens, which always split (tests/test_sentencepiece.py).
+# tokenizer the markers are special tokens, which always split (tests/test_data_templates_sentencepiece.py).
 MARKER_MERGES_ON_BUNDLED = {"llama2", "llama3", "llama3.1", "baichuan2"}
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    from medgpt.models import load_tokenizer
-
-    return load_tokenizer()
 
 
 def labelled_runs(tokenizer, encoded: dict) -> list[tuple[bool, str]]:
@@ -144,33 +102,6 @@ def test_prompt_ids_are_a_prefix_of_training_ids(tokenizer, name):
     assert tokenizer.decode(prompt) == template.render(CONVERSATION[:-1], add_generation_prompt=True)
 
 
-@pytest.mark.parametrize("name", list(TEMPLATES))
-def test_chat_template_renders_like_render(tokenizer, name):
-    """The generated Jinja renders exactly what render() does, tools included, and refuses what render() refuses."""
-    from jinja2.exceptions import TemplateError
-
-    template = get_template(name)
-    jinja = template.chat_template()
-    cases = [(m, None) for m in (CONVERSATION, CONVERSATION[1:], CONVERSATION[:-1], CONVERSATION[1:2],
-                                 [{"role": "system", "content": ""}, *CONVERSATION[1:3]])]
-    cases += [(m, tools) for m in TOOL_CONVERSATIONS for tools in (TOOLS, None)] + [(CONVERSATION[1:3], TOOLS)]
-    rendered = 0
-    for messages, tools in cases:
-        for generation_prompt in (False, True):
-            try:
-                expected = template.render(messages, add_generation_prompt=generation_prompt, tools=tools)
-            except UserError:
-                with pytest.raises(TemplateError):
-                    tokenizer.apply_chat_template(messages, tools=tools, chat_template=jinja, tokenize=False,
-                                                  add_generation_prompt=generation_prompt)
-                continue
-            got = tokenizer.apply_chat_template(messages, tools=tools, chat_template=jinja, tokenize=False,
-                                                add_generation_prompt=generation_prompt)
-            assert got == expected, (messages, tools, generation_prompt)
-            rendered += bool(tools)
-    assert rendered if template.tool_format else not rendered
-
-
 def test_system_prompt_rules():
     qwen, gemma = get_template("qwen"), get_template("gemma")
     turns = CONVERSATION[1:3]
@@ -238,66 +169,8 @@ def test_auto_needs_a_chat_template():
         get_template("auto")
 
 
-def test_cli_list(capsys):
-    assert main(["template", "list"]) == 0
-    out = capsys.readouterr().out
-    for name in list_templates():
-        assert name in out
-    assert "<|eot_id|>" in out and "You are Qwen" in out
-    for name, family in [("qwen", "Qwen2.5-Instruct"), ("qwen3", "Qwen3"), ("llama3.1", "Llama-3.1-Instruct"),
-                         ("mistral", "Mistral-7B-Instruct-v0.3"), ("gemma2", "Gemma-2"), ("phi3", "Phi-3.5")]:
-        assert any(line.startswith(f"{name} ") and family in line for line in out.splitlines()), name
-
-
-def test_cli_render_with_tools(capsys, tmp_path):
-    path = tmp_path / "record.json"
-    path.write_text(json.dumps({"messages": TOOL_CONVERSATION[1:4], "tools": TOOLS}, ensure_ascii=False),
-                    encoding="utf-8")
-    assert main(["template", "render", "qwen", "--messages", str(path), "--generation-prompt"]) == 0
-    expected = get_template("qwen").render(TOOL_CONVERSATION[1:4], add_generation_prompt=True, tools=TOOLS)
-    assert capsys.readouterr().out == expected and "<tools>" in expected
-    assert main(["template", "render", "qwen", "--messages", json.dumps(TOOL_CONVERSATION[1:2]),
-                 "--tools", json.dumps(TOOLS[:1])]) == 0
-    assert "get_weather" in capsys.readouterr().out
-    assert main(["template", "render", "chatml", "--messages", str(path)]) == 2
-    assert "has no tool format" in capsys.readouterr().err
-
-
-def test_cli_render_prints_exactly_the_text(capsys, tmp_path):
-    messages = json.dumps(CONVERSATION[1:2], ensure_ascii=False)
-    assert main(["template", "render", "llama3", "--messages", messages, "--generation-prompt"]) == 0
-    assert capsys.readouterr().out == get_template("llama3").render(CONVERSATION[1:2], add_generation_prompt=True)
-    path = tmp_path / "conversation.json"
-    path.write_text(json.dumps(CONVERSATION, ensure_ascii=False), encoding="utf-8")
-    assert main(["template", "render", "qwen", "--messages", str(path), "--system", ""]) == 0
-    assert capsys.readouterr().out == get_template("qwen").render(CONVERSATION, system="")
-
-
-def test_cli_render_auto(capsys, tokenizer):
-    messages = json.dumps(CONVERSATION[1:2])
-    assert main(["template", "render", "auto", "--messages", messages, "--tokenizer",
-                 tokenizer.name_or_path]) == 0
-    assert capsys.readouterr().out == tokenizer.apply_chat_template(CONVERSATION[1:2], tokenize=False)
-
-
-@pytest.mark.parametrize("argv", [
-    ["template", "render", "chatml", "--messages", '[{"role": "user"'],
-    ["template", "render", "chatml", "--messages", '[{"role": "doctor", "content": "x"}]'],
-    ["template", "render", "nope", "--messages", "[]"],
-    ["template", "render", "auto", "--messages", '[{"role": "user", "content": "x"}]'],
-])
-def test_cli_user_errors(capsys, argv):
-    assert main(argv) == 2
-    captured = capsys.readouterr()
-    assert captured.out == ""
-    lines = captured.err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("medgpt template: error:")
-
-
 # -- the official chat templates ---------------------------------------------------------------------------
-# tests/fixtures/chat_templates/<name>.jinja is the chat template the family publishes in its tokenizer_config.json
-# (sources and every known difference: tests/fixtures/chat_templates/README.md). It is rendered the way
-# tokenizer.apply_chat_template renders it, with the family's BOS/EOS strings.
+
 
 FIXTURES = Path(__file__).parent / "fixtures" / "chat_templates"
 SPECIAL_TOKENS = {  # name: (bos_token, eos_token) of the family's tokenizer

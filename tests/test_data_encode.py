@@ -1,13 +1,16 @@
-"""Tool-calling conversations go from the shipped file to training rows: read by the data layer, rendered in the
-template's official tool format (Qwen2.5's, checked against its Jinja in test_templates.py), with labels on the
-assistant's tool calls and replies and none on tool results; a template without a tool format refuses them."""
+"""`medgpt.data.encode`: canonical records to training rows. Tool-calling conversations go from the shipped file
+to training rows: read by the data layer, rendered in the template's official tool format (Qwen2.5's, checked
+against its Jinja in test_data_templates.py), with labels on the assistant's tool calls and replies and none on tool
+results; a template without a tool format refuses them. The length filter drops or truncates rows longer than
+max_length and counts them."""
 
 from __future__ import annotations
 
 import pytest
 
-from medgpt.data.encode import encode_conversations
+from medgpt.data.encode import encode_conversations, filter_by_length
 from medgpt.data.readers import read_records
+from medgpt.data.stats import DataStats
 from medgpt.data.templates import IGNORE_INDEX, get_template
 from medgpt.errors import UserError
 from medgpt.models import load_tokenizer
@@ -46,3 +49,16 @@ def test_a_template_without_a_tool_format_refuses_tool_data(sample_data):
     cfg = build_config({"stage": "sft"})
     with pytest.raises(UserError, match="has no tool format"):
         encode_conversations(records, tokenizer, get_template("vicuna", tokenizer), cfg, stats)
+
+
+def test_filter_by_length():
+    rows = [{"_loc": f"f:{i}"} for i in range(4)]
+    stats = DataStats(read=4)
+    assert filter_by_length(rows, [1, 9, 3, 12], 8, "drop", stats) == [0, 2]
+    assert stats.dropped == {"longer than max_length": 2} and stats.examples["longer than max_length"] == ["f:1", "f:3"]
+    assert stats.kept == 2
+    stats = DataStats(read=4)
+    assert filter_by_length(rows, [1, 9, 3, 12], 8, "truncate", stats) == [0, 1, 2, 3]
+    assert stats.truncated == 2 and not stats.dropped and stats.kept == 4
+    with pytest.raises(UserError):
+        filter_by_length(rows, [1] * 4, 8, "cut", stats)

@@ -1,0 +1,38 @@
+"""Shared by the inference tests: chat questions (test_infer_engine.py, test_infer_chat.py), predict's input rows
+in every format it reads (test_infer_predict.py, test_commands_predict.py), and a model copy with its own
+generation_config (test_infer_base.py, test_commands_chat.py, test_infer_webui.py)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+QUESTIONS = [
+    [{"role": "user", "content": "What is hypertension?"}],
+    [{"role": "user", "content": "Hi"}],
+    [{"role": "system", "content": "You are a careful doctor."},
+     {"role": "user", "content": "List three symptoms of influenza and say when to see a doctor."}],
+]
+
+
+ROWS = [
+    {"id": "a", "query": "What is a fever?"},
+    {"id": "b", "query": "And in children?", "system": "Be brief.", "history": [["What is a fever?", "A high temperature."]]},
+    {"id": "c", "messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "reference"}]},
+    {"id": "d", "conversations": [{"from": "human", "value": "What is asthma?"}]},
+    {"question": "No id here: what is a stroke?"},
+]
+
+
+def write_rows(path: Path, rows: list) -> Path:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    return path
+
+
+def with_generation_config(model: str, folder: Path, **fields) -> str:
+    """A copy of `model` whose generation_config.json also sets `fields`, written as a model author would."""
+    shutil.copytree(model, folder)
+    path = folder / "generation_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **fields}, indent=2))
+    return str(folder)
