@@ -98,3 +98,48 @@ def bundled_model() -> str:
 @pytest.fixture(scope="session")
 def sample_data() -> Path:
     return SAMPLE_DATA
+
+
+# ---- models crafted or trained once for several test files -----------------------------------------
+
+
+@pytest.fixture(scope="session")
+def answers_c_model(tiny_model, tmp_path_factory) -> str:
+    """The tiny model rewired to answer "C" to every chat prompt.
+
+    With attention and MLP outputs zeroed, the last hidden state is the embedding of the last prompt
+    token (the newline after `<|im_start|>assistant`); making "C" and " C" point the same way as that
+    embedding gives them the largest logit whatever the question.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    messages = [{"role": "user", "content": "x"}]
+    last = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    last = last["input_ids"][-1] if isinstance(last, dict) or hasattr(last, "keys") else last[-1]
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        emb = model.get_input_embeddings().weight
+        for spelling in ("C", " C"):
+            (token,) = tokenizer.encode(spelling, add_special_tokens=False)
+            emb[token] = 10 * emb[last]
+    out = tmp_path_factory.mktemp("answers-c")
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def reward_model(tiny_model, tmp_path_factory) -> tuple[Path, list[dict]]:
+    """A reward model trained on keyword preference pairs (test_train.py, test_train_rewards.py,
+    test_commands_score.py); its folder and its metrics log."""
+    from _stage_runs import keyword_pairs, train
+
+    tmp = tmp_path_factory.mktemp("rm")
+    data = keyword_pairs(tmp / "pairs.jsonl")
+    rows = train("rm", tiny_model, tmp / "rm", data, max_steps=12, learning_rate=5e-3, val_size=4, eval_on_start=True)
+    return tmp / "rm", rows

@@ -1,9 +1,12 @@
-"""Commands wired across modules: `medgpt data contamination` finds a copied eval question."""
+"""Commands wired across modules: `medgpt data contamination` finds a copied eval question; `medgpt --help`
+imports none of the heavy libraries."""
 
 from __future__ import annotations
 
 import csv
 import json
+import subprocess
+import sys
 
 from medgpt.cli import main
 
@@ -24,3 +27,10 @@ def test_data_contamination_lists_the_copied_item(tmp_path, sample_data, capsys)
     report = json.loads(out.read_text())
     assert {pair["train"] for pair in report["pairs"]} == {f"{train}:2"}
     assert "1 of 2 training items contaminate" in capsys.readouterr().out
+
+
+def test_help_does_not_import_heavy_libraries():
+    code = "import sys\nfrom medgpt.cli import main\ntry: main(['--help'])\nexcept SystemExit: pass\nprint(sorted(m for m in ('torch', 'transformers', 'trl') if m in sys.modules))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip().endswith("[]")
+    assert "train" in done.stdout and "serve" in done.stdout

@@ -1,5 +1,6 @@
 """medgpt.files: atomic writes, digests checked against hashlib, the keyed result cache under two writing
-processes and a reader, and the main-process check."""
+processes and a reader, the main-process check, and temporary folders of killed writes removed by the next write
+(a kill at the wrong moment leaves nothing taken for finished work)."""
 
 from __future__ import annotations
 
@@ -7,12 +8,14 @@ import hashlib
 import json
 import multiprocessing
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from medgpt.files import (ResultCache, atomic_write, atomic_writer, file_digest, folder_digest, is_main_process,
-                          read_json, value_digest, write_json)
+                          read_json, save_atomic, temporary_sibling, value_digest, write_json)
 
 KEY = "k" * 64
 ROUNDS = 200
@@ -130,3 +133,17 @@ def test_is_main_process_follows_rank(monkeypatch):
     assert is_main_process()
     monkeypatch.setenv("RANK", "1")
     assert not is_main_process()
+
+
+def test_temporary_folders_of_killed_writes_are_removed_by_the_next_one(tmp_path):
+    out = tmp_path / "merged"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    left = tmp_path / f".merged.tmp-{dead.stdout.strip()}"  # that process has exited: its folder is litter
+    left.mkdir()
+    (left / "model.safetensors").write_bytes(b"x" * 1000)
+    other = tmp_path / ".merged.tmp-1"  # pid 1 is alive: a write in progress elsewhere is left alone
+    other.mkdir()
+    save_atomic(out, lambda tmp: (tmp / "config.json").write_text("{}"))
+    assert (out / "config.json").exists()
+    assert not left.exists() and other.exists()
+    assert temporary_sibling(out).name == f".merged.tmp-{os.getpid()}"

@@ -1,5 +1,6 @@
 """The pipeline: stages wired to each other, every stage validated before any trains, a manifest that skips
-finished stages, re-runs what a config change affects, restarts with --from and resumes an interrupted stage."""
+finished stages, re-runs what a config change affects, restarts with --from and resumes an interrupted stage (a
+stage killed while merging resumes with the merge only)."""
 
 from __future__ import annotations
 
@@ -208,3 +209,27 @@ def test_cli_dry_run_with_overrides(tiny_model, sample_data, tmp_path, capsys):
     assert "--from nope" in capsys.readouterr().err
     assert main(["pipeline", str(config), "--dry-run", "--ppo.kl_coef", "0.1"]) == 2
     assert "unknown stage(s) ppo" in capsys.readouterr().err
+
+
+def test_a_pipeline_stage_killed_while_merging_resumes_with_the_merge_only(tmp_path, sample_data, monkeypatch):
+    from medgpt import models, train
+    from medgpt.pipeline import build_pipeline, plan_steps, read_manifest, run_pipeline
+
+    run_dir = tmp_path / "run"
+    p = build_pipeline({"output_dir": str(run_dir), "report_to": "none", "stages": [
+        {"stage": "sft", "data": str(sample_data / "sft" / "medical_sft.jsonl")}]})
+
+    def trained(cfg):  # stands in for training: the stage's folder as a finished `train` leaves it
+        cfg.output_dir.mkdir(parents=True, exist_ok=True)
+        (cfg.output_dir / "medgpt.json").write_text(json.dumps({"stage": "sft", "complete": True}))
+        return {"train_loss": 1.0}
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "run_training", trained)
+    monkeypatch.setattr(models, "merge_adapter", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run_pipeline(p, report=False)
+    assert read_manifest(run_dir)["stages"]["sft"]["status"] == "trained"
+    assert [s.action for s in plan_steps(p)] == ["finish"]  # no second training, only the merge

@@ -161,7 +161,7 @@ def test_activations_follow_the_setup(qwen7b):
 def test_extra_models_per_stage(qwen7b):
     """Which stages hold a second model follows TRL (DPO/KTO reference; none with LoRA, whose reference is the
     adapter switched off; GRPO's default beta 0 loads none). Their bytes are checked against loaded models in
-    tests/test_precision.py."""
+    tests/test_models_precision.py."""
     full = PlanArgs(QWEN_7B, method="full")
     dpo = estimate(replace(full, stage="dpo"), qwen7b)[0].reference_model
     assert dpo == estimate(replace(full, stage="grpo", reference=True), qwen7b)[0].reference_model > 0

@@ -1,18 +1,16 @@
-"""What a kill at the wrong moment leaves behind is never taken for finished work: a checkpoint folder cut off
-while saving, a finished run's medgpt.json beside a new run's partial files, temporary folders of killed
-writes, and a pipeline stage killed while merging."""
+"""medgpt.train.common: what a kill at the wrong moment leaves behind is never taken for finished work. A checkpoint
+folder cut off while saving is passed over on resume, a finished run's medgpt.json beside a new run's partial
+files is removed before the new run starts, and a run resumed after a kill logs each step once and, at max_steps,
+trains nothing. (Temporary folders of killed writes: test_files.py; a pipeline stage killed while merging:
+test_pipeline.py.)"""
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from medgpt.files import save_atomic, temporary_sibling
 from medgpt.train import build_config, common
 
 
@@ -43,44 +41,6 @@ def test_a_fresh_run_first_marks_a_finished_folder_unfinished(tmp_path):
     assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
     common.prepare_output(config(tmp_path))
     assert not (out / "medgpt.json").exists() and not (out / "metrics.jsonl").exists()
-
-
-def test_temporary_folders_of_killed_writes_are_removed_by_the_next_one(tmp_path):
-    out = tmp_path / "merged"
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    left = tmp_path / f".merged.tmp-{dead.stdout.strip()}"  # that process has exited: its folder is litter
-    left.mkdir()
-    (left / "model.safetensors").write_bytes(b"x" * 1000)
-    other = tmp_path / ".merged.tmp-1"  # pid 1 is alive: a write in progress elsewhere is left alone
-    other.mkdir()
-    save_atomic(out, lambda tmp: (tmp / "config.json").write_text("{}"))
-    assert (out / "config.json").exists()
-    assert not left.exists() and other.exists()
-    assert temporary_sibling(out).name == f".merged.tmp-{os.getpid()}"
-
-
-def test_a_pipeline_stage_killed_while_merging_resumes_with_the_merge_only(tmp_path, sample_data, monkeypatch):
-    from medgpt import models, train
-    from medgpt.pipeline import build_pipeline, plan_steps, read_manifest, run_pipeline
-
-    run_dir = tmp_path / "run"
-    p = build_pipeline({"output_dir": str(run_dir), "report_to": "none", "stages": [
-        {"stage": "sft", "data": str(sample_data / "sft" / "medical_sft.jsonl")}]})
-
-    def trained(cfg):  # stands in for training: the stage's folder as a finished `train` leaves it
-        cfg.output_dir.mkdir(parents=True, exist_ok=True)
-        (cfg.output_dir / "medgpt.json").write_text(json.dumps({"stage": "sft", "complete": True}))
-        return {"train_loss": 1.0}
-
-    def killed(*args, **kwargs):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(train, "run_training", trained)
-    monkeypatch.setattr(models, "merge_adapter", killed)
-    with pytest.raises(KeyboardInterrupt):
-        run_pipeline(p, report=False)
-    assert read_manifest(run_dir)["stages"]["sft"]["status"] == "trained"
-    assert [s.action for s in plan_steps(p)] == ["finish"]  # no second training, only the merge
 
 
 @pytest.mark.slow

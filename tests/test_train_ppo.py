@@ -1,5 +1,8 @@
-"""PPO on the tiny model: the reward goes up, an interrupted run resumes exactly where it stopped, and the
-pieces (GAE, the KL controller, rewards, config checks) do what the papers say."""
+"""PPO on the tiny model (medgpt.train.ppo): the reward goes up, an interrupted run resumes exactly where it
+stopped, replies end at stop tokens and multi-token stop strings (checked against the real tokenizer's own
+decoding), unscored replies are left out of the update, and bad options are user errors. PPO's formulas (GAE, the
+KL controller, the clipped losses) are checked in test_train_ppo_losses.py, the reward functions in
+test_train_rewards.py."""
 
 from __future__ import annotations
 
@@ -8,12 +11,11 @@ import logging
 
 import pytest
 import torch
+from _stage_runs import MAX_NEW_TOKENS, ppo_config
 
 from medgpt.errors import UserError
-from medgpt.train import build_config, ppo, ppo_losses
-from medgpt.train.rewards import REWARD_FUNCTIONS, keyword_reward, reward_function
-
-MAX_NEW_TOKENS = 16
+from medgpt.train import ppo
+from medgpt.train.rewards import REWARD_FUNCTIONS
 
 
 def short_answers(completion_ids, **_):
@@ -60,14 +62,6 @@ def stopping_model(tiny_model, tmp_path_factory) -> str:
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return str(folder)
-
-
-def ppo_config(model: str, out, sample_data, **overrides):
-    raw = {"stage": "ppo", "model": model, "template": "chatml", "data": str(sample_data / "sft" / "medical_sft.jsonl"),
-           "output_dir": str(out), "reward_fn": "short", "max_new_tokens": MAX_NEW_TOKENS, "max_prompt_length": 128,
-           "rollout_batch_size": 8, "per_device_train_batch_size": 8, "ppo_epochs": 2, "learning_rate": 3e-4,
-           "logging_steps": 1, "save_strategy": "no", "report_prompts": "none", "seed": 42, **overrides}
-    return build_config(raw)
 
 
 def metrics(out) -> list[dict]:
@@ -195,54 +189,6 @@ def test_rollout_stops_on_stop_strings_and_leaves_unscored_replies_out(tiny_mode
     assert stats["reward"] == pytest.approx((1.5 + 0.25) / 2)
     assert stats["response_length"] == pytest.approx((len(first) + len(stop) + len(second) + 1 + len(third)) / 3)
     assert batch.advantages[2].abs().sum() == 0 and batch.returns[2].abs().sum() == 0
-
-
-def test_gae_sums_discounted_future_rewards():
-    rewards = torch.tensor([[0.0, 0.0, 1.0, 0.0]])
-    values = torch.tensor([[0.5, 0.25, 0.0, 0.0]])
-    # gamma = lam = 1: the advantage is the return from t minus V(s_t)
-    assert ppo_losses.gae(rewards, values, 1.0, 1.0).tolist() == [[0.5, 0.75, 1.0, 0.0]]
-    # lam = 0: the one-step TD error r_t + gamma V(s_t+1) - V(s_t)
-    assert ppo_losses.gae(rewards, values, 0.5, 0.0).tolist() == [[-0.375, -0.25, 1.0, 0.0]]
-
-
-def test_adaptive_kl_controller_moves_towards_the_target(sample_data, tmp_path):
-    args = ppo_config("unused", tmp_path, sample_data, adaptive_kl=True, target_kl=2.0, horizon=100).train
-    controller = ppo_losses.KLController(args, 0.1)
-    controller.update(kl=4.0, n_responses=10)  # too far from the reference: penalise more (by at most 20%)
-    assert controller.value == pytest.approx(0.1 * (1 + 0.2 * 10 / 100))
-    controller.update(kl=1.0, n_responses=10)
-    assert controller.value < 0.1 * (1 + 0.2 * 10 / 100)
-    fixed = ppo_losses.KLController(ppo_config("unused", tmp_path, sample_data).train, 0.1)
-    fixed.update(kl=40.0, n_responses=10)
-    assert fixed.value == 0.1
-
-
-def test_clipped_losses_ignore_padding_and_clip_large_ratios(sample_data, tmp_path):
-    mask = torch.tensor([[1.0, 1.0, 0.0]])
-    batch = ppo.Rollout(input_ids=None, attention_mask=None, responses=None, mask=mask, scores=None,
-                        logprobs=torch.zeros(1, 3), values=torch.zeros(1, 3),
-                        advantages=torch.tensor([[1.0, -1.0, 5.0]]), returns=torch.tensor([[1.0, 1.0, 9.0]]))
-    args = ppo_config("unused", tmp_path, sample_data).train
-    # ratio e^1 on both tokens: the positive advantage is clipped at 1.2, the negative one is not
-    losses = ppo_losses.ppo_losses(batch, torch.tensor([[1.0, 1.0, 7.0]]), torch.tensor([[0.0, 0.0, 3.0]]), args)
-    assert losses["policy_loss"].item() == pytest.approx((-1.2 + torch.e) / 2)
-    assert losses["clip_frac"].item() == pytest.approx(0.5)
-    assert losses["value_loss"].item() == pytest.approx(0.5)
-
-
-def test_reward_functions_by_name_or_import_path():
-    assert reward_function("length") is REWARD_FUNCTIONS["length"]
-    from medgpt.train import rewards
-
-    assert reward_function("medgpt.train.rewards:answer_format") is rewards.answer_format
-    scores = keyword_reward([[{"role": "assistant", "content": "See a Doctor about the fever."}]],
-                            keywords=["doctor", "fever", "rest"])
-    assert scores == [pytest.approx(2 / 3)]
-    with pytest.raises(UserError, match="cannot import"):
-        reward_function("medgpt.nothing:here")
-    with pytest.raises(UserError, match="expected one of"):
-        reward_function("nonsense")
 
 
 @pytest.mark.parametrize("change, message", [
