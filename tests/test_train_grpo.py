@@ -1,29 +1,11 @@
-"""medgpt.train.grpo: the prompts GRPO reads (multiple-choice rows with their answer letter, open questions with
-their reference reply), and completions that end at the template's stop tokens (ids from the real tokenizer),
-for transformers' generation and for vLLM's."""
+"""medgpt.train.grpo: completions that end at the template's stop tokens (ids from the real tokenizer), for
+transformers' generation and for vLLM's. The prompts GRPO reads are checked in test_data_records.py."""
 
 from __future__ import annotations
 
-import pytest
 from _stage_runs import FAST, TOPICS, write_jsonl
 
-from medgpt.data.records import read_prompts
-from medgpt.errors import UserError
 from medgpt.train import build_config
-
-
-def test_grpo_reader_builds_mcq_and_open_prompts(sample_data, tmp_path):
-    records, stats = read_prompts(str(sample_data / "mcq" / "val" / "physician_val.csv"), "prompts")
-    assert stats.kept == len(records) == 24
-    first = records[0]
-    assert first["answer"] in "ABCD" and first["options"] == "ABCD"
-    assert "\nA. " in first["prompt"][0]["content"] and first["prompt"][0]["content"].endswith("字母。")
-    open_rows, _ = read_prompts(str(sample_data / "sft" / "medical_sft.jsonl"), "prompts", max_samples=3)
-    assert all(r["prompt"][-1]["role"] == "user" and r["reference"] and r["answer"] is None for r in open_rows)
-    bad = tmp_path / "bad.csv"
-    bad.write_text("question,A,B,answer\nQ?,yes,no,C\n", encoding="utf-8")
-    with pytest.raises(UserError, match=r"bad\.csv:2: wrong type: \"answer\" is 'C', expected one of A, B"):
-        read_prompts(str(bad), "prompts")
 
 
 def test_grpo_ends_completions_at_the_template_stop_tokens(tiny_model, tmp_path):
