@@ -255,7 +255,7 @@ def paired(shape: str, model: str, pairs: int) -> tuple[dict, list[dict]]:
 def matmul_peak() -> dict:
     """This machine's matmul GFLOP/s with torch's threads: fp32 on 1024 x 1024, bf16 on 1024 where bf16 is
     fast, else on 256 (a second at most)."""
-    from medgpt.models import matmul_speed, measure_matmul
+    from medgpt.cpu import matmul_speed, measure_matmul
 
     quick = matmul_speed()
     bf16_size = 1024 if quick["bf16"] > 0.5 * quick["fp32"] else 256
@@ -333,7 +333,7 @@ def main() -> int:
     parser.add_argument("--summarize", action="store_true", help="recompute the summaries of the results file")
     args = parser.parse_args()
     if args.out is None:
-        from medgpt.models import cpu_supports_bf16
+        from medgpt.cpu import cpu_supports_bf16
 
         args.out = Path(str(RESULTS).format(precision="bf16" if cpu_supports_bf16() else "fp32"))
     global BASELINE_DROPOUT

@@ -60,3 +60,30 @@ def test_suite_evaluates_once_caches_and_compares(tiny_model, answers_c_model, s
     assert 0 <= c["p_mcnemar"] <= 1 and "qa" not in changes
     same = suite.compare_results(base, base)["qa"]
     assert all(v["diff"] == 0 and v["ci95"] == [0, 0] and not v["significant"] for v in same.values())
+
+
+def test_a_result_cached_in_one_precision_is_not_read_back_for_another(tiny_model, sample_data, tmp_path,
+                                                                       monkeypatch):
+    """The same model gives other numbers in bf16 than in fp32 (an NLL of 2.6118 against 2.6230 was measured):
+    a cached result is keyed by the precision the model would run in."""
+    import medgpt.infer.engine
+    import medgpt.models
+    from medgpt.eval import suite
+
+    monkeypatch.setenv("MEDGPT_CACHE", str(tmp_path / "cache"))
+    sets = [suite.EvalSet("mcq", "mcq", str(sample_data / "mcq"), limit=1)]
+    monkeypatch.setattr(medgpt.models, "inference_precision", lambda dtype="auto": "fp32")
+    suite.evaluate(tiny_model, None, None, sets, tmp_path / "fp32")
+    monkeypatch.setattr(medgpt.infer.engine, "load_engine", lambda *a, **k: pytest.fail("model loaded again"))
+    suite.evaluate(tiny_model, None, None, sets, tmp_path / "fp32")  # the same precision: read back
+    monkeypatch.setattr(medgpt.models, "inference_precision", lambda dtype="auto": "bf16")
+
+    class Loaded(Exception):
+        pass
+
+    def load(*args, **kwargs):
+        raise Loaded
+
+    monkeypatch.setattr(medgpt.infer.engine, "load_engine", load)
+    with pytest.raises(Loaded):
+        suite.evaluate(tiny_model, None, None, sets, tmp_path / "fp32")

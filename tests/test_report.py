@@ -304,3 +304,35 @@ def test_a_training_report_in_the_adapter_folder_reuses_its_answers(tmp_path, mo
     monkeypatch.setattr("medgpt.infer.engine.load_engine", None)  # a second generation would fail
     write_report(folder, results, ModelRef("m"), load_prompts(None), max_new_tokens=16)
     assert "cut at 16 tokens" in (folder / "report.md").read_text()
+
+
+def test_answers_are_generated_again_where_the_model_would_answer_in_another_precision(tmp_path, monkeypatch):
+    """The same model answers differently in bf16 and in fp32: cached answers are keyed by the precision too."""
+    import medgpt.models
+    from medgpt.report.answers import generate_answers
+
+    loads = []
+
+    class CountingEngine(FakeEngine):
+        def __init__(self, *args, **kwargs):
+            loads.append(args)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def close(self):
+            pass
+
+    monkeypatch.setenv("MEDGPT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr("medgpt.infer.engine.load_engine", CountingEngine)
+    refs, prompts = {"base": ModelRef(str(tmp_path / "no-files"), None, "chatml")}, load_prompts(None)[:2]
+    monkeypatch.setattr(medgpt.models, "inference_precision", lambda dtype="auto": "fp32")
+    first = generate_answers(refs, prompts, tmp_path / "answers.json", max_new_tokens=4)
+    assert generate_answers(refs, prompts, tmp_path / "answers.json", max_new_tokens=4) == first
+    assert len(loads) == 1  # read back
+    monkeypatch.setattr(medgpt.models, "inference_precision", lambda dtype="auto": "bf16")
+    generate_answers(refs, prompts, tmp_path / "answers.json", max_new_tokens=4)
+    assert len(loads) == 2  # another precision: generated again

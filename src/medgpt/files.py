@@ -21,6 +21,12 @@ from typing import IO, Any
 BLOCK = 1 << 20
 
 
+def cache_dir() -> Path:
+    """medgpt's cache folder (converted models, measured speeds, shared results): $MEDGPT_CACHE, else
+    ~/.cache/medgpt."""
+    return Path(os.environ.get("MEDGPT_CACHE", "~/.cache/medgpt")).expanduser()
+
+
 def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)

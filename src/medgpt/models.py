@@ -15,14 +15,14 @@ import importlib.util
 import json
 import logging
 import os
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from medgpt import DEFAULT_MODEL
+from medgpt.cpu import cpu_supports_bf16
 from medgpt.errors import UserError
-from medgpt.files import read_json, save_atomic, value_digest, write_json
+from medgpt.files import cache_dir, save_atomic, write_json
 
 log = logging.getLogger(__name__)
 
@@ -48,10 +48,6 @@ class ModelArgs:
     rope_factor: float = 2.0
     trust_remote_code: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("MEDGPT_CACHE", "~/.cache/medgpt")).expanduser()
 
 
 def resolve_model(name: str | None = None, trust_remote_code: bool = False) -> str:
@@ -255,60 +251,12 @@ def gpu_supports_bf16() -> bool:
     return torch.cuda.is_bf16_supported()
 
 
-def cpu_supports_bf16() -> bool:
-    """True where bf16 matmuls measurably outrun fp32 ones on this CPU (the cached `matmul_speed` check), not
-    where a flag merely says bf16 exists: without AVX512-BF16/AMX, bf16 runs hundreds of times slower."""
-    speed = matmul_speed()
-    return speed["bf16"] > BF16_PAYS * speed["fp32"]
-
-
-BF16_PAYS = 1.2  # bf16 must beat fp32 by this factor to be chosen (its rounding costs accuracy)
-
-
-def measure_matmul(dtype: str, size: int = 256, budget_s: float = 0.1) -> float:
-    """GFLOP/s of `size` x `size` matmuls in `dtype` on this CPU, with the threads torch uses: the best of
-    repeated runs after a warm-up, stopping once `budget_s` is spent."""
+def inference_precision(dtype: str = "auto") -> str:
+    """The dtype name (fp32, bf16, fp16) a model is loaded in for inference with `dtype` on this machine: what
+    cached evaluation results and answers are keyed by, since the same model gives other numbers in another."""
     import torch
 
-    a = torch.randn(size, size).to(torch_dtype(dtype))
-    b = torch.randn(size, size).to(a.dtype)
-    torch.mm(a, b)  # warm-up: kernel selection, page faults
-    best, spent = float("inf"), 0.0
-    while spent < budget_s or best == float("inf"):
-        start = time.perf_counter()
-        torch.mm(a, b)
-        took = time.perf_counter() - start
-        best, spent = min(best, took), spent + took
-    return 2 * size**3 / best / 1e9
-
-
-def matmul_speed() -> dict:
-    """fp32 and bf16 matmul GFLOP/s of this CPU, measured once (about 0.3 s) and cached in the medgpt cache,
-    keyed by CPU model, flags, torch version and thread count; what `auto` precision is decided by."""
-    import platform
-
-    import torch
-
-    try:
-        cpuinfo = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        cpuinfo = ""
-    model = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")),
-                 platform.processor() or platform.machine())
-    flags = next((line for line in cpuinfo.splitlines() if line.startswith("flags")), "")
-    key = value_digest([model, flags, torch.__version__, torch.get_num_threads()])[:16]
-    path = cache_dir() / "matmul_speed" / f"{key}.json"
-    cached = read_json(path, {})
-    if cached:
-        return cached
-    start = time.perf_counter()
-    fp32 = measure_matmul("fp32")
-    bf16 = measure_matmul("bf16", budget_s=0.05)
-    result = {"cpu": model, "torch": torch.__version__, "threads": torch.get_num_threads(),
-              "fp32": round(fp32, 2), "bf16": round(bf16, 2), "seconds": round(time.perf_counter() - start, 3)}
-    write_json(path, result)
-    log.info("matmul speed of this CPU: fp32 %.1f, bf16 %.1f GFLOP/s (cached in %s)", fp32, bf16, path)
-    return result
+    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[torch_dtype(dtype)]
 
 
 DTYPE_NAMES = {"fp32": "fp32", "float32": "fp32", "bf16": "bf16", "bfloat16": "bf16", "fp16": "fp16",
@@ -524,23 +472,62 @@ class LoraArgs:
     lora_rank: int = 8
     lora_alpha: int = 16
     lora_dropout: float = 0.0  # PEFT's default; masks cost about 15% of a CPU LoRA step
-    lora_target: str = "all-linear"  # comma-separated module names, or all-linear
+    lora_target: str = "all-linear"  # module names (comma-separated, or a YAML list), or all-linear
     modules_to_save: str | None = None  # comma-separated, e.g. embed_tokens,lm_head or score
     use_dora: bool = False
     use_rslora: bool = False
 
 
-def lora_config(args: LoraArgs, task_type: str = "CAUSAL_LM"):
+def module_names(value: str | list[str] | None) -> list[str] | None:
+    """A list of module names given as a comma-separated string or a list (None: none given)."""
+    items = value if isinstance(value, (list, tuple)) else str(value).split(",") if value else []
+    return [str(x).strip() for x in items if str(x).strip()] or None
+
+
+def lora_target_names(target: str | list[str]) -> list[str] | None:
+    """`lora_target`'s module names; None for `all-linear` (every linear layer but the output layer)."""
+    names = module_names(target)
+    return None if names is None or names in (["all"], ["all-linear"]) else names
+
+
+def lora_matches(name: str, targets: list[str]) -> bool:
+    """Whether PEFT's target names pick the module `name`: a target is the name itself or its dotted tail."""
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def unmatched_lora_targets(target: str | list[str], names: list[str], where: str, what: str = "module") -> None:
+    """Raise a UserError for a `lora_target` name that matches none of `names` (as PEFT matches: the name
+    itself or a dotted path ending in it), listing the model's own names of that kind."""
+    wanted = lora_target_names(target) or []
+    missing = [t for t in wanted if not any(lora_matches(n, [t]) for n in names)]
+    if missing:
+        own = sorted({n.rsplit(".", 1)[-1] for n in names if n})
+        raise UserError(f"lora_target {', '.join(missing)}: no {what} of {where} has that name; its {what} names: "
+                        f"{', '.join(own)} (or all-linear)")
+
+
+def lora_layer_names(model) -> list[str]:
+    """The names of the model's layers LoRA can adapt (linear, Conv1D and embedding layers)."""
+    import torch
+
+    kinds = (torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv1d, torch.nn.Conv2d)
+    return [n for n, m in model.named_modules() if isinstance(m, kinds) or type(m).__name__ == "Conv1D"]
+
+
+def lora_config(args: LoraArgs, task_type: str = "CAUSAL_LM", model=None):
+    """PEFT's LoraConfig; given the model, a `lora_target` name that matches none of its layers is an error."""
     from peft import LoraConfig
 
-    split = lambda s: [x.strip() for x in s.split(",") if x.strip()] if s else None  # noqa: E731
-    target = "all-linear" if args.lora_target in ("all", "all-linear") else split(args.lora_target)
+    target = lora_target_names(args.lora_target) or "all-linear"
+    if model is not None:
+        where = getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__
+        unmatched_lora_targets(args.lora_target, lora_layer_names(model), where, "layer")
     return LoraConfig(
         r=args.lora_rank,
         lora_alpha=args.lora_alpha,
         lora_dropout=args.lora_dropout,
         target_modules=target,
-        modules_to_save=split(args.modules_to_save),
+        modules_to_save=module_names(args.modules_to_save),
         use_dora=args.use_dora,
         use_rslora=args.use_rslora,
         task_type=task_type,

@@ -180,7 +180,8 @@ def run_gen(data: str | None, model: str | None = None, predictions: str | None 
                              trust_remote_code=trust_remote_code, max_batch_size=batch_size)
         partial = partial or Path(f".gen-{Path(data).stem}.partial.jsonl")
         key = {"model": model, "adapter": adapter, "template": template, "questions": value_digest(
-            [r["question"] for r in rows]), "max_new_tokens": max_new_tokens, "system": system}
+            [r["question"] for r in rows]), "max_new_tokens": max_new_tokens, "system": system,
+               "precision": engine.dtype}  # a model answers differently in bf16 and in fp32
         preds = generate_predictions(engine, rows, max_new_tokens, system, partial, key)
         partial.unlink(missing_ok=True)
     metrics, scores = score_pairs(preds, [r["answer"] for r in rows], mode)

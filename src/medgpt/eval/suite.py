@@ -92,10 +92,12 @@ def _model_files(model: str | None, adapter: str | None) -> list:
     return [files_fingerprint(f, skip=REPORT_FILES) for f in folders]
 
 
-def set_key(model_files: list, template: str | None, s: EvalSet) -> str:
+def set_key(model_files: list, template: str | None, s: EvalSet, precision: str) -> str:
+    """What a set's result depends on: the model's files, template, the set and its data, and the precision the
+    model runs in here (the same model gives other numbers in bf16 than in fp32)."""
     data = Path(s.data).expanduser()
     return value_digest({"format": FORMAT, "model": model_files, "template": template, "set": asdict(s),
-                         "data": folder_digest(data) if data.exists() else None})
+                         "data": folder_digest(data) if data.exists() else None, "precision": precision})
 
 
 # ---- running the sets ----------------------------------------------------------------------------
@@ -141,15 +143,16 @@ def evaluate(model: str | None, adapter: str | None, template: str | None, sets:
     """Run every set on one loaded model; returns {set name: result} and writes out_dir/<set>.json each.
 
     A "qa" set gives BLEU-4 and ROUGE of greedy answers and, on the same rows, the answer perplexity."""
-    from medgpt.models import cache_dir
+    from medgpt.models import cache_dir, inference_precision
 
     out_dir = Path(out_dir)
     model_files = _model_files(model, adapter)
+    precision = inference_precision()
     shared = ResultCache(cache_dir() / "eval")
     results: dict[str, dict] = {}
     todo: list[tuple[EvalSet, str]] = []
     for s in sets:
-        key = set_key(model_files, template, s)
+        key = set_key(model_files, template, s, precision)
         cached = read_keyed(out_dir / f"{s.name}.json", key) or shared.get(key)
         if cached is not None:
             log.info("eval %s: cached (%s)", s.name, out_dir / f"{s.name}.json")

@@ -62,10 +62,12 @@ class Answer:
 
 def _answers_key(ref: ModelRef, prompts: list[list[dict]], max_new_tokens: int) -> str:
     """Keyed by the model's files (not the report files a training run writes beside its model, which change each
-    time a report is written), the prompts and the settings."""
+    time a report is written), the prompts, the settings and the precision the model answers in here."""
+    from medgpt.models import inference_precision
+
     files = [files_fingerprint(p, skip=REPORT_FILES) for p in (ref.model, ref.adapter) if p]
     return value_digest({"ref": asdict(ref), "files": files, "prompts": prompts, "max_new_tokens": max_new_tokens,
-                         "format": ANSWERS_FORMAT})
+                         "format": ANSWERS_FORMAT, "precision": inference_precision()})
 
 
 def shared_answers() -> ResultCache:
