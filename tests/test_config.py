@@ -81,3 +81,10 @@ def test_liger_kernels_on_a_cpu_are_an_error(tiny_model, tmp_path):
     raw = {"stage": "sft", "model": tiny_model, "data": "x.jsonl", "output_dir": str(tmp_path), **FAST}
     with pytest.raises(UserError, match="use_liger_kernel: Liger's kernels are Triton kernels for CUDA GPUs"):
         build_config({**raw, "use_liger_kernel": True})
+
+
+def test_lora_target_as_a_yaml_list_is_the_comma_separated_names(tmp_path):
+    config = tmp_path / "lora.yaml"
+    config.write_text("stage: sft\nlora_target: [q_proj, v_proj]\nmodules_to_save: [lm_head]\n")
+    cfg = load_config(config, [])
+    assert (cfg.lora.lora_target, cfg.lora.modules_to_save) == ("q_proj,v_proj", "lm_head")

@@ -60,3 +60,13 @@ def test_lora_options_reach_peft():
     assert cfg.r == 4 and set(cfg.target_modules) == {"q_proj", "v_proj"}
     assert cfg.modules_to_save == ["lm_head"] and cfg.use_dora and cfg.use_rslora
     assert lora_config(LoraArgs()).target_modules == "all-linear"
+
+
+def test_lora_target_is_a_list_or_a_comma_string_and_a_name_no_layer_has_is_an_error(tiny_model):
+    from transformers import AutoModelForCausalLM
+
+    assert set(lora_config(LoraArgs(lora_target=["q_proj", "v_proj"])).target_modules) == {"q_proj", "v_proj"}
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    assert set(lora_config(LoraArgs(lora_target="q_proj, v_proj"), model=model).target_modules) == {"q_proj", "v_proj"}
+    with pytest.raises(UserError, match=r"lora_target nonexistent: .*names: .*k_proj.*q_proj"):
+        lora_config(LoraArgs(lora_target="q_proj,nonexistent"), model=model)

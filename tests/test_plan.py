@@ -314,3 +314,9 @@ def test_activation_checkpointing_auto_is_on_where_the_planner_says_the_step_wou
     assert build_config({**raw, "gradient_checkpointing": True}).train.activation_checkpointing is True
     monkeypatch.setattr(medgpt.config, "device_memory_gib", lambda gpu: 1e-6)
     assert build_config({**raw, "activation_checkpointing": False}).train.activation_checkpointing is False
+
+
+def test_a_lora_target_name_no_linear_layer_has_is_an_error(tiny_model):
+    arch = load_architecture(tiny_model)
+    with pytest.raises(UserError, match=r"lora_target nonexistent: .*linear layer names: .*q_proj"):
+        lora_params(arch, 8, "q_proj,nonexistent")

@@ -72,3 +72,15 @@ def test_resume_after_a_kill_logs_each_step_once_and_at_max_steps_trains_nothing
     assert (out / "adapter_model.safetensors").read_bytes() == adapter  # nothing trained
     assert again["global_step"] == 4 and again["train_loss"] == pytest.approx(resumed["train_loss"])
     assert [r["step"] for r in read_log(out / "metrics.jsonl") if "loss" in r] == [1, 2, 3, 4]
+
+
+def test_the_lora_config_names_the_models_layers_for_a_target_it_lacks(tiny_model, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from medgpt.errors import UserError
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    cfg = config(tmp_path, model=tiny_model, lora_target="q_proj,nonexistent")
+    with pytest.raises(UserError, match=r"lora_target nonexistent: no layer of .*o_proj"):
+        common.peft_config(cfg, model=model)
+    assert common.peft_config(config(tmp_path, model=tiny_model, lora_target="q_proj"), model=model) is not None

@@ -55,6 +55,8 @@ RANGES: dict[str, tuple[Any, str]] = {
 }
 # keys of older configs whose meaning moved: the error says where
 MOVED = {"length_target": "reward_kwargs: {target_chars: N}"}
+# text options that name several things: a YAML list is read as the comma-separated string
+COMMA_LISTS = ("lora_target", "modules_to_save")
 METHODS = ("lora", "qlora", "full")
 LM_HEAD_LOSSES = ("auto", "plain", "chunked")
 
@@ -147,7 +149,7 @@ def coerce(key: str, value: Any, tp: Any) -> Any:
                 raise ValueError(value)
             return tp(number)
         if tp is str:
-            return str(value)
+            return ",".join(map(str, value)) if key in COMMA_LISTS and isinstance(value, list) else str(value)
         if origin is list or tp is list:
             return value if isinstance(value, list) else [v.strip() for v in str(value).split(",") if v.strip()]
         if origin is dict or tp is dict:

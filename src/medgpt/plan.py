@@ -37,7 +37,14 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from medgpt.errors import UserError
-from medgpt.models import DTYPE_BYTES, Precision, training_precision
+from medgpt.models import (
+    DTYPE_BYTES,
+    Precision,
+    lora_matches,
+    lora_target_names,
+    training_precision,
+    unmatched_lora_targets,
+)
 from medgpt.stages import STAGES, Stage, stage_facts
 
 GIB = 2**30
@@ -180,13 +187,11 @@ def load_architecture(model: str, head: str = "causal_lm", trust_remote_code: bo
 def lora_targets(arch: Architecture, target: str = "all-linear") -> dict[str, tuple[int, int]]:
     """The linear layers LoRA attaches to, matched as PEFT does: `all-linear` is every linear layer but the
     output layer; otherwise module names equal to, or ending in `.` + a name in the comma-separated list."""
-    if target in ("all", "all-linear"):
+    names = lora_target_names(target)
+    if names is None:
         return {n: s for n, s in arch.linears.items() if n != arch.output_name}
-    names = [t.strip() for t in target.split(",") if t.strip()]
-    found = {n: s for n, s in arch.linears.items() if any(n == t or n.endswith("." + t) for t in names)}
-    if not found:
-        raise UserError(f"lora_target {target!r} matches no linear layer of {arch.name}")
-    return found
+    unmatched_lora_targets(target, list(arch.linears), arch.name, "linear layer")
+    return {n: s for n, s in arch.linears.items() if lora_matches(n, names)}
 
 
 def lora_params(arch: Architecture, rank: int = 8, target: str = "all-linear", dora: bool = False) -> int:

@@ -69,13 +69,14 @@ def build_trainer(cfg: Config, trainer_cls, datasets: Callable, load: Callable |
     if eval_ds is None and cfg.train.do_eval and (cfg.data.eval_data or cfg.data.val_size):
         raise UserError(f"{cfg.data.eval_data or 'val_size'}: no eval records are left to evaluate on "
                         f"(see data_stats: {stats.get('eval', stats['train']).summary()})")
+    model = (load or load_policy)(cfg)
     trainer = trainer_cls(
-        model=(load or load_policy)(cfg),
+        model=model,
         args=cfg.train,
         train_dataset=train_ds,
         eval_dataset=eval_ds,
         processing_class=tokenizer,
-        peft_config=peft_config(cfg, task_type),
+        peft_config=peft_config(cfg, task_type, model),
         callbacks=[metrics_callback(cfg.output_dir)],
         **trainer_kwargs,
     )
@@ -180,13 +181,14 @@ def whole_run_train_loss(output_dir: Path) -> float | None:
     return total / steps if steps else None
 
 
-def peft_config(cfg: Config, task_type: str = "CAUSAL_LM"):
-    """The LoRA config for TRL, or None for full fine-tuning or when training a loaded adapter further."""
+def peft_config(cfg: Config, task_type: str = "CAUSAL_LM", model=None):
+    """The LoRA config for TRL, or None for full fine-tuning or when training a loaded adapter further; given the
+    model, a `lora_target` name that matches none of its layers is an error."""
     from medgpt.models import lora_config
 
     if cfg.run.method == "full" or cfg.model.adapter:
         return None
-    return lora_config(cfg.lora, task_type)
+    return lora_config(cfg.lora, task_type, model)
 
 
 def load_policy(cfg: Config, head: str = "causal_lm", num_labels: int = 1, trainable: bool = True):

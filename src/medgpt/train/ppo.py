@@ -155,7 +155,7 @@ def build_policy(cfg: Config, checkpoint: str | None):
         policy.load_adapter(cfg.model.adapter, adapter_name=REFERENCE_ADAPTER, is_trainable=False)
         policy.set_adapter("default")
     else:
-        policy = get_peft_model(policy, common.peft_config(cfg))
+        policy = get_peft_model(policy, common.peft_config(cfg, model=policy))
     if checkpoint and cfg.run.method != "full":
         set_peft_model_state_dict(policy, load_peft_weights(checkpoint), adapter_name="default")
     disable_dropout_in_model(policy)  # dropout would make the update's log-probs differ from the rollout's
