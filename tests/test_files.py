@@ -18,7 +18,7 @@ from medgpt.files import (ResultCache, atomic_write, atomic_writer, file_digest,
                           read_json, save_atomic, temporary_sibling, value_digest, write_json)
 
 KEY = "k" * 64
-ROUNDS = 200
+ROUNDS = 1000  # each of two processes writes the same key this many times
 
 
 def test_atomic_write_replaces_whole_and_leaves_no_temporary_files(tmp_path):
@@ -147,3 +147,27 @@ def test_temporary_folders_of_killed_writes_are_removed_by_the_next_one(tmp_path
     assert (out / "config.json").exists()
     assert not left.exists() and other.exists()
     assert temporary_sibling(out).name == f".merged.tmp-{os.getpid()}"
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002])
+def test_written_files_and_folders_get_the_modes_the_umask_gives(tmp_path, umask):
+    """A cache shared by a team (a common HF_HOME or MEDGPT_CACHE) needs the modes a plain `open()` and `mkdir()`
+    give under the user's umask, not mkstemp's private 0600: the reference is what the OS gives a plain file."""
+    old = os.umask(umask)
+    try:
+        plain = tmp_path / "plain.txt"
+        plain.write_text("x")
+        (tmp_path / "plain").mkdir()
+        atomic_write(tmp_path / "a.txt", "x")
+        write_json(tmp_path / "b.json", {"x": 1})
+        ResultCache(tmp_path / "cache").put(KEY, {"x": 1})
+        save_atomic(tmp_path / "model", lambda folder: (folder / "weights.bin").write_bytes(b"w"))
+    finally:
+        os.umask(old)
+    file_mode, folder_mode = plain.stat().st_mode & 0o777, (tmp_path / "plain").stat().st_mode & 0o777
+    assert file_mode == 0o666 & ~umask and folder_mode == 0o777 & ~umask
+    for path in (tmp_path / "a.txt", tmp_path / "b.json", ResultCache(tmp_path / "cache").path(KEY),
+                 tmp_path / "model" / "weights.bin"):
+        assert path.stat().st_mode & 0o777 == file_mode, path
+    for path in (tmp_path / "cache", tmp_path / "model"):
+        assert path.stat().st_mode & 0o777 == folder_mode, path
