@@ -359,3 +359,14 @@ def test_alpaca_matches_llamafactory_and_the_stanford_prompt():
                 "request.\n\n### Instruction:\n{instruction}\n\n### Response:")
     question = CONVERSATION[1]["content"]
     assert alpaca.render([CONVERSATION[1]], add_generation_prompt=True) == stanford.format(instruction=question) + "\n"
+
+
+def test_split_markers_names_the_markers_a_tokenizer_splits_and_their_pieces(tokenizer):
+    from medgpt.data.templates import split_markers
+
+    assert get_template("qwen3").markers() == ("<|im_start|>", "<|im_end|>", "<think>", "</think>")
+    assert get_template("llama2").markers() == ("<s>", "</s>")  # not <<SYS>>
+    assert split_markers(get_template("chatml"), tokenizer) == {}
+    split = split_markers(get_template("qwen3"), tokenizer)
+    assert set(split) == {"<think>", "</think>"} and "".join(split["<think>"]) == "<think>"
+    assert len(split["<think>"]) > 1

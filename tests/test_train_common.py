@@ -84,3 +84,17 @@ def test_the_lora_config_names_the_models_layers_for_a_target_it_lacks(tiny_mode
     with pytest.raises(UserError, match=r"lora_target nonexistent: no layer of .*o_proj"):
         common.peft_config(cfg, model=model)
     assert common.peft_config(config(tmp_path, model=tiny_model, lora_target="q_proj"), model=model) is not None
+
+
+def test_a_named_template_whose_markers_the_tokenizer_splits_is_an_error_unless_allowed(tiny_model, tmp_path,
+                                                                                         caplog):
+    from medgpt.errors import UserError
+    from medgpt.models import load_tokenizer
+
+    tokenizer = load_tokenizer(tiny_model)
+    assert common.training_template(config(tmp_path, model=tiny_model, template="chatml"), tokenizer).name == "chatml"
+    with pytest.raises(UserError, match=r"template 'qwen3': .*<think> -> '<' \+ 'think' \+ '>'.*allow_split_markers"):
+        common.training_template(config(tmp_path, model=tiny_model, template="qwen3"), tokenizer)
+    allowed = config(tmp_path, model=tiny_model, template="qwen3", allow_split_markers=True)
+    assert common.training_template(allowed, tokenizer).name == "qwen3"
+    assert "</think>" in caplog.text

@@ -167,7 +167,7 @@ def test_rollout_stops_on_stop_strings_and_leaves_unscored_replies_out(tiny_mode
     monkeypatch.setitem(REWARD_FUNCTIONS, "first", lambda completions, **_: [1.0, None, None])
     monkeypatch.setitem(REWARD_FUNCTIONS, "second", lambda completions, **_: (
         seen.setdefault("texts", [c[0]["content"] for c in completions]) and [0.5, 0.25, None]))
-    cfg = ppo_config(tiny_model, tmp_path, sample_data, template="alpaca", reward_fn="first,second",
+    cfg = ppo_config(tiny_model, tmp_path, sample_data, template="alpaca", allow_split_markers=True, reward_fn="first,second",
                      rollout_batch_size=3, per_device_train_batch_size=3, max_new_tokens=4)
     agent = ppo.PPO(cfg)
     assert agent.stop_strings == ["</s>", "### Instruction:"] and agent.stop_ids == [eos]

@@ -75,6 +75,7 @@ class DataArgs:
     overlong: str = "drop"  # drop | truncate (records longer than max_length after tokenization)
     system: str | None = None  # system prompt; None = the template's default
     train_on_all: bool = False  # labels on every token, not only assistant turns
+    allow_split_markers: bool = False  # train a named template whose markers are several tokens (a warning)
 
 
 @dataclass

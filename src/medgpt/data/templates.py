@@ -26,6 +26,7 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import itertools
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,6 +37,8 @@ from medgpt.errors import UserError
 
 IGNORE_INDEX = -100
 Segment = tuple[str, bool]  # (text, labelled)
+# a special-token marker in a format string: `<|im_start|>`, `<think>`, `</s>`, `<｜end▁of▁sentence｜>` (not `<<SYS>>`)
+_MARKER = re.compile(r"(?<!<)<[^<>\s]+>(?!>)")
 
 
 def _fill(fmt: str, content: str) -> str:
@@ -184,6 +187,13 @@ class Template:
         """
         segments = self.segments(messages, system, add_generation_prompt=True, tools=tools)
         return encode_segments(tokenizer, segments)["input_ids"]
+
+    def markers(self) -> tuple[str, ...]:
+        """The special-token markers the format writes: the `<...>` pieces of its role formats, prefixes and
+        suffixes (Qwen3's think tags included) and its end-of-turn marker."""
+        fields = (self.prefix, self.system, self.user, self.first_user or "", self.assistant_start, self.assistant,
+                  self.assistant_sep, self.final_reply_prefix, self.suffix, *self.stop_words[:1])
+        return tuple(dict.fromkeys(m for text in fields for m in _MARKER.findall(text)))
 
     def chat_template(self) -> str:
         """A Jinja chat template (for tokenizer.chat_template) that renders exactly what render() does.
@@ -425,6 +435,18 @@ def get_template(name: str, tokenizer: Any = None) -> Template:
         stops.append(tokenizer.eos_token)
     template = AutoTemplate("auto", None, tuple(dict.fromkeys(stops)), tokenizer=tokenizer)
     return dataclasses.replace(template, default_system=_default_system(template))
+
+
+def split_markers(template: Template, tokenizer: Any) -> dict[str, list[str]]:
+    """The template's markers (`Template.markers`) that are not one token of the tokenizer, each with the
+    pieces the tokenizer splits it into: a model trained on them learns them as plain text."""
+    added = tokenizer.get_added_vocab() if hasattr(tokenizer, "get_added_vocab") else {}
+    out = {}
+    for marker in template.markers():
+        ids = tokenizer.encode(marker, add_special_tokens=False)
+        if len(ids) != 1 and marker not in added:
+            out[marker] = [tokenizer.decode([i]) for i in ids]
+    return out
 
 
 def _default_system(template: AutoTemplate) -> str | None:

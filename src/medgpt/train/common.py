@@ -181,6 +181,25 @@ def whole_run_train_loss(output_dir: Path) -> float | None:
     return total / steps if steps else None
 
 
+def training_template(cfg: Config, tokenizer):
+    """The configured chat template. A named template whose special markers (role markers, end-of-turn marker,
+    think tags) are not single tokens of the tokenizer would train them as plain text: an error naming the
+    pieces, a warning with `allow_split_markers: true`."""
+    from medgpt.data.templates import get_template, split_markers
+
+    template = get_template(cfg.model.template, tokenizer)
+    split = split_markers(template, tokenizer) if cfg.model.template != "auto" else {}
+    if split:
+        pieces = "; ".join(f"{marker} -> {' + '.join(map(repr, parts))}" for marker, parts in split.items())
+        problem = (f"template {template.name!r}: markers that are not single tokens of the tokenizer "
+                   f"{getattr(tokenizer, 'name_or_path', '')!r} would be trained as plain text: {pieces}")
+        if not cfg.data.allow_split_markers:
+            raise UserError(f"{problem}; use the model's own template (template: auto) or one of its family, or set "
+                            "allow_split_markers: true to train it anyway")
+        log.warning(problem)
+    return template
+
+
 def peft_config(cfg: Config, task_type: str = "CAUSAL_LM", model=None):
     """The LoRA config for TRL, or None for full fine-tuning or when training a loaded adapter further; given the
     model, a `lora_target` name that matches none of its layers is an error."""

@@ -17,9 +17,7 @@ from medgpt.train import common
 
 def use_template(cfg: Config, tokenizer):
     """The configured template, with its chat template set on the tokenizer unless it is the tokenizer's own."""
-    from medgpt.data.templates import get_template
-
-    template = get_template(cfg.model.template, tokenizer)
+    template = common.training_template(cfg, tokenizer)
     if cfg.model.template != "auto":
         tokenizer.chat_template = template.chat_template()
     return template

@@ -25,9 +25,7 @@ def configure(cfg: Config) -> None:
 
 
 def build_datasets(cfg: Config, tokenizer):
-    from medgpt.data.templates import get_template
-
-    template = get_template(cfg.model.template, tokenizer)
+    template = common.training_template(cfg, tokenizer)
     train, evals, stats = common.load_records(cfg, "sft")
     train_rows = encode_conversations(train, tokenizer, template, cfg, stats["train"])
     eval_stats = stats.get("eval", stats["train"])
