@@ -88,3 +88,12 @@ def test_lora_target_as_a_yaml_list_is_the_comma_separated_names(tmp_path):
     config.write_text("stage: sft\nlora_target: [q_proj, v_proj]\nmodules_to_save: [lm_head]\n")
     cfg = load_config(config, [])
     assert (cfg.lora.lora_target, cfg.lora.modules_to_save) == ("q_proj,v_proj", "lm_head")
+
+
+def test_an_eval_schedule_without_eval_data_and_a_max_length_over_the_context_are_one_line_errors(tiny_model):
+    with pytest.raises(UserError, match=r"^eval_strategy steps: there is no eval data; set eval_data"):
+        build_config({"stage": "sft", "eval_strategy": "steps"})
+    assert build_config({"stage": "sft", "eval_strategy": "steps", "val_size": 0.1}).train.eval_strategy == "steps"
+    with pytest.raises(UserError, match=r"^max_length 4096: above the model's context of 2048 tokens"):
+        build_config({"stage": "sft", "model": tiny_model, "max_length": 4096})
+    assert build_config({"stage": "sft", "model": tiny_model, "max_length": 4096, "rope_scaling": "linear"})

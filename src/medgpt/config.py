@@ -269,9 +269,44 @@ def build_stage_config(raw: dict[str, Any], stage_module: Any) -> Config:
                  stage_args=make(stage_cls) if stage_cls else None, raw=raw)
     if configure := getattr(stage_module, "configure", None):
         configure(cfg)
+    check_eval_and_length(cfg)
     if auto_checkpointing and hasattr(cfg.train, "activation_checkpointing"):
         cfg.train.activation_checkpointing = cfg.train.gradient_checkpointing = checkpointing_needed(cfg)
     return cfg
+
+
+def check_eval_and_length(cfg: Config) -> None:
+    """An evaluation schedule needs eval data, and `max_length` must fit the model's context (its
+    max_position_embeddings, times rope_factor where rope_scaling stretches it)."""
+    strategy = getattr(cfg.train, "eval_strategy", "no")
+    strategy = str(getattr(strategy, "value", strategy))
+    if strategy != "no" and not (cfg.data.eval_data or cfg.data.val_size):
+        raise UserError(f"eval_strategy {strategy}: there is no eval data; set eval_data: FILE or val_size "
+                        "(a share or a count of the training data), or eval_strategy: no")
+    max_length = getattr(cfg.train, "max_length", None)
+    context = model_context(cfg.model) if max_length else None
+    if context and max_length > context:
+        raise UserError(f"max_length {max_length}: above the model's context of {context} tokens "
+                        "(max_position_embeddings in its config.json); lower max_length, or set rope_scaling and "
+                        "rope_factor to stretch the context")
+
+
+def model_context(model: ModelArgs) -> int | None:
+    """The tokens the model attends over, from its config.json (a folder, the hub cache or the hub, the bundled
+    copy); None where the config cannot be read, or gives no length."""
+    from transformers import AutoConfig
+
+    from medgpt.models import BUNDLED, resolve_model
+
+    try:
+        source = resolve_model(model.model) if model.model in BUNDLED else model.model
+        config = AutoConfig.from_pretrained(source, trust_remote_code=model.trust_remote_code)
+    except (UserError, OSError, ValueError):
+        return None
+    context = getattr(config.get_text_config(), "max_position_embeddings", None)
+    if not isinstance(context, int):
+        return None
+    return int(context * model.rope_factor) if model.rope_scaling else context
 
 
 CPU_MEMORY_SHARE = 0.4  # of the RAM a CPU run may plan to fill (the OS, the data and other processes share it)
