@@ -37,3 +37,18 @@ def test_grpo_reader_builds_mcq_and_open_prompts(sample_data, tmp_path):
     bad.write_text("question,A,B,answer\nQ?,yes,no,C\n", encoding="utf-8")
     with pytest.raises(UserError, match=r"bad\.csv:2: wrong type: \"answer\" is 'C', expected one of A, B"):
         read_prompts(str(bad), "prompts")
+
+
+def test_mcq_rows_take_options_a_to_d_in_either_case_and_refuse_more(tmp_path):
+    from medgpt.data.records import mcq_options
+    from medgpt.data.rows import RecordError
+
+    assert mcq_options({"question": "q", "a": "x", "B": "y", "c": " ", "answer": "A"}) == {"A": "x", "B": "y"}
+    with pytest.raises(RecordError, match="too many options: option column\\(s\\) E, F"):
+        mcq_options({"question": "q", "A": "1", "B": "2", "C": "3", "D": "4", "E": "5", "F": 6, "answer": "E"})
+    rows = tmp_path / "five.jsonl"
+    rows.write_text('{"question": "q", "A": "1", "B": "2", "E": "5", "answer": "A"}\n', encoding="utf-8")
+    with pytest.raises(UserError, match=r"five\.jsonl:1: too many options"):
+        read_prompts(str(rows), "prompts")
+    records, stats = read_prompts(str(rows), "prompts", on_error="skip")
+    assert not records and stats.dropped == {"too many options": 1}

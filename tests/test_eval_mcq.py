@@ -230,3 +230,16 @@ def test_items_keep_the_raw_log_likelihood(answers_c_model, sample_data):
         total = math.log(sum(math.exp(v) for v in item["loglik"].values()))
         assert item["probs"]["C"] == pytest.approx(math.exp(item["loglik"]["C"] - total), abs=1e-4)
     assert result["accuracy"] == result["overall"]["accuracy"]
+
+
+def test_an_option_column_past_d_is_an_error_as_in_the_grpo_reader(tmp_path):
+    from medgpt.data.records import read_prompts
+
+    five = tmp_path / "x_val.csv"
+    five.write_text("id,question,A,B,C,D,E,answer\n0,q,a,b,c,d,,A\n1,q,a,b,c,d,e,B\n", encoding="utf-8")
+    for read in (mcq.load_questions, lambda path: read_prompts(path, "prompts")):
+        with pytest.raises(UserError, match=r"x_val\.csv:3: too many options: option column\(s\) E: .*A, B, C, D only"):
+            read(str(five))
+    five.write_text("id,question,A,B,C,D,E,answer\n0,q,a,b,c,d,,A\n", encoding="utf-8")  # an empty E is no option
+    assert mcq.load_questions(str(five))["x"][0].choices == ("a", "b", "c", "d")
+    assert read_prompts(str(five), "prompts")[0][0]["options"] == "ABCD"

@@ -51,7 +51,7 @@ OVERLONG = ("drop", "truncate")
 REASONS = (
     "invalid JSON", "not an object", "missing field", "wrong type", "empty conversation", "empty message",
     "unknown role", "roles out of order", "identical chosen and rejected", "not UTF-8", "empty text",
-    "invalid CSV", "longer than max_length", "conflicting fields",
+    "invalid CSV", "longer than max_length", "conflicting fields", "too many options",
 )
 ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
          "function_call": "assistant", "observation": "tool", "tool": "tool", "function": "tool"}

@@ -22,7 +22,7 @@ from medgpt.data.readers import as_object, check_order, read_records, text_messa
 from medgpt.data.rows import RecordError
 from medgpt.data.stats import DataStats
 
-OPTION_LETTERS = "ABCDEFGH"
+OPTION_LETTERS = "ABCD"  # the option columns of a multiple-choice row: what `eval mcq` scores (C-Eval/CMMLU form)
 _CJK = re.compile(r"[\u3400-\u9fff]")
 MCQ_INSTRUCTION = {"zh": "请直接给出正确选项的字母。", "en": "Answer with the letter of the correct option."}
 _TRUE, _FALSE = ("true", "1", "yes"), ("false", "0", "no")
@@ -61,14 +61,28 @@ def mcq_prompt(question: str, options: dict[str, str]) -> str:
     return "\n".join([*lines, MCQ_INSTRUCTION["zh" if _CJK.search(question) else "en"]])
 
 
-def _options(obj: dict) -> dict[str, str]:
-    return {k: str(obj[k]) for k in OPTION_LETTERS if isinstance(obj.get(k), (str, int, float)) and str(obj[k]).strip()}
+def _filled(value: Any) -> str:
+    return str(value).strip() if isinstance(value, (str, int, float)) and not isinstance(value, bool) else ""
+
+
+def mcq_options(obj: dict) -> dict[str, str]:
+    """The filled option cells of a multiple-choice row by letter (column `A` or `a`, up to `D`): the one rule of
+    the GRPO reader and `eval mcq`. A filled option column past D (`E`, ...) is an error, not an option silently
+    left out of the prompt."""
+    extra = sorted(k for k in obj if isinstance(k, str) and len(k) == 1 and k.isascii() and k.isalpha()
+                   and k.upper() not in OPTION_LETTERS and _filled(obj[k]))
+    if extra:
+        raise RecordError("too many options", f"option column(s) {', '.join(extra)}: multiple-choice rows have "
+                          f"options {', '.join(OPTION_LETTERS)} only")
+    cells = {letter: next((_filled(obj[k]) for k in (letter, letter.lower()) if _filled(obj.get(k))), "")
+             for letter in OPTION_LETTERS}
+    return {letter: text for letter, text in cells.items() if text}
 
 
 def to_prompt(raw: Any) -> list[dict]:
     """A GRPO prompt with its multiple-choice answer letter or reference answer, when the row has one."""
     obj = as_object(raw)
-    options = _options(obj)
+    options = mcq_options(obj)
     if "question" in obj and len(options) >= 2:
         answer = str(obj.get("answer") or "").strip().upper()
         if answer not in options:

@@ -20,13 +20,14 @@ from typing import Any
 
 from medgpt.data.answers import extract_choice
 from medgpt.data.readers import as_object, read_records
-from medgpt.data.rows import hub_rows
+from medgpt.data.records import OPTION_LETTERS, mcq_options
+from medgpt.data.rows import RecordError, hub_rows
 from medgpt.errors import UserError
 from medgpt.files import atomic_write
 
 log = logging.getLogger(__name__)
 
-LETTERS = ("A", "B", "C", "D")
+LETTERS = tuple(OPTION_LETTERS)
 STYLES = ("ceval", "cmmlu", "mmlu")  # the keys of PROMPT_STYLES
 SCORING = ("loglik", "generate")  # how a question is scored: letter log-likelihood or a generated reply
 SPLITS = ("val", "dev", "test")
@@ -130,7 +131,11 @@ def _cell(row: dict, *names: str) -> str:
 
 
 def _question(row: dict, subject: str, loc: str, index: int) -> Question:
-    missing = [c for c in ("question", *LETTERS, "answer") if not _cell(row, c)]
+    try:
+        options = mcq_options(row)  # the GRPO reader's rule: options A-D, an option column past D an error
+    except RecordError as exc:
+        raise UserError(f"{loc}: {exc}") from None
+    missing = [c for c in ("question", *LETTERS, "answer") if not (options.get(c) if c in LETTERS else _cell(row, c))]
     if missing:
         raise UserError(f"{loc}: missing {', '.join(missing)} (expected columns id, question, A, B, C, D, answer; "
                         f"or CMMLU's Question, A, B, C, D, Answer)")
@@ -139,7 +144,7 @@ def _question(row: dict, subject: str, loc: str, index: int) -> Question:
         raise UserError(f"{loc}: answer {answer!r} is not one of A, B, C, D")
     qid = _cell(row, "id") or str(index)
     subject = _cell(row, "subject") or subject
-    return Question(qid, subject, _cell(row, "question"), tuple(_cell(row, c) for c in LETTERS), answer, loc,
+    return Question(qid, subject, _cell(row, "question"), tuple(options[c] for c in LETTERS), answer, loc,
                     _cell(row, "explanation"))
 
 
