@@ -78,3 +78,18 @@ def test_cli_check_token_lengths_bundled_tokenizer(tmp_path, capsys):
     assert main(["data", "check", str(path), "--max-length", "100", "--json"]) == 0
     tokens = json.loads(capsys.readouterr().out)["tokens"]
     assert tokens["p50"] < tokens["max"] and tokens["max"] > 200 and tokens["longer"] == 1
+
+
+def test_cli_check_reads_a_multiple_choice_file_as_mcq(sample_data, tmp_path, capsys):
+    physician = sample_data / "mcq" / "val" / "physician_val.csv"
+    assert main(["data", "check", str(physician), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert (report["kind"], report["kept"], report["dropped"]) == ("mcq", 24, {})
+    bad = tmp_path / "bad_val.csv"
+    bad.write_text("id,question,A,B,C,D,E,answer\n0,q,a,b,c,d,e,A\n1,q,a,b,c,,,B\n2,q,a,b,c,d,,F\n3,q,a,b,c,d,,C\n",
+                   encoding="utf-8")
+    assert main(["data", "check", str(bad), "--no-tokenizer"]) == 1
+    out = capsys.readouterr().out
+    assert "(mcq): read 4, kept 1, dropped 3" in out
+    assert all(f"{reason} " in out and f"{bad}:{line}" in out
+               for reason, line in (("too many options", 2), ("missing field", 3), ("wrong type", 4)))

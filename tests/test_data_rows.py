@@ -36,7 +36,7 @@ def test_pt_structured_files(tmp_path):
     pq.write_table(pa.table({"text": ["five"]}), tmp_path / "d.parquet")
     records, stats = read_records(str(tmp_path), "pt")
     assert [r["text"] for r in records] == ["one", "two", "three", "four, with comma", "five"]
-    assert [r["_loc"].rsplit(":", 1)[1] for r in records] == ["1", "0", "1", "2", "0"]
+    assert [r["_loc"].rsplit(":", 1)[1] for r in records] == ["1", "[0]", "[1]", "2", "0"]  # b.json: one line
     assert stats.kept == 5 and not stats.skipped_files
 
 
@@ -52,6 +52,16 @@ def test_json_file_detects_lines_and_single_object(tmp_path):
     single = tmp_path / "one.json"
     single.write_text('\n{\n  "text": "a"\n}\n', encoding="utf-8")
     assert read_records(str(single), "pt")[0] == [{"text": "a", "_loc": f"{single}:2"}]
+
+
+def test_json_array_items_are_located_by_their_line_or_their_index(tmp_path):
+    path = tmp_path / "pretty.json"
+    path.write_text(json.dumps([{"text": "a"}, {"text": "b\nc"}, {"text": "d"}], indent=2), encoding="utf-8")
+    assert [r["_loc"] for r in read_records(str(path), "pt")[0]] == [f"{path}:2", f"{path}:5", f"{path}:8"]
+    path.write_text('[{"text": "a"},\n {"text": "b"}, {"text": ""}]', encoding="utf-8")
+    records, stats = read_records(str(path), "pt", on_error="skip")
+    assert [r["_loc"] for r in records] == [f"{path}:[0]", f"{path}:[1]"] and stats.examples == {
+        "empty text": [f"{path}:[2]"]}
 
 
 def test_broken_json_array_is_a_file_error(tmp_path):

@@ -29,7 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                        "show token-length percentiles. Exits 1 when a record would be dropped "
                                        "(unless --on-error skip), so it can gate CI scripts.")
     check.add_argument("path", help="file, folder, comma-separated list, or hub data set name")
-    _source_arguments(check, KINDS)
+    _source_arguments(check, (*KINDS, "mcq"))
     check.add_argument("--tokenizer", help="tokenizer for lengths (default: the project default model)")
     check.add_argument("--no-tokenizer", action="store_true", help="skip token lengths")
     check.add_argument("--template", default="auto", help="chat template for sft/pref lengths (default: auto)")
@@ -57,9 +57,11 @@ def run(args: argparse.Namespace) -> int:
 
 def _read(source: str, args: argparse.Namespace, on_error: str):
     from medgpt.data.readers import detect_kind, read_records
+    from medgpt.data.records import read_mcq
 
     kind = args.kind or detect_kind(source, args.subset, args.split)
-    return kind, *read_records(source, kind, on_error=on_error, subset=args.subset, split=args.split)
+    read = read_mcq if kind == "mcq" else read_records
+    return kind, *read(source, kind, on_error=on_error, subset=args.subset, split=args.split)
 
 
 def _percentile(ordered: list[int], p: float) -> int:
@@ -124,7 +126,7 @@ def _check(args: argparse.Namespace) -> int:
     # Read with "skip" so that every problem is listed, then fail by exit code if asked to.
     kind, records, stats = _read(args.path, args, on_error="skip")
     report = {"path": args.path, "kind": kind, **stats.to_dict()}
-    if records and not args.no_tokenizer:
+    if records and not args.no_tokenizer and kind != "mcq":  # eval mcq measures its own prompts
         report["tokens"] = _token_lengths(records, kind, args)
     print(json.dumps(report, ensure_ascii=False, indent=2) if args.json else _format(report))
     dropped = sum(stats.dropped.values())

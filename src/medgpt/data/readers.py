@@ -473,6 +473,8 @@ def detect_kind(source: str | list[str], subset: str | None = None, split: str =
         for loc, raw in item_rows(item, subset, split):
             if not isinstance(raw, dict):
                 continue
+            if {"question", "a", "b"} <= {str(key).lower() for key in raw}:
+                return "mcq"
             if raw.keys() & {"question", "response_chosen", "chosen", "rejected"}:
                 return "pref"
             if raw.keys() & {"conversations", "messages", "instruction"}:

@@ -9,6 +9,8 @@
   multiple-choice rows (`question`, option columns `A`..`D`, `answer`: the prompt lists the options and asks
   for the letter), SFT conversations (the last assistant turn is the reference answer), `{"question",
   "answer"}` rows (the answer is the reference) and prompt-only rows (`{"query"}` or `{"prompt"}`).
+- `mcq` (`medgpt data check`): C-Eval/CMMLU-form multiple-choice rows (`question`, options `A`-`D`, `answer`,
+  any case), kept as they are once checked by the rule `eval mcq` reads them with.
 - `scored` (`medgpt score`): `{"prompt", "response"}` pairs (also `question`/`query` and `answer`/`completion`)
   or preference pairs, whose chosen and rejected responses are both scored.
 """
@@ -79,6 +81,21 @@ def mcq_options(obj: dict) -> dict[str, str]:
     return {letter: text for letter, text in cells.items() if text}
 
 
+def to_mcq(raw: Any) -> list[dict]:
+    """A multiple-choice row as it is, checked: a question, options A-D and an answer among them."""
+    obj = as_object(raw)
+    options = mcq_options(obj)
+    cells = {key.lower(): value for key, value in obj.items() if isinstance(key, str)}
+    missing = [name for name in ("question", *OPTION_LETTERS, "answer")
+               if not (options.get(name) if name in OPTION_LETTERS else _filled(cells.get(name)))]
+    if missing:
+        raise RecordError("missing field", f"{', '.join(missing)} (a multiple-choice row has question, "
+                          f"{', '.join(OPTION_LETTERS)} and answer)")
+    if _filled(cells["answer"]).upper() not in OPTION_LETTERS:
+        raise RecordError("wrong type", f'"answer" is {cells["answer"]!r}, expected one of {", ".join(OPTION_LETTERS)}')
+    return [obj]
+
+
 def to_prompt(raw: Any) -> list[dict]:
     """A GRPO prompt with its multiple-choice answer letter or reference answer, when the row has one."""
     obj = as_object(raw)
@@ -124,6 +141,11 @@ def read_unpaired(source: str | list[str], kind: str = "unpaired", **options: An
 def read_prompts(source: str | list[str], kind: str = "prompts", **options: Any) -> tuple[list[dict], DataStats]:
     """`prompts` records (GRPO, PPO, the report's prompts); `options` are `read_records`'."""
     return read_records(source, kind, normalize=to_prompt, **options)
+
+
+def read_mcq(source: str | list[str], kind: str = "mcq", **options: Any) -> tuple[list[dict], DataStats]:
+    """`mcq` records (`medgpt data check`); `options` are `read_records`'."""
+    return read_records(source, kind, normalize=to_mcq, **options)
 
 
 def read_scored(source: str | list[str], kind: str = "scored", **options: Any) -> tuple[list[dict], DataStats]:

@@ -1,5 +1,6 @@
 """Where records come from, as raw rows: files (.txt, .jsonl, .json, .csv, .parquet), folders of them,
-comma-separated lists and hub data sets, each row with its location (`path:N`); JSON-lines logs read back and
+comma-separated lists and hub data sets, each row with its location (`path:N`: the line, or a JSON array's item
+`path:[N]` where items share lines; a CSV row's line, a Parquet or hub row's index); JSON-lines logs read back and
 JSON-lines files written whole. `RecordError` is why one row cannot be used (a stable reason and a detail).
 
 Standard library only at import time (pyarrow and datasets are imported where a file or data set is read)."""
@@ -137,12 +138,28 @@ def _json_rows(path: Path, data: bytes) -> Iterator[Row]:
                                 "the JSON array cannot be read") from None
             whole = None
         if isinstance(whole, list):
-            yield from ((f"{path}:{index}", item) for index, item in enumerate(whole))
+            yield from _array_rows(path, data.decode("utf-8"), whole)
             return
         if isinstance(whole, dict):
             yield f"{path}:{_line_of(data, start)}", whole
             return
     yield from _jsonl_rows(path, data)
+
+
+def _array_rows(path: Path, text: str, items: list) -> Iterator[Row]:
+    """The items of a JSON array, located by the line each starts on where every item starts a line of its
+    own (a pretty-printed array), else by their index (`path:[3]`)."""
+    decoder, pos, lines = json.JSONDecoder(), text.index("[") + 1, []
+    line, counted = 1, 0
+    for _ in items:
+        while text[pos] in " \t\r\n,":
+            pos += 1
+        line, counted = line + text.count("\n", counted, pos), pos
+        lines.append(line)
+        pos = decoder.raw_decode(text, pos)[1]
+    if len(set(lines)) < len(lines):
+        lines = [f"[{index}]" for index in range(len(items))]
+    yield from ((f"{path}:{where}", item) for where, item in zip(lines, items))
 
 
 def _csv_cell(key: str, value: str) -> Any:
