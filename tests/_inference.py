@@ -1,12 +1,17 @@
 """Shared by the inference tests: chat questions (test_infer_engine.py, test_infer_chat.py), predict's input rows
 in every format it reads (test_infer_predict.py, test_commands_predict.py), and a model copy with its own
-generation_config (test_infer_base.py, test_commands_chat.py, test_infer_webui.py)."""
+generation_config (test_infer_base.py, test_commands_chat.py, test_infer_webui.py); `closes_its_engines`, the
+check that a command or library entry has closed every engine it started (the command tests)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
+import threading
 from pathlib import Path
+
+ENGINE_THREADS = ("medgpt-engine", "medgpt-vllm")  # the scheduler threads of the engines
 
 QUESTIONS = [
     [{"role": "user", "content": "What is hypertension?"}],
@@ -36,3 +41,13 @@ def with_generation_config(model: str, folder: Path, **fields) -> str:
     path = folder / "generation_config.json"
     path.write_text(json.dumps({**json.loads(path.read_text()), **fields}, indent=2))
     return str(folder)
+
+
+@contextlib.contextmanager
+def closes_its_engines():
+    """Fails unless every engine scheduler thread started inside the block has ended by its end (the code in it
+    closed its engines: an engine merely dropped keeps its thread for up to a second)."""
+    before = set(threading.enumerate())
+    yield
+    left = [t.name for t in threading.enumerate() if t.name in ENGINE_THREADS and t not in before and t.is_alive()]
+    assert left == [], "an engine was left running"

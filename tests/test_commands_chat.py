@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import io
 
-from _inference import with_generation_config
+from _inference import closes_its_engines, with_generation_config
 
 
 def test_chat_command_shows_the_loaded_model_and_settings(sharp_model, tmp_path, monkeypatch, capsys):
@@ -13,7 +13,8 @@ def test_chat_command_shows_the_loaded_model_and_settings(sharp_model, tmp_path,
 
     monkeypatch.setattr("sys.stdin", io.StringIO(""))  # the chat ends at once (Ctrl-D)
     shipped = with_generation_config(sharp_model, tmp_path / "m", do_sample=True, temperature=0.6)
-    assert main(["chat", "--model", shipped, "--dtype", "fp32", "--top-p", "0.5"]) == 0
+    with closes_its_engines():
+        assert main(["chat", "--model", shipped, "--dtype", "fp32", "--top-p", "0.5"]) == 0
     out = capsys.readouterr().out
     assert f"model m ({shipped})" in out and "adapter none" in out and "dtype float32" in out
     assert ("temperature 0.6, top-p 0.5, repetition penalty 1.1, max new tokens 512 "

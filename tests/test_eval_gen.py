@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from _inference import closes_its_engines
 
 from medgpt.cli import main
 from medgpt.eval import gen
@@ -142,7 +143,8 @@ def test_gen_predictions_cli(tmp_path, capsys):
 def test_gen_with_model_resumes(tiny_model, sample_data, tmp_path):
     partial = tmp_path / "partial.jsonl"
     args = dict(model=tiny_model, mode="char", max_new_tokens=4, limit=3, partial=partial)
-    first = gen.run_gen(str(sample_data / "qa" / "medical_qa.jsonl"), **args)
+    with closes_its_engines():
+        first = gen.run_gen(str(sample_data / "qa" / "medical_qa.jsonl"), **args)
     assert first["count"] == 3 and not partial.exists()
     assert all(set(i) >= {"question", "answer", "prediction", "bleu-1", "rouge-l"} for i in first["items"])
     # a run interrupted after two answers: those are reused, not generated again

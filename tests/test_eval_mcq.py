@@ -13,6 +13,7 @@ import math
 from pathlib import Path
 
 import pytest
+from _inference import closes_its_engines
 
 from medgpt.cli import main
 from medgpt.errors import UserError
@@ -32,7 +33,8 @@ def test_crafted_model_accuracy_is_determined(answers_c_model, sample_data):
 
 def test_generate_method_extracts_the_letter(answers_c_model, sample_data):
     args = mcq.McqArgs(data=str(sample_data / "mcq"), method="generate", max_new_tokens=1, limit=4, batch_size=12)
-    result = mcq.run_mcq(answers_c_model, args, dtype="fp32")
+    with closes_its_engines():
+        result = mcq.run_mcq(answers_c_model, args, dtype="fp32")
     assert [item["output"] for item in result["items"]] == ["C"] * 12
     assert result["overall"]["correct"] == sum(item["answer"] == "C" for item in result["items"])
 

@@ -433,3 +433,41 @@ def test_an_engine_nobody_holds_is_freed_with_its_thread(tiny_model):
     closed.close()
     with pytest.raises(UserError, match="closed"):
         closed.submit(Request([1, 2, 3], GenerationParams(max_new_tokens=2))).result()
+
+
+def test_a_with_block_closes_the_engine_and_closing_twice_is_harmless(tiny_model):
+    """`with load_engine(...) as engine:` ends the scheduler thread at the end of the block, a request still
+    running then fails as closed, and a second `close()` does nothing."""
+    from _inference import closes_its_engines
+
+    with closes_its_engines():
+        with load_engine(tiny_model, dtype="fp32") as engine:
+            thread = engine._thread
+            assert engine.generate(QUESTIONS[:1], GenerationParams(max_new_tokens=2))[0].completion_tokens >= 1
+            running = engine.submit(Request([1, 2, 3], GenerationParams(max_new_tokens=1500)))
+        assert not thread.is_alive()
+        with pytest.raises(UserError, match="closed"):
+            running.result(timeout=1)
+        engine.close()
+        engine.close()
+        with pytest.raises(UserError, match="closed"):
+            engine.submit(Request([1, 2, 3], GenerationParams(max_new_tokens=2))).result()
+
+
+def test_an_engine_left_open_is_closed_before_the_interpreter_tears_down(tiny_model):
+    """A program that exits while its engine is mid-generation, never having closed it, exits 0: at exit the
+    engine is closed and its thread joined before teardown (a scheduler thread inside a torch op at teardown
+    aborts the process with "terminate called without an active exception", exit 134)."""
+    import subprocess
+    import sys
+
+    script = ("import time\n"
+              "from medgpt.infer.base import GenerationParams, Request\n"
+              "from medgpt.infer.engine import load_engine\n"
+              f"engine = load_engine({tiny_model!r}, dtype='fp32')\n"
+              "future = engine.submit(Request([1, 2, 3], GenerationParams(max_new_tokens=1500)))\n"
+              "while not engine.running():\n"
+              "    time.sleep(0.01)\n"
+              "time.sleep(0.3)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "terminate called" not in done.stderr, done.stderr[-2000:]

@@ -10,6 +10,7 @@ import time
 
 import httpx
 import pytest
+from _inference import closes_its_engines
 
 from medgpt.infer.base import GenerationParams
 from medgpt.infer.engine import load_engine
@@ -340,7 +341,7 @@ def test_webui_command_serves_the_page_behind_its_login(tiny_model, tmp_path, mo
     argv = ["webui", "--model", tiny_model, "--dtype", "fp32", "--port", str(port),
             "--auth-file", str(tmp_path / "logins.txt"), "--max-new-tokens", "3"]
     result = []
-    with caplog.at_level("INFO"):
+    with caplog.at_level("INFO"), closes_its_engines():  # stopping the page closes the engine
         thread = threading.Thread(target=lambda: result.append(cli.main(argv)), daemon=True)
         thread.start()
         url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 120

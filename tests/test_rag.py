@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _inference import closes_its_engines
 
 from medgpt.cli import main
 from medgpt.errors import UserError
@@ -323,8 +324,9 @@ def test_rag_commands(sample_data, tmp_path, tiny_model, capsys):
     assert main(["rag", "search", str(index), "手足口病的潜伏期一般是多长时间？", "-k", "2", "--json"]) == 0
     found = json.loads(capsys.readouterr().out)
     assert found["sources"][0]["file"] == "hand_foot_mouth_disease.txt"
-    assert main(["rag", "ask", str(index), "What is the INR target for a mechanical mitral valve?",
-                 "--model", tiny_model, "--max-new-tokens", "4", "--json"]) == 0
+    with closes_its_engines():
+        assert main(["rag", "ask", str(index), "What is the INR target for a mechanical mitral valve?",
+                     "--model", tiny_model, "--max-new-tokens", "4", "--json"]) == 0
     answer = json.loads(capsys.readouterr().out)
     assert isinstance(answer["answer"], str)
     assert answer["sources"][0]["file"] == "warfarin_interactions.md"
@@ -333,6 +335,26 @@ def test_rag_commands(sample_data, tmp_path, tiny_model, capsys):
     assert "No passage in the knowledge base is relevant" in capsys.readouterr().out
     assert main(["rag", "ask", str(tmp_path), "question?"]) == 2
     assert "not a knowledge-base index" in capsys.readouterr().err
+
+
+ASK_RUNS = 5  # each run is a new interpreter (seconds); test_infer_engine.py has the deterministic case
+
+
+def test_rag_ask_exits_cleanly_run_after_run(sample_data, tmp_path, tiny_model):
+    """`medgpt rag ask` streams its answer and exits 0, run after run, never aborting at exit ("terminate called
+    without an active exception", exit 134: the engine's thread in a torch op while the interpreter tears down)."""
+    import subprocess
+    import sys
+
+    index = tmp_path / "index"
+    build_index([sample_data / "kb"], index, embedder="tfidf")
+    command = [sys.executable, "-c", "import sys; from medgpt.cli import main; sys.exit(main(sys.argv[1:]))",
+               "rag", "ask", str(index), "How should warfarin be taken?", "--model", tiny_model,
+               "--max-new-tokens", "32"]
+    for run in range(ASK_RUNS):
+        done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0 and "terminate called" not in done.stderr, (run, done.stderr[-2000:])
+        assert "Sources" in done.stdout
 
 
 def test_chat_and_server_answer_with_sources(kb_index, tiny_model):

@@ -159,6 +159,12 @@ class FakeEngine:
     def __init__(self, *args, **kwargs):
         pass
 
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
     def generate(self, prompts, params):
         from medgpt.infer.base import Completion
 
@@ -316,12 +322,6 @@ def test_answers_are_generated_again_where_the_model_would_answer_in_another_pre
     class CountingEngine(FakeEngine):
         def __init__(self, *args, **kwargs):
             loads.append(args)
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            return False
 
         def close(self):
             pass

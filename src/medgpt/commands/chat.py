@@ -22,9 +22,9 @@ def run(args: argparse.Namespace) -> int:
 
     params_from_args(args)  # a bad flag fails before the model loads
     augment = kb_from_args(args)
-    engine = engine_from_args(args)
-    params, origins = engine_params(args, engine)
-    print(describe_engine(engine))
-    print(describe_params(params, origins))
-    run_chat(ChatSession(engine, params, system=args.system, augment=augment))
+    with engine_from_args(args) as engine:
+        params, origins = engine_params(args, engine)
+        print(describe_engine(engine))
+        print(describe_params(params, origins))
+        run_chat(ChatSession(engine, params, system=args.system, augment=augment))
     return 0

@@ -23,12 +23,12 @@ def run(args: argparse.Namespace) -> int:
 
     params_from_args(args)  # a bad flag or row fails before the model loads
     rows = read_inputs(args.input)
-    engine = engine_from_args(args)
-    params, origins = engine_params(args, engine)
-    print(describe_params(params, origins))
-    chunk = 4 * engine.max_batch_size
-    stats = predict_file(engine, args.input, args.output, params, system=args.system, chunk_size=chunk,
-                         overwrite=args.overwrite, rows=rows)
+    with engine_from_args(args) as engine:
+        params, origins = engine_params(args, engine)
+        print(describe_params(params, origins))
+        chunk = 4 * engine.max_batch_size
+        stats = predict_file(engine, args.input, args.output, params, system=args.system, chunk_size=chunk,
+                             overwrite=args.overwrite, rows=rows)
     print(f"{args.output}: {stats['rows']} rows ({stats['generated']} answered now, {stats['resumed']} before), "
           f"{stats['completion_tokens']} tokens generated")
     return 0

@@ -105,19 +105,19 @@ def _ask(args: argparse.Namespace) -> int:
 
     messages, sources = augment([{"role": "user", "content": args.question}], args.index, k=args.top_k,
                                 mode=args.mode, min_score=args.min_score)
-    engine = load_engine(model=args.model, adapter=args.adapter, template=args.template,
-                         trust_remote_code=args.trust_remote_code)
     params = GenerationParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature)
-    if args.json:
-        answer = engine.generate([messages], params)[0].text
-    else:
-        pieces = []
-        for delta in engine.stream(messages, params):
-            pieces.append(delta)
-            sys.stdout.write(delta)
-            sys.stdout.flush()
-        answer = "".join(pieces)
-        print()
+    with load_engine(model=args.model, adapter=args.adapter, template=args.template,
+                     trust_remote_code=args.trust_remote_code) as engine:
+        if args.json:
+            answer = engine.generate([messages], params)[0].text
+        else:
+            pieces = []
+            for delta in engine.stream(messages, params):
+                pieces.append(delta)
+                sys.stdout.write(delta)
+                sys.stdout.flush()
+            answer = "".join(pieces)
+            print()
     used = cited(answer, len(sources))
     if args.json:
         print(json.dumps({"question": args.question, "answer": answer, "cited": used, "sources": sources},

@@ -45,9 +45,9 @@ def run(args: argparse.Namespace) -> int:
     logins = check_logins(args.auth + (read_login_file(args.auth_file) if args.auth_file else []))
     params_from_args(args)  # a bad flag fails before the model loads
     augment = kb_from_args(args)
-    engine = engine_from_args(args)
-    params, origins = engine_params(args, engine)
-    demo = build_demo(engine, params, system=args.system, augment=augment, origins=origins)
-    launch_page(demo, host=args.host, port=args.port, logins=logins, share=args.share,
-                max_request_bytes=args.max_request_kb * 1024)
+    with engine_from_args(args) as engine:  # the page runs until stopped; the engine closes with it
+        params, origins = engine_params(args, engine)
+        demo = build_demo(engine, params, system=args.system, augment=augment, origins=origins)
+        launch_page(demo, host=args.host, port=args.port, logins=logins, share=args.share,
+                    max_request_bytes=args.max_request_kb * 1024)
     return 0

@@ -495,9 +495,9 @@ def run_mcq(model: str, args: McqArgs, adapter: str | None = None, template: str
             raise UserError("--method generate needs a chat template (not --template none)")
         from medgpt.infer.engine import load_engine
 
-        engine = load_engine(model, adapter=adapter, template=template, dtype=dtype,
-                             trust_remote_code=trust_remote_code, max_batch_size=args.batch_size)
-        items = evaluate_generate(engine, questions, shots, args.style, args.max_new_tokens, args.shots)
+        with load_engine(model, adapter=adapter, template=template, dtype=dtype,
+                         trust_remote_code=trust_remote_code, max_batch_size=args.batch_size) as engine:
+            items = evaluate_generate(engine, questions, shots, args.style, args.max_new_tokens, args.shots)
     else:
         from medgpt.models import open_model
 

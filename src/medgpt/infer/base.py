@@ -6,7 +6,9 @@ Standard library only at import time, so the command line stays fast.
 
 from __future__ import annotations
 
+import atexit
 import queue
+import weakref
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, wait
 from dataclasses import dataclass, field
@@ -201,7 +203,11 @@ class Engine(Protocol):
 
     def running(self) -> int: ...  # requests in the running batch
 
-    def close(self) -> None: ...  # stop the engine's scheduler
+    def close(self) -> None: ...  # stop the engine's scheduler and wait for it (closing twice does nothing)
+
+    def __enter__(self) -> Engine: ...  # `with load_engine(...) as engine:` closes it at the end of the block
+
+    def __exit__(self, *exc: object) -> None: ...
 
     def run(self, requests: list[Request]) -> list[Completion]: ...
 
@@ -279,6 +285,15 @@ class BaseEngine:
     def submit(self, request: Request) -> Future[Completion]:
         raise NotImplementedError
 
+    def close(self) -> None:
+        """Stop the engine's scheduler and wait for it; closing twice does nothing."""
+
+    def __enter__(self) -> BaseEngine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def run(self, requests: list[Request]) -> list[Completion]:
         """Submit every request, wait for all; results keep the input order; raises the first failure."""
         futures = [self.submit(request) for request in requests]
@@ -306,6 +321,26 @@ class BaseEngine:
         finally:  # the consumer stopped early (closed, interrupted): stop generating for it
             request.cancelled = True
         return future.result()
+
+
+_OPEN: weakref.WeakSet = weakref.WeakSet()  # engines with a scheduler thread, until they are freed
+
+
+def close_at_exit(engine: BaseEngine) -> None:
+    """Close `engine` when the interpreter exits if nobody has by then, before the interpreter tears down: a
+    scheduler thread still inside a torch op at teardown aborts the process ("terminate called without an active
+    exception"). atexit runs after `threading` has joined the non-daemon threads (so the scheduler thread is a daemon
+    and this, not that join, stops it) and last-registered first, so re-registering here, after torch is imported,
+    closes the engines before torch's own exit hooks run."""
+    _OPEN.add(engine)
+    atexit.unregister(close_open_engines)
+    atexit.register(close_open_engines)
+
+
+def close_open_engines() -> None:
+    """Close every engine still open (each waits for its scheduler thread's current step)."""
+    for engine in list(_OPEN):
+        engine.close()
 
 
 def require_template(template: Any) -> Any:

@@ -25,13 +25,15 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from medgpt.errors import UserError
-from medgpt.infer.base import (BaseEngine, Completion, Engine, Request, TokenLogprob, require_template,
-                               shipped_sampling, stop_tokens)
+from medgpt.infer.base import (BaseEngine, Completion, Engine, Request, TokenLogprob, close_at_exit,
+                               require_template, shipped_sampling, stop_tokens)
+from medgpt.infer.kv_batch import Batch
 
 log = logging.getLogger(__name__)
 
 ENGINES = ("transformers", "vllm")
 PREFILL_TOKENS = 2048  # most prompt tokens (padding included) prefilled in one forward
+CLOSE_WAIT = 60.0  # seconds `close()` waits for the scheduler's current step
 GREEDY_BELOW = 1e-5  # a temperature under this decodes greedily (vLLM's rule): dividing by it would overflow
 
 
@@ -197,73 +199,6 @@ class Row:
                           self.prompt_logprobs)
 
 
-def cache_of(layers: list[tuple[Any, Any]]):
-    """A transformers DynamicCache holding these (keys, values) per layer."""
-    from transformers import DynamicCache
-
-    return DynamicCache(ddp_cache_data=layers)
-
-
-def layers_of(cache) -> list[tuple[Any, Any]]:
-    return [(layer.keys, layer.values) for layer in cache.layers]
-
-
-class Batch:
-    """The running rows and their shared KV cache ([rows, heads, width, dim] per layer, each row left-padded)."""
-
-    def __init__(self):
-        self.rows: list[Row] = []
-        self.cache = None  # a DynamicCache
-        self.mask = None  # [rows, width]: 1 where a real token is cached
-
-    def add(self, rows: list[Row], cache, mask) -> None:
-        """Append rows with their own cache (of any width): both sides are left-padded to the wider one."""
-        import torch
-        from torch.nn.functional import pad
-
-        if not self.rows:
-            self.rows, self.cache, self.mask = list(rows), cache, mask
-            return
-        old, new = self.mask.shape[1], mask.shape[1]
-        width = max(old, new)
-
-        def widen(t, w):  # left padding of a cache tensor (dim -2) or a mask (dim -1)
-            return pad(t, (0, 0, width - w, 0)) if t.dim() == 4 else pad(t, (width - w, 0))
-
-        self.cache = cache_of([(torch.cat([widen(k, old), widen(k2, new)]), torch.cat([widen(v, old), widen(v2, new)]))
-                               for (k, v), (k2, v2) in zip(layers_of(self.cache), layers_of(cache))])
-        self.mask = torch.cat([widen(self.mask, old), widen(mask, new)])
-        self.rows += rows
-
-    def keep(self, indices: list[int]) -> None:
-        """Keep only these rows; cache columns that are padding in every remaining row are cut."""
-        import torch
-
-        if len(indices) == len(self.rows):
-            return
-        self.rows = [self.rows[i] for i in indices]
-        if not self.rows:
-            self.cache = self.mask = None
-            return
-        index = torch.tensor(indices, device=self.mask.device)
-        mask = self.mask[index]
-        start = int((mask.sum(0) > 0).int().argmax())  # the first column a row uses
-        self.mask = mask[:, start:]
-        for layer in self.cache.layers:
-            layer.keys, layer.values = layer.keys[index, :, start:], layer.values[index, :, start:]
-
-    def crop(self, width: int) -> None:
-        """Undo a forward that failed part way: every layer back to `width` columns."""
-        for layer in self.cache.layers:
-            layer.keys, layer.values = layer.keys[:, :, :width], layer.values[:, :, :width]
-
-    def part(self, i: int):
-        """Row i's cache and mask alone, without its padding."""
-        start = int(self.mask[i].argmax())
-        return (cache_of([(k[i:i + 1, :, start:], v[i:i + 1, :, start:]) for k, v in layers_of(self.cache)]),
-                self.mask[i:i + 1, start:])
-
-
 class TransformersEngine(BaseEngine):
     """Generation with transformers on CPU or GPU; a LoRA adapter stays unmerged (PEFT)."""
 
@@ -302,6 +237,7 @@ class TransformersEngine(BaseEngine):
         self._thread = threading.Thread(target=self._serve, args=(weakref.ref(self),), name="medgpt-engine",
                                         daemon=True)
         self._thread.start()
+        close_at_exit(self)
         log.info("loaded %s%s on %s (%s), template %s", opened.folder,
                  f" + adapter {opened.adapter}" if opened.adapter else "", device, self.dtype, self.template.name)
 
@@ -338,10 +274,14 @@ class TransformersEngine(BaseEngine):
         return len(self._batch.rows)
 
     def close(self) -> None:
+        """Stop the scheduler after its current step (running and waiting requests fail with "the engine was
+        closed") and wait for its thread, at most CLOSE_WAIT seconds."""
         with self._wake:
             self._closed = True
             self._wake.notify()
-        self._thread.join(timeout=60)
+        self._compiler.shutdown(wait=False, cancel_futures=True)
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout=CLOSE_WAIT)
 
     def _check(self, request: Request) -> None:
         """What only the engine knows: the vocabulary and the context length."""

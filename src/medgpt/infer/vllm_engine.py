@@ -14,8 +14,8 @@ from concurrent.futures import Future
 from typing import Any
 
 from medgpt.errors import UserError
-from medgpt.infer.base import (BaseEngine, Completion, GenerationParams, Request, TokenLogprob, read_sampling,
-                               require_template, stop_tokens)
+from medgpt.infer.base import (BaseEngine, Completion, GenerationParams, Request, TokenLogprob, close_at_exit,
+                               read_sampling, require_template, stop_tokens)
 
 INSTALL_HINT = "the vllm engine needs vLLM on Linux with an NVIDIA GPU: pip install 'medgpt[vllm]' (or pip install vllm)"
 DTYPES = {"auto": "auto", "fp32": "float32", "bf16": "bfloat16", "fp16": "float16",
@@ -122,6 +122,7 @@ class VllmEngine(BaseEngine):
         self._closed = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="medgpt-vllm", daemon=True)
         self._thread.start()
+        close_at_exit(self)
 
     def submit(self, request: Request) -> Future[Completion]:
         future: Future[Completion] = Future()

@@ -104,9 +104,8 @@ def generate_answers(refs: dict[str, ModelRef], prompts: list[list[dict]], cache
                  "skips the answers", len(todo), len(prompts), max_new_tokens, ", ".join(todo))
     for label, (ref, key) in tqdm(todo.items(), desc="report answers", disable=not todo):
         started = time.time()
-        engine = load_engine(ref.model, adapter=ref.adapter, template=ref.template)
-        completions = engine.generate(prompts, GenerationParams(max_new_tokens=max_new_tokens, temperature=0.0))
-        getattr(engine, "close", lambda: None)()
+        with load_engine(ref.model, adapter=ref.adapter, template=ref.template) as engine:
+            completions = engine.generate(prompts, GenerationParams(max_new_tokens=max_new_tokens, temperature=0.0))
         del engine
         gc.collect()
         out[label] = [Answer(c.text.strip(), c.finish_reason, c.completion_tokens) for c in completions]

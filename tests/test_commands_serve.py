@@ -1,0 +1,16 @@
+"""The `medgpt serve` command: once the server stops, the engine it started is closed."""
+
+from __future__ import annotations
+
+from _inference import closes_its_engines
+
+
+def test_serve_closes_its_engine_when_the_server_stops(tiny_model, monkeypatch):
+    import medgpt.infer.server
+    from medgpt.cli import main
+
+    served = []
+    monkeypatch.setattr(medgpt.infer.server, "serve", lambda app, **kw: served.append(kw))  # stops at once
+    with closes_its_engines():
+        assert main(["serve", "--model", tiny_model, "--dtype", "fp32", "--port", "0"]) == 0
+    assert served == [{"host": "127.0.0.1", "port": 0}]
