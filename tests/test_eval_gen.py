@@ -141,6 +141,8 @@ def test_gen_predictions_cli(tmp_path, capsys):
 
 
 def test_gen_with_model_resumes(tiny_model, sample_data, tmp_path):
+    from medgpt.models import inference_precision
+
     partial = tmp_path / "partial.jsonl"
     args = dict(model=tiny_model, mode="char", max_new_tokens=4, limit=3, partial=partial)
     with closes_its_engines():
@@ -150,11 +152,17 @@ def test_gen_with_model_resumes(tiny_model, sample_data, tmp_path):
     # a run interrupted after two answers: those are reused, not generated again
     rows = [json.loads(line) for line in (sample_data / "qa" / "medical_qa.jsonl").read_text().splitlines()][:3]
     key = {"model": tiny_model, "adapter": None, "template": None,
-           "questions": value_digest([r["question"] for r in rows]), "max_new_tokens": 4, "system": None}
+           "questions": value_digest([r["question"] for r in rows]), "max_new_tokens": 4, "system": None,
+           "precision": inference_precision()}
     partial.write_text("\n".join(json.dumps(x) for x in [key, {"prediction": "kept 1"}, {"prediction": "kept 2"}]))
     again = gen.run_gen(str(sample_data / "qa" / "medical_qa.jsonl"), **args)
     assert [i["prediction"] for i in again["items"]][:2] == ["kept 1", "kept 2"]
     assert again["items"][2]["prediction"] == first["items"][2]["prediction"]
+    # answers saved by a run in another precision are not reused: the model answers differently there
+    other = {**key, "precision": "bf16" if key["precision"] == "fp32" else "fp32"}
+    partial.write_text("\n".join(json.dumps(x) for x in [other, {"prediction": "kept 1"}, {"prediction": "kept 2"}]))
+    assert "kept 1" not in [i["prediction"] for i in gen.run_gen(str(sample_data / "qa" / "medical_qa.jsonl"),
+                                                                   **args)["items"]]
     # the same path with other questions in it: the saved answers belong to the old file and are not reused
     edited = tmp_path / "medical_qa.jsonl"
     edited.write_text("".join(json.dumps({**r, "question": r["question"] + "？"}, ensure_ascii=False) + "\n"

@@ -175,13 +175,14 @@ def run_gen(data: str | None, model: str | None = None, predictions: str | None 
             raise UserError("give --data QA.jsonl to generate answers, or --predictions FILE to score existing ones")
         rows = read_rows(data, ("question", "answer"))[:limit]
         from medgpt.infer.engine import load_engine
+        from medgpt.models import inference_precision
 
         partial = partial or Path(f".gen-{Path(data).stem}.partial.jsonl")
         with load_engine(model, adapter=adapter, template=template, dtype=dtype,
                          trust_remote_code=trust_remote_code, max_batch_size=batch_size) as engine:
             key = {"model": model, "adapter": adapter, "template": template, "questions": value_digest(
                 [r["question"] for r in rows]), "max_new_tokens": max_new_tokens, "system": system,
-                   "precision": engine.dtype}  # a model answers differently in bf16 and in fp32
+                   "precision": inference_precision(dtype)}  # a model answers differently in bf16 and in fp32
             preds = generate_predictions(engine, rows, max_new_tokens, system, partial, key)
         partial.unlink(missing_ok=True)
     metrics, scores = score_pairs(preds, [r["answer"] for r in rows], mode)
