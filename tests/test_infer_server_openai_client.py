@@ -330,3 +330,125 @@ def test_lm_eval_local_completions_picks_what_eval_mcq_picks(served, tiny_model,
         pooled = [math.log(sum(math.exp(next(scores)) for _ in spellings)) for spellings in letters]
         assert pooled == pytest.approx([item["loglik"][k] for k in LETTERS], abs=1e-3)  # the same numbers
         assert LETTERS[max(range(len(LETTERS)), key=pooled.__getitem__)] == item["pred"]
+
+
+def test_the_stop_token_comes_back_with_its_log_prob(client, served, reference):
+    """A completion that ends on the model's stop token lists that token in `tokens`, `token_logprobs`,
+    `top_logprobs` and `text_offset` (as vLLM does; its text stays out of `text`), so lm-eval's
+    `token_logprobs[ctxlen:-1]` still holds the whole continuation; chat's `logprobs.content` lists it too."""
+    from lm_eval.models.openai_completions import LocalCompletionsAPI
+
+    _, engine = served
+    tok = engine.tokenizer
+    ids = tok.encode("The patient has a fever and a cough.")
+    eos = tok.convert_tokens_to_ids("<|im_end|>")
+    assert eos in engine.stop_ids
+    forced = {"logit_bias": {str(eos): 100}, "temperature": 0}  # the first generated token is the stop token
+    whole = client.completions.create(model="tiny", prompt=ids, echo=True, logprobs=2, max_tokens=1, **forced)
+    choice, lp = whole.choices[0], whole.choices[0].logprobs
+    table = next_token_logprobs(reference, ids)
+    assert choice.text == tok.decode(ids) and choice.finish_reason == "stop" and whole.usage.completion_tokens == 1
+    assert lp.tokens == [tok.decode([i]) for i in ids] + ["<|im_end|>"]
+    assert lp.token_logprobs[-1] == pytest.approx(table[-1, eos].item(), abs=1e-4)  # the raw log-prob, before bias
+    assert "<|im_end|>" in lp.top_logprobs[-1] and lp.text_offset[-1] == len(choice.text)
+    ctxlen = len(ids) - 1  # lm-eval's request: context ids[:-1], continuation ids[-1:]
+    [(loglik, _)] = LocalCompletionsAPI.parse_logprobs(whole.model_dump(), ctxlens=[ctxlen])
+    assert loglik == pytest.approx(table[-2, ids[-1]].item(), abs=1e-4)
+    chunks = list(client.completions.create(model="tiny", prompt=ids, echo=True, logprobs=2, max_tokens=1,
+                                            stream=True, **forced))
+    assert "".join(c.choices[0].text for c in chunks) == choice.text
+    assert [c.choices[0].logprobs for c in chunks if c.choices[0].logprobs] == [lp]
+
+    chat = client.chat.completions.create(model="tiny", messages=QUESTION, max_tokens=4, logprobs=True,
+                                          top_logprobs=2, **forced)
+    content = chat.choices[0].logprobs.content
+    assert chat.choices[0].message.content == "" and chat.usage.completion_tokens == len(content) == 1
+    prompt = engine.encode(QUESTION)
+    assert content[0].token == "<|im_end|>"
+    assert content[0].logprob == pytest.approx(next_token_logprobs(reference, prompt)[-1, eos].item(), abs=1e-4)
+    streamed = list(client.chat.completions.create(model="tiny", messages=QUESTION, max_tokens=4, logprobs=True,
+                                                   top_logprobs=2, stream=True, **forced))
+    entries = [e for c in streamed if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert [(e.token, e.logprob) for e in entries] == [(e.token, e.logprob) for e in content]
+
+
+@pytest.mark.slow
+def test_lm_eval_over_http_scores_continuations_the_model_ends_on(bundled_model):
+    """lm-eval's `local-completions` client through /v1/completions gives the log-likelihoods and greediness of
+    lm-eval's own `hf` model, for continuations after which the bundled model's next token is its stop token
+    (`<|im_end|>`, checked below; the continuation's log-prob must not be dropped) and for others."""
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.models.openai_completions import LocalCompletionsAPI
+
+    engine = load_engine(bundled_model, dtype="fp32", max_batch_size=8)
+    tok = engine.tokenizer
+    items = [("Which organ pumps blood around the body?", ["heart", "Heart.", "liver", "Lung"]),
+             ("Which organ makes insulin?", ["skin", "Pancreas."]),
+             ("Which gas do the lungs take in from the air?", ["oxygen", "Nitrogen"])]
+    requests = []
+    for question, answers in items:
+        ctx = tok.apply_chat_template([{"role": "user", "content": f"{question} Answer in one word."}],
+                                      add_generation_prompt=True, tokenize=False)
+        requests += [((ctx, answer), tok.encode(ctx), tok.encode(answer)) for answer in answers]
+    settings = ServerSettings(defaults=GenerationParams(max_new_tokens=8))
+    with running_server(create_app(engine, settings, model_name="bundled")) as url:
+        harness = LocalCompletionsAPI(base_url=f"{url}/v1/completions", model="bundled", tokenizer=bundled_model,
+                                      tokenizer_backend="huggingface", tokenized_requests=True, batch_size=8,
+                                      max_retries=1, max_length=2048)
+        over_http = harness._loglikelihood_tokens(requests)
+        ends = []  # the token the model generates right after each continuation
+        for _, ctx_ids, cont_ids in requests:
+            reply = httpx.post(f"{url}/v1/completions", timeout=120, json={
+                "prompt": ctx_ids + cont_ids, "max_tokens": 1, "temperature": 0, "logprobs": 1, "echo": True})
+            ends.append(reply.json()["choices"][0]["logprobs"]["tokens"][-1])
+    engine.close()
+    reference = HFLM(pretrained=bundled_model, dtype="float32", device="cpu", batch_size=8)
+    expected = reference._loglikelihood_tokens(requests)
+    assert [loglik for loglik, _ in over_http] == pytest.approx([loglik for loglik, _ in expected], abs=1e-3)
+    assert [greedy for _, greedy in over_http] == [greedy for _, greedy in expected]
+    assert ends == ["<|im_end|>"] * 3 + [".", "<|im_end|>", "<|im_end|>", "<|im_end|>", " is"]
+
+
+@pytest.mark.slow
+def test_temperature_0_through_medgpt_serve_is_greedy(bundled_model, monkeypatch):
+    """`medgpt serve` applies what the client sends, then the model's generation_config (the bundled model's sets
+    no sampling), then OpenAI's and vLLM's defaults: at temperature 0 every chosen token is the top-1 of its own
+    top_logprobs and the text is transformers' greedy decoding (with medgpt's chat default repetition penalty 1.1,
+    2 of these 16 tokens were not); /v1/models says which defaults apply. `--chat-defaults` puts medgpt's chat
+    defaults in place of the neutral ones."""
+    import torch
+    from openai import OpenAI
+    from transformers import AutoModelForCausalLM
+
+    from medgpt.cli import main
+
+    seen = {}
+
+    def serve_here(app, host, port):
+        with running_server(app) as url:
+            client = OpenAI(base_url=f"{url}/v1", api_key="unused", timeout=120, max_retries=0)
+            seen["defaults"] = client.models.list().data[0].model_extra.get("medgpt_defaults")
+            seen["reply"] = client.chat.completions.create(model="m", messages=QUESTION, temperature=0,
+                                                           max_tokens=16, logprobs=True, top_logprobs=3)
+            seen["prompt"], seen["tokenizer"] = app.state.engine.encode(QUESTION), app.state.engine.tokenizer
+
+    monkeypatch.setattr("medgpt.infer.server.serve", serve_here)
+    assert main(["serve", "--model", bundled_model, "--dtype", "fp32"]) == 0
+    reply, ids = seen["reply"], seen["prompt"]
+    content = reply.choices[0].logprobs.content
+    assert len(content) == 16
+    assert [e.token for e in content] == [e.top_logprobs[0].token for e in content]  # each the top-1
+    reference = AutoModelForCausalLM.from_pretrained(bundled_model, dtype="float32").eval()
+    with torch.inference_mode():
+        greedy = reference.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False,
+                                    pad_token_id=reference.generation_config.pad_token_id)[0, len(ids):].tolist()
+    assert reply.choices[0].message.content == seen["tokenizer"].decode(greedy, skip_special_tokens=True)
+    neutral = "OpenAI's and vLLM's default"
+    assert {k: seen["defaults"][k] for k in ("temperature", "top_p", "top_k", "repetition_penalty")} == {
+        "temperature": {"value": 1.0, "from": neutral}, "top_p": {"value": 1.0, "from": neutral},
+        "top_k": {"value": 0, "from": neutral}, "repetition_penalty": {"value": 1.0, "from": neutral}}
+
+    assert main(["serve", "--model", bundled_model, "--dtype", "fp32", "--chat-defaults", "--top-p", "0.8"]) == 0
+    assert {k: seen["defaults"][k] for k in ("repetition_penalty", "top_p")} == {
+        "repetition_penalty": {"value": 1.1, "from": "medgpt's chat default"},
+        "top_p": {"value": 0.8, "from": "--top-p"}}

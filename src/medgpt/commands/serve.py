@@ -38,14 +38,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="serve the API's /docs, /redoc and /openapi.json (behind the API key; off by default)")
     parser.add_argument("--served-model-name", help="the id /v1/models reports (default: the model folder's name)")
     add_engine_arguments(parser)
-    add_generation_arguments(parser)
+    add_generation_arguments(parser, api=True)
+    parser.add_argument("--chat-defaults", action="store_true",
+                        help="sample with medgpt's chat defaults (temperature 0.7, top-p 0.9, repetition penalty 1.1) "
+                             "where the model's generation_config sets nothing, as chat and webui do (default: "
+                             "OpenAI's and vLLM's: temperature 1, no cut, no penalty)")
     add_kb_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     from medgpt.errors import UserError
     from medgpt.infer.chat import describe_engine, describe_params
-    from medgpt.infer.options import api_key, engine_from_args, engine_params, params_from_args
+    from medgpt.infer.options import api_key, engine_from_args, params_from_args, serve_params
     from medgpt.infer.server import ServerSettings, create_app, serve
     from medgpt.rag import kb_from_args
 
@@ -57,10 +61,10 @@ def run(args: argparse.Namespace) -> int:
     params_from_args(args)  # a bad flag fails before the model loads
     augment = kb_from_args(args)
     engine = engine_from_args(args, system=args.system)
-    params, origins = engine_params(args, engine)
+    params, origins = serve_params(args, engine)
     print(describe_engine(engine))
     print("defaults for fields a request leaves out: " + describe_params(params, origins))
-    settings = ServerSettings(defaults=params, max_tokens_cap=args.max_tokens_cap,
+    settings = ServerSettings(defaults=params, defaults_from=origins, max_tokens_cap=args.max_tokens_cap,
                               max_prompt_tokens=args.max_prompt_tokens, max_queue=args.max_queue, max_n=args.max_n,
                               max_body_bytes=args.max_body_bytes, api_key=api_key(args.api_key), docs=args.docs)
     app = create_app(engine, settings, augment=augment, model_name=args.served_model_name)

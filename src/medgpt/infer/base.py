@@ -111,7 +111,7 @@ class Completion:
     completion_tokens: int
     finish_reason: str  # "stop" | "length"
     token_ids: list[int] = field(default_factory=list)  # the generated ids (after any stop cut)
-    logprobs: list[TokenLogprob] | None = None  # one per generated token, when params.logprobs is set
+    logprobs: list[TokenLogprob] | None = None  # one per generated token (the stop token that ended it included)
     prompt_logprobs: list[TokenLogprob | None] | None = None  # with Request.echo: one per prompt token, first None
 
 

@@ -159,7 +159,7 @@ class Row:
 
     def advance(self, token: int, logprobs=None) -> None:
         """Take the row's next token: log-prob, grammar, text, stop strings and length, streaming what is final."""
-        if self.logprobs is not None and token not in self.stop_ids:
+        if self.logprobs is not None:
             self.logprobs.append(token_logprob(logprobs, token, self.params.logprobs))
         self.ids.append(token)
         if self.matcher is not None:
@@ -194,7 +194,10 @@ class Row:
         ids = [t for t in self.ids if t not in self.stop_ids]
         while ids and len(self.tokenizer.decode(ids, skip_special_tokens=True)) > len(self.text):
             ids.pop()  # the tokens of a stop string that cut the text
-        logprobs = self.logprobs[:len(ids)] if self.logprobs is not None else None
+        logprobs = None
+        if self.logprobs is not None:  # the stop token that ended the answer keeps its log-prob, as vLLM's does
+            stopped = bool(self.ids) and self.ids[-1] in self.stop_ids
+            logprobs = self.logprobs[:len(ids)] + (self.logprobs[-1:] if stopped else [])
         return Completion(self.text, len(self.prompt), len(self.ids), self.finish_reason or "stop", ids, logprobs,
                           self.prompt_logprobs)
 

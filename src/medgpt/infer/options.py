@@ -31,21 +31,29 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
 
 SAMPLING_FLAGS = {"temperature": "--temperature", "top_p": "--top-p", "top_k": "--top-k",
                   "repetition_penalty": "--repetition-penalty"}
+# What the API samples with where neither the request, a flag nor the model's generation_config sets a value:
+# OpenAI's and vLLM's defaults (temperature 1, no top-p or top-k cut, no penalty), not medgpt's chat defaults.
+API_SAMPLING = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "repetition_penalty": 1.0}
+API_ORIGIN = "OpenAI's and vLLM's default"
 
 
-def add_generation_arguments(parser: argparse.ArgumentParser, max_new_tokens: int = 512) -> None:
-    """Generation flags; a sampling flag left out takes the model's generation_config value, else medgpt's."""
+def add_generation_arguments(parser: argparse.ArgumentParser, max_new_tokens: int = 512, api: bool = False) -> None:
+    """Generation flags; a sampling flag left out takes the model's generation_config value, else medgpt's chat
+    default (`api`: else OpenAI's and vLLM's default, medgpt's with --chat-defaults; see `serve_params`)."""
+    fallback = ("OpenAI's and vLLM's defaults (temperature 1, no top-p/top-k cut, no penalty; --chat-defaults: "
+                "medgpt's chat defaults)" if api else "medgpt's chat defaults (sampling with a repetition penalty: "
+                "greedy decoding makes small models repeat themselves)")
     group = parser.add_argument_group(
         "generation", "Sampling flags left out take the model's generation_config.json values where it sets them, "
-                      "else medgpt's chat defaults (sampling with a repetition penalty: greedy decoding makes small "
-                      "models repeat themselves). --greedy decodes greedily, as evaluation does.")
+                      f"else {fallback}. --greedy decodes greedily, as evaluation does.")
     group.add_argument("--system", help="system prompt (default: the template's)")
     group.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help=f"default: {max_new_tokens}")
     for field, flag in SAMPLING_FLAGS.items():
         value = CHAT_SAMPLING[field]
         kind = int if isinstance(value, int) else float
         note = {"temperature": "; 0 = greedy", "top_k": "; 0 = off"}.get(field, "")
-        group.add_argument(flag, type=kind, help=f"default: the model's generation_config, else {value}{note}")
+        default = f"{API_SAMPLING[field]:g} (--chat-defaults: {value})" if api else value
+        group.add_argument(flag, type=kind, help=f"default: the model's generation_config, else {default}{note}")
     group.add_argument("--greedy", action="store_true",
                        help="greedy decoding: temperature 0, no top-p/top-k cut, repetition penalty 1.0 unless "
                             "--repetition-penalty is given (reproducible; what evaluation uses)")
@@ -93,5 +101,18 @@ def api_key(flag: str | None) -> str | None:
 
 
 def engine_params(args: argparse.Namespace, engine: Engine) -> tuple[GenerationParams, dict[str, str]]:
-    """The settings chat, webui, serve and predict generate with: the flags over the engine's chat defaults."""
+    """The settings chat, webui and predict generate with: the flags over the engine's chat defaults."""
     return chat_params(args, chat_defaults(engine, args.max_new_tokens), chat_origins(engine))
+
+
+def serve_params(args: argparse.Namespace, engine: Engine) -> tuple[GenerationParams, dict[str, str]]:
+    """The API's defaults, for the fields a request leaves out (the request's own values win,
+    `SamplingFields.generation_params`): each flag given, else the model's generation_config.json (as vLLM's
+    `--generation-config auto` reads it), else API_SAMPLING (OpenAI's and vLLM's defaults) or, with
+    --chat-defaults, medgpt's chat defaults."""
+    defaults, origins = chat_defaults(engine, args.max_new_tokens), chat_origins(engine)
+    if not getattr(args, "chat_defaults", False):
+        neutral = {field: value for field, value in API_SAMPLING.items() if origins[field] == MEDGPT_ORIGIN}
+        defaults = replace(defaults, **neutral)
+        origins = {**origins, **dict.fromkeys(neutral, API_ORIGIN)}
+    return chat_params(args, defaults, origins)

@@ -173,7 +173,8 @@ class VllmEngine(BaseEngine):
         k = request.params.logprobs or 0
         logprobs = None
         if request.params.logprobs is not None and not scored_only:
-            logprobs = [vllm_logprob(entry, t, k) for entry, t in zip(out.logprobs or [], ids)]
+            scored = list(out.token_ids)[:len(ids) + 1]  # with the stop token that ended the answer, as vLLM's
+            logprobs = [vllm_logprob(entry, t, k) for entry, t in zip(out.logprobs or [], scored)]
         prompt_logprobs = None
         if request.echo:
             prompt_logprobs = [vllm_logprob(entry, t, k)

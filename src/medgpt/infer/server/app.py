@@ -36,7 +36,8 @@ async def metrics(request: HttpRequest) -> Response:
 async def models(request: HttpRequest) -> dict:
     state = request.app.state
     entries = [{"id": state.model_name, "object": "model", "created": 0, "owned_by": "medgpt",
-                "max_model_len": state.engine.max_context}]
+                "max_model_len": state.engine.max_context,
+                "medgpt_defaults": state.settings.described_defaults()}]  # an extra field OpenAI clients keep
     adapter = getattr(state.engine, "adapter", None)
     if adapter:
         entries.append({"id": Path(adapter).name, "object": "model", "created": 0, "owned_by": "medgpt",

@@ -146,7 +146,8 @@ class SamplingFields(Strict):
 
     def generation_params(self, settings: ServerSettings, vocab: int) -> GenerationParams:
         """What this request generates with: each field as the request sets it, else `settings.defaults` (which
-        `medgpt serve` builds from its flags, else the model's generation config, else medgpt's chat defaults).
+        `medgpt serve` builds with `options.serve_params`: its flags, else the model's generation config, else
+        OpenAI's and vLLM's defaults; nothing else is added, so temperature 0 is plain greedy decoding).
         max_new_tokens is settled per prompt, once its length is known (`ServerSettings.fit`)."""
         limit = self.token_limit()
         settings.check_choices(self.n, limit)

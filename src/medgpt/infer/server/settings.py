@@ -25,6 +25,7 @@ class ServerSettings:
     """Limits and defaults of the API; the default system prompt is the engine's (`load_engine(system=...)`)."""
 
     defaults: GenerationParams = field(default_factory=GenerationParams)  # for fields a request leaves out
+    defaults_from: dict[str, str] = field(default_factory=dict)  # where each default came from (`serve_params`)
     max_tokens_cap: int = 1024  # a larger max_tokens is refused with 400
     max_prompt_tokens: int = 4096  # longer prompts are refused with 400
     max_queue: int = 256  # waiting requests beyond this are refused with 429
@@ -32,6 +33,17 @@ class ServerSettings:
     max_body_bytes: int = 4 * 2**20  # larger bodies are refused with 413 while they are read
     api_key: str | None = None
     docs: bool = False  # serve /docs, /redoc and /openapi.json (behind the key when there is one)
+
+    def described_defaults(self) -> dict:
+        """What a request that leaves a field out gets, and where each value came from (`/v1/models`)."""
+        d = self.defaults
+        values = {"temperature": d.temperature, "top_p": d.top_p, "top_k": d.top_k,
+                  "repetition_penalty": d.repetition_penalty, "presence_penalty": d.presence_penalty,
+                  "frequency_penalty": d.frequency_penalty, "stop": d.stop, "seed": d.seed}
+        described = {name: {"value": value, "from": self.defaults_from.get(name, "the server's settings")}
+                     for name, value in values.items()}
+        limit = "the server's settings (--max-new-tokens); /v1/completions: 16, OpenAI's"
+        return {**described, "max_tokens": {"value": d.max_new_tokens, "from": limit}}
 
     def check_choices(self, n: int, max_tokens: Asked) -> None:
         if not 1 <= n <= self.max_n:
