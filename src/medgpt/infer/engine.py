@@ -22,7 +22,6 @@ import secrets
 import threading
 import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
 
 from medgpt.errors import UserError
 from medgpt.infer.base import (BaseEngine, Completion, Engine, Request, TokenLogprob, close_at_exit,
