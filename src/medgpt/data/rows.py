@@ -125,8 +125,11 @@ def _json_rows(path: Path, data: bytes) -> Iterator[Row]:
     start = len(data) - len(data.lstrip())
     head = data[start:start + 1]
     if head in (b"[", b"{"):
+        located = None
         try:
-            whole = json.loads(data.decode("utf-8"))
+            text = data.decode("utf-8")
+            located = _array_items(text) if head == b"[" else None
+            whole = json.loads(text) if located is None else None
         except UnicodeDecodeError as exc:
             if head == b"[":
                 line = _line_of(data, exc.start)
@@ -137,8 +140,10 @@ def _json_rows(path: Path, data: bytes) -> Iterator[Row]:
                 raise UserError(f"{path}:{exc.lineno}: invalid JSON: {exc.msg}; "
                                 "the JSON array cannot be read") from None
             whole = None
-        if isinstance(whole, list):
-            yield from _array_rows(path, data.decode("utf-8"), whole)
+        if located is None and isinstance(whole, list):
+            located = [(f"[{index}]", item) for index, item in enumerate(whole)]
+        if located is not None:
+            yield from ((f"{path}:{where}", item) for where, item in located)
             return
         if isinstance(whole, dict):
             yield f"{path}:{_line_of(data, start)}", whole
@@ -146,20 +151,37 @@ def _json_rows(path: Path, data: bytes) -> Iterator[Row]:
     yield from _jsonl_rows(path, data)
 
 
-def _array_rows(path: Path, text: str, items: list) -> Iterator[Row]:
-    """The items of a JSON array, located by the line each starts on where every item starts a line of its
-    own (a pretty-printed array), else by their index (`path:[3]`)."""
-    decoder, pos, lines = json.JSONDecoder(), text.index("[") + 1, []
-    line, counted = 1, 0
-    for _ in items:
-        while text[pos] in " \t\r\n,":
-            pos += 1
-        line, counted = line + text.count("\n", counted, pos), pos
+def _skip_space(text: str, pos: int) -> int:
+    while pos < len(text) and text[pos] in " \t\r\n":  # JSON's whitespace
+        pos += 1
+    return pos
+
+
+def _array_items(text: str) -> list[tuple[str, Any]] | None:
+    """The items of the JSON array `text`, each parsed once, with where it is: the line it starts on where every
+    item starts a line of its own (a pretty-printed array), else its index (`[3]`). None where `text` is not one
+    well-formed array (then `json.loads` says what is wrong with it)."""
+    decoder, items, starts = json.JSONDecoder(), [], []
+    pos = _skip_space(text, _skip_space(text, 0) + 1)  # past the "["
+    while not text.startswith("]", pos) or items:
+        try:
+            item, after = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError:
+            return None
+        items.append(item)
+        starts.append(pos)
+        pos = _skip_space(text, after)
+        if not text.startswith(",", pos):
+            break
+        pos = _skip_space(text, pos + 1)
+    if not text.startswith("]", pos) or _skip_space(text, pos + 1) != len(text):
+        return None
+    lines, line, counted = [], 1, 0
+    for start in starts:
+        line, counted = line + text.count("\n", counted, start), start
         lines.append(line)
-        pos = decoder.raw_decode(text, pos)[1]
-    if len(set(lines)) < len(lines):
-        lines = [f"[{index}]" for index in range(len(items))]
-    yield from ((f"{path}:{where}", item) for where, item in zip(lines, items))
+    where = lines if len(set(lines)) == len(lines) else [f"[{index}]" for index in range(len(items))]
+    return list(zip(where, items))
 
 
 def _csv_cell(key: str, value: str) -> Any:
