@@ -319,15 +319,10 @@ def checkpointing_needed(cfg: Config) -> bool:
     cannot model the architecture: on for a GPU, off for a CPU (whose RAM is rarely what runs out first)."""
     import logging
 
-    from medgpt.plan import PlanArgs, needs_checkpointing
+    from medgpt.plan import needs_checkpointing
 
     gpu = not cfg.train.use_cpu and _cuda()
-    method = f"qlora{cfg.model.quantization_bit}" if cfg.run.method == "qlora" else cfg.run.method
-    args = PlanArgs(cfg.model.model, stage=cfg.run.stage, method=method, device="gpu" if gpu else "cpu",
-                    batch_size=cfg.train.per_device_train_batch_size,
-                    seq_len=getattr(cfg.train, "max_length", None) or 1024, lora_rank=cfg.lora.lora_rank,
-                    lora_target=cfg.lora.lora_target, lora_dropout=cfg.lora.lora_dropout,
-                    pure_bf16=cfg.run.pure_bf16, trust_remote_code=cfg.model.trust_remote_code)
+    args = plan_args(cfg, gpu)
     try:
         budget = device_memory_gib(gpu) * (GPU_MEMORY_SHARE if gpu else CPU_MEMORY_SHARE)
         needed = needs_checkpointing(args, budget)
@@ -339,6 +334,19 @@ def checkpointing_needed(cfg: Config) -> bool:
                                      "on" if needed else "off", args.batch_size, args.seq_len,
                                      "would not fit in" if needed else "fits in", budget)
     return needed
+
+
+def plan_args(cfg: Config, gpu: bool, checkpointing: bool = False):
+    """The memory planner's `medgpt.plan.PlanArgs` for the run `cfg` on a GPU or a CPU."""
+    from medgpt.plan import PlanArgs
+
+    method = f"qlora{cfg.model.quantization_bit}" if cfg.run.method == "qlora" else cfg.run.method
+    return PlanArgs(cfg.model.model, stage=cfg.run.stage, method=method, device="gpu" if gpu else "cpu",
+                    batch_size=cfg.train.per_device_train_batch_size,
+                    seq_len=getattr(cfg.train, "max_length", None) or 1024, gradient_checkpointing=checkpointing,
+                    lora_rank=cfg.lora.lora_rank, lora_target=cfg.lora.lora_target,
+                    lora_dropout=cfg.lora.lora_dropout, pure_bf16=cfg.run.pure_bf16,
+                    trust_remote_code=cfg.model.trust_remote_code)
 
 
 def _cuda() -> bool:
