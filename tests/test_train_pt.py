@@ -1,10 +1,12 @@
 """medgpt.train.pt: how PT cuts a corpus into blocks (every document followed by eos, the stream unchanged) and,
 with isolate_documents, keeps the documents packed into one block from attending to each other (the reference:
-the model's logits for the document alone)."""
+the model's logits for the document alone); on an extended vocabulary, LoRA trains the new tokens' rows."""
 
 from __future__ import annotations
 
 from pathlib import Path
+
+import pytest
 
 from medgpt.train import build_config
 
@@ -52,3 +54,47 @@ def test_pt_isolated_documents_do_not_attend_to_each_other(tiny_model, tmp_path)
         leaky = model(input_ids=torch.tensor([packed["input_ids"]])).logits[0, first:]
     assert torch.allclose(in_block, alone, atol=1e-4)
     assert not torch.allclose(leaky, alone, atol=1e-2)  # without isolation the context would change them
+
+
+@pytest.mark.slow
+def test_pt_on_an_extended_vocabulary_trains_the_new_rows_and_merges(tiny_model, sample_data, tmp_path):
+    """LoRA PT on a model `medgpt tokenizer extend` grew: embed_tokens/lm_head are trained in full (set for the
+    user, said in the report), the new tokens' rows learn, and the merged model keeps the extended tokenizer and
+    gives the adapter's logits (PEFT's unmerged forward is the reference)."""
+    import torch
+    from safetensors.torch import load_file
+
+    from medgpt.models import merge_adapter, open_model
+    from medgpt.report import write_training_report
+    from medgpt.train import run_training
+    from medgpt.vocab import ExtendArgs, extend_vocabulary
+
+    corpus = str(sample_data / "pt" / "medical_corpus.txt")
+    extended = tmp_path / "extended"
+    report = extend_vocabulary(ExtendArgs(model=tiny_model, corpus=[corpus], out=str(extended), vocab_size=1000))
+    out = tmp_path / "pt"
+    cfg = build_config({"stage": "pt", "model": str(extended), "data": corpus, "output_dir": str(out),
+                        "block_size": 64, "max_steps": 4, "learning_rate": 1e-2, "per_device_train_batch_size": 4,
+                        "logging_steps": 1, "save_strategy": "no", "report_to": "none", "report_prompts": "none",
+                        "dtype": "fp32", "seed": 0})
+    assert cfg.lora.modules_to_save == "embed_tokens,lm_head"
+    run_training(cfg)
+    write_training_report(cfg)
+    assert "| trained in full |" in (out / "report.md").read_text() and \
+        f"extended by {report['pieces_added']} tokens" in (out / "report.md").read_text()
+
+    base_rows = load_file(str(extended / "model.safetensors"))["model.embed_tokens.weight"]
+    saved = load_file(str(out / "adapter_model.safetensors"))
+    [trained] = [v for k, v in saved.items() if k.endswith("embed_tokens.weight")][:1]
+    new_ids = slice(report["base_tokens"], report["tokens"])
+    assert trained.shape == base_rows.shape
+    assert not torch.equal(trained[new_ids], base_rows[new_ids])  # the new tokens' rows learned
+
+    merged = merge_adapter(str(out), str(tmp_path / "merged"))
+    adapter, whole = open_model(str(extended), str(out), template="none", dtype="fp32"), \
+        open_model(str(merged), template="none", dtype="fp32")
+    assert len(whole.tokenizer) == report["tokens"]
+    ids = torch.tensor([whole.tokenizer.encode("高血压患者应定期测量血压。Measure it daily.")])
+    assert int(ids.max()) >= report["base_tokens"]
+    with torch.no_grad():
+        assert torch.allclose(adapter.model(ids).logits, whole.model(ids).logits, atol=1e-4)

@@ -519,18 +519,24 @@ def lora_config(args: LoraArgs, task_type: str = "CAUSAL_LM", model=None):
     from peft import LoraConfig
 
     target = lora_target_names(args.lora_target) or "all-linear"
+    saved = module_names(args.modules_to_save)
+    tied = False
     if model is not None:
         where = getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__
         unmatched_lora_targets(args.lora_target, lora_layer_names(model), where, "layer")
+        # embeddings and LM head trained in full on a model that ties them: PEFT keeps the two copies tied
+        tied = bool(saved and getattr(model.config.get_text_config(), "tie_word_embeddings", False)
+                    and {"embed_tokens", "lm_head"} & set(saved))
     return LoraConfig(
         r=args.lora_rank,
         lora_alpha=args.lora_alpha,
         lora_dropout=args.lora_dropout,
         target_modules=target,
-        modules_to_save=module_names(args.modules_to_save),
+        modules_to_save=saved,
         use_dora=args.use_dora,
         use_rslora=args.use_rslora,
         task_type=task_type,
+        ensure_weight_tying=tied,
     )
 
 

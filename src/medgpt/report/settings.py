@@ -13,6 +13,7 @@ from typing import Any
 from medgpt.errors import UserError
 from medgpt.files import read_json
 from medgpt.report.labels import facts_of, number_text
+from medgpt.vocab import vocabulary_extension
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +27,7 @@ META_FILE = "medgpt.json"
 # defaults of the stage's config classes filled in.
 
 SETTING_KEYS = ("stage", "method", "model", "adapter", "template", "dtype", "quantization_bit", "data",
-                "val_size", "overlong", "lora_rank", "lora_alpha", "lora_dropout", "lora_target", "use_dora",
+                "val_size", "overlong", "lora_rank", "lora_alpha", "lora_dropout", "lora_target", "modules_to_save", "use_dora",
                 "use_rslora", "learning_rate", "lr_scheduler_type", "warmup_steps", "max_steps", "num_train_epochs",
                 "per_device_train_batch_size", "gradient_accumulation_steps", "max_length", "block_size",
                 "max_completion_length", "max_prompt_length", "max_new_tokens", "rollout_batch_size",
@@ -158,6 +159,13 @@ def settings_rows(settings: dict, folder: Path, steps_logged: int | None) -> lis
         dropout = adapter.get("lora_dropout", values.get("lora_dropout"))
         rows.append(["LoRA rank / alpha", f"rank {rank}, alpha {alpha}, dropout {dropout}, on {target}"
                      + "".join(f", {e}" for e in extras)])
+        if full := adapter.get("modules_to_save", values.get("modules_to_save")):
+            full = ", ".join(sorted(full)) if isinstance(full, list) else full
+            extended = vocabulary_extension(values["model"]) if values.get("model") and \
+                Path(str(values["model"])).is_dir() else None
+            why = f" (the model's vocabulary was extended by {extended['pieces_added']} tokens: their rows learn)" \
+                if extended else ""
+            rows.append(["trained in full", f"{full}{why}"])
     model = str(values.get("model") or "?")
     rows.append(["model", model + (f" (template {values['template']})" if values.get("template") else "")])
     if values.get("data"):

@@ -7,19 +7,26 @@ packed whole into blocks (best fit decreasing; a document longer than a block is
 padding-free with position ids that restart at every document, so transformers' packed-sequence masks
 (SDPA/eager) or the varlen flash-attention kernels keep the documents in a block from seeing one another.
 Evaluation reports perplexity.
+
+On a model whose vocabulary `medgpt tokenizer extend` grew, LoRA also trains the input embeddings and the LM head
+in full (`modules_to_save: embed_tokens,lm_head`, set unless the config sets it), so the new tokens' rows learn.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 from trl import SFTConfig
 
 from medgpt.config import Config
 from medgpt.errors import UserError
 from medgpt.train import common
+from medgpt.vocab import vocabulary_extension
 
+log = logging.getLogger(__name__)
 CONFIG_CLASS = SFTConfig
 
 
@@ -50,6 +57,23 @@ def configure(cfg: Config) -> None:
     cfg.train.padding_free = pt.isolate_documents
     cfg.train.dataset_text_field = "text"
     cfg.train.completion_only_loss = False
+    train_new_token_rows(cfg)
+
+
+EXTENDED_VOCAB_MODULES = "embed_tokens,lm_head"
+
+
+def train_new_token_rows(cfg: Config) -> None:
+    """LoRA on a model with an extended vocabulary: train the embeddings and LM head in full (their new rows
+    start as means of old ones), unless the config names modules_to_save itself."""
+    model = cfg.model.model
+    if cfg.run.method == "full" or cfg.model.adapter or not model or not Path(model).is_dir():
+        return
+    extension = vocabulary_extension(model)
+    if extension and not cfg.lora.modules_to_save:
+        cfg.lora.modules_to_save = EXTENDED_VOCAB_MODULES
+        log.info("%s has %d tokens added by `medgpt tokenizer extend`: LoRA also trains %s in full", model,
+                 extension.get("pieces_added", 0), EXTENDED_VOCAB_MODULES)
 
 
 def text_datasets(cfg: Config, tokenizer):
