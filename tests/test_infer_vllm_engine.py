@@ -59,3 +59,20 @@ def test_vllm_missing_names_the_install_step(tiny_model):
         load_engine(tiny_model, engine="vllm")
     with pytest.raises(UserError, match="expected one of"):
         load_engine(tiny_model, engine="llamacpp")
+
+
+def test_serve_parallel_flags_reach_vllms_llm_arguments():
+    """`medgpt serve --engine vllm --tensor-parallel-size 2 --data-parallel-size 4`, parsed by the real command
+    line, becomes vLLM's LLM(tensor_parallel_size=2, data_parallel_size=4) (vLLM's own names for the two sizes)."""
+    from medgpt.cli import build_parser
+    from medgpt.infer.options import vllm_options
+    from medgpt.infer.vllm_engine import llm_kwargs
+
+    args = build_parser("serve").parse_args(["serve", "--engine", "vllm", "--tensor-parallel-size", "2",
+                                             "--data-parallel-size", "4"])
+    kwargs = llm_kwargs("/m", "/m", **vllm_options(args))
+    assert (kwargs["tensor_parallel_size"], kwargs["data_parallel_size"]) == (2, 4)
+    plain = build_parser("serve").parse_args(["serve", "--engine", "vllm"])
+    assert "data_parallel_size" not in llm_kwargs("/m", "/m", **vllm_options(plain))
+    with pytest.raises(UserError, match="data_parallel_size"):
+        llm_kwargs("/m", "/m", data_parallel_size=0)

@@ -24,6 +24,9 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--trust-remote-code", action="store_true", help="run code shipped with the model (off)")
     vllm = parser.add_argument_group("vllm engine")
     vllm.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs to shard the model over")
+    vllm.add_argument("--data-parallel-size", type=int, default=1,
+                      help="model replicas vLLM runs, each on --tensor-parallel-size GPUs of its own (vLLM's "
+                           "data_parallel_size)")
     vllm.add_argument("--quantization", help="e.g. awq, gptq, fp8 (the checkpoint must match)")
     vllm.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="share of GPU memory vLLM may use")
     vllm.add_argument("--max-model-len", type=int, help="longest prompt + answer in tokens")
@@ -89,10 +92,16 @@ def engine_from_args(args: argparse.Namespace, system: str | None = None) -> Eng
     """The engine the flags ask for; `system`: its default system prompt (for prompts that bring none)."""
     kwargs: dict = {"max_batch_size": args.max_batch_size} if args.max_batch_size else {}
     if args.engine == "vllm":
-        kwargs.update(tensor_parallel_size=args.tensor_parallel_size, quantization=args.quantization,
-                      gpu_memory_utilization=args.gpu_memory_utilization, max_model_len=args.max_model_len)
+        kwargs.update(vllm_options(args))
     return load_engine(model=args.model, adapter=args.adapter, template=args.template, engine=args.engine,
                        dtype=args.dtype, trust_remote_code=args.trust_remote_code, system=system, **kwargs)
+
+
+def vllm_options(args: argparse.Namespace) -> dict:
+    """The vllm engine's own flags, as `vllm_engine.llm_kwargs` takes them."""
+    return {"tensor_parallel_size": args.tensor_parallel_size, "data_parallel_size": args.data_parallel_size,
+            "quantization": args.quantization, "gpu_memory_utilization": args.gpu_memory_utilization,
+            "max_model_len": args.max_model_len}
 
 
 def api_key(flag: str | None) -> str | None:

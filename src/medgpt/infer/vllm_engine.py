@@ -28,14 +28,15 @@ def require_vllm() -> None:
 
 
 def llm_kwargs(model: str, tokenizer: str, adapter: str | None = None, dtype: str = "auto",
-               trust_remote_code: bool = False, tensor_parallel_size: int = 1, quantization: str | None = None,
+               trust_remote_code: bool = False, tensor_parallel_size: int = 1, data_parallel_size: int = 1,
+               quantization: str | None = None,
                gpu_memory_utilization: float = 0.9, max_model_len: int | None = None, max_lora_rank: int = 64,
                max_batch_size: int | None = None, seed: int = 0, **extra: Any) -> dict[str, Any]:
     """Keyword arguments for `vllm.LLM` from medgpt's flags."""
     if dtype not in DTYPES:
         raise UserError(f"dtype {dtype!r}: expected one of auto, fp32, bf16, fp16")
-    if tensor_parallel_size < 1:
-        raise UserError("tensor_parallel_size must be >= 1")
+    if tensor_parallel_size < 1 or data_parallel_size < 1:
+        raise UserError("tensor_parallel_size and data_parallel_size must be >= 1")
     if not 0 < gpu_memory_utilization <= 1:
         raise UserError("gpu_memory_utilization must be in (0, 1]")
     kwargs: dict[str, Any] = {
@@ -43,6 +44,8 @@ def llm_kwargs(model: str, tokenizer: str, adapter: str | None = None, dtype: st
         "tensor_parallel_size": tensor_parallel_size, "gpu_memory_utilization": gpu_memory_utilization,
         "seed": seed,
     }
+    if data_parallel_size > 1:
+        kwargs["data_parallel_size"] = data_parallel_size
     if quantization:
         kwargs["quantization"] = quantization
     if max_model_len:
