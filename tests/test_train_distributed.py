@@ -50,3 +50,19 @@ def test_sft_on_two_processes_trains_both_and_saves_once(tiny_model, sample_data
     logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert sorted(row["step"] for row in logged if "loss" in row) == list(range(1, steps + 1))
     assert (out / "report.md").exists()
+
+
+def test_an_fsdp_launch_that_would_not_shard_is_an_error(tiny_model, sample_data, tmp_path):
+    """accelerate's launcher sets ACCELERATE_USE_FSDP=true for an FSDP config, and applies FSDP on GPUs only: on a
+    CPU the run would train unsharded, so it stops before writing anything."""
+    out = tmp_path / "sft"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "ACCELERATE_USE_FSDP": "true"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "medgpt.cli", "train", "--model", tiny_model, "--data",
+         str(sample_data / "sft" / "medical_sft.jsonl"), "--max_steps", "1", "--use_cpu", "true",
+         "--output_dir", str(out), "--report_to", "none"],
+        capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path, check=False,
+    )
+    assert proc.returncode == 2
+    assert "medgpt train: error: launched with an FSDP config, but accelerate does not apply FSDP here" in proc.stderr
+    assert not (out.exists() and any(out.rglob("*")))  # nothing written

@@ -80,6 +80,7 @@ def build_trainer(cfg: Config, trainer_cls, datasets: Callable, load: Callable |
         callbacks=[metrics_callback(cfg.output_dir)],
         **trainer_kwargs,
     )
+    check_sharding(trainer)
     precision = training_precision(cfg)
     cast_trainable(trainer.model, precision.trainable)  # what the trainer added or cast (PEFT, TRL)
     if precision.autocast and precision.frozen != precision.autocast and runs_under_autocast_only(cfg):
@@ -91,6 +92,17 @@ def build_trainer(cfg: Config, trainer_cls, datasets: Callable, load: Callable |
 
         log.info("LoRA layers with the fused update: %d", lora_forward.apply(trainer))
     return trainer, stats
+
+
+def check_sharding(trainer) -> None:
+    """An FSDP launch that would not shard is an error: accelerate applies FSDP on accelerators (GPUs) only, and
+    on CPUs an FSDP config trains as plain data parallel, every process holding the whole model."""
+    import os
+
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and not trainer.is_fsdp_enabled:
+        raise UserError("launched with an FSDP config, but accelerate does not apply FSDP here (it shards on GPUs "
+                        f"only; this run is on {trainer.args.device.type}): every process would hold the whole "
+                        "model; launch with examples/accelerate/ddp.yaml for data parallel on CPUs")
 
 
 def runs_under_autocast_only(cfg: Config) -> bool:
