@@ -90,6 +90,15 @@ def test_bundled_model_halves_chinese_tokens_and_keeps_english(extended, bundled
     chinese = [x for x in heldout_lines if is_chinese(x)]
     assert sum(len(new.encode(x).ids) for x in chinese) < 0.6 * sum(len(base.encode(x).ids) for x in chinese)
 
+    from transformers import AutoTokenizer  # special tokens and the chat template are carried over
+
+    before, after = AutoTokenizer.from_pretrained(bundled_model), AutoTokenizer.from_pretrained(out)
+    assert after.chat_template == before.chat_template and after.all_special_tokens == before.all_special_tokens
+    assert after.convert_tokens_to_ids(before.all_special_tokens) == before.all_special_ids
+    conversation = [{"role": "user", "content": "Is 150/95 mmHg high?"}]
+    assert after.apply_chat_template(conversation, add_generation_prompt=True) == \
+        before.apply_chat_template(conversation, add_generation_prompt=True)
+
 
 @pytest.mark.slow
 def test_new_rows_are_means_and_english_loss_barely_moves(extended, bundled_model):
