@@ -15,7 +15,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = ("Run it with the launcher, config and overrides of the training it precedes. Rank 0 prints one "
                      "table; the exit status is 1 when a rank is missing or differs from rank 0, naming its node.")
     parser.add_argument("--timeout", type=float, default=60.0,
-                        help="seconds every rank has to join, and for each collective (default: 60)")
+                        help="seconds every rank has to join (default: 60)")
     parser.add_argument("--allreduce-bytes", type=int, nargs="+", metavar="N",
                         help="all-reduce sizes to time, in bytes; the first gives the latency "
                              "(default: 8 1MiB 16MiB on CPUs, 8 16MiB 256MiB on GPUs)")

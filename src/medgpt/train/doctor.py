@@ -31,6 +31,7 @@ VIRTUAL_INTERFACES = ("lo", "docker", "veth", "br-", "virbr", "cni", "flannel", 
                       "zt", "utun")
 SIOCGIFADDR = 0x8915  # Linux ioctl: an interface's IPv4 address
 GIB = 2**30
+COLLECTIVE_TIMEOUT = 1800  # seconds, once every rank has joined (reading a large model's files takes minutes)
 
 
 @dataclass(frozen=True)
@@ -453,8 +454,9 @@ def run_doctor(config: str | None, overrides: list[str], timeout: float = 60.0,
     device = torch.device(f"cuda:{launch.local_rank % torch.cuda.device_count()}" if gpu else "cpu")
     if gpu:
         torch.cuda.set_device(device)
+    # every rank has joined: the collectives wait as long as a node's first process needs to hash the files
     dist.init_process_group(report.backend, store=dist.PrefixStore(_key(launch, "pg"), store), rank=launch.rank,
-                            world_size=launch.world_size, timeout=timedelta(seconds=timeout))
+                            world_size=launch.world_size, timeout=timedelta(seconds=max(timeout, COLLECTIVE_TIMEOUT)))
     try:
         facts = rank_facts(config, overrides, launch)
         facts["output_dir_shared"] = output_dir_shared(facts.get("output_dir"), launch)
