@@ -136,3 +136,7 @@ def test_launch_environment_and_problems_without_processes():
     assert ("FAIL", 0, 0, "cuda:0 GPU: 10.0 GiB free, the plan needs 30.0 GiB per device") in problems
     assert ("FAIL", 1, 1, "version of torch: '2.12.0' here, '2.13.0' at rank 0") in problems
     assert [p[:3] for p in problems if p[0] == "WARN"] == [("WARN", 0, 0)]  # docker0; eth0 is a real network
+    # an interface pinned for the backends counts instead of the route
+    pinned = [{**row, "socket_ifname": {"NCCL_SOCKET_IFNAME": "ib0"}},
+              {**other, "socket_ifname": {"NCCL_SOCKET_IFNAME": "docker0"}}]
+    assert [p[:3] for p in find_problems(pinned, Launch(world_size=2)) if p[0] == "WARN"] == [("WARN", 1, 1)]

@@ -385,7 +385,12 @@ def find_problems(rows: list[dict], launch: Launch) -> list[tuple[str, int, int,
         need, free = row.get("need_gib"), row["free_gib"]
         if need is not None and need > free:
             add("FAIL", f"{row['device']}: {free:.1f} GiB free, the plan needs {need:.1f} GiB per device")
-        if launch.nodes > 1 and (row["interface"] is None or is_virtual(row["interface"])):
+        pinned = row.get("socket_ifname") or {}
+        if launch.nodes > 1 and pinned:  # the backends use the interface named, whatever the route
+            for name, value in pinned.items():
+                if is_virtual(value.lstrip("=").split(",")[0]):
+                    add("WARN", f"{name}={value}: a loopback, container or VPN interface in a multi-node run")
+        elif launch.nodes > 1 and (row["interface"] is None or is_virtual(row["interface"])):
             add("WARN", f"route to MASTER_ADDR {launch.master_addr} leaves by interface {row['interface'] or '?'} "
                         "(loopback, container or VPN) in a multi-node run: set NCCL_SOCKET_IFNAME and "
                         "GLOO_SOCKET_IFNAME to the nodes' fast network")
@@ -409,7 +414,9 @@ def format_report(report: Report) -> str:
     status = {}
     for level, _, rank, _ in report.problems:
         status[rank] = "FAIL" if level == "FAIL" or status.get(rank) == "FAIL" else "WARN"
-    body = [(str(r["node"]), str(r["rank"]), r["host"], f"{r['interface'] or '?'} {r['address'] or ''}".strip(),
+    body = [(str(r["node"]), str(r["rank"]), r["host"],
+             " ".join([r["interface"] or "?", r["address"] or "",
+                       *(f"{k}={v}" for k, v in (r.get("socket_ifname") or {}).items())]).strip(),
              r["device"], f"{r['free_gib']:.1f}", "-" if r.get("need_gib") is None else f"{r['need_gib']:.2f}",
              "-" if r.get("disk_free_gib") is None else f"{r['disk_free_gib']:.1f}", _short(r["versions"]),
              _short(r.get("config")), _short(r.get("data")), _short(r.get("model")), status.get(r["rank"], "ok"))
