@@ -4,16 +4,11 @@ against the merged model)."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
+from _stage_runs import train
 
 from medgpt.errors import UserError
 from medgpt.eval.parity import Outputs, Tolerance, compare, cut_at_stop, format_table, run_parity
-
-sys.path.insert(0, str(Path(__file__).parent))
-from _stage_runs import train  # noqa: E402
 
 STOP = {2}
 

@@ -10,7 +10,9 @@ A pipeline config is the flat config of `medgpt train` (shared by every stage) p
 - `report_max_new_tokens`: answer length in the report (the prompts come from `report_prompts`);
 - `eval_sets`: held-out sets that the base model and every stage's model are evaluated on after training
   (MCQ accuracy, QA BLEU/ROUGE-L, answer perplexity; default: the shipped sample sets, `none` for none); the
-  report shows each stage's change with a 95% confidence interval.
+  report shows each stage's change with a 95% confidence interval;
+- `parity`: true runs `medgpt parity` on the final model after training (the engine and the GGUF in f16 and q8_0
+  against the model in transformers; RUN/parity.json) and the report shows its table.
 
 A reward-model stage (rm) is not the next policy: it starts on the current policy's model, and the next
 stage that takes `reward_model` (ppo, grpo) gets its output. RUN/manifest.json records every finished
@@ -45,7 +47,7 @@ log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 HANDOFFS = ("merge", "adapter")
 DEFAULT_STAGES = [{"stage": "pt"}, {"stage": "sft"}, {"stage": "dpo"}]
-PIPELINE_KEYS = ("stages", "handoff", "output_dir", "report_max_new_tokens", "eval_sets")
+PIPELINE_KEYS = ("stages", "handoff", "output_dir", "report_max_new_tokens", "eval_sets", "parity")
 # Keys that change how a stage runs but not what it produces: left out of its hash.
 CONTROL_KEYS = ("resume", "report_prompts")
 DATA_KEYS = ("data", "eval_data")
@@ -79,6 +81,7 @@ class Pipeline:
     report_prompts: str | None
     report_max_new_tokens: int
     eval_sets: list = field(default_factory=list)  # medgpt.eval.suite.EvalSet
+    parity: bool = False  # run `medgpt parity` on the final model
 
 
 @dataclass
@@ -142,6 +145,9 @@ def build_pipeline(raw: dict[str, Any], overrides: dict[str, Any] | None = None)
     if not isinstance(items, list) or not items:
         raise UserError("stages: expected a non-empty list of mappings, each with `stage:`")
     eval_sets = _eval_sets(shared.pop("eval_sets", None))
+    parity = shared.pop("parity", False)
+    if not isinstance(parity, bool):
+        raise UserError(f"parity {parity!r}: expected true or false")
     report_prompts = shared.pop("report_prompts", None)
     if report_prompts is not None:
         report_prompts = str(report_prompts)
@@ -173,7 +179,7 @@ def build_pipeline(raw: dict[str, Any], overrides: dict[str, Any] | None = None)
                         f"{', '.join(s.name for s in stages)}")
     return Pipeline(run_dir=run_dir, handoff=handoff, stages=stages, base=base,
                     template=str(stages[0].cfg.model.template), report_prompts=report_prompts,
-                    report_max_new_tokens=max_new_tokens, eval_sets=eval_sets)
+                    report_max_new_tokens=max_new_tokens, eval_sets=eval_sets, parity=parity)
 
 
 def _eval_sets(value: Any) -> list:
@@ -403,7 +409,7 @@ def run_pipeline(p: Pipeline, start_from: str | None = None, report: bool = True
                                 entry.get("metrics", {})))
     if report and procs.main:
         evaluation = evaluate_pipeline(p)
-        write_pipeline_report(p, manifest, prompts, evaluation)
+        write_pipeline_report(p, manifest, prompts, evaluation, parity_of_final_model(p) if p.parity else None)
     procs.wait()
     return outcomes
 
@@ -456,8 +462,25 @@ def final_model(p: Pipeline) -> dict[str, str | None]:
     return produced[-1] if produced else p.base
 
 
+def parity_of_final_model(p: Pipeline) -> dict[str, Any]:
+    """`medgpt parity` on the final model (its GGUF files exported under RUN/parity/), written to RUN/parity.json."""
+    from medgpt.eval.parity import PARITY_FILE, run_parity
+    from medgpt.report.answers import NO_PROMPTS
+
+    final = final_model(p)
+    template = next((s.cfg.model.template for s in reversed(p.stages) if s.produces), p.template)
+    prompts = None if str(p.report_prompts).strip().lower() in NO_PROMPTS else p.report_prompts  # shipped ones
+    result = run_parity(str(final["model"]), final["adapter"], prompts,
+                        template=None if template == "auto" else template, work_dir=str(p.run_dir / "parity"))
+    write_json(p.run_dir / PARITY_FILE, result)
+    if not result["passed"]:
+        log.warning("parity: the final model differs across runtimes beyond the tolerances (%s)",
+                    p.run_dir / PARITY_FILE)
+    return result
+
+
 def write_pipeline_report(p: Pipeline, manifest: dict[str, Any], prompts: list[list[dict]],
-                          evaluation: dict[str, Any] | None = None) -> Path:
+                          evaluation: dict[str, Any] | None = None, parity: dict[str, Any] | None = None) -> Path:
     from medgpt.report import write_report
     from medgpt.report.document import StageResult
 
@@ -470,4 +493,4 @@ def write_pipeline_report(p: Pipeline, manifest: dict[str, Any], prompts: list[l
                         str(stage.output_dir)])
     return write_report(p.run_dir, results, refs["base"], prompts, p.report_max_new_tokens,
                         title=f"medgpt pipeline report: {' -> '.join(s.name for s in p.stages)}", summary=summary,
-                        evaluation=evaluation)
+                        evaluation=evaluation, parity=parity)

@@ -378,18 +378,13 @@ def gguf_precision(path: str | Path) -> str:
 
 
 def format_table(result: dict) -> str:
-    """The pairs as a Markdown table (pair, max |Δ log-prob|, top-1 agreement, greedy agreement, verdict)."""
-    lines = ["| pair | precision | max \\|Δ log-prob\\| | top-1 agreement | greedy agreement | verdict |",
-             "|---|---|---|---|---|---|"]
-    for p in result["pairs"]:
-        if p["skipped"]:
-            lines.append(f"| {p['pair']} | {p['precision']} | – | – | – | skipped: {p['skipped']} |")
-            continue
-        verdict = "pass" if p["passed"] else "FAIL: " + "; ".join(p["failures"])
-        lines.append(f"| {p['pair']} | {p['precision']} | {p['max_logprob_delta']:.2g} "
-                     f"(≤ {p['tolerance']['logprob']:g}) | {p['top1_agreement']:.4f} | "
-                     f"{p['greedy_agreement']:.3f} | {verdict} |")
-    return "\n".join(lines)
+    """The pairs as a Markdown table (the report's parity table)."""
+    from medgpt.report.document import PARITY_HEADERS, parity_rows
+
+    def line(cells):
+        return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
+    return "\n".join([line(PARITY_HEADERS), "|" + "---|" * len(PARITY_HEADERS),
+                      *(line(row) for row in parity_rows(result))])
 
 
 def divergences(result: dict) -> list[str]:

@@ -136,6 +136,33 @@ def evaluation_section(evaluation: dict[str, Any]) -> tuple[str, list]:
     return "Evaluation before and after each stage", blocks
 
 
+PARITY_HEADERS = ["pair", "precision", "max |Δ log-prob| (tolerance)", "top-1 agreement", "greedy agreement",
+                  "verdict"]
+
+
+def parity_rows(result: dict[str, Any]) -> list[list[str]]:
+    """One row per pair of a parity result (`medgpt.eval.parity.run_parity`), under PARITY_HEADERS."""
+    rows = []
+    for p in result["pairs"]:
+        if p.get("skipped"):
+            rows.append([p["pair"], p["precision"], "-", "-", "-", f"skipped: {p['skipped']}"])
+            continue
+        verdict = "pass" if p["passed"] else "FAIL: " + "; ".join(p["failures"])
+        rows.append([p["pair"], p["precision"], f"{p['max_logprob_delta']:.2g} (≤ {p['tolerance']['logprob']:g})",
+                     f"{p['top1_agreement']:.4f}", f"{p['greedy_agreement']:.3f}", verdict])
+    return rows
+
+
+def parity_section(result: dict[str, Any]) -> tuple[str, list]:
+    """The final model against itself in every runtime (`medgpt parity`)."""
+    text = (f"The final model in every runtime against the reference, on {result['prompts']} prompts: the largest "
+            "difference of a teacher-forced token's log-prob, the share of positions with the same most likely "
+            f"token, the share of prompts with the same greedy continuation ({result['max_new_tokens']} tokens). "
+            "A pair passes when the log-prob difference is within its precision's tolerance and every other "
+            "difference falls on a near-tie of the reference.")
+    return "Parity across runtimes", [("text", text), ("table", PARITY_HEADERS, parity_rows(result))]
+
+
 def _signed(text: str) -> str:
     return text if text == "-" or text.startswith("-") else f"+{text}"
 
