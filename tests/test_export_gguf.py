@@ -167,3 +167,42 @@ def test_bundled_model_in_gguf_gives_its_log_probs_and_greedy_answers(quant, tol
         row = torch.tensor(answer[1:])[:, None]
         a, b = log_probs(original, answer)[:-1].gather(1, row), log_probs(loaded, answer)[:-1].gather(1, row)
         assert (a - b).abs().max() < tolerance, json.dumps({"max": float((a - b).abs().max())})
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("quant", ["f16", "q8_0"])
+def test_llama_cpp_runs_the_export_as_the_model_does(quant, bundled_exports, bundled_model):
+    """llama.cpp itself (llama-cpp-python) on the exported file: it tokenizes the rendered prompt into the same ids
+    (the pre-tokenizer and special tokens came through), and its most likely next token agrees with the original's
+    wherever the original's two best tokens are not within 2x the tolerance of each other (a near-tie)."""
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        print("SKIP reason: llama-cpp-python is not installed (pip install 'medgpt[export]')")
+        pytest.skip("llama-cpp-python is not installed (pip install 'medgpt[export]')")
+    import numpy as np
+    import torch
+
+    from medgpt.eval.parity import TOLERANCES
+    from medgpt.models import open_model
+    from medgpt.report.answers import load_prompts
+
+    tie = 2 * TOLERANCES[quant].logprob
+    opened = open_model(bundled_model, dtype="fp32")
+    llm = Llama(model_path=str(bundled_exports[quant]), n_ctx=512, logits_all=True, verbose=False, n_gpu_layers=0)
+    agree = total = 0
+    for messages in load_prompts(None)[:2]:
+        text = opened.template.render(messages, add_generation_prompt=True)
+        ids = opened.template.encode_prompt(opened.tokenizer, messages)
+        assert llm.tokenize(text.encode(), add_bos=False, special=True) == ids
+        llm.reset()
+        llm.eval(ids)
+        theirs = np.asarray(llm.scores[:len(ids)]).argmax(-1)
+        best = log_probs(opened.model, ids).topk(2, dim=-1)
+        ours, margin = best.indices[:, 0], best.values[:, 0] - best.values[:, 1]
+        decided = margin > tie
+        assert (torch.tensor(theirs)[decided] == ours[decided]).all()
+        agree += int((torch.tensor(theirs) == ours).sum())
+        total += len(ids)
+    print(f"llama.cpp {quant}: top-1 agreement {agree / total:.4f} over {total} positions")
+    assert agree / total > 0.95

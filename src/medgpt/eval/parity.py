@@ -22,8 +22,10 @@ The tolerances: fp32 runtimes hold the same weights and differ only in the order
 (x·W + x·A·B against x·(W + A·B); a batch padded on the left against one row), relative errors of ~1e-6, so 1e-3
 bounds their log-prob differences with a wide margin. f16 rounds every weight to 11 significant bits (relative error
 up to 2^-11), bf16 to 8 bits (2^-8); q8_0 stores blocks of 32 weights as 8-bit integers with one f16 scale (error
-up to half a step, 1/254 of the block's largest weight). Their tolerances are the largest differences measured on the
-bundled SmolLM2-135M-Instruct and a LoRA trained on it (docs/inference.md has the table), about doubled.
+up to half a step, 1/254 of the block's largest weight). The f16 and q8_0 tolerances are the largest differences
+measured on the bundled SmolLM2-135M-Instruct and a LoRA trained on it (0.016 and 0.38; docs/inference.md has the
+table), two to three times over; bf16's (not measured there) is f16's measured figure scaled by bf16's 8x coarser
+rounding, doubled.
 """
 
 from __future__ import annotations
