@@ -75,6 +75,8 @@ class DataArgs:
     overlong: str = "drop"  # drop | truncate (records longer than max_length after tokenization)
     system: str | None = None  # system prompt; None = the template's default
     train_on_all: bool = False  # labels on every token, not only assistant turns
+    enable_thinking: bool | None = None  # reasoning templates: false trains and prompts without reasoning
+    train_on_reasoning: bool = True  # labels on the reasoning (think block) of records that carry it
     allow_split_markers: bool = False  # train a named template whose markers are several tokens (a warning)
 
 

@@ -109,6 +109,8 @@ def _format(report: dict) -> str:
     for reason, count in report["dropped"].items():
         where = report["examples"][reason]
         lines.append(f"  {reason:<{width}}  {count:>6}  {', '.join(where)}" + (" ..." if count > len(where) else ""))
+    if reasoning := report.get("reasoning"):
+        lines.append(f"  reasoning: {reasoning['with']} record(s) with, {reasoning['without']} without")
     if report["skipped_files"]:
         lines.append(f"  skipped {len(report['skipped_files'])} file(s) that are not {report['kind']} data: "
                      + preview(report["skipped_files"]))
@@ -126,6 +128,10 @@ def _check(args: argparse.Namespace) -> int:
     # Read with "skip" so that every problem is listed, then fail by exit code if asked to.
     kind, records, stats = _read(args.path, args, on_error="skip")
     report = {"path": args.path, "kind": kind, **stats.to_dict()}
+    if kind == "sft":
+        from medgpt.data.stats import reasoning_counts
+
+        report["reasoning"] = reasoning_counts(records)
     if records and not args.no_tokenizer and kind != "mcq":  # eval mcq measures its own prompts
         report["tokens"] = _token_lengths(records, kind, args)
     print(json.dumps(report, ensure_ascii=False, indent=2) if args.json else _format(report))

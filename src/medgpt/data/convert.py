@@ -1,5 +1,7 @@
 """Canonical records -> the formats users exchange: ShareGPT, OpenAI messages, Alpaca (SFT) and the seed
-preference format (`medgpt data convert`, `medgpt select`). Standard library only."""
+preference format (`medgpt data convert`, `medgpt select`). An assistant's reasoning is written as OpenAI-style
+`reasoning_content` (openai) or as a `<think>` block opening the reply (the other formats). Standard library
+only."""
 
 from __future__ import annotations
 
@@ -17,6 +19,14 @@ def _kind_of(record: dict) -> str:
     return "sft" if "messages" in record else "pref" if "prompt" in record else "pt" if "text" in record else "?"
 
 
+def with_think(message: dict) -> str:
+    """An assistant message's content with its reasoning as the `<think>` block that opens it (as Qwen3 writes it)."""
+    reasoning = message.get("reasoning")
+    if not reasoning:
+        return message["content"]
+    return "<think>\n" + reasoning.strip("\n") + "\n</think>\n\n" + message["content"]
+
+
 def _plain(messages: list[dict], loc: str, to: str) -> list[dict]:
     """`messages`, refused when they hold tool calls or results, which `to` has no place for."""
     if any(m["role"] == "tool" or m.get("tool_calls") for m in messages):
@@ -29,14 +39,14 @@ def _split_turns(messages: list[dict], loc: str, to: str) -> tuple[str, list[lis
     messages = _plain(messages, loc, to)
     system = messages[0]["content"] if messages and messages[0]["role"] == "system" else ""
     body = messages[1:] if system else messages
-    pairs = [[body[i]["content"], body[i + 1]["content"]] for i in range(0, len(body) - 1, 2)]
+    pairs = [[body[i]["content"], with_think(body[i + 1])] for i in range(0, len(body) - 1, 2)]
     return system, pairs, body[2 * len(pairs):]
 
 
 def _single(messages: list[dict], loc: str, key: str) -> str:
     if len(messages) != 1:
         raise UserError(f"{loc}: {key} has {len(messages)} messages; this format holds exactly one")
-    return _plain(messages, loc, "this format")[0]["content"]
+    return with_think(_plain(messages, loc, "this format")[0])
 
 
 def _bare_call(call: dict) -> dict:
@@ -49,14 +59,15 @@ def _sharegpt(messages: list[dict], loc: str) -> list[dict]:
     out = []
     for index, m in enumerate(messages):
         if m.get("tool_calls"):
-            if m["content"].strip():
-                raise UserError(f"{loc}: message {index} has text and tool calls; a sharegpt function_call turn "
+            if m["content"].strip() or m.get("reasoning"):
+                what = "text" if m["content"].strip() else "reasoning"
+                raise UserError(f"{loc}: message {index} has {what} and tool calls; a sharegpt function_call turn "
                                 "holds only the calls (convert to openai)")
             calls = [_bare_call(c) for c in m["tool_calls"]]
             out.append({"from": "function_call",
                         "value": json.dumps(calls[0] if len(calls) == 1 else calls, ensure_ascii=False)})
         else:
-            out.append({"from": SHAREGPT_ROLES[m["role"]], "value": m["content"]})
+            out.append({"from": SHAREGPT_ROLES[m["role"]], "value": with_think(m)})
     return out
 
 
@@ -67,7 +78,10 @@ def _sharegpt_tools(record: dict) -> dict:
 
 
 def _openai(messages: list[dict]) -> list[dict]:
-    """OpenAI messages: tool call arguments as JSON strings, as the API writes them."""
+    """OpenAI messages: tool call arguments as JSON strings, as the API writes them; reasoning as
+    `reasoning_content`."""
+    messages = [{**{k: v for k, v in m.items() if k != "reasoning"}, "reasoning_content": m["reasoning"]}
+                if m.get("reasoning") else m for m in messages]
     return [{**m, "tool_calls": [{"type": "function", "function": {
         "name": c["function"]["name"], "arguments": json.dumps(c["function"]["arguments"], ensure_ascii=False)}}
         for c in m["tool_calls"]]} if m.get("tool_calls") else m for m in messages]

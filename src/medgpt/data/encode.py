@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
-from medgpt.data.messages import with_system
+from medgpt.data.messages import with_system, without_reasoning
 from medgpt.data.readers import OVERLONG
 from medgpt.data.rows import check_choice
 from medgpt.data.stats import DataStats
@@ -38,9 +38,14 @@ def filter_by_length(rows: list[dict], lengths: list[int], max_length: int, over
 
 
 def encode_conversations(records: list[dict], tokenizer, template, cfg: Config, stats: DataStats) -> list[dict]:
-    """Messages -> input_ids/labels with labels on assistant turns; overlong records dropped or truncated."""
-    encoded = [template.encode(tokenizer, r["messages"], system=cfg.data.system, train_on_all=cfg.data.train_on_all,
-                               tools=r.get("tools")) for r in records]
+    """Messages -> input_ids/labels with labels on assistant turns; overlong records dropped or truncated.
+    `enable_thinking: false` trains without the records' reasoning (each reply as the template writes one without),
+    `train_on_reasoning: false` leaves the reasoning unlabelled."""
+    drop = cfg.data.enable_thinking is False
+    encoded = [template.encode(tokenizer, without_reasoning(r["messages"]) if drop else r["messages"],
+                               system=cfg.data.system, train_on_all=cfg.data.train_on_all, tools=r.get("tools"),
+                               enable_thinking=cfg.data.enable_thinking,
+                               train_on_reasoning=cfg.data.train_on_reasoning) for r in records]
     max_length = cfg.train.max_length or 10**9
     keep = filter_by_length(records, [len(e["input_ids"]) for e in encoded], max_length, cfg.data.overlong, stats)
     rows = []

@@ -3,7 +3,8 @@ system prompt. Templates, encoding, preference rows, GRPO/PPO prompts, engines a
 
 A conversation is a non-empty list of `{"role": system|user|assistant|tool, "content": str}`; a system message
 may only come first; an assistant message may carry `tool_calls`
-(`[{"type": "function", "function": {"name": str, "arguments": dict}, "id"?: str}]`).
+(`[{"type": "function", "function": {"name": str, "arguments": dict}, "id"?: str}]`) and `reasoning`, the
+non-empty text it thought before its reply (a reasoning model's `<think>` block, OpenAI-style `reasoning_content`).
 
 The system prompt, one rule for every stage and every engine: a conversation's own leading system message wins;
 the configured `system` (a config's `system:`, `--system`, a server's default) fills in where it has none; where
@@ -34,9 +35,32 @@ def check_messages(messages: Any, prompt: bool = False) -> list[dict]:
             raise UserError(f"message {i}: a system message may only come first")
         if m.get("tool_calls") is not None:
             check_tool_calls(i, m)
+        if m.get("reasoning") is not None and (m["role"] != "assistant" or not isinstance(m["reasoning"], str)):
+            raise UserError(f"message {i}: only an assistant message may carry reasoning, a string")
     if prompt and messages[-1]["role"] not in ("user", "tool"):
         raise UserError("the last message must come from the user (or be a tool result)")
     return messages
+
+
+def split_think(content: str) -> tuple[str, str] | None:
+    """A reply's `<think>...</think>` block read as Qwen3's chat template reads it: (reasoning, answer), the
+    reasoning between the last `<think>` before the first `</think>` and that `</think>`, newlines around it
+    trimmed, and the answer after the last `</think>` without its leading newlines; None without a `</think>`."""
+    if "</think>" not in content:
+        return None
+    return (content.split("</think>")[0].rstrip("\n").split("<think>")[-1].lstrip("\n"),
+            content.split("</think>")[-1].lstrip("\n"))
+
+
+def without_reasoning(messages: list[dict]) -> list[dict]:
+    """`messages` with no assistant reasoning: no `reasoning` field, no think block opening a reply."""
+    out = []
+    for m in messages:
+        if m["role"] == "assistant" and (m.get("reasoning") is not None or split_think(m["content"]) is not None):
+            parsed = split_think(m["content"]) if m.get("reasoning") is None else None
+            m = {**{k: v for k, v in m.items() if k != "reasoning"}, "content": parsed[1] if parsed else m["content"]}
+        out.append(m)
+    return out
 
 
 def check_tool_calls(i: int, message: dict) -> None:

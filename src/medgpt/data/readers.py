@@ -15,6 +15,13 @@ when it is known: given, found through `tool_call_id`, or the only call of the t
 `role: "tool"` (and the older `function_call` / `role: "function"`), and OpenAI content given as a list of text
 parts (joined as they are, as chat templates render them) all read into these.
 
+Reasoning (a reasoning model's thinking before its reply) is an assistant message's `reasoning` (non-empty, else
+absent), read from OpenAI-style `reasoning_content` (or `reasoning`) on the message (or on an Alpaca row), from a
+`<think>...</think>` block opening the reply (ShareGPT, OpenAI, Alpaca), and from separate-field layouts:
+HuatuoGPT-o1's `{"Question", "Complex_CoT", "Response"}` (`REASONING_LAYOUTS`). The answer is then the text after
+`</think>`. Two forms on one message that differ are an error ("conflicting fields"), and so is a think block
+that is not one `<think>...</think>` at the start of the reply ("invalid think block").
+
 Each record also carries `"_loc": "path:N"` so later steps (token-length filtering, error messages)
 can point at the source; callers strip it. N is the physical line for .txt/.jsonl/.csv (blank lines
 count), the element index for a JSON array, the row index for parquet and hub data sets.
@@ -39,6 +46,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from medgpt.data.messages import split_think
 from medgpt.data.rows import RecordError, check_choice, expand, item_rows, iter_rows
 from medgpt.data.stats import DataStats
 from medgpt.errors import UserError
@@ -51,10 +59,12 @@ OVERLONG = ("drop", "truncate")
 REASONS = (
     "invalid JSON", "not an object", "missing field", "wrong type", "empty conversation", "empty message",
     "unknown role", "roles out of order", "identical chosen and rejected", "not UTF-8", "empty text",
-    "invalid CSV", "longer than max_length", "conflicting fields", "too many options",
+    "invalid CSV", "longer than max_length", "conflicting fields", "too many options", "invalid think block",
 )
 ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
          "function_call": "assistant", "observation": "tool", "tool": "tool", "function": "tool"}
+# separate-field reasoning layouts: reasoning field -> (question field, answer field)
+REASONING_LAYOUTS = {"Complex_CoT": ("Question", "Response")}
 
 
 def _type(value: Any) -> str:
@@ -89,6 +99,35 @@ def text_message(obj: dict, key: str, role: str) -> dict:
     return {"role": role, "content": content}
 
 
+def _reasoning(obj: dict, text: str, where: str) -> tuple[str | None, str]:
+    """An assistant reply's reasoning (None: none) and its answer: from the `reasoning_content` / `reasoning`
+    field of `obj` and from a `<think>...</think>` block opening `text`; two that differ are an error."""
+    given = _one_of(obj, ("reasoning_content", "reasoning"), where)
+    if given is not None and not isinstance(given, str):
+        raise RecordError("wrong type", f'{where} "reasoning_content" is {_type(given)}')
+    inline = None
+    if "<think>" in text or "</think>" in text:
+        parsed = split_think(text)
+        if parsed is None or not text.lstrip().startswith("<think>") or text.count("<think>") != 1 \
+                or text.count("</think>") != 1:
+            raise RecordError("invalid think block", f"{where}: reasoning is one <think>...</think> block that opens "
+                                                     f"the reply, got {text!r:.60}")
+        inline, text = parsed
+    if given is not None and inline is not None and given.strip("\n") != inline.strip("\n"):
+        raise RecordError("conflicting fields", f'{where} has "reasoning_content" {given!r:.60} and a different '
+                                                f"<think> block {inline!r:.60}; keep one")
+    reasoning = given if given is not None else inline
+    return (reasoning if reasoning and reasoning.strip() else None), text
+
+
+def assistant_reply(obj: dict, text: str, where: str) -> dict:
+    """An assistant message from a reply text, with its reasoning (`_reasoning`) where it has some."""
+    reasoning, text = _reasoning(obj, text, where)
+    if not text.strip():
+        raise RecordError("empty message", f"{where} has reasoning but no answer")
+    return {"role": "assistant", "content": text, **({"reasoning": reasoning} if reasoning else {})}
+
+
 def _system(obj: dict) -> list[dict]:
     """The optional `system` field; empty means none (the seed format writes `"system": ""`)."""
     system = obj.get("system") or ""
@@ -108,7 +147,8 @@ def _history(obj: dict) -> list[dict]:
             raise RecordError("wrong type", f'"history[{index}]" is not a [user, assistant] pair of strings')
         if not all(t.strip() for t in pair):
             raise RecordError("empty message", f'"history[{index}]"')
-        messages += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
+        messages += [{"role": "user", "content": pair[0]},
+                     assistant_reply({}, pair[1], f'"history[{index}]" reply')]
     return messages
 
 
@@ -225,6 +265,9 @@ def _message(turn: Any, where: str) -> tuple[dict | None, list[str | None], str 
     if content is None and not calls:
         raise RecordError("missing field", f'{where} needs "from" and "value" (or "role" and "content")')
     text = _text("" if content is None else content, where)
+    reasoning = None
+    if role == "assistant":
+        reasoning, text = _reasoning(turn, text, where)
     if not text.strip() and not calls:
         if role == "system":
             return None, [], None
@@ -232,6 +275,8 @@ def _message(turn: Any, where: str) -> tuple[dict | None, list[str | None], str 
     message: dict = {"role": role, "content": text}
     if calls:
         message["tool_calls"] = calls
+    if reasoning:
+        message["reasoning"] = reasoning
     answers = None
     if role == "tool":
         tool_name, answers = turn.get("name"), turn.get("tool_call_id")
@@ -391,9 +436,16 @@ def to_sft(raw: Any) -> dict:
         messages = with_system(obj, message_list(obj[key], key))
     elif "instruction" in obj:
         key = "instruction"
-        messages = query_messages(obj, key) + [text_message(obj, "output", "assistant")]
+        messages = query_messages(obj, key) + [assistant_reply(obj, text_message(obj, "output", "assistant")["content"],
+                                                               '"output"')]
+    elif layout := next((k for k in REASONING_LAYOUTS if k in obj), None):
+        key, answer = REASONING_LAYOUTS[layout]
+        reasoning = text_message(obj, layout, "assistant")["content"]
+        messages = _system(obj) + [text_message(obj, key, "user"), {
+            **text_message(obj, answer, "assistant"), "reasoning": reasoning}]
     else:
-        raise RecordError("missing field", '"conversations" or "messages" or "instruction"')
+        raise RecordError("missing field", '"conversations" or "messages" or "instruction" or '
+                                           + " or ".join(f'"{q}"/"{r}"/"{a}"' for r, (q, a) in REASONING_LAYOUTS.items()))
     check_order(messages, key, last="assistant")
     return _with_tools({"messages": messages}, obj)
 
@@ -473,6 +525,8 @@ def detect_kind(source: str | list[str], subset: str | None = None, split: str =
         for loc, raw in item_rows(item, subset, split):
             if not isinstance(raw, dict):
                 continue
+            if raw.keys() & REASONING_LAYOUTS.keys():
+                return "sft"
             if {"question", "a", "b"} <= {str(key).lower() for key in raw}:
                 return "mcq"
             if raw.keys() & {"question", "response_chosen", "chosen", "rejected"}:

@@ -13,7 +13,9 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from medgpt.data.templates import Template
 
-_NAMESPACE = "namespace(system={}, first_user=-1, last_user=-1, calls=[], count=0, results=0, text='', reply='')"
+_NAMESPACE = ("namespace(system={}, first_user=-1, last_user=-1, last_query=-1, calls=[], count=0, results=0, "
+              "text='', reply='', reasoning=none, think='')")
+_NO_THINKING = "enable_thinking is defined and enable_thinking is false"
 
 
 def literal(text: str) -> str:
@@ -64,6 +66,7 @@ def chat_template(template: Template) -> str:
         "{%- elif message['role'] == 'tool' -%}" + template.tool_syntax.jinja_result() if template.tool_syntax else "",
         "{%- endif -%}{%- endfor -%}",
         "{%- if add_generation_prompt -%}" + write(template.assistant_start)
+        + (when(_NO_THINKING, write(template.final_reply_prefix)) if template.think else "")
         + ("{%- else -%}" + write(template.suffix) if template.suffix else "") + "{%- endif -%}",
     ])
 
@@ -85,6 +88,39 @@ def _setup(template: Template) -> str:
         when("ns.first_user < 0", let("ns.first_user", "loop.index0")), let("ns.last_user", "loop.index0"),
         "{%- endif -%}{%- endfor -%}",
         let("ns.system", "ns.system | trim") if "system" in template.strip else "",
+        _last_query() if template.think else "",
+    ])
+
+
+def _last_query() -> str:
+    """ns.last_query: the last user turn that is not a tool response in disguise (else the last turn)."""
+    return "".join([
+        "{%- for message in loop_messages -%}",
+        when("message['role'] == 'user' and not (message['content'].startswith('<tool_response>') and "
+             "message['content'].endswith('</tool_response>'))", let("ns.last_query", "loop.index0")),
+        "{%- endfor -%}", when("ns.last_query < 0", let("ns.last_query", "loop_messages | length - 1"))])
+
+
+def _reasoning(template: Template) -> str:
+    """ns.think: an assistant turn's think block (its `reasoning` or `reasoning_content`, else a think block
+    opening its content), and its content without it; templates without a reasoning format refuse reasoning."""
+    given = "message['reasoning'] is defined and message['reasoning'] is not none"
+    if not template.think:
+        return when(f"{given} and message['reasoning']",
+                    _fail(template, "it has no reasoning format, and a message has reasoning"))
+    split = "content.split('</think>')"
+    return "".join([
+        let("ns.reasoning", "none"),
+        "{%- if " + given + " -%}" + let("ns.reasoning", "message['reasoning']"),
+        "{%- elif message['reasoning_content'] is defined and message['reasoning_content'] is not none -%}",
+        let("ns.reasoning", "message['reasoning_content']"),
+        "{%- elif '</think>' in content -%}",
+        let("ns.reasoning", f"{split}[0].rstrip('\n').split('<think>')[-1].lstrip('\n')"),
+        let("content", f"{split}[-1].lstrip('\n')"), "{%- endif -%}",
+        let("ns.think", "''"),
+        when("loop.index0 > ns.last_query and (loop.last or ns.reasoning)",
+             let("ns.think", f"{literal(template.think[0])} + (ns.reasoning or '').strip('\n') + "
+                             f"{literal(template.think[1])}"), let("content", "content.lstrip('\n')")),
     ])
 
 
@@ -145,7 +181,8 @@ def _assistant_turn(template: Template) -> str:
                 template, "it takes one tool call per assistant turn")),
             syntax.jinja_calls(), let("ns.reply", expression(syntax.calls_reply or template.assistant, "ns.text")),
             "{%- else -%}", reply, "{%- endif -%}"])
-    if template.final_reply_prefix:
+    if template.final_reply_prefix and not template.think:
         reply += when("loop.last", let("ns.reply", literal(template.final_reply_prefix) + " + ns.reply"))
-    return reply + "{{- " + " + ".join([*terms(template.assistant_start, ""), "ns.reply",
+    think = ["ns.think"] if template.think else []
+    return _reasoning(template) + reply + "{{- " + " + ".join([*terms(template.assistant_start, ""), *think, "ns.reply",
                                         *terms(template.assistant_sep, "")]) + " -}}"

@@ -15,6 +15,13 @@ Only `assistant` is labelled: the response and the end-of-turn marker that close
 to stop); `stop_words[0]` is always that marker. In a template with a tool format an assistant's tool calls
 are part of its labelled reply; the tools and the tool results are not. Role headers, separators and
 prompts are not labelled.
+A template with a reasoning format (`think`: Qwen3's `<think>\n`, `\n</think>\n\n`) writes an assistant's
+`reasoning` as its family's template does: in a think block opening the reply, for the turns after the last user
+query only (the reply that ends the conversation always gets one, empty without reasoning); earlier turns drop
+theirs. A reply whose content already opens with `<think>...</think>` is read as that reasoning and its answer.
+The think block is labelled with the reply unless `train_on_reasoning=False` (then a non-empty one is context).
+`enable_thinking=False` changes the generation prompt only, as in the family's template: it ends with the empty
+think block. Templates without a reasoning format refuse messages that carry reasoning.
 `auto` wraps the tokenizer's own chat template and finds the assistant spans by rendering prefixes.
 The ids are those of tokenizing the whole text at once; labels go by character offsets (`encode_segments`).
 
@@ -30,7 +37,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from medgpt.data.messages import check_tools, split_system
+from medgpt.data.messages import check_tools, split_system, split_think
 from medgpt.data.template_jinja import chat_template as jinja_chat_template
 from medgpt.data.tool_formats import TOOL_FORMATS, ToolFormat, get_tool_format
 from medgpt.errors import UserError
@@ -68,6 +75,7 @@ class Template:
     suffix: str = ""  # unlabelled text after a finished conversation, i.e. without the generation prompt
     tool_format: str | None = None  # a name in TOOL_FORMATS: how tools, tool calls and tool results are written
     families: str = ""  # the model families whose official chat format this is (`medgpt template list`)
+    think: tuple[str, str] = ()  # (opening, closing) of a reasoning block (Qwen3's think block): a reasoning format
 
     def __post_init__(self) -> None:
         if self.tool_format is not None:
@@ -81,11 +89,13 @@ class Template:
     # -- text ---------------------------------------------------------------------------------------
 
     def segments(self, messages: list[dict], system: str | None = None,
-                 add_generation_prompt: bool = False, tools: list[dict] | None = None) -> list[Segment]:
+                 add_generation_prompt: bool = False, tools: list[dict] | None = None,
+                 enable_thinking: bool | None = None, train_on_reasoning: bool = True) -> list[Segment]:
         """The rendered text as consecutive (text, labelled) pieces; joining them gives render()."""
         system_text, turns = split_system(messages, system, self.default_system)
         tools = check_tools(tools)
         self._check_tool_use(turns, tools)
+        last_query = self._last_query(turns)
         if "system" in self.strip:
             system_text = system_text.strip()
         fold_at, tools_at = self._placements(turns, system_text, tools)
@@ -102,23 +112,54 @@ class Template:
                 fmt = self.first_user if i == 0 and self.first_user is not None else self.user
                 out += [(before, False), (_fill(fmt, opening + content), False)]
             elif m["role"] == "assistant":
+                content, think = self._reasoning(i, m, content, i == len(turns) - 1, i > last_query)
                 calls = m.get("tool_calls") or []
                 reply = self._calls_reply(i, content, calls, ids[calls_before:calls_before + len(calls)]) \
                     if calls else _fill(self.assistant, content)
                 calls_before += len(calls)
-                if i == len(turns) - 1:
+                if i == len(turns) - 1 and not self.think:
                     reply = self.final_reply_prefix + reply
-                out += [(self.assistant_start, False), (reply, True), (self.assistant_sep, False)]
+                labelled = train_on_reasoning or think == self.final_reply_prefix
+                out += [(self.assistant_start, False), (think, labelled), (reply, True), (self.assistant_sep, False)]
             else:
                 results += 1
                 out.append((syntax.write_result(turns, i, content, results, ids), False))  # type: ignore[union-attr]
         out.append((self.assistant_start if add_generation_prompt else self.suffix, False))
+        if add_generation_prompt and enable_thinking is False and self.think:
+            out.append((self.final_reply_prefix, False))
         return [s for s in out if s[0]]
 
     def render(self, messages: list[dict], add_generation_prompt: bool = False, system: str | None = None,
-               tools: list[dict] | None = None) -> str:
+               tools: list[dict] | None = None, enable_thinking: bool | None = None) -> str:
         """The exact text the model sees (system=None: the default system prompt; "": none)."""
-        return "".join(text for text, _ in self.segments(messages, system, add_generation_prompt, tools))
+        return "".join(text for text, _ in self.segments(messages, system, add_generation_prompt, tools,
+                                                         enable_thinking))
+
+    @staticmethod
+    def _last_query(turns: list[dict]) -> int:
+        """The index of the last user turn that is not a tool response in disguise (Qwen3's `last_query_index`)."""
+        for i in range(len(turns) - 1, -1, -1):
+            content = turns[i]["content"]
+            if turns[i]["role"] == "user" and not (content.startswith("<tool_response>")
+                                                   and content.endswith("</tool_response>")):
+                return i
+        return len(turns) - 1
+
+    def _reasoning(self, i: int, message: dict, content: str, last: bool, after_query: bool) -> tuple[str, str]:
+        """Assistant turn i's content and the think block before it ("" for none), as the family's template writes
+        them."""
+        reasoning = message.get("reasoning")
+        if self.think and reasoning is None and (parsed := split_think(content)) is not None:
+            reasoning, content = parsed
+        if not self.think:
+            if reasoning:
+                raise UserError(f"message {i}: template {self.name!r} has no reasoning format, and the message has "
+                                "reasoning; use a template with one (qwen3), or train with enable_thinking: false to "
+                                "leave the reasoning out")
+            return content, ""
+        if not (after_query and (last or reasoning)):
+            return content, ""
+        return content.lstrip("\n"), self.think[0] + (reasoning or "").strip("\n") + self.think[1]
 
     def _check_tool_use(self, turns: list[dict], tools: list[dict] | None) -> None:
         uses = [m["role"] for m in turns if m["role"] == "tool" or m.get("tool_calls")]
@@ -174,18 +215,22 @@ class Template:
     # -- tokens -------------------------------------------------------------------------------------
 
     def encode(self, tokenizer: Any, messages: list[dict], system: str | None = None,
-               train_on_all: bool = False, tools: list[dict] | None = None) -> dict[str, list[int]]:
+               train_on_all: bool = False, tools: list[dict] | None = None, enable_thinking: bool | None = None,
+               train_on_reasoning: bool = True) -> dict[str, list[int]]:
         """Token ids with labels on the assistant responses (and their end-of-turn marker) only."""
-        return encode_segments(tokenizer, self.segments(messages, system, tools=tools), train_on_all)
+        segments = self.segments(messages, system, tools=tools, enable_thinking=enable_thinking,
+                                 train_on_reasoning=train_on_reasoning)
+        return encode_segments(tokenizer, segments, train_on_all)
 
     def encode_prompt(self, tokenizer: Any, messages: list[dict], system: str | None = None,
-                      tools: list[dict] | None = None) -> list[int]:
+                      tools: list[dict] | None = None, enable_thinking: bool | None = None) -> list[int]:
         """Ids of the prompt for generation: the conversation so far plus the generation prompt.
 
         Tokenized as encode() does (the whole rendered text at once, the same BOS rule), so the ids are
         a prefix of the training ids wherever the tokenizer splits at the generation prompt's end.
         """
-        segments = self.segments(messages, system, add_generation_prompt=True, tools=tools)
+        segments = self.segments(messages, system, add_generation_prompt=True, tools=tools,
+                                 enable_thinking=enable_thinking)
         return encode_segments(tokenizer, segments)["input_ids"]
 
     def markers(self) -> tuple[str, ...]:
@@ -209,23 +254,35 @@ class AutoTemplate(Template):
 
     tokenizer: Any = field(default=None, compare=False, repr=False)
 
-    def _apply(self, messages: list[dict], add_generation_prompt: bool, tools: list[dict] | None = None) -> str:
+    def _apply(self, messages: list[dict], add_generation_prompt: bool, tools: list[dict] | None = None,
+               enable_thinking: bool | None = None) -> str:
+        """The tokenizer's template on `messages`, their reasoning as `reasoning_content` (the key chat templates
+        read)."""
+        messages = [{**{k: v for k, v in m.items() if k != "reasoning"}, "reasoning_content": m["reasoning"]}
+                    if m.get("reasoning") else m for m in messages]
+        kwargs = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
         return self.tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
-                                                  add_generation_prompt=add_generation_prompt)
+                                                  add_generation_prompt=add_generation_prompt, **kwargs)
 
     def segments(self, messages: list[dict], system: str | None = None,
-                 add_generation_prompt: bool = False, tools: list[dict] | None = None) -> list[Segment]:
+                 add_generation_prompt: bool = False, tools: list[dict] | None = None,
+                 enable_thinking: bool | None = None, train_on_reasoning: bool = True) -> list[Segment]:
         system, turns = split_system(messages, system)
         tools = check_tools(tools)
+        if not train_on_reasoning and any(m.get("reasoning") for m in turns):
+            raise UserError("template 'auto' labels each assistant turn as a whole: train_on_reasoning: false needs "
+                            "a named template with a reasoning format (qwen3)")
         msgs = ([{"role": "system", "content": system}] if system else []) + turns
-        full = self._apply(msgs, add_generation_prompt, tools)
+        full = self._apply(msgs, add_generation_prompt, tools, enable_thinking)
         out: list[Segment] = []
         cursor = 0
         for i, m in enumerate(msgs):
             if m["role"] != "assistant":
                 continue
+            # the reply starts after the plain generation prompt (a non-thinking one ends with a think block that
+            # belongs to the reply in a finished conversation)
             before = self._apply(msgs[:i], True, tools) if i else None
-            through = self._apply(msgs[: i + 1], False, tools) if i else None
+            through = self._apply(msgs[: i + 1], False, tools, enable_thinking) if i else None
             if before is not None and full.startswith(through) and through.startswith(before) and len(before) >= cursor:
                 start, end = len(before), len(through)
             else:  # the template rewrites earlier turns: find the content and the end-of-turn marker after it
@@ -357,8 +414,9 @@ TEMPLATES: dict[str, Template] = {t.name: t for t in (
              families="Qwen2-Instruct (default system prompt 'You are a helpful assistant.')"),
     # Qwen3's template writes an empty think block in a reply that ends the conversation (non-thinking answers)
     Template("qwen3", None, ("<|im_end|>", "<|endoftext|>"), **_CHATML, final_reply_prefix="<think>\n\n</think>\n\n",
-             tool_format="qwen",
-             families="Qwen3 (no default system prompt; a final reply gets its empty think block; tools)"),
+             tool_format="qwen", think=("<think>\n", "\n</think>\n\n"),
+             families="Qwen3 (no default system prompt; reasoning in think blocks, a final reply's empty without; "
+                      "tools)"),
     Template("yi", None, ("<|im_end|>", "<|endoftext|>"), **_CHATML,
              families="Yi-1.5-Chat without a system prompt (ChatML)"),
     # Llama-2-chat: each exchange is <s>[INST] ... [/INST] ... </s>; the system prompt opens the first [INST]
