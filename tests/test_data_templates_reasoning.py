@@ -59,8 +59,11 @@ def official(messages: list[dict], generation_prompt: bool, tools=None, **kwargs
     return rendered[0]
 
 
+# a user turn that only wraps a tool response is not a query (Qwen3's last_query_index skips it)
+WRAPPED_RESULT = [*THINKING[1:3], {"role": "user", "content": "<tool_response>\n38°C\n</tool_response>"},
+                  {"role": "assistant", "content": "好的。", "reasoning_content": "体温38°C。"}]
 CASES = [THINKING, THINKING[1:], THINKING[:3], THINKING[1:3], NO_REASONING_LAST, TOOL_THINKING, TOOL_THINKING[:3],
-         [*THINKING[:3], {"role": "user", "content": "谢谢"}]]
+         [*THINKING[:3], {"role": "user", "content": "谢谢"}], WRAPPED_RESULT]
 
 
 @pytest.mark.parametrize("case", range(len(CASES)))

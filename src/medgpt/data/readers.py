@@ -444,8 +444,8 @@ def to_sft(raw: Any) -> dict:
         messages = _system(obj) + [text_message(obj, key, "user"), {
             **text_message(obj, answer, "assistant"), "reasoning": reasoning}]
     else:
-        raise RecordError("missing field", '"conversations" or "messages" or "instruction" or '
-                                           + " or ".join(f'"{q}"/"{r}"/"{a}"' for r, (q, a) in REASONING_LAYOUTS.items()))
+        layouts = " or ".join(f'"{q}"/"{r}"/"{a}"' for r, (q, a) in REASONING_LAYOUTS.items())
+        raise RecordError("missing field", f'"conversations" or "messages" or "instruction" or {layouts}')
     check_order(messages, key, last="assistant")
     return _with_tools({"messages": messages}, obj)
 
