@@ -22,9 +22,10 @@ The tolerances: fp32 runtimes hold the same weights and differ only in the order
 (x·W + x·A·B against x·(W + A·B); a batch padded on the left against one row), relative errors of ~1e-6, so 1e-3
 bounds their log-prob differences with a wide margin. f16 rounds every weight to 11 significant bits (relative error
 up to 2^-11), bf16 to 8 bits (2^-8); q8_0 stores blocks of 32 weights as 8-bit integers with one f16 scale (error
-up to half a step, 1/254 of the block's largest weight). The f16 and q8_0 tolerances are the largest differences
-measured on the bundled SmolLM2-135M-Instruct and a LoRA trained on it (0.016 and 0.38; docs/inference.md has the
-table), two to three times over; bf16's (not measured there) is f16's measured figure scaled by bf16's 8x coarser
+up to half a step, 1/254 of the block's largest weight); llama.cpp also rounds the activations a matrix meets to
+f16 or to q8 blocks. The f16 and q8_0 tolerances are about twice the largest differences measured on the bundled
+SmolLM2-135M-Instruct and a LoRA trained on it (llama.cpp: 0.045 and 0.49; transformers' GGUF loader: 0.016 and
+0.38; docs/inference.md has the tables); bf16's (not measured there) is f16's 0.045 scaled by bf16's 8x coarser
 rounding, doubled.
 """
 
@@ -54,9 +55,9 @@ class Tolerance:
 
 TOLERANCES: dict[str, Tolerance] = {
     "fp32": Tolerance(1e-3),
-    "f16": Tolerance(0.05),
-    "bf16": Tolerance(0.3),
-    "q8_0": Tolerance(0.8),
+    "f16": Tolerance(0.1),
+    "bf16": Tolerance(0.75),
+    "q8_0": Tolerance(1.0),
 }
 
 
