@@ -27,9 +27,9 @@ def test_parity_of_the_final_model_is_in_the_report(tiny_model, sample_data, tmp
     run_pipeline(build_pipeline(config(tiny_model, sample_data, run_dir, prompts)))
     result = json.loads((run_dir / "parity.json").read_text())
     assert result["prompts"] == 1 and result["model"] == str(run_dir / "sft" / "merged")
-    ran = [p for p in result["pairs"] if not p["skipped"]]
-    assert [p["candidate"] for p in ran] == ["medgpt engine (model, fp32)", "GGUF f16 (transformers GGUF loader)",
-                                            "GGUF q8_0 (transformers GGUF loader)"]
+    ran = {p["candidate"] for p in result["pairs"] if not p["skipped"]}
+    assert {"medgpt engine (model, fp32)", "GGUF f16 (transformers GGUF loader)",
+            "GGUF q8_0 (transformers GGUF loader)"} <= ran  # llama.cpp and vLLM where installed
     md = (run_dir / "report.md").read_text()
     assert "## Parity across runtimes" in md
     assert "| model (transformers, fp32) vs GGUF f16 (transformers GGUF loader) | f16 |" in md
