@@ -75,10 +75,12 @@ def test_every_architecture_reads_back_as_the_same_model(model_type, tmp_path, t
     if gguf_tokenizer is not None:
         assert gguf_tokenizer(TEXT)["input_ids"] == ids
     assert (log_probs(loaded, ids) - log_probs(original, ids)).abs().max() < 1e-4
-    fields = gguf.GGUFReader(str(path)).fields
-    assert fields["general.architecture"].contents() == {"mistral": "llama"}.get(model_type, model_type)
-    assert fields["tokenizer.ggml.pre"].contents() == "smollm"
-    assert fields["tokenizer.ggml.eos_token_id"].contents() == tokenizer.eos_token_id
+    assert loaded.config.model_type == {"mistral": "llama"}.get(model_type, model_type)  # GGUF has no mistral
+    if gguf_tokenizer is not None:  # one reading of the metadata is enough (49,152 tokens take seconds)
+        fields = gguf.GGUFReader(str(path)).fields
+        assert fields["general.architecture"].contents() == "llama"
+        assert fields["tokenizer.ggml.pre"].contents() == "smollm"
+        assert fields["tokenizer.ggml.eos_token_id"].contents() == tokenizer.eos_token_id
 
 
 def test_metadata_holds_the_medgpt_template_and_the_tokenizer(tiny_model, tmp_path):
