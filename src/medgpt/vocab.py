@@ -2,12 +2,13 @@
 `sentencepiece` trainer (and, optionally, its most frequent jieba words) are added to a model's tokenizer in the
 tokenizer's own kind, and the model's embeddings and LM head are resized to match.
 
-- Byte-level BPE tokenizers (GPT-2 style: SmolLM2, Qwen, Llama-3): the pieces become added tokens, matched in the
-  text before the BPE model runs, as `tokenizer.add_tokens` adds them.
-- SentencePiece-style BPE tokenizers (Llama-2, Mistral, Baichuan, Yi: `▁` for spaces, byte fallback): the pieces
-  become vocabulary entries of the BPE model, each reachable through merges ranked after every merge of the base
-  (so the base's own merges always apply first), and are appended to `tokenizer.model` where the folder has one,
-  scored below every base piece.
+The pieces become vocabulary entries of the tokenizer's BPE model, each reachable through merges ranked after
+every merge of the base (the base's own merges always apply first; a piece no split of two known entries spells
+brings the prefixes it needs), so every runtime that implements BPE (transformers, vLLM, llama.cpp) tokenizes
+the same way:
+- byte-level BPE (GPT-2 style: SmolLM2, Qwen, Llama-3): the pieces spelled in the byte-level alphabet;
+- SentencePiece-style BPE (Llama-2, Mistral, Baichuan, Yi: `▁` for spaces, byte fallback): the pieces as they
+  are, also appended to `tokenizer.model` where the folder has one, scored below every base piece.
 
 Only pieces made wholly of CJK characters (Han, CJK punctuation, full-width forms) that the base tokenizer does
 not already produce as one token are added, so text without CJK characters keeps exactly its old token ids. Each
@@ -44,6 +45,7 @@ HAN_RUNS = re.compile(f"[{HAN}]+")
 CJK_RUNS = re.compile(f"[{CJK}]+")
 ONLY_CJK = re.compile(f"[{CJK}]+")
 REPORT = "vocab_report.json"
+TOKENIZER_KEY = "medgpt_vocab_extension"  # in tokenizer_config.json: {"base_merges": N, "entries_added": M}
 LOSS_LINES = 256  # lines of each language the loss figures are measured on
 
 
@@ -206,26 +208,38 @@ def extend_sentencepiece_file(path: Path, pieces: list[str]) -> None:
     path.write_bytes(proto.SerializeToString())
 
 
-def extended_tokenizer(source: str, pieces: list[str], folder: Path):
-    """Save the tokenizer of the model folder `source` with the pieces added in its own kind into `folder`; the
-    tokenizer read back from it, its kind and the pieces added (a SentencePiece-style model may need prefixes)."""
-    from tokenizers import AddedToken
+@dataclass
+class Extended:
+    tokenizer: Any  # read back from the folder it was saved in
+    kind: str  # byte_level | sentencepiece
+    added: list[str]  # the new BPE entries as the model spells them (byte-level strings for byte-level BPE)
+    prefixes: int  # entries added only so that a piece's merges reach it
+    base_merges: int
+
+
+def extended_tokenizer(source: str, pieces: list[str], folder: Path) -> Extended:
+    """Save the tokenizer of the model folder `source` with the pieces added to its BPE model into `folder`."""
+    from tokenizers.pre_tokenizers import ByteLevel
 
     tokenizer = tokenizer_from(source)
     spec = json.loads(tokenizer.backend_tokenizer.to_str())
     kind = tokenizer_kind(spec)
-    if kind == "byte_level":
-        tokenizer.add_tokens([AddedToken(p, normalized=False, special=False) for p in pieces])
-        tokenizer.save_pretrained(folder)
-        added = pieces
-    else:
-        tokenizer.save_pretrained(folder)
-        added = extend_bpe_model(spec, pieces)
-        (folder / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False), encoding="utf-8")
-        if (Path(source) / "tokenizer.model").exists():  # the SentencePiece file runtimes such as llama.cpp read
-            shutil.copyfile(Path(source) / "tokenizer.model", folder / "tokenizer.model")
-            extend_sentencepiece_file(folder / "tokenizer.model", added)
-    return tokenizer_from(folder), kind, added
+    base_merges = len(spec["model"]["merges"])
+    if kind == "byte_level":  # the piece's UTF-8 bytes in the byte-level alphabet, as the BPE model sees text
+        spell = ByteLevel(add_prefix_space=False, use_regex=False)
+        pieces = [spell.pre_tokenize_str(p)[0][0] for p in pieces]
+    tokenizer.save_pretrained(folder)
+    added = extend_bpe_model(spec, pieces)
+    (folder / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False), encoding="utf-8")
+    if kind == "sentencepiece" and (Path(source) / "tokenizer.model").exists():  # what llama.cpp's converter reads
+        shutil.copyfile(Path(source) / "tokenizer.model", folder / "tokenizer.model")
+        extend_sentencepiece_file(folder / "tokenizer.model", added)
+    # recorded with the tokenizer (it travels with it through training, merge and export): an exporter
+    # identifies the pre-tokenizer by the base's merges alone, as llama.cpp's converter hashes the base's ids
+    config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+    config[TOKENIZER_KEY] = {"base_merges": base_merges, "entries_added": len(added)}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, ensure_ascii=False, indent=2), encoding="utf-8")
+    return Extended(tokenizer_from(folder), kind, added, len(set(added) - set(pieces)), base_merges)
 
 
 # ---- the model ----------------------------------------------------------------------------------------
@@ -233,7 +247,8 @@ def extended_tokenizer(source: str, pieces: list[str], folder: Path):
 
 def resize_with_mean_rows(model, old_tokenizer, new_tokenizer, added: list[str]) -> int:
     """Grow the embeddings (and an untied LM head) to the new tokenizer and set each new token's rows to the
-    mean of the rows of the old tokens that spelled it; returns the number of rows set."""
+    mean of the rows of the old tokens that spelled it (the base BPE model's tokens of the new entry); returns
+    the number of rows set."""
     import torch
 
     ids = new_tokenizer.convert_tokens_to_ids(added) if added else []
@@ -246,9 +261,10 @@ def resize_with_mean_rows(model, old_tokenizer, new_tokenizer, added: list[str])
     head = model.get_output_embeddings()
     if head is not None and head.weight.data_ptr() != matrices[0].data_ptr():
         matrices.append(head.weight)
+    spell = old_tokenizer.backend_tokenizer.model  # the base's BPE model on the entry's own symbols
     with torch.no_grad():
         for piece, new_id in zip(added, ids):
-            spelled = old_tokenizer.encode(piece, add_special_tokens=False)
+            spelled = [t.id for t in spell.tokenize(piece)]
             for weight in matrices:
                 weight[new_id] = weight[spelled].float().mean(0).to(weight.dtype)
     return len(ids)
@@ -334,7 +350,8 @@ def extend_vocabulary(args: ExtendArgs) -> dict:
     report: dict[str, Any] = {}
 
     def save(tmp: Path) -> None:
-        tokenizer, kind, added = extended_tokenizer(folder, candidates, tmp)
+        extended = extended_tokenizer(folder, candidates, tmp)
+        tokenizer, kind, added = extended.tokenizer, extended.kind, extended.added
         located = list(corpus_lines([*args.corpus, *args.heldout]))
         failures = roundtrip_failures(tokenizer, located)
         if failures:
@@ -348,7 +365,7 @@ def extend_vocabulary(args: ExtendArgs) -> dict:
         report.update({
             "base_model": folder, "kind": kind, "base_tokens": len(base), "tokens": len(tokenizer),
             "pieces_added": len(added), "pieces_trained": len(trained), "jieba_words": len(words),
-            "prefixes_added": len(set(added) - set(candidates)), "embedding_rows_set": rows,
+            "prefixes_added": extended.prefixes, "embedding_rows_set": rows,
             "corpus": {"files": args.corpus, "lines": len(corpus), "tokens_per_char": {
                 "before": tokens_per_char(base, corpus), "after": tokens_per_char(tokenizer, corpus)}},
             "roundtrip": {"lines": len(located), "failures": 0},
@@ -362,11 +379,17 @@ def extend_vocabulary(args: ExtendArgs) -> dict:
                 "before": tokens_per_char(base, heldout), "after": tokens_per_char(tokenizer, heldout)}}
         meta = read_meta(folder)
         write_meta(tmp, **{**meta, "base_model": folder, "vocab_extension": {
-            "base_model": folder, "base_tokens": len(base), "pieces_added": len(added), "kind": kind}})
+            "base_model": folder, "base_tokens": len(base), "pieces_added": len(added), "kind": kind,
+            "base_merges": extended.base_merges}})
         write_json(tmp / REPORT, report)
 
     save_atomic(args.out, save)
     return report
+
+
+def base_merge_count(tokenizer) -> int | None:
+    """How many of the tokenizer's BPE merges are its base's (None: not extended by medgpt)."""
+    return (getattr(tokenizer, "init_kwargs", {}).get(TOKENIZER_KEY) or {}).get("base_merges")
 
 
 def vocabulary_extension(folder: str | Path) -> dict | None:

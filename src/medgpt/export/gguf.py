@@ -16,6 +16,7 @@ f16 scale, as llama.cpp's converter writes `--outtype q8_0`); k-quants (q4_k_m, 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import re
 import shutil
@@ -209,8 +210,20 @@ def _encode(array, quant: str, np):
 
 
 def pre_tokenizer(tokenizer: Any) -> str:
-    """llama.cpp's name of the tokenizer's pre-tokenizer (by the hash of its ids of CHECK_TEXT)."""
-    digest = hashlib.sha256(str(tokenizer.encode(CHECK_TEXT)).encode()).hexdigest()
+    """llama.cpp's name of the tokenizer's pre-tokenizer (by the hash of its ids of CHECK_TEXT). A vocabulary
+    `medgpt tokenizer extend` grew is hashed with its base's merges alone (the new merges come after them and
+    change the ids of the check text's Chinese, not how text is split before BPE), and without non-special
+    added tokens (both runtimes match those before the pre-tokenizer splits the rest)."""
+    from tokenizers import Tokenizer
+
+    from medgpt.vocab import base_merge_count
+
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    spec["added_tokens"] = [t for t in spec.get("added_tokens", []) if t.get("special")]
+    if (base := base_merge_count(tokenizer)) is not None:
+        spec["model"]["merges"] = spec["model"]["merges"][:base]
+    ids = Tokenizer.from_str(json.dumps(spec)).encode(CHECK_TEXT).ids
+    digest = hashlib.sha256(str(ids).encode()).hexdigest()
     if digest not in PRE_TOKENIZERS:
         raise UserError(f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r}: its pre-tokenizer (check hash "
                         f"{digest}) is not one llama.cpp is known to split text by here "
