@@ -207,3 +207,59 @@ def test_llama_cpp_runs_the_export_as_the_model_does(quant, bundled_exports, bun
         agree += int((torch.tensor(theirs) == ours).sum())
         total += len(ids)
     print(f"llama.cpp {quant}: top-1 agreement {agree / total:.4f} over {total} positions")
+
+
+def test_a_sentencepiece_tokenizer_exports_as_llamas(sample_data, tmp_path):
+    """A Llama-2/Mistral style tokenizer (SentencePiece BPE with byte fallback, trained here on the shipped text,
+    as Llama-2's tokenizer.json) goes in as llama.cpp's `llama` tokenizer with scores: transformers' GGUF loader
+    rebuilds it from the tokens and scores and must give the model's ids (byte-fallback Chinese included), and
+    llama.cpp, where installed, its own SPM tokenizer's."""
+    import io
+
+    import sentencepiece as spm
+    import torch
+    from tokenizers import Tokenizer, decoders, normalizers, processors
+    from tokenizers.models import BPE
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import SentencePieceExtractor
+
+    lines = [x for x in (sample_data / "pt" / "medical_corpus.txt").read_text(encoding="utf-8").splitlines() if x]
+    english = [x for x in lines if x.isascii()]
+    model_file = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(english), model_writer=model_file, model_type="bpe", vocab_size=600,
+        byte_fallback=True, character_coverage=1.0, split_digits=True, normalization_rule_name="identity",
+        remove_extra_whitespaces=False, add_dummy_prefix=True, hard_vocab_limit=False,
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=1, minloglevel=2)
+    (tmp_path / "sp.model").write_bytes(model_file.getvalue())
+    extracted = SentencePieceExtractor(str(tmp_path / "sp.model")).extract(BPE)
+    backend = Tokenizer(BPE(vocab=extracted["vocab"], merges=extracted["merges"], unk_token="<unk>", fuse_unk=True,
+                            byte_fallback=True))
+    backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                         decoders.Strip(" ", 1, 0)])
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    folder = tmp_path / "llama2"
+    tokenizer.save_pretrained(folder)
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=1, bos_token_id=1,
+                                 eos_token_id=2)).save_pretrained(folder)
+
+    exported = export_model(str(folder), tmp_path / "gguf", quant="f32", template="llama2")
+    reference = PreTrainedTokenizerFast.from_pretrained(folder)
+    loaded, gguf_tokenizer = load_gguf(exported.gguf, tokenizer=True)
+    for line in lines[:20]:
+        assert gguf_tokenizer.encode(line) == reference.encode(line), line
+    ids = reference.encode(lines[0])
+    original = LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    assert (log_probs(loaded, ids) - log_probs(original, ids)).abs().max() < 1e-4
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        print("llama.cpp check skipped: llama-cpp-python is not installed (pip install medgpt[export])")
+        return
+    runtime = Llama(str(exported.gguf), vocab_only=True, verbose=False)
+    for line in lines[:20]:
+        assert runtime.tokenize(line.encode(), add_bos=True, special=False) == reference.encode(line), line

@@ -5,8 +5,9 @@ Written with the `gguf` package, the writer llama.cpp's own `convert_hf_to_gguf.
 the architectures below: the tensors under GGUF names (`gguf.TensorNameMap`), Llama's q/k projections permuted into
 GGML's rotary layout, the tied output head left out, 1-D tensors (norms, biases) in F32; the tokenizer as a
 byte-level BPE vocabulary (`tokenizer.ggml.model = gpt2`: tokens, token types, merges, the pre-tokenizer named by
-the hash of the ids of llama.cpp's check text, special token ids and whether BOS/EOS are added); the chat template
-(the Jinja twin of the medgpt template) in `tokenizer.chat_template`.
+the hash of the ids of llama.cpp's check text) or a SentencePiece-style one (`llama`: pieces, scores, token types),
+with the special token ids and whether BOS/EOS are added; the chat template (the Jinja twin of the medgpt
+template) in `tokenizer.chat_template`.
 
 Precisions: f32, f16, bf16 and q8_0 are written here (q8_0 through `gguf.quants`: blocks of 32 weights with one
 f16 scale, as llama.cpp's converter writes `--outtype q8_0`); k-quants (q4_k_m, ...) go through llama.cpp's
@@ -263,6 +264,54 @@ def bpe_vocabulary(tokenizer: Any, vocab_size: int) -> tuple[list[str], list[int
     return tokens, types
 
 
+def sentencepiece_vocabulary(tokenizer: Any, vocab_size: int) -> tuple[list[str], list[float], list[int]]:
+    """Tokens, scores and types of a SentencePiece-style BPE tokenizer as llama.cpp's SPM tokenizer reads them:
+    it merges the adjacent pair whose joined piece scores highest, so a piece's score is minus the rank of the
+    merge that makes it (the tokenizer.json merges' order; pieces no merge makes score 0); `<0xNN>` pieces are
+    byte tokens, special tokens control tokens, other added tokens user-defined."""
+    import gguf
+
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    vocab: dict[str, int] = spec["model"]["vocab"]
+    rank = {}
+    for position, merge in enumerate(spec["model"]["merges"]):
+        left, right = merge.split(" ", 1) if isinstance(merge, str) else merge
+        rank.setdefault(left + right, position)
+    added = {t["id"]: t for t in spec.get("added_tokens", [])}
+    reverse = {i: token for token, i in vocab.items()}
+    reverse.update({i: t["content"] for i, t in added.items()})
+    if max(reverse) >= vocab_size:
+        raise UserError(f"the tokenizer has ids up to {max(reverse)}, the model's vocabulary {vocab_size}")
+    tokens, scores, types = [], [], []
+    for i in range(vocab_size):
+        token = reverse.get(i)
+        if token is None:
+            tokens.append(f"[PAD{i}]"), scores.append(-1000.0), types.append(gguf.TokenType.UNUSED)
+            continue
+        tokens.append(token)
+        scores.append(-float(rank[token]) if token in rank else 0.0)
+        if i in added and (added[i].get("special") or token == spec["model"].get("unk_token")):
+            types.append(gguf.TokenType.UNKNOWN if token == spec["model"].get("unk_token") else gguf.TokenType.CONTROL)
+        elif i in added:
+            types.append(gguf.TokenType.USER_DEFINED)
+        elif re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", token):
+            types.append(gguf.TokenType.BYTE)
+        elif token == spec["model"].get("unk_token"):
+            types.append(gguf.TokenType.UNKNOWN)
+        else:
+            types.append(gguf.TokenType.NORMAL)
+    return tokens, scores, types
+
+
+def _sentencepiece_bpe(tokenizer: Any) -> bool:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return False
+    spec = json.loads(backend.to_str())
+    return spec.get("model", {}).get("type") == "BPE" and bool(spec["model"].get("byte_fallback")) \
+        and "\u2581" in json.dumps(spec.get("normalizer") or spec.get("pre_tokenizer"), ensure_ascii=False)
+
+
 def _looks_special(token: str) -> bool:
     """convert_hf_to_gguf.py's does_token_look_special."""
     return (token in ("<pad>", "<mask>", "<2mass>", "[@BOS@]")
@@ -275,17 +324,26 @@ def _add_tokenizer(writer: Any, tokenizer: Any, vocab_size: int, chat_template: 
     import gguf
 
     folder = getattr(tokenizer, "name_or_path", "")
-    if not _byte_level_bpe(tokenizer):
-        raise UserError(f"tokenizer {folder!r}: only byte-level BPE tokenizers (Llama-3, SmolLM, Qwen) are "
-                        "exported to GGUF; SentencePiece ones are not")
-    tokens, types = bpe_vocabulary(tokenizer, vocab_size)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(pre_tokenizer(tokenizer))
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    special = gguf.SpecialVocab(folder, load_merges=True, n_vocab=len(tokens))
-    if not special.merges:
-        raise UserError(f"tokenizer {folder!r}: no BPE merges found (tokenizer.json)")
+    if _byte_level_bpe(tokenizer):
+        tokens, types = bpe_vocabulary(tokenizer, vocab_size)
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre(pre_tokenizer(tokenizer))
+        writer.add_token_list(tokens)
+        writer.add_token_types(types)
+        special = gguf.SpecialVocab(folder, load_merges=True, n_vocab=len(tokens))
+        if not special.merges:
+            raise UserError(f"tokenizer {folder!r}: no BPE merges found (tokenizer.json)")
+    elif _sentencepiece_bpe(tokenizer):
+        tokens, scores, types = sentencepiece_vocabulary(tokenizer, vocab_size)
+        writer.add_tokenizer_model("llama")
+        writer.add_tokenizer_pre("default")
+        writer.add_token_list(tokens)
+        writer.add_token_scores(scores)
+        writer.add_token_types(types)
+        special = gguf.SpecialVocab(folder, load_merges=False, n_vocab=len(tokens))
+    else:
+        raise UserError(f"tokenizer {folder!r}: only BPE tokenizers are exported to GGUF, byte-level (Llama-3, "
+                        "SmolLM, Qwen) or SentencePiece-style with byte fallback (Llama-2, Mistral)")
     special.chat_template = chat_template
     for kind in ("bos", "eos", "unk", "pad"):
         token_id = getattr(tokenizer, f"{kind}_token_id", None)
