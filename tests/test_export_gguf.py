@@ -137,17 +137,28 @@ def test_an_interrupted_export_leaves_the_previous_output(tiny_model, tmp_path, 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary folder left behind
 
 
+class BundledExports(dict):
+    """The bundled model's GGUF file per precision, exported when first asked for."""
+
+    def __init__(self, model: str, folder: Path):
+        super().__init__()
+        self.model, self.folder = model, folder
+
+    def __missing__(self, quant: str) -> Path:
+        self[quant] = export_model(self.model, self.folder / quant, quant=quant).gguf
+        return self[quant]
+
+
 @pytest.fixture(scope="module")
 def bundled_exports(bundled_model, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("bundled-gguf")
-    return {q: export_model(bundled_model, folder / q, quant=q).gguf for q in ("f16", "q8_0")}
+    return BundledExports(bundled_model, tmp_path_factory.mktemp("bundled-gguf"))
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("quant, tolerance", [("f16", 0.1), ("q8_0", 1.0)])
+@pytest.mark.parametrize("quant, tolerance", [("f16", 0.1)])  # q8_0: test_eval_parity.py's trained adapter
 def test_bundled_model_in_gguf_gives_its_log_probs_and_greedy_answers(quant, tolerance, bundled_exports,
                                                                        bundled_model):
-    """SmolLM2-135M-Instruct exported to f16 and q8_0: on the first two shipped prompts (rendered with its template)
+    """SmolLM2-135M-Instruct exported to f16: on the first two shipped prompts (rendered with its template)
     the next-token log-probs of the prompt and of the original's greedy answer are within the stated tolerance
     (medgpt.eval.parity.TOLERANCES) of the original's, and the greedy answers (16 tokens) are the same."""
     import torch
