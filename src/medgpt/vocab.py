@@ -22,7 +22,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import math
 import re
 import shutil
 from collections import Counter
@@ -43,7 +42,6 @@ HAN = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
 CJK = HAN + "\u3000-\u303f\uff00-\uffef"
 HAN_RUNS = re.compile(f"[{HAN}]+")
 CJK_RUNS = re.compile(f"[{CJK}]+")
-ONLY_CJK = re.compile(f"[{CJK}]+")
 REPORT = "vocab_report.json"
 TOKENIZER_KEY = "medgpt_vocab_extension"  # in tokenizer_config.json: {"base_merges": N, "entries_added": M}
 LOSS_LINES = 256  # lines of each language the loss figures are measured on
@@ -116,8 +114,8 @@ def trained_pieces(lines: Iterable[str], args: ExtendArgs) -> list[str]:
                             "needs: raise it, or lower --character-coverage") from None
         raise UserError(f"sentencepiece could not learn pieces from {', '.join(args.corpus)}: {exc}") from None
     processor = spm.SentencePieceProcessor(model_proto=model.getvalue())
-    pieces = (processor.id_to_piece(i) for i in range(processor.get_piece_size()) if processor.is_unused(i) is False)
-    return [p for p in pieces if ONLY_CJK.fullmatch(p)]
+    pieces = (processor.id_to_piece(i) for i in range(processor.get_piece_size()) if not processor.is_unused(i))
+    return [p for p in pieces if CJK_RUNS.fullmatch(p)]
 
 
 def frequent_words(lines: Iterable[str], k: int) -> list[str]:
@@ -128,7 +126,7 @@ def frequent_words(lines: Iterable[str], k: int) -> list[str]:
 
     jieba.setLogLevel(logging.WARNING)
     counts = Counter(w for line in lines for run in CJK_RUNS.findall(line) for w in jieba.lcut(run)
-                     if len(w) > 1 and ONLY_CJK.fullmatch(w))
+                     if len(w) > 1 and CJK_RUNS.fullmatch(w))
     return [w for w, _ in counts.most_common(k)]
 
 
@@ -291,25 +289,40 @@ def mean_loss(model, tokenizer, lines: list[str]) -> dict:
 # ---- measurements -------------------------------------------------------------------------------------
 
 
-def tokens_per_char(tokenizer, lines: list[str]) -> dict:
-    """Chinese: tokens per character of the Han runs, each tokenized alone; English: tokens per character of the
-    lines without Han characters."""
-    runs = [r for line in lines for r in HAN_RUNS.findall(line)]
-    english = [line for line in lines if not is_chinese(line)]
+def compare_tokenizers(base, new, located: Iterable[tuple[str, str]]) -> dict:
+    """One pass over (location, line): tokens per character before and after (Chinese: the Han runs, each
+    tokenized alone; English: the lines without Han characters), the `path:line` of every line the new tokenizer
+    does not decode back to itself, and of every line without CJK characters whose ids changed."""
+    tokens = {"before": {"zh": 0, "en": 0}, "after": {"zh": 0, "en": 0}}
+    chars, lines, failures, changed = {"zh": 0, "en": 0}, 0, [], []
 
-    def ratio(texts: list[str]) -> float | None:
-        chars = sum(map(len, texts))
-        return round(sum(len(tokenizer.encode(t, add_special_tokens=False)) for t in texts) / chars, 4) if chars \
-            else None
+    def count(tokenizer, text: str) -> int:
+        return len(tokenizer.encode(text, add_special_tokens=False))
 
-    return {"zh": ratio(runs), "en": ratio(english), "zh_chars": sum(map(len, runs)),
-            "en_chars": sum(map(len, english))}
+    for location, line in located:
+        lines += 1
+        ids = new.encode(line, add_special_tokens=False)
+        if new.decode(ids) != line:
+            failures.append(location)
+        if is_chinese(line):
+            for run in HAN_RUNS.findall(line):
+                chars["zh"] += len(run)
+                tokens["before"]["zh"] += count(base, run)
+                tokens["after"]["zh"] += count(new, run)
+            continue
+        before = base.encode(line, add_special_tokens=False)
+        chars["en"] += len(line)
+        tokens["before"]["en"] += len(before)
+        tokens["after"]["en"] += len(ids)
+        if ids != before and not CJK_RUNS.search(line):
+            changed.append(location)
 
+    def ratios(counted: dict) -> dict:
+        return {**{lang: round(counted[lang] / chars[lang], 4) if chars[lang] else None for lang in chars},
+                "zh_chars": chars["zh"], "en_chars": chars["en"]}
 
-def roundtrip_failures(tokenizer, located: Iterable[tuple[str, str]]) -> list[str]:
-    """`path:line` of every line that does not decode back to itself."""
-    return [loc for loc, line in located
-            if tokenizer.decode(tokenizer.encode(line, add_special_tokens=False)) != line]
+    return {"lines": lines, "tokens_per_char": {"before": ratios(tokens["before"]), "after": ratios(tokens["after"])},
+            "failures": failures, "changed": changed}
 
 
 def segmentation(tokenizer, line: str) -> list[str]:
@@ -331,34 +344,40 @@ def extend_vocabulary(args: ExtendArgs) -> dict:
         raise UserError("give the domain corpus: --corpus FILE [FILE ...]")
     folder = resolve_model(args.model, args.trust_remote_code)
     base = tokenizer_from(folder, args.trust_remote_code)
-    corpus = [line for _, line in corpus_lines(args.corpus)]
-    heldout = [line for _, line in corpus_lines(args.heldout)] if args.heldout else []
-    if not any(is_chinese(line) for line in corpus):
+
+    def corpus() -> Iterator[str]:  # read again for each pass: the corpus is never held in memory
+        return (line for _, line in corpus_lines(args.corpus))
+
+    if not any(is_chinese(line) for line in corpus()):
         raise UserError(f"{', '.join(args.corpus)}: no Chinese (CJK) text to learn pieces from")
-    log.info("training up to %d pieces on %d lines", args.vocab_size, len(corpus))
-    trained = trained_pieces(corpus, args)
-    words = frequent_words(corpus, args.jieba_words)
+    log.info("training up to %d pieces on the Chinese text of %s", args.vocab_size, ", ".join(args.corpus))
+    trained = trained_pieces(corpus(), args)
+    words = frequent_words(corpus(), args.jieba_words)
     candidates = new_pieces([*trained, *words], base)
     # fp32 on any CPU (exact means, a loss measured at fp32 speed), saved back in the model's own dtype
     stored = AutoConfig.from_pretrained(folder, trust_remote_code=args.trust_remote_code).dtype
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, trust_remote_code=args.trust_remote_code)
     model.eval()
-    measured = heldout or corpus
-    zh_lines = [line for line in measured if is_chinese(line)][:LOSS_LINES]
-    en_lines = [line for line in measured if not is_chinese(line)][:LOSS_LINES]
+    measured = (line for _, line in corpus_lines(args.heldout)) if args.heldout else corpus()
+    zh_lines, en_lines = [], []  # the first LOSS_LINES lines of each language of the held-out text (or corpus)
+    for line in measured:
+        sample = zh_lines if is_chinese(line) else en_lines
+        if len(sample) < LOSS_LINES:
+            sample.append(line)
+        if len(zh_lines) == len(en_lines) == LOSS_LINES:
+            break
     loss_before = {"zh": mean_loss(model, base, zh_lines), "en": mean_loss(model, base, en_lines)}
     report: dict[str, Any] = {}
 
     def save(tmp: Path) -> None:
         extended = extended_tokenizer(folder, candidates, tmp)
         tokenizer, kind, added = extended.tokenizer, extended.kind, extended.added
-        located = list(corpus_lines([*args.corpus, *args.heldout]))
-        failures = roundtrip_failures(tokenizer, located)
+        compared = {name: compare_tokenizers(base, tokenizer, corpus_lines(files))
+                    for name, files in (("corpus", args.corpus), ("heldout", args.heldout)) if files}
+        failures = [loc for c in compared.values() for loc in c["failures"]]
         if failures:
             raise UserError(f"{failures[0]}: the extended tokenizer does not decode this line back to itself "
                             f"({len(failures)} line(s) in all)")
-        changed = [loc for loc, line in located if not is_chinese(line) and not CJK_RUNS.search(line)
-                   and tokenizer.encode(line, add_special_tokens=False) != base.encode(line, add_special_tokens=False)]
         rows = resize_with_mean_rows(model, base, tokenizer, added)
         loss_after = {"zh": mean_loss(model, tokenizer, zh_lines), "en": mean_loss(model, tokenizer, en_lines)}
         model.to(stored if isinstance(stored, torch.dtype) else torch.float32).save_pretrained(tmp)
@@ -366,17 +385,16 @@ def extend_vocabulary(args: ExtendArgs) -> dict:
             "base_model": folder, "kind": kind, "base_tokens": len(base), "tokens": len(tokenizer),
             "pieces_added": len(added), "pieces_trained": len(trained), "jieba_words": len(words),
             "prefixes_added": extended.prefixes, "embedding_rows_set": rows,
-            "corpus": {"files": args.corpus, "lines": len(corpus), "tokens_per_char": {
-                "before": tokens_per_char(base, corpus), "after": tokens_per_char(tokenizer, corpus)}},
-            "roundtrip": {"lines": len(located), "failures": 0},
-            "english_lines_with_changed_ids": len(changed),
-            "loss": {"measured_on": "heldout" if heldout else "corpus", "before": loss_before, "after": loss_after},
+            **{name: {"files": files, "lines": compared[name]["lines"],
+                      "tokens_per_char": compared[name]["tokens_per_char"]}
+               for name, files in (("corpus", args.corpus), ("heldout", args.heldout)) if files},
+            "roundtrip": {"lines": sum(c["lines"] for c in compared.values()), "failures": 0},
+            "english_lines_with_changed_ids": sum(len(c["changed"]) for c in compared.values()),
+            "loss": {"measured_on": "heldout" if args.heldout else "corpus", "before": loss_before,
+                     "after": loss_after},
             "examples": [{"text": line, "before": segmentation(base, line), "after": segmentation(tokenizer, line)}
-                         for line in [x for x in measured if is_chinese(x)][:3]],
+                         for line in zh_lines[:3]],
         })
-        if heldout:
-            report["heldout"] = {"files": args.heldout, "lines": len(heldout), "tokens_per_char": {
-                "before": tokens_per_char(base, heldout), "after": tokens_per_char(tokenizer, heldout)}}
         meta = read_meta(folder)
         write_meta(tmp, **{**meta, "base_model": folder, "vocab_extension": {
             "base_model": folder, "base_tokens": len(base), "pieces_added": len(added), "kind": kind,
@@ -395,14 +413,3 @@ def base_merge_count(tokenizer) -> int | None:
 def vocabulary_extension(folder: str | Path) -> dict | None:
     """What `medgpt tokenizer extend` recorded in a model folder's medgpt.json (None for a model it did not make)."""
     return read_meta(folder).get("vocab_extension")
-
-
-def loss_change(report: dict) -> dict:
-    """Before -> after differences of the report's loss figures (English per token, Chinese per character)."""
-    before, after = report["loss"]["before"], report["loss"]["after"]
-    out = {}
-    if before["en"]["per_token"] is not None:
-        out["en_per_token"] = after["en"]["per_token"] - before["en"]["per_token"]
-    if before["zh"]["per_char"] is not None:
-        out["zh_per_char"] = after["zh"]["per_char"] - before["zh"]["per_char"]
-    return {k: v for k, v in out.items() if not math.isnan(v)}
