@@ -35,3 +35,17 @@ def test_without_reasoning():
                 {"role": "user", "content": "Q2"}, {"role": "assistant", "content": "<think>\nr2\n</think>\n\nA2"}]
     assert without_reasoning(messages) == [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"},
                                            {"role": "user", "content": "Q2"}, {"role": "assistant", "content": "A2"}]
+
+
+def test_reply_parts_splits_a_generated_reply():
+    """The reading of vLLM's qwen3/deepseek_r1 reasoning parsers: the thought before `</think>`, the answer after."""
+    from medgpt.data.messages import reply_parts
+
+    assert reply_parts("<think>\nweigh A and B\n</think>\n\nAnswer: B") == ("weigh A and B", "Answer: B", True)
+    # a prompt that opened the block (deepseek-r1 style): the reply starts inside the reasoning
+    assert reply_parts("weigh\n</think>\n\nB", opened=True) == ("weigh", "B", True)
+    # cut inside its reasoning: unanswered, not scored on half a thought
+    assert reply_parts("<think>\nthe dose is") == ("the dose is", "", False)
+    assert reply_parts("the dose is", opened=True) == ("the dose is", "", False)
+    assert reply_parts("Answer: C") == (None, "Answer: C", True)
+    assert reply_parts("<think>\n\n</think>\n\nC") == ("", "C", True)

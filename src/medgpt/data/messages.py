@@ -52,6 +52,19 @@ def split_think(content: str) -> tuple[str, str] | None:
             content.split("</think>")[-1].lstrip("\n"))
 
 
+def reply_parts(text: str, opened: bool = False) -> tuple[str | None, str, bool]:
+    """A generated reply as (reasoning, answer, complete), the one reading every scorer and the server use.
+    With a `</think>`: the reasoning before it (an opening `<think>` dropped) and the answer after the last one.
+    A reply that opens a think block (or follows a prompt that `opened` one) and never closes it was cut inside
+    its reasoning: (reasoning so far, "", False), an unanswered reply. Otherwise there is no reasoning."""
+    if "</think>" in text:
+        thought = text.split("</think>")[0].split("<think>")[-1].strip("\n")
+        return thought, text.split("</think>")[-1].lstrip("\n"), True
+    if opened or text.lstrip().startswith("<think>"):
+        return text.split("<think>", 1)[-1].strip("\n"), "", False
+    return None, text, True
+
+
 def without_reasoning(messages: list[dict]) -> list[dict]:
     """`messages` with no assistant reasoning: no `reasoning` field, no think block opening a reply."""
     out = []
