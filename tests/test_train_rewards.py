@@ -89,3 +89,21 @@ def test_reward_functions_by_name_or_import_path():
         reward_function("medgpt.nothing:here")
     with pytest.raises(UserError, match="expected one of"):
         reward_function("nonsense")
+
+
+def test_answer_rewards_read_only_the_answer_after_the_reasoning():
+    """A reasoning model weighs options in its think block: mcq_accuracy, keyword and length read the answer after
+    `</think>` (TRL's conversational completions may carry the thought as `reasoning_content`); a reply cut inside
+    its reasoning has no answer."""
+    from medgpt.train.rewards import keyword_reward, length_reward, mcq_accuracy, reasoning_format
+
+    thought = "<think>\nA looks tempting, but insulin dosing points to B.\n</think>\n\n"
+    replies = [thought + "The answer is B.", thought + "The answer is A.", "<think>\nA or B? Insulin",
+               [{"role": "assistant", "reasoning_content": "A looks tempting", "content": "B"}]]
+    assert mcq_accuracy(replies, answer=["B"] * 4) == [1.0, 0.0, 0.0, 1.0]
+    assert keyword_reward(replies, keywords=["insulin"]) == [0.0, 0.0, 0.0, 0.0]
+    assert length_reward(replies, target_chars=5)[2] == 0.0
+    # reasoning then a committed answer: full; no think block or cut inside it: 0; an empty thought: half
+    assert reasoning_format(replies + ["B", "<think>\n\n</think>\n\nB"], answer=["B"] * 6) == [
+        1.0, 1.0, 0.0, 1.0, 0.0, 0.5]
+    assert reasoning_format([thought + "I cannot say.", thought], answer=[None, None]) == [1.0, 0.5]

@@ -4,7 +4,9 @@ A reward function takes TRL's keyword arguments (`prompts`, `completions` and ev
 here `answer`, `options` and `reference`) and returns one float per completion, or None where it does not apply:
 GRPO (TRL) and PPO then leave it out for that completion, so multiple-choice and open questions can share a data
 set. Both stages name their rewards the same way, with `RewardArgs`. Which option a reply commits to is read by
-`medgpt.data.answers.extract_choice`, the reader `eval mcq` scores replies with.
+`medgpt.data.answers.extract_choice`, the reader `eval mcq` scores replies with. A reasoning model's reply is read
+as `medgpt.data.messages.reply_parts` reads it: every answer-based reward sees only the answer after the reasoning,
+and a reply cut inside its reasoning has no answer.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from medgpt.data.answers import extract_choice
+from medgpt.data.messages import reply_parts
 from medgpt.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -25,10 +28,22 @@ _TERMINAL = tuple(".!?。！？…)）\"”")
 
 
 def completion_text(completion: Any) -> str:
-    """The text of a completion: TRL passes strings, or assistant messages for conversational prompts."""
+    """The text of a completion: TRL passes strings, or assistant messages for conversational prompts (a
+    message's separate reasoning field is put back as the `<think>` block it was generated as)."""
     if isinstance(completion, str):
         return completion
-    return "".join(m.get("content") or "" for m in completion if isinstance(m, dict))
+    parts = []
+    for m in completion:
+        if isinstance(m, dict):
+            thought = m.get("reasoning_content") or m.get("reasoning")
+            parts.append((f"<think>\n{thought}\n</think>\n\n" if thought else "") + (m.get("content") or ""))
+    return "".join(parts)
+
+
+def answer_text(completion: Any) -> str:
+    """The answer a completion commits to: the text after its reasoning (`reply_parts`); empty for a reply cut
+    inside its reasoning. Every answer-based reward reads only this."""
+    return reply_parts(completion_text(completion))[1]
 
 
 def _keys(completions: list, answer: list | None, options: list | None) -> list[tuple[str | None, str]]:
@@ -41,7 +56,7 @@ def _keys(completions: list, answer: list | None, options: list | None) -> list[
 def mcq_accuracy(completions: list, answer: list[str | None] | None = None, options: list[str] | None = None,
                  **_: Any) -> list[float | None]:
     """1.0 when the reply picks the correct option letter, else 0.0; None for rows without an answer key."""
-    return [None if not key else float(extract_choice(completion_text(c), letters) == key)
+    return [None if not key else float(extract_choice(answer_text(c), letters) == key)
             for c, (key, letters) in zip(completions, _keys(completions, answer, options))]
 
 
@@ -61,7 +76,7 @@ def answer_format(completions: list, answer: list[str | None] | None = None, opt
     repeat itself."""
     scores = []
     for completion, (key, letters) in zip(completions, _keys(completions, answer, options)):
-        text = completion_text(completion).strip()
+        text = answer_text(completion).strip()
         if key:
             scores.append(0.0 if extract_choice(text, letters) is None else 1.0 if len(text) <= 200 else 0.5)
             continue
@@ -73,7 +88,7 @@ def answer_format(completions: list, answer: list[str | None] | None = None, opt
 def length_reward(completions: list, target_chars: int = 200, **_: Any) -> list[float]:
     """1.0 up to `target_chars` characters, then target/length: concise answers win, and every extra
     character still costs a little, so the signal never goes flat. An empty reply gets 0."""
-    lengths = [len(completion_text(c).strip()) for c in completions]
+    lengths = [len(answer_text(c).strip()) for c in completions]
     return [0.0 if n == 0 else min(1.0, target_chars / n) for n in lengths]
 
 
@@ -82,13 +97,30 @@ def keyword_reward(completions: list, keywords: str | list[str] = (), **_: Any) 
     words = [k.strip().lower() for k in (keywords.split(",") if isinstance(keywords, str) else keywords) if k.strip()]
     if not words:
         raise UserError("reward_fn keyword: set reward_kwargs: {keywords: [word, ...]}")
-    texts = [completion_text(c).lower() for c in completions]
+    texts = [answer_text(c).lower() for c in completions]
     return [sum(w in text for w in words) / len(words) for text in texts]
+
+
+def reasoning_format(completions: list, answer: list[str | None] | None = None, options: list[str] | None = None,
+                     **_: Any) -> list[float]:
+    """Reasoning, then a committed answer (for reasoning models): 0 without a think block, or cut inside it;
+    otherwise half for a non-empty reasoning and half for an answer after it (multiple choice: one option
+    letter; open questions: a non-empty answer)."""
+    scores = []
+    for completion, (key, letters) in zip(completions, _keys(completions, answer, options)):
+        reasoning, reply, complete = reply_parts(completion_text(completion))
+        if reasoning is None or not complete:
+            scores.append(0.0)
+            continue
+        committed = extract_choice(reply, letters) is not None if key else bool(reply.strip())
+        scores.append(0.5 * bool(reasoning.strip()) + 0.5 * committed)
+    return scores
 
 
 REWARD_FUNCTIONS: dict[str, Callable[..., list[float | None]]] = {
     "length": length_reward,  # reward_kwargs: {target_chars: 200}
     "answer_format": answer_format,
+    "reasoning_format": reasoning_format,  # reasoning models: a think block, then a committed answer
     "mcq_accuracy": mcq_accuracy,
     "keyword": keyword_reward,  # reward_kwargs: {keywords: [...]}
 }
