@@ -62,3 +62,33 @@ def test_filter_by_length():
     assert stats.truncated == 2 and not stats.dropped and stats.kept == 4
     with pytest.raises(UserError):
         filter_by_length(rows, [1] * 4, 8, "cut", stats)
+
+
+@pytest.mark.parametrize("enable_thinking", [None, False])
+def test_preference_rows_render_as_the_official_qwen3_template(enable_thinking):
+    """DPO/ORPO/KTO/RM rows: TRL renders each row's prompt and prompt + chosen with the tokenizer's chat template
+    and the row's `chat_template_kwargs` (trl.data_utils.maybe_apply_chat_template). The reference is Qwen3's
+    official template (tests/fixtures/chat_templates/qwen3.jinja) on the same conversation: with thinking off the
+    prompt ends in an empty think block and the replies are rendered without their reasoning."""
+    from test_data_templates_reasoning import official
+    from trl.data_utils import maybe_apply_chat_template
+
+    from medgpt.data.encode import to_rows
+    from medgpt.data.messages import without_reasoning
+
+    prompt = [{"role": "user", "content": "头痛三天，伴发热，该怎么办？"}]
+    chosen = [{"role": "assistant", "content": "建议就医。", "reasoning": "发热伴头痛需排除感染。"}]
+    rejected = [{"role": "assistant", "content": "不用管。"}]
+    tokenizer = load_tokenizer()
+    template = get_template("qwen3", tokenizer)
+    tokenizer.chat_template = template.chat_template()
+    cfg = build_config({"stage": "dpo", "template": "qwen3", "enable_thinking": enable_thinking, "max_length": 512})
+    row, = to_rows([{"prompt": prompt, "chosen": chosen, "rejected": rejected, "_loc": "x:1"}], tokenizer,
+                   template, cfg, DataStats(), ("chosen", "rejected"))
+    rendered = maybe_apply_chat_template(row, tokenizer)
+    kwargs = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
+    reply = without_reasoning(chosen) if enable_thinking is False else [
+        {"role": "assistant", "content": "建议就医。", "reasoning_content": "发热伴头痛需排除感染。"}]
+    assert rendered["prompt"] == official(prompt, True, **kwargs)
+    assert rendered["prompt"] + rendered["chosen"] == official(prompt + reply, False, **kwargs)
+    assert ("发热伴头痛" in rendered["chosen"]) == (enable_thinking is None)

@@ -3,6 +3,8 @@ transformers' generation and for vLLM's. The prompts GRPO reads are checked in t
 
 from __future__ import annotations
 
+import pytest
+
 from _stage_runs import FAST, TOPICS, write_jsonl
 
 from medgpt.train import build_config
@@ -32,3 +34,15 @@ def test_grpo_ends_completions_at_the_template_stop_tokens(tiny_model, tmp_path)
     assert all(len(tokenizer.encode(w, add_special_tokens=False)) > 1 for w in strings)
     assert vllm.train.generation_kwargs == {"stop_token_ids": ids, "stop": strings, "min_tokens": 1}
     assert ids == [tokenizer.eos_token_id]
+
+
+def test_enable_thinking_reaches_trls_chat_template_kwargs():
+    """GRPOTrainer renders prompts with GRPOConfig.chat_template_kwargs: `enable_thinking` goes there, and a
+    contradicting chat_template_kwargs is an error, not a silent choice."""
+    from medgpt.errors import UserError
+
+    cfg = build_config({"stage": "grpo", "template": "qwen3", "enable_thinking": False,
+                        "chat_template_kwargs": {"custom": 1}})
+    assert cfg.train.chat_template_kwargs == {"custom": 1, "enable_thinking": False}
+    with pytest.raises(UserError, match="disagree"):
+        build_config({"stage": "grpo", "enable_thinking": False, "chat_template_kwargs": {"enable_thinking": True}})

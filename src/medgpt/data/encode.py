@@ -61,12 +61,17 @@ def encode_conversations(records: list[dict], tokenizer, template, cfg: Config, 
 def to_rows(records: list[dict], tokenizer, template, cfg: Config, stats: DataStats, responses: tuple[str, ...],
             carry: tuple[str, ...] = ()) -> list[dict]:
     """Records -> TRL conversational rows (prompt with the system prompt, the `responses` fields and the
-    `carry` fields). A row whose longest prompt+response, rendered as the trainer renders that row, is over
+    `carry` fields). `enable_thinking` goes on every row with responses as TRL's `chat_template_kwargs`, which
+    its preference trainers render with (false also drops the responses' reasoning, as SFT does; GRPO takes it
+    from its config). A row whose longest prompt+response, rendered as the trainer renders that row, is over
     max_length tokens is dropped (counted) or left to the trainer to truncate, as `overlong` says."""
-    rows = [{"prompt": with_system(r["prompt"], cfg.data.system), **{key: r[key] for key in responses + carry}}
-            for r in records]
-    if not (max_length := getattr(cfg.train, "max_length", None)):
+    think = cfg.data.enable_thinking
+    settings = {} if think is None or not responses else {"chat_template_kwargs": {"enable_thinking": think}}
+    rows = [{"prompt": with_system(r["prompt"], cfg.data.system),
+             **{key: without_reasoning(r[key]) if think is False else r[key] for key in responses},
+             **{key: r[key] for key in carry}, **settings} for r in records]
+    if not (max_length := getattr(cfg.train, "max_length", None)) or not responses:
         return rows
-    lengths = [max(len(template.encode(tokenizer, row["prompt"] + row[key])["input_ids"]) for key in responses)
-               for row in rows]
+    lengths = [max(len(template.encode(tokenizer, row["prompt"] + row[key], enable_thinking=think)["input_ids"])
+                   for key in responses) for row in rows]
     return [rows[i] for i in filter_by_length(records, lengths, max_length, cfg.data.overlong, stats)]

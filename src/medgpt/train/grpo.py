@@ -70,6 +70,11 @@ def configure(cfg: Config) -> None:
     if args.reward_fn is None:
         args.reward_fn = "auto"
     rewards.check_rewards(args)
+    if cfg.data.enable_thinking is not None:
+        given = cfg.train.chat_template_kwargs or {}
+        if given.get("enable_thinking", cfg.data.enable_thinking) != cfg.data.enable_thinking:
+            raise UserError("enable_thinking and chat_template_kwargs.enable_thinking disagree: set one")
+        cfg.train.chat_template_kwargs = {**given, "enable_thinking": cfg.data.enable_thinking}
     check_eval_batch(cfg)
     use_vllm_if_available(cfg)
 

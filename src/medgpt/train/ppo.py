@@ -185,7 +185,8 @@ def read_rollout_prompts(cfg: Config, tokenizer, template) -> tuple[list[dict], 
     from medgpt.data.encode import filter_by_length
 
     records, _, stats = common.load_records(cfg, "prompts", read=read_prompts)
-    ids = [template.encode_prompt(tokenizer, r["prompt"], system=cfg.data.system) for r in records]
+    ids = [template.encode_prompt(tokenizer, r["prompt"], system=cfg.data.system,
+                                  enable_thinking=cfg.data.enable_thinking) for r in records]
     limit = cfg.train.max_prompt_length
     keep = filter_by_length(records, [len(i) for i in ids], limit, cfg.data.overlong, stats["train"])
     prompts = [{**records[i], "ids": ids[i][-limit:]} for i in keep]  # truncation keeps the end: the question
