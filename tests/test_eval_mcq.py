@@ -86,10 +86,10 @@ def test_cmmlu_csv_and_bad_rows(tmp_path):
         ("anatomy", "D", "1"), ("anatomy", "A", "胸腔")]
     bad = tmp_path / "x_val.csv"
     bad.write_text("id,question,A,B,C,D,answer\n0,q,a,b,c,d,A\n1,q,a,b,c,d,E\n", encoding="utf-8")
-    with pytest.raises(UserError, match=r"x_val.csv:3: answer 'E' is not one of"):
+    with pytest.raises(UserError, match=r"x_val.csv:3: wrong type: answer 'E' is not one of"):
         mcq.load_questions(str(bad))
     bad.write_text("id,question,A,B,C,answer\n0,q,a,b,c,A\n", encoding="utf-8")
-    with pytest.raises(UserError, match=r"x_val.csv:2: missing D"):
+    with pytest.raises(UserError, match=r"x_val.csv:2: missing field: D"):
         mcq.load_questions(str(bad))
     with pytest.raises(UserError, match=r"ceval/ceval-exam \(physician, val\): not a local path"):
         mcq.load_questions("ceval/ceval-exam", subjects=["physician"])  # the hub is offline in tests

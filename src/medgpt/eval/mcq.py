@@ -12,29 +12,33 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import unicodedata
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from medgpt.data.answers import extract_choice
-from medgpt.data.readers import as_object, read_records
-from medgpt.data.records import OPTION_LETTERS, mcq_options
-from medgpt.data.rows import RecordError, hub_rows
+from medgpt.data.answers import extract_choice, extract_choices, extract_label
+from medgpt.data.messages import reply_parts
+from medgpt.data.records import OPTION_LETTERS
 from medgpt.errors import UserError
+from medgpt.eval import stats
+from medgpt.eval.benchmarks import FILE_TYPES, FORMATS, Question, question_rows
 from medgpt.files import atomic_write
 
 log = logging.getLogger(__name__)
 
-LETTERS = tuple(OPTION_LETTERS)
-STYLES = ("ceval", "cmmlu", "mmlu")  # the keys of PROMPT_STYLES
+LETTERS = tuple(OPTION_LETTERS)  # the options of a C-Eval/CMMLU row
+STYLES = ("ceval", "cmmlu", "mmlu", "medqa", "medmcqa", "pubmedqa", "cmb")  # the keys of PROMPT_STYLES
+MAX_SET_OPTIONS = 5  # a multiple-answer question is scored by log-likelihood over its 2^n - 1 answer sets up to here
 SCORING = ("loglik", "generate")  # how a question is scored: letter log-likelihood or a generated reply
 SPLITS = ("val", "dev", "test")
 CEVAL_MEDICAL = ("clinical_medicine", "basic_medicine", "physician")
 CMMLU_MEDICAL = ("anatomy", "clinical_knowledge", "college_medicine", "genetics", "nutrition",
                  "professional_medicine", "traditional_chinese_medicine", "virology")
-HUB_DEFAULT_SUBJECTS = {"ceval/ceval-exam": CEVAL_MEDICAL, "haonan-li/cmmlu": CMMLU_MEDICAL}
+HUB_DEFAULT_SUBJECTS: dict[str, tuple[str | None, ...]] = {"ceval/ceval-exam": CEVAL_MEDICAL,
+                                                            "haonan-li/cmmlu": CMMLU_MEDICAL}
 # The official subject names, as the benchmarks publish them (C-Eval's subject_mapping.json, CMMLU's
 # name_en2zh): the Chinese name goes into the prompt header.
 CEVAL_SUBJECTS = {
@@ -84,30 +88,20 @@ CMMLU_SUBJECTS = {
 
 
 @dataclass
-class Question:
-    id: str
-    subject: str
-    question: str
-    choices: tuple[str, str, str, str]
-    answer: str
-    loc: str
-    explanation: str = ""
-
-
-@dataclass
 class McqArgs:
     data: str
     split: str = "val"
     dev: str | None = None  # few-shot source; default: the sibling dev split
     subjects: list[str] | None = None
-    subject: str | None = None  # the subject of every question (else each row's `subject`, else the file name)
+    subject: str | None = None  # the subject of every question (else each row's own, else the file name)
     shots: int = 0
-    style: str = "ceval"
+    style: str | None = None  # default: the format's own (ceval for C-Eval/CMMLU rows)
     method: str = "loglik"
     batch_size: int = 8
     max_length: int = 2048
     max_new_tokens: int = 32
     limit: int | None = None  # questions per subject (quick checks)
+    format: str | None = None  # a layout of medgpt.eval.benchmarks.FORMATS; default: detected from the fields
 
 
 # ---- data ----------------------------------------------------------------------------------------
@@ -122,46 +116,14 @@ def _subject_of(path: Path) -> str:
     return stem
 
 
-def _cell(row: dict, *names: str) -> str:
-    for name in names:
-        for key in (name, name.lower(), name.capitalize()):
-            if key in row and row[key] is not None:
-                return str(row[key]).strip()
-    return ""
-
-
-def _question(row: dict, subject: str, loc: str, index: int) -> Question:
-    try:
-        options = mcq_options(row)  # the GRPO reader's rule: options A-D, an option column past D an error
-    except RecordError as exc:
-        raise UserError(f"{loc}: {exc}") from None
-    missing = [c for c in ("question", *LETTERS, "answer") if not (options.get(c) if c in LETTERS else _cell(row, c))]
-    if missing:
-        raise UserError(f"{loc}: missing {', '.join(missing)} (expected columns id, question, A, B, C, D, answer; "
-                        f"or CMMLU's Question, A, B, C, D, Answer)")
-    answer = _cell(row, "answer").upper()
-    if answer not in LETTERS:
-        raise UserError(f"{loc}: answer {answer!r} is not one of A, B, C, D")
-    qid = _cell(row, "id") or str(index)
-    subject = _cell(row, "subject") or subject
-    return Question(qid, subject, _cell(row, "question"), tuple(options[c] for c in LETTERS), answer, loc,
-                    _cell(row, "explanation"))
-
-
-def _file_rows(path: Path) -> list[tuple[str, dict]]:
-    """(location, row) for each row of a question file (CSV, jsonl); a row that is not an object is an error."""
-    rows, _ = read_records(str(path), "mcq", normalize=as_object)
-    return [(row.pop("_loc"), row) for row in rows]
-
-
 def _split_files(source: Path, split: str) -> list[Path]:
     """The question files of `split` under `source` (a file, a split folder, or a C-Eval/CMMLU root)."""
     if source.is_file():
         return [source]
     folder = source / split if (source / split).is_dir() else source
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".csv", ".jsonl"))
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in FILE_TYPES)
     if not files:
-        raise UserError(f"{source}: no .csv or .jsonl question files (for split {split!r})")
+        raise UserError(f"{source}: no {', '.join(FILE_TYPES)} question files (for split {split!r})")
     return files
 
 
@@ -175,35 +137,46 @@ def _dev_source(source: Path, split: str) -> Path | None:
     return None
 
 
-def load_questions(source: str, split: str = "val", subjects: list[str] | None = None,
-                   limit: int | None = None, subject: str | None = None) -> dict[str, list[Question]]:
-    """Questions by subject from local files or a hub data set (subset = subject).
-
-    A question's subject is `subject` when given, else its row's `subject` field, else its file's name."""
+def load_set(source: str, split: str = "val", subjects: list[str] | None = None, limit: int | None = None,
+             subject: str | None = None, fmt: str | None = None) -> tuple[str, dict[str, list[Question]]]:
+    """(format, questions by subject) from local files (CSV, JSON, JSONL, parquet, a folder of them) or a hub data
+    set (subset = subject). A question's subject is `subject` when given, else its benchmark's own subject field,
+    else (C-Eval/CMMLU) its file's name, else the format's name."""
     path = Path(source).expanduser()
     by_subject: dict[str, list[Question]] = defaultdict(list)
+    found: list[str] = []
     if path.exists():
         for file in _split_files(path, split):
-            for i, (loc, row) in enumerate(_file_rows(file)):
-                q = _question(row, _subject_of(file), loc, i)
-                q.subject = subject or q.subject
+            name, qs = question_rows(file, fmt)
+            found.append(name)
+            for q in qs:
+                q.subject = subject or q.subject or (_subject_of(file) if name == "ceval" else name)
                 if not subjects or q.subject in subjects:
                     by_subject[q.subject].append(q)
-    elif source.startswith((".", "/", "~")) or path.suffix.lower() in (".csv", ".jsonl") or source.count("/") != 1:
+    elif source.startswith((".", "/", "~")) or path.suffix.lower() in FILE_TYPES or source.count("/") != 1:
         raise UserError(f"{source}: no such file or folder (and not a hub data set name owner/name)")
     else:
-        for subject in subjects or HUB_DEFAULT_SUBJECTS.get(source, ()):
-            rows = _hub_rows(source, subject, split)
-            by_subject[subject] = [_question(row, subject, loc, i) for i, (loc, row) in enumerate(rows)]
+        for subset in subjects or HUB_DEFAULT_SUBJECTS.get(source, (None,)):
+            name, qs = question_rows(source, fmt, subset, split)
+            found.append(name)
+            for i, q in enumerate(qs):
+                q.loc = f"{source}/{subset or ''}/{split}:{i}"
+                q.subject = subject or subset or q.subject or name
+                by_subject[q.subject].append(q)
+    if len(set(found)) > 1:
+        raise UserError(f"{source}: files of different formats ({', '.join(sorted(set(found)))}); "
+                        f"evaluate them one at a time")
     if not by_subject:
         raise UserError(f"{source}: no questions" + (f" for subjects {', '.join(subjects)}" if subjects else
                                                      "; name the hub subsets with --subjects"))
-    return {s: qs[:limit] if limit else qs for s, qs in sorted(by_subject.items())}
+    return found[0], {s: qs[:limit] if limit else qs for s, qs in sorted(by_subject.items())}
 
 
-def _hub_rows(name: str, subject: str, split: str) -> list[tuple[str, dict]]:
-    """The rows of one hub subset (subject), located as `name/subject/split:index`."""
-    return [(f"{name}/{subject}/{split}:{i}", row) for i, (_, row) in enumerate(hub_rows(name, subject, split))]
+def load_questions(source: str, split: str = "val", subjects: list[str] | None = None,
+                   limit: int | None = None, subject: str | None = None,
+                   fmt: str | None = None) -> dict[str, list[Question]]:
+    """Questions by subject (`load_set` without the format's name)."""
+    return load_set(source, split, subjects, limit, subject, fmt)[1]
 
 
 def load_shots(args: McqArgs, subjects: list[str]) -> dict[str, list[Question]]:
@@ -221,7 +194,7 @@ def load_shots(args: McqArgs, subjects: list[str]) -> dict[str, list[Question]]:
     else:
         source = args.data
     split = "dev" if not Path(str(source)).expanduser().is_file() else args.split
-    shots = load_questions(str(source), split, subjects, subject=args.subject)
+    shots = load_questions(str(source), split, subjects, subject=args.subject, fmt=args.format)
     short = [s for s in subjects if len(shots.get(s, [])) < args.shots]
     if short:
         raise UserError(f"{source}: fewer than {args.shots} dev examples for {', '.join(short)}")
@@ -273,6 +246,13 @@ PROMPT_STYLES = {
                          "{letter}\n\n"),
     "mmlu": PromptStyle("The following are multiple choice questions (with answers) about {name}.\n\n",
                         "{question}{options}\nAnswer:", " {letter}\n\n"),
+    # lm-evaluation-harness's medqa_4options, medmcqa and pubmedqa (no header; MedXpertQA uses medqa's)
+    "medqa": PromptStyle("", "Question: {question}{options}\nAnswer:", " {letter}\n\n"),
+    "medmcqa": PromptStyle("", "Question: {question}\nChoices:{options}\nAnswer:", " {letter}\n\n"),
+    "pubmedqa": PromptStyle("", "Abstract: {context}\nQuestion: {question}\nAnswer:", " {letter}\n\n"),
+    # CMB and CMExam: C-Eval's wording with the question type each question states (单项选择题, 多项选择题)
+    "cmb": PromptStyle("以下是中国关于{name}考试的选择题，请选出其中的正确答案。\n\n", "{kind}{question}{options}\n答案：",
+                       "{letter}\n\n"),
 }
 
 
@@ -283,9 +263,10 @@ def header(style: str, subject: str) -> str:
 
 
 def format_question(q: Question, style: str) -> str:
-    """The question and options, ending where the answer letter goes."""
-    options = "".join(f"\n{letter}. {text}" for letter, text in zip(LETTERS, q.choices))
-    return PROMPT_STYLES[style].question.format(question=q.question, options=options)
+    """The question and options (or PubMedQA's abstract), ending where the answer goes."""
+    options = "".join(f"\n{letter}. {text}" for letter, text in zip(q.letters, q.choices))
+    return PROMPT_STYLES[style].question.format(question=q.question, options=options, context=q.context,
+                                                kind=f"（{q.kind}）" if q.kind else "")
 
 
 def _answer_suffix(style: str, letter: str) -> str:
@@ -359,12 +340,13 @@ class LoglikScorer:
         segments = self.template.segments(prompt, add_generation_prompt=True)
         return encode_segments(self.tokenizer, [*segments, (answer, True)] if answer else segments)["input_ids"]
 
-    def candidates(self, prompt: str | list[dict], ids: list[int] | None = None) -> list[list[int]]:
+    def candidates(self, prompt: str | list[dict], ids: list[int] | None = None,
+                   letters: tuple[str, ...] | str = LETTERS) -> list[list[int]]:
         """Per letter, the ids it may start the reply with: for each spelling, encode(prompt + spelling)
         minus encode(prompt) where that is one token."""
         ids = self.encode(prompt) if ids is None else ids
         out = []
-        for letter in LETTERS:
+        for letter in letters:
             found = set()
             for spelling in SPELLINGS:
                 extra = continuation_ids(self.encode(prompt, spelling.format(letter)), ids)
@@ -376,8 +358,8 @@ class LoglikScorer:
             out.append(sorted(found))
         return out
 
-    def _last_logits(self, ids, mask, positions):
-        """The model's output logits at the last position, in float32."""
+    def _logits(self, ids, mask, positions, keep: int = 1):
+        """The model's output logits at the last `keep` positions, in float32."""
         import torch
 
         head = self.model.get_output_embeddings()
@@ -388,58 +370,131 @@ class LoglikScorer:
                                                   None if module.bias is None else module.bias.float())
             hook = head.register_forward_hook(fp32_head)
         try:
-            logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=1).logits
+            logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                                logits_to_keep=keep).logits
         finally:
             if hook is not None:
                 hook.remove()
-        return logits[:, -1].float()
+        return logits[:, -keep:].float()
 
     def letter_loglik(self, prompts: list[list[int]], letter_ids: list[list[list[int]]] | None = None,
                       progress: bool = False):
-        """(n, 4) raw log-likelihoods of A-D at the next position (log-softmax over the whole vocabulary,
-        each letter pooled over its spellings by logsumexp); letter_ids per prompt, default self.letter_ids."""
+        """(n, k) raw log-likelihoods of the letters at the next position (log-softmax over the whole vocabulary,
+        each letter pooled over its spellings by logsumexp); letter_ids per prompt, default self.letter_ids (A-D);
+        a prompt with fewer letters than the widest is padded with -inf."""
         import torch
         from tqdm.auto import tqdm
 
         from medgpt.models import left_padded
 
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-        out = torch.zeros(len(prompts), len(LETTERS))
+        width = max((len(c) for c in letter_ids), default=len(LETTERS)) if letter_ids else len(self.letter_ids)
+        out = torch.full((len(prompts), width), float("-inf"))
         device = next(self.model.parameters()).device
         for start in tqdm(range(0, len(order), self.batch_size), desc="mcq", unit="batch", disable=not progress):
             chunk = order[start:start + self.batch_size]
             ids, mask, positions = left_padded([prompts[i] for i in chunk], self.tokenizer.pad_token_id, device)
             with torch.inference_mode():
-                logprobs = torch.log_softmax(self._last_logits(ids, mask, positions), dim=-1).cpu()
+                logprobs = torch.log_softmax(self._logits(ids, mask, positions)[:, -1], dim=-1).cpu()
             for row, i in zip(logprobs, chunk):
                 cands = letter_ids[i] if letter_ids is not None else self.letter_ids
-                out[i] = torch.stack([torch.logsumexp(row[c], dim=0) for c in cands])
+                out[i, :len(cands)] = torch.stack([torch.logsumexp(row[c], dim=0) for c in cands])
+        return out
+
+    def continuation_loglik(self, prompts: list[list[int]], continuations: list[list[list[int]]],
+                            progress: bool = False) -> list[list[float]]:
+        """Per prompt, the summed log-likelihood of each continuation's tokens after it (lm-evaluation-harness's
+        `loglikelihood`): one left-padded forward of prompt + continuation per candidate."""
+        import torch
+        from tqdm.auto import tqdm
+
+        from medgpt.models import left_padded
+
+        flat = [(i, j, prompts[i] + cont) for i, conts in enumerate(continuations) for j, cont in enumerate(conts)]
+        for i, j, _ in flat:
+            if not continuations[i][j]:
+                raise UserError("an answer adds no tokens after its prompt; use --method generate")
+        order = sorted(range(len(flat)), key=lambda k: len(flat[k][2]))
+        out = [[0.0] * len(conts) for conts in continuations]
+        device = next(self.model.parameters()).device
+        for start in tqdm(range(0, len(order), self.batch_size), desc="mcq", unit="batch", disable=not progress):
+            chunk = [flat[k] for k in order[start:start + self.batch_size]]
+            keep = max(len(continuations[i][j]) for i, j, _ in chunk) + 1
+            ids, mask, positions = left_padded([seq for _, _, seq in chunk], self.tokenizer.pad_token_id, device)
+            with torch.inference_mode():
+                logprobs = torch.log_softmax(self._logits(ids, mask, positions, keep), dim=-1).cpu()
+            for row, (i, j, _) in zip(logprobs, chunk):
+                cont = continuations[i][j]
+                picked = row[-len(cont) - 1:-1].gather(1, torch.tensor(cont).unsqueeze(1))
+                out[i][j] = float(picked.sum())
         return out
 
 
+def answer_sets(letters: str) -> list[str]:
+    """Every answer a multiple-answer question allows: each non-empty set of its options, as sorted letters,
+    singles first (2^n - 1 of them)."""
+    from itertools import combinations
+
+    return ["".join(c) for size in range(1, len(letters) + 1) for c in combinations(letters, size)]
+
+
+def choices_scored(q: Question) -> list[str]:
+    """What a question's log-likelihood is computed for: its letters, its labels, or its answer sets."""
+    if q.rule == "set":
+        if len(q.choices) > MAX_SET_OPTIONS:
+            raise UserError(f"{q.loc}: a multiple-answer question with {len(q.choices)} options has "
+                            f"{2 ** len(q.choices) - 1} answer sets, too many to score by log-likelihood "
+                            f"(at most {MAX_SET_OPTIONS} options); use --method generate")
+        return answer_sets(q.letters)
+    return list(q.keys)
+
+
 def _item(q: Question, pred: str | None, shots_used: int, **extra: Any) -> dict:
-    return {"subject": q.subject, "id": q.id, "loc": q.loc, "answer": q.answer, "pred": pred,
-            "correct": pred == q.answer, "shots": shots_used, **extra}
+    item = {"subject": q.subject, "id": q.id, "loc": q.loc, "answer": q.answer, "pred": pred,
+            "correct": pred == q.answer, "rule": q.rule, "shots": shots_used, **extra}
+    if q.meta:
+        item["meta"] = q.meta
+    return item
+
+
+def _tally(items: list[dict], key) -> dict[str, dict]:
+    groups: dict[str, dict] = {}
+    for item in items:
+        g = groups.setdefault(key(item), {"correct": 0, "total": 0})
+        g["correct"] += bool(item["correct"])
+        g["total"] += 1
+    for g in groups.values():
+        g["accuracy"] = round(100 * g["correct"] / g["total"], 2)
+    return dict(sorted(groups.items()))
 
 
 def summarize(items: list[dict]) -> dict:
-    """Per-subject and overall accuracy (percent); overall is over questions, `average` over subjects."""
-    subjects: dict[str, dict] = {}
-    for item in items:
-        s = subjects.setdefault(item["subject"], {"correct": 0, "total": 0})
-        s["correct"] += bool(item["correct"])
-        s["total"] += 1
-    for s in subjects.values():
-        s["accuracy"] = round(100 * s["correct"] / s["total"], 2)
+    """Per-subject and overall accuracy (percent); overall is over questions, `average` over subjects;
+    `by` breaks accuracy down by each category field the benchmark gives (CMB's exam_class, CMExam's
+    annotations) and by scoring rule; `ci95` is the bootstrap interval of the overall accuracy."""
+    subjects = _tally(items, lambda i: i["subject"])
     correct = sum(s["correct"] for s in subjects.values())
     total = sum(s["total"] for s in subjects.values())
     overall = {"correct": correct, "total": total, "accuracy": round(100 * correct / max(total, 1), 2),
                "average": round(sum(s["accuracy"] for s in subjects.values()) / max(len(subjects), 1), 2)}
     metrics = {"accuracy": overall["accuracy"], "average": overall["average"],
-               **{f"accuracy/{name}": s["accuracy"] for name, s in sorted(subjects.items())}}
+               **{f"accuracy/{name}": s["accuracy"] for name, s in subjects.items()}}
     if any("pred" in i and i["pred"] is None for i in items):
         metrics["unanswered"] = sum(i["pred"] is None for i in items)
-    return {"overall": overall, "subjects": dict(sorted(subjects.items())), "metrics": metrics}
+    fields = sorted({k for i in items for k in i.get("meta", {})})
+    by = {"rule": _tally(items, lambda i: i.get("rule", "single")),
+          **{f: _tally(items, lambda i, f=f: i.get("meta", {}).get(f, "")) for f in fields}}
+    out = {"overall": overall, "subjects": subjects, "by": by, "metrics": metrics}
+    if items and (ci := stats.interval("accuracy", items)) is not None:
+        out["ci95"] = {"accuracy": ci}
+    reasoned = [i for i in items if "reasoning" in i]
+    if reasoned:
+        lengths = [len(i["reasoning"] or "") for i in reasoned]
+        out["reasoning"] = {"replies": len(reasoned), "with_reasoning": sum(i["reasoning"] is not None for i in reasoned),
+                            "mean_chars": round(sum(lengths) / len(lengths), 1),
+                            "cut_in_reasoning": sum(not i["complete"] for i in reasoned)}
+        metrics["reasoning_chars"] = out["reasoning"]["mean_chars"]
+    return out
 
 
 def _flat_with_shots(questions: dict[str, list[Question]], shots: dict[str, list[Question]],
@@ -447,48 +502,96 @@ def _flat_with_shots(questions: dict[str, list[Question]], shots: dict[str, list
     return [(q, shots_for(q, shots[q.subject], n) if n else []) for qs in questions.values() for q in qs]
 
 
+def _answer_prefix(style: str, chat: bool) -> str:
+    """What goes between the prompt and an answer: the style's delimiter (" " for the English styles, as
+    lm-evaluation-harness's target_delimiter), nothing where the answer starts a chat reply."""
+    return "" if chat else _answer_suffix(style, "").rstrip("\n")
+
+
 def evaluate_loglik(scorer: LoglikScorer, questions: dict[str, list[Question]], shots: dict[str, list[Question]],
                     style: str, chat: bool, max_length: int, n_shots: int = 0) -> list[dict]:
+    """Single-answer questions: the likeliest option letter at the next position (pooled over its spellings);
+    yes/no/maybe and multiple-answer questions: the likeliest continuation among the labels or the answer sets
+    (summed token log-likelihood, lm-evaluation-harness's `acc`)."""
     render = question_messages if chat else prompt_text
-    prompts, used, cands, flat = [], [], [], []
+    prefix = _answer_prefix(style, chat)
+    letters, conts = [], []  # (index, prompt ids, candidate ids) for the two kinds of scoring
+    used, flat, keys = [], [], []
     for q, pool in _flat_with_shots(questions, shots, n_shots):
         build = lambda s, q=q: render(q, s, style)  # noqa: E731
-        ids, kept = _fit(build, scorer.encode, pool, max_length)
-        prompts.append(ids[-max_length:])
+        whole, kept = _fit(build, scorer.encode, pool, max_length)
+        ids = whole[-max_length:]
+        options = choices_scored(q)
+        if q.rule == "single":
+            letters.append((len(flat), ids, scorer.candidates(build(kept), whole, q.letters)))
+        else:
+            conts.append((len(flat), ids, [continuation_ids(scorer.encode(build(kept), prefix + o), whole)
+                                           for o in options]))
         used.append(len(kept))
-        cands.append(scorer.candidates(build(kept), ids))
         flat.append(q)
-    loglik = scorer.letter_loglik(prompts, cands, progress=True)
-    probs = loglik.softmax(-1)
+        keys.append(options)
+    scores: list[list[float]] = [[] for _ in flat]
+    if letters:
+        rows = scorer.letter_loglik([ids for _, ids, _ in letters], [c for _, _, c in letters], progress=True)
+        for (i, _, cands), row in zip(letters, rows):
+            scores[i] = [float(v) for v in row[:len(cands)]]
+    if conts:
+        for (i, _, _), row in zip(conts, scorer.continuation_loglik([ids for _, ids, _ in conts],
+                                                                   [c for _, _, c in conts], progress=True)):
+            scores[i] = row
     items = []
-    for q, n, row, p in zip(flat, used, loglik, probs):
-        pred = LETTERS[int(row.argmax())]
-        items.append(_item(q, pred, n, loglik={k: float(v) for k, v in zip(LETTERS, row)},
-                           probs={k: round(float(v), 4) for k, v in zip(LETTERS, p)}))
+    for q, n, options, row in zip(flat, used, keys, scores):
+        best = max(range(len(row)), key=row.__getitem__)
+        top = max(row)
+        total = sum(math.exp(v - top) for v in row)
+        items.append(_item(q, options[best], n, loglik=dict(zip(options, row)),
+                           probs={k: round(math.exp(v - top) / total, 4) for k, v in zip(options, row)}))
     return items
+
+
+def read_answer(q: Question, reply: str) -> str | None:
+    """The answer a reply commits to, read by the rule of the question: a letter, a set of letters, a label."""
+    if q.rule == "set":
+        return extract_choices(reply, q.letters)
+    if q.rule == "label":
+        return extract_label(reply, q.labels)
+    return extract_choice(reply, q.letters)
 
 
 def evaluate_generate(engine, questions: dict[str, list[Question]], shots: dict[str, list[Question]], style: str,
                       max_new_tokens: int, n_shots: int = 0) -> list[dict]:
+    """Greedy replies; the answer is read after the reasoning (`reply_parts`); a reply cut inside its reasoning
+    is unanswered (pred None), not read."""
     from medgpt.infer.base import GenerationParams
+    from medgpt.infer.reasoning import prompt_think_state
 
     pairs = _flat_with_shots(questions, shots, n_shots)
     batch = [question_messages(q, pool, style) for q, pool in pairs]
     completions = engine.generate(batch, GenerationParams(max_new_tokens=max_new_tokens, temperature=0.0))
-    return [_item(q, extract_choice(c.text), len(pool), output=c.text) for (q, pool), c in zip(pairs, completions)]
+    items = []
+    for (q, pool), messages, c in zip(pairs, batch, completions):
+        rendered = "".join(text for text, _ in engine.template.segments(messages, add_generation_prompt=True)) \
+            if engine.template is not None else ""
+        reasoning, answer, complete = reply_parts(c.text, opened=prompt_think_state(engine.template, rendered)
+                                                  == "opened")
+        pred = read_answer(q, answer) if complete else None
+        items.append(_item(q, pred, len(pool), output=c.text, reasoning=reasoning, complete=complete))
+    return items
 
 
 def run_mcq(model: str, args: McqArgs, adapter: str | None = None, template: str | None = None,
             dtype: str = "auto", trust_remote_code: bool = False) -> dict:
     """Evaluate `model` on args.data; returns the result dict (summary + items)."""
-    for name, value, allowed in (("style", args.style, STYLES), ("method", args.method, SCORING)):
+    for name, value, allowed in (("style", args.style or "ceval", STYLES), ("method", args.method, SCORING),
+                                 ("format", args.format or "ceval", tuple(FORMATS))):
         if value not in allowed:
             raise UserError(f"{name} {value!r}: expected one of {', '.join(allowed)}")
-    questions = load_questions(args.data, args.split, args.subjects, args.limit, args.subject)
+    fmt, questions = load_set(args.data, args.split, args.subjects, args.limit, args.subject, args.format)
+    style = args.style or FORMATS[fmt].style
     shots = load_shots(args, list(questions))
     count = sum(map(len, questions.values()))
-    log.info("mcq: %d questions in %d subjects, %d-shot, %s style, %s", count, len(questions), args.shots,
-             args.style, args.method)
+    log.info("mcq: %d %s questions in %d subjects, %d-shot, %s style, %s", count, fmt, len(questions), args.shots,
+             style, args.method)
     chat = template != "none"
     if args.method == "generate":
         if not chat:
@@ -497,16 +600,19 @@ def run_mcq(model: str, args: McqArgs, adapter: str | None = None, template: str
 
         with load_engine(model, adapter=adapter, template=template, dtype=dtype,
                          trust_remote_code=trust_remote_code, max_batch_size=args.batch_size) as engine:
-            items = evaluate_generate(engine, questions, shots, args.style, args.max_new_tokens, args.shots)
+            items = evaluate_generate(engine, questions, shots, style, args.max_new_tokens, args.shots)
     else:
+        for qs in questions.values():
+            for q in qs:
+                choices_scored(q)  # too many answer sets is an error before the model loads
         from medgpt.models import open_model
 
         opened = open_model(model, adapter, template, dtype=dtype, trust_remote_code=trust_remote_code)
         scorer = LoglikScorer(opened.model, opened.tokenizer, opened.template, args.batch_size)
-        items = evaluate_loglik(scorer, questions, shots, args.style, chat, args.max_length, args.shots)
+        items = evaluate_loglik(scorer, questions, shots, style, chat, args.max_length, args.shots)
     summary = summarize(items)
-    return {"task": "mcq", "model": model, "adapter": adapter, "data": args.data, "split": args.split,
-            "style": args.style, "shots": args.shots, "method": args.method, "template": template or "model's",
+    return {"task": "mcq", "model": model, "adapter": adapter, "data": args.data, "format": fmt, "split": args.split,
+            "style": style, "shots": args.shots, "method": args.method, "template": template or "model's",
             "accuracy": summary["overall"]["accuracy"], **summary, "items": items}
 
 
