@@ -76,3 +76,91 @@ def test_eval_mcq_picks_the_letters_lm_eval_picks(harness_run, bundled_model, sa
     assert accuracy == pytest.approx(100 * harness_acc, abs=1e-6)
     assert json.loads(result.read_text())["accuracy"] == pytest.approx(accuracy, abs=0.01)
     assert not math.isnan(accuracy)
+
+
+# ---- lm-eval's own medqa_4options, medmcqa, pubmedqa and mmlu_* tasks on fixtures in each benchmark's layout ----
+
+BENCHMARKS = {  # lm-eval task -> (fixture under tests/fixtures/benchmarks, the split its YAML scores)
+    "medqa_4options": ("medqa_hf/test.jsonl", "test"), "medmcqa": ("medmcqa/validation.parquet", "validation"),
+    "pubmedqa": ("pubmedqa/test.jsonl", "test"), "mmlu_clinical_knowledge": ("mmlu/clinical_knowledge.jsonl", "test"),
+}
+
+
+@pytest.fixture(scope="module")
+def benchmark_tasks():
+    """lm-eval's shipped task YAMLs (its prompt functions, choices, delimiters), pointed at the local fixtures."""
+    from pathlib import Path
+
+    import lm_eval
+    from lm_eval.tasks import TaskManager, get_task_dict
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    root = Path(lm_eval.__file__).parent / "tasks"
+    manager = TaskManager(include_path=[str(root / d) for d in ("medqa", "medmcqa", "pubmedqa", "mmlu/default")],
+                          include_defaults=False)  # index only these four folders
+    fixtures = Path(__file__).parent / "fixtures" / "benchmarks"
+    configs = []
+    for task, (file, split) in BENCHMARKS.items():
+        cfg = dict(load_yaml(manager.task_index[task].yaml_path, resolve_func=True))
+        cfg.update(dataset_path="parquet" if file.endswith(".parquet") else "json", dataset_name=None,
+                   dataset_kwargs={"data_files": {split: str(fixtures / file)}}, training_split=None,
+                   validation_split=split if split == "validation" else None, test_split=split, fewshot_split=None,
+                   fewshot_config=None)
+        configs.append(cfg)
+    return get_task_dict(configs, manager), fixtures
+
+
+def _key(doc: dict, doc_id: int) -> str:
+    return str(doc.get("id", doc.get("pubid", doc_id)))
+
+
+def test_medgpt_renders_lm_evals_benchmark_prompts(benchmark_tasks):
+    """Reference: lm-eval's own doc_to_text/doc_to_choice/doc_to_target of each task on each fixture row."""
+    from medgpt.eval import mcq
+
+    tasks, fixtures = benchmark_tasks
+    for task, (file, _) in BENCHMARKS.items():
+        t = tasks[task]
+        fmt, questions = mcq.load_set(str(fixtures / file))
+        ours = {q.id: q for qs in questions.values() for q in qs}
+        docs = list(t.test_docs())
+        assert len(docs) == len(ours) >= 3
+        for i, doc in enumerate(docs):
+            q = ours[_key(doc, i)]
+            assert mcq.prompt_text(q, [], mcq.FORMATS[fmt].style) == t.fewshot_context(doc, 0), task
+            assert list(q.keys) == t.doc_to_choice(doc)
+            assert q.keys[t.doc_to_target(doc)] if isinstance(t.doc_to_target(doc), int) else \
+                t.doc_to_target(doc) == q.answer
+
+
+@pytest.fixture(scope="module")
+def benchmark_harness_run(bundled_model, benchmark_tasks):
+    from lm_eval import simple_evaluate
+
+    tasks, _ = benchmark_tasks
+    return simple_evaluate(model="hf", model_args=f"pretrained={bundled_model},dtype=float32",
+                           tasks=list(tasks.values()), log_samples=True, batch_size=16, device="cpu")
+
+
+def test_eval_mcq_picks_what_lm_eval_picks_on_the_four_benchmarks(benchmark_harness_run, benchmark_tasks,
+                                                                  bundled_model, tmp_path):
+    """The same choice per item and the same accuracy as lm-eval's `hf` model on medqa_4options, medmcqa,
+    pubmedqa and mmlu_clinical_knowledge (zero-shot, plain text as lm-eval sends it)."""
+    _, fixtures = benchmark_tasks
+    for task, (file, split) in BENCHMARKS.items():
+        out = tmp_path / f"{task}.json"
+        assert main(["eval", "mcq", "--model", bundled_model, "--data", str(fixtures / file), "--template", "none",
+                     "--dtype", "fp32", "--output", str(out)]) == 0
+        items = {i["id"]: i for i in map(json.loads, out.with_name(f"{task}.items.jsonl").read_text().splitlines())}
+        samples = benchmark_harness_run["samples"][task]
+        assert len(samples) == len(items)
+        for sample in samples:
+            item = items[_key(sample["doc"], sample["doc_id"])]
+            keys = list(item["loglik"])
+            logliks = [resp[0] for resp in sample["filtered_resps"]]
+            assert item["pred"] == keys[max(range(len(keys)), key=logliks.__getitem__)], (task, item["id"])
+            for k, theirs in zip(keys, logliks):  # a letter pools "A" and " A": at least lm-eval's " A"
+                assert item["loglik"][k] >= theirs - 1e-3
+            assert item["loglik"][item["pred"]] == pytest.approx(max(logliks), abs=0.05)
+        harness_acc = 100 * benchmark_harness_run["results"][task]["acc,none"]
+        assert json.loads(out.read_text())["accuracy"] == pytest.approx(harness_acc, abs=0.01), task

@@ -19,10 +19,12 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
-    mcq = sub.add_parser("mcq", help="multiple-choice accuracy (C-Eval / CMMLU form)",
-                         description="Accuracy per subject and overall on C-Eval/CMMLU-form questions "
-                                     "(id,question,A,B,C,D,answer or Question,A,B,C,D,Answer), from local CSV/jsonl "
-                                     "files or a hub data set (subsets = subjects).")
+    mcq = sub.add_parser("mcq", help="multiple-choice accuracy (C-Eval, CMMLU, MedQA, MedMCQA, PubMedQA, MMLU, "
+                                     "CMB, CMExam, MedXpertQA)",
+                         description="Accuracy per subject and overall, with its 95%% interval, on multiple-choice "
+                                     "benchmarks in their own published layouts (2-10 options, multiple-answer and "
+                                     "yes/no/maybe questions), from local CSV/JSON/jsonl/parquet files, a folder, "
+                                     "or a hub data set (subsets = subjects).")
     _model_arguments(mcq)
     mcq.add_argument("--data", required=True,
                      help="CSV/jsonl file, a folder of them, a C-Eval-style root with dev/ and val/, or a hub "
@@ -33,10 +35,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                        "the file name); official C-Eval/CMMLU names get their Chinese name")
     mcq.add_argument("--shots", type=int, default=0, help="few-shot examples from the dev split (default: 0)")
     mcq.add_argument("--dev", help="where few-shot examples come from (default: the dev folder beside --data)")
-    mcq.add_argument("--style", default="ceval", choices=("ceval", "cmmlu", "mmlu"),
-                     help="official prompt wording of C-Eval, CMMLU or MMLU (English)")
+    mcq.add_argument("--format", help="the benchmark layout: medqa_hf, medqa, medqa_mcmle, medmcqa, pubmedqa, mmlu, "
+                                      "cmb, cmexam, medxpertqa, ceval (default: detected from the fields)")
+    mcq.add_argument("--style", choices=("ceval", "cmmlu", "mmlu", "medqa", "medmcqa", "pubmedqa", "cmb"),
+                     help="prompt wording (default: the format's own: ceval for C-Eval/CMMLU rows, lm-eval's for "
+                          "MedQA, MedMCQA, PubMedQA and MMLU)")
     mcq.add_argument("--method", default="loglik", choices=("loglik", "generate"),
-                     help="loglik: likeliest answer letter; generate: greedy reply, letter extracted")
+                     help="loglik: likeliest answer (letter, answer set or label); generate: greedy reply, its "
+                          "answer read after any reasoning")
     mcq.add_argument("--batch-size", type=int, default=8)
     mcq.add_argument("--max-length", type=int, default=2048, help="prompt token limit; shots are dropped to fit")
     mcq.add_argument("--max-new-tokens", type=int, default=32, help="reply length for --method generate")
@@ -91,7 +97,8 @@ def _mcq(args: argparse.Namespace) -> int:
     subjects = [s.strip() for s in args.subjects.split(",") if s.strip()] if args.subjects else None
     mcq_args = McqArgs(data=args.data, split=args.split, dev=args.dev, subjects=subjects, subject=args.subject,
                        shots=args.shots, style=args.style, method=args.method, batch_size=args.batch_size,
-                       max_length=args.max_length, max_new_tokens=args.max_new_tokens, limit=args.limit)
+                       max_length=args.max_length, max_new_tokens=args.max_new_tokens, limit=args.limit,
+                       format=args.format)
     if args.emit_lm_eval_task:
         written = write_lm_eval_tasks(mcq_args, args.emit_lm_eval_task)
         print(f"written: {len(written)} lm-eval task(s) in {args.emit_lm_eval_task}; run them with\n"
@@ -104,8 +111,14 @@ def _mcq(args: argparse.Namespace) -> int:
     for subject, s in result["subjects"].items():
         print(f"  {subject:32s} {s['accuracy']:6.2f}  ({s['correct']}/{s['total']})")
     o = result["overall"]
+    ci = result.get("ci95", {}).get("accuracy")
     print(f"  {'overall':32s} {o['accuracy']:6.2f}  ({o['correct']}/{o['total']}; subject average {o['average']:.2f}; "
-          f"standard error ±{standard_error(o['correct'], o['total']):.1f} points)")
+          f"standard error ±{standard_error(o['correct'], o['total']):.1f} points"
+          + (f"; 95% interval {ci[0]:.1f}-{ci[1]:.1f}" if ci else "") + ")")
+    if "reasoning" in result:
+        r = result["reasoning"]
+        print(f"  reasoning: {r['with_reasoning']}/{r['replies']} replies, mean {r['mean_chars']:.0f} characters; "
+              f"{r['cut_in_reasoning']} cut inside their reasoning (unanswered)")
     print(f"written: {output} and {items}")
     return 0
 

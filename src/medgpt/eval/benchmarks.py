@@ -152,7 +152,7 @@ def _medqa(row: dict, loc: str) -> Question:
     choices = _option_dict(row["options"], "options")
     q = _q(row, loc, _text(row["question"]), choices, _letter(row["answer_idx"], LETTERS[:len(choices)],
                                                                 "answer_idx"), meta=_meta(row, "meta_info"))
-    q.subject = _text(row.get("meta_info"))
+    q.subject = "physician" if _cjk(q.question) else _text(row.get("meta_info"))  # MCMLE: 医师资格
     return q
 
 

@@ -251,7 +251,7 @@ PROMPT_STYLES = {
     "medmcqa": PromptStyle("", "Question: {question}\nChoices:{options}\nAnswer:", " {letter}\n\n"),
     "pubmedqa": PromptStyle("", "Abstract: {context}\nQuestion: {question}\nAnswer:", " {letter}\n\n"),
     # CMB and CMExam: C-Eval's wording with the question type each question states (单项选择题, 多项选择题)
-    "cmb": PromptStyle("以下是中国关于{name}考试的选择题，请选出其中的正确答案。\n\n", "{kind}{question}{options}\n答案：",
+    "cmb": PromptStyle("以下是中国{name}中的选择题，请选出其中的正确答案。\n\n", "{kind}{question}{options}\n答案：",
                        "{letter}\n\n"),
 }
 
@@ -633,7 +633,12 @@ def write_lm_eval_tasks(args: McqArgs, out_dir: str | Path) -> list[Path]:
 
     out = Path(out_dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)
-    questions = load_questions(args.data, args.split, args.subjects, args.limit, args.subject)
+    fmt, questions = load_set(args.data, args.split, args.subjects, args.limit, args.subject, args.format)
+    style = args.style or FORMATS[fmt].style
+    odd = next((q for qs in questions.values() for q in qs if q.rule != "single" or len(q.choices) != 4), None)
+    if odd is not None:
+        raise UserError(f"{odd.loc}: --emit-lm-eval-task writes four-option single-answer tasks; lm-eval has its "
+                        f"own medqa_4options, medmcqa, pubmedqa and mmlu_* tasks for those benchmarks")
     shots = load_shots(args, list(questions))
     written = []
 
@@ -645,10 +650,10 @@ def write_lm_eval_tasks(args: McqArgs, out_dir: str | Path) -> list[Path]:
         write_jsonl(out / f"{name}.jsonl", [row(q) for q in qs])
         files = {"test": str((out / f"{name}.jsonl").resolve())}
         task = {"task": name, "dataset_path": "json", "dataset_kwargs": {"data_files": files}, "test_split": "test",
-                "output_type": "multiple_choice", "description": header(args.style, subject),
-                "doc_to_text": _lm_eval_text(args.style), "doc_to_choice": list(LETTERS),
+                "output_type": "multiple_choice", "description": header(style, subject),
+                "doc_to_text": _lm_eval_text(style), "doc_to_choice": list(LETTERS),
                 "doc_to_target": "{{['A', 'B', 'C', 'D'].index(answer)}}",
-                "target_delimiter": _answer_suffix(args.style, "").rstrip("\n"), "fewshot_delimiter": "\n\n",
+                "target_delimiter": _answer_suffix(style, "").rstrip("\n"), "fewshot_delimiter": "\n\n",
                 "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}]}
         if args.shots:
             write_jsonl(out / f"{name}_dev.jsonl", [row(q) for q in shots[subject]])

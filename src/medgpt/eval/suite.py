@@ -34,6 +34,7 @@ class EvalSet:
     split: str = "val"  # for mcq folders
     max_new_tokens: int = 96  # for qa
     limit: int | None = None  # first N items (per subject for mcq, as `eval mcq --limit`)
+    format: str | None = None  # for mcq: a benchmark layout (`eval mcq --format`); default: detected
 
 
 def default_eval_sets() -> list[EvalSet]:
@@ -45,8 +46,8 @@ def default_eval_sets() -> list[EvalSet]:
 
 
 def parse_eval_sets(value: Any) -> list[EvalSet]:
-    """A pipeline config's `eval_sets:`: a list of mappings (name, kind, data, split, max_new_tokens, limit),
-    or "none" for no evaluation."""
+    """A pipeline config's `eval_sets:`: a list of mappings (name, kind, data, split, max_new_tokens, limit, and
+    for mcq sets `format`: any layout `eval mcq --format` reads, detected when absent), or "none" for none."""
     if value is None or (isinstance(value, str) and value.strip().lower() == "none"):
         return []
     if not isinstance(value, list):
@@ -74,9 +75,15 @@ def parse_eval_sets(value: Any) -> list[EvalSet]:
             raise UserError(f"{where}: name must be a plain word (it names the result file), got {entry['name']!r}")
         if any(s.name == entry["name"] for s in sets):
             raise UserError(f"{where}: the name {entry['name']!r} is used twice")
+        if entry.get("format") is not None:
+            from medgpt.eval.benchmarks import FORMATS
+
+            if entry["kind"] != "mcq" or entry["format"] not in FORMATS:
+                raise UserError(f"{where}: format {entry['format']!r}: an mcq set's format is one of "
+                                f"{', '.join(FORMATS)}")
         if not Path(str(entry["data"])).expanduser().exists():
             raise UserError(f"{where}: data {entry['data']}: no such file or folder")
-        sets.append(EvalSet(**{k: (str(v) if k in ("name", "kind", "data", "split") else v)
+        sets.append(EvalSet(**{k: (str(v) if k in ("name", "kind", "data", "split", "format") else v)
                                for k, v in entry.items()}))
     return sets
 
@@ -104,13 +111,15 @@ def set_key(model_files: list, template: str | None, s: EvalSet, precision: str)
 
 
 def _mcq(engine, s: EvalSet) -> dict:
-    from medgpt.eval.mcq import LoglikScorer, evaluate_loglik, load_questions, summarize
+    from medgpt.eval.benchmarks import FORMATS
+    from medgpt.eval.mcq import LoglikScorer, evaluate_loglik, load_set, summarize
 
-    questions = load_questions(s.data, s.split, limit=s.limit)
+    fmt, questions = load_set(s.data, s.split, limit=s.limit, fmt=s.format)
     scorer = LoglikScorer(engine.model, engine.tokenizer, engine.template, batch_size=8)
-    items = evaluate_loglik(scorer, questions, {}, "ceval", True, 2048)
+    items = evaluate_loglik(scorer, questions, {}, FORMATS[fmt].style, True, 2048)
     summary = summarize(items)
-    return {"metrics": {"accuracy": summary["overall"]["accuracy"]}, "subjects": summary["subjects"], "items": items}
+    return {"metrics": {"accuracy": summary["overall"]["accuracy"]}, "format": fmt, "subjects": summary["subjects"],
+            "by": summary["by"], "items": items}
 
 
 def _qa(engine, s: EvalSet) -> dict:
