@@ -17,6 +17,7 @@ from typing import Any, Protocol
 
 from medgpt.data.messages import check_messages
 from medgpt.errors import UserError
+from medgpt.infer.reasoning import ReplyReader, reply_reader
 
 # A retrieval hook (knowledge-base answers): turns the conversation into augmented messages and the
 # sources it used; chat, serve and webui accept one and show or return the sources.
@@ -187,10 +188,11 @@ class Engine(Protocol):
     max_batch_size: int  # most requests in the running batch
     max_context: int  # the model's longest sequence (prompt + answer)
     system: str | None  # the default system prompt
+    enable_thinking: bool | None  # the default of the template's thinking switch (None: the template's own)
     model_sampling: dict[str, Any]  # the sampling settings the model's generation config sets
 
-    def encode(self, messages: list[dict], system: str | None = None,
-               tools: list[dict] | None = None) -> list[int]: ...
+    def encode(self, messages: list[dict], system: str | None = None, tools: list[dict] | None = None,
+               enable_thinking: bool | None = None) -> list[int]: ...
 
     def submit(self, request: Request) -> Future[Completion]:
         """Start one request (thread-safe, returns at once); the engine batches running requests continuously.
@@ -221,11 +223,13 @@ class Engine(Protocol):
 class TextStream:
     """The text deltas of one answer as they are final (iterate it like any iterator of str); once it is
     exhausted, `completion` holds the whole answer with its token counts and finish reason ("length" = cut
-    at max_new_tokens). `close()` stops the generation early."""
+    at max_new_tokens). `close()` stops the generation early. `reader` reads the reply's reasoning apart from
+    its answer (None: the template has no reasoning format, or the prompt closed the think block)."""
 
-    def __init__(self, chunks: Iterator[str]):
+    def __init__(self, chunks: Iterator[str], reader: ReplyReader | None = None):
         self._chunks = chunks  # a generator of deltas that returns the Completion
         self.completion: Completion | None = None
+        self.reader = reader
 
     def __iter__(self) -> TextStream:
         return self
@@ -268,19 +272,23 @@ class BaseEngine:
     max_batch_size: int = 16
     max_context: int = 2048
     system: str | None = None
+    enable_thinking: bool | None = None  # the prompts' thinking switch where a call gives none
     model_sampling: dict[str, Any] = {}  # what the model's generation config sets (see shipped_sampling)
     folder: str | None = None  # the base model's folder
     adapter: str | None = None  # the LoRA adapter's folder
     dtype: str | None = None
     device: str | None = None
 
-    def encode(self, messages: list[dict], system: str | None = None,
-               tools: list[dict] | None = None) -> list[int]:
+    def encode(self, messages: list[dict], system: str | None = None, tools: list[dict] | None = None,
+               enable_thinking: bool | None = None) -> list[int]:
         """Token ids of the prompt, rendered by the same template as training (with `tools` where it has a
-        tool format)."""
+        tool format; `enable_thinking`, else the engine's, as the template's thinking switch: Qwen3's false ends
+        the prompt with an empty think block, a template without a reasoning format ignores it)."""
         messages = check_messages(messages, prompt=True)
         system = self.system if system is None else system
-        return list(self.template.encode_prompt(self.tokenizer, messages, system=system, tools=tools))
+        think = self.enable_thinking if enable_thinking is None else enable_thinking
+        return list(self.template.encode_prompt(self.tokenizer, messages, system=system, tools=tools,
+                                                enable_thinking=think))
 
     def submit(self, request: Request) -> Future[Completion]:
         raise NotImplementedError
@@ -308,7 +316,8 @@ class BaseEngine:
     def stream(self, messages: list[dict], params: GenerationParams, system: str | None = None) -> TextStream:
         """Text deltas as they are final; the returned stream's `completion` is set once it is exhausted."""
         params.validate()
-        return TextStream(self._deltas(Request(self.encode(messages, system), params)))
+        ids = self.encode(messages, system)
+        return TextStream(self._deltas(Request(ids, params)), reply_reader(self.template, self.tokenizer, ids))
 
     def _deltas(self, request: Request) -> Iterator[str]:
         deltas: queue.Queue = queue.Queue()

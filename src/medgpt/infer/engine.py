@@ -520,15 +520,19 @@ class TransformersEngine(BaseEngine):
 
 def load_engine(model: str | None = None, adapter: str | None = None, template: str | None = None,
                 engine: str = "transformers", dtype: str = "auto", trust_remote_code: bool = False,
-                system: str | None = None, **engine_kwargs) -> Engine:
+                system: str | None = None, enable_thinking: bool | None = None, **engine_kwargs) -> Engine:
     """Load the named engine; template None = the one recorded with the model/adapter, else the tokenizer's;
-    `system` = the default system prompt of every prompt that brings none."""
+    `system` = the default system prompt of every prompt that brings none; `enable_thinking` = the template's
+    thinking switch for every prompt that sets none (None: the template's default)."""
+    if engine not in ENGINES:
+        raise UserError(f"engine {engine!r}: expected one of {', '.join(ENGINES)}")
     if engine == "transformers":
-        return TransformersEngine(model=model, adapter=adapter, template=template, dtype=dtype,
-                                  trust_remote_code=trust_remote_code, system=system, **engine_kwargs)
-    if engine == "vllm":
+        loaded: Engine = TransformersEngine(model=model, adapter=adapter, template=template, dtype=dtype,
+                                            trust_remote_code=trust_remote_code, system=system, **engine_kwargs)
+    else:
         from medgpt.infer.vllm_engine import VllmEngine
 
-        return VllmEngine(model=model, adapter=adapter, template=template, dtype=dtype,
-                          trust_remote_code=trust_remote_code, system=system, **engine_kwargs)
-    raise UserError(f"engine {engine!r}: expected one of {', '.join(ENGINES)}")
+        loaded = VllmEngine(model=model, adapter=adapter, template=template, dtype=dtype,
+                            trust_remote_code=trust_remote_code, system=system, **engine_kwargs)
+    loaded.enable_thinking = enable_thinking
+    return loaded

@@ -50,6 +50,10 @@ def add_generation_arguments(parser: argparse.ArgumentParser, max_new_tokens: in
         "generation", "Sampling flags left out take the model's generation_config.json values where it sets them, "
                       f"else {fallback}. --greedy decodes greedily, as evaluation does.")
     group.add_argument("--system", help="system prompt (default: the template's)")
+    group.add_argument("--enable-thinking", action=argparse.BooleanOptionalAction,
+                       help="the chat template's thinking switch (Qwen3's enable_thinking): --no-enable-thinking "
+                            "ends the prompt with an empty think block, so the model answers without reasoning "
+                            "(default: the template's own; a template without a reasoning format ignores it)")
     group.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help=f"default: {max_new_tokens}")
     for field, flag in SAMPLING_FLAGS.items():
         value = CHAT_SAMPLING[field]
@@ -94,7 +98,8 @@ def engine_from_args(args: argparse.Namespace, system: str | None = None) -> Eng
     if args.engine == "vllm":
         kwargs.update(vllm_options(args))
     return load_engine(model=args.model, adapter=args.adapter, template=args.template, engine=args.engine,
-                       dtype=args.dtype, trust_remote_code=args.trust_remote_code, system=system, **kwargs)
+                       dtype=args.dtype, trust_remote_code=args.trust_remote_code, system=system,
+                       enable_thinking=getattr(args, "enable_thinking", None), **kwargs)
 
 
 def vllm_options(args: argparse.Namespace) -> dict:

@@ -16,6 +16,7 @@ from fastapi import Request as HttpRequest
 
 from medgpt.errors import UserError
 from medgpt.infer.base import Augment, Completion, Engine, GenerationParams, Request
+from medgpt.infer.reasoning import ReplyReader, reply_reader
 from medgpt.infer.server.errors import ClientGone, InvalidRequest, generation_error, validated
 from medgpt.infer.server.metrics import Metrics
 from medgpt.infer.server.protocol import SamplingFields
@@ -62,6 +63,7 @@ class RequestContext:
     created: int = field(default_factory=lambda: int(time.time()))
     tool_use: ToolUse | None = None
     sources: list[dict] | None = None  # what retrieval found for a chat (None: no retrieval hook)
+    reader: ReplyReader | None = None  # how a chat's replies are read (None: all answer, no reasoning apart)
     tracked: list[Tracked] = field(default_factory=list)
 
     @classmethod
@@ -96,18 +98,24 @@ class RequestContext:
         return validated(fitted, self.body.param_names())
 
     async def encode_chat(self, messages: list[dict], system: str | None = None, tools: list[dict] | None = None,
-                          chars_param: str = "messages", history_param: str = "messages") -> list[int]:
-        """Prompt ids of a conversation, retrieval applied (its sources kept in `sources`)."""
+                          chars_param: str = "messages", history_param: str = "messages",
+                          enable_thinking: bool | None = None) -> list[int]:
+        """Prompt ids of a conversation, retrieval applied (its sources kept in `sources`), and how its replies
+        are read (`reader`: the reasoning apart where the template has a reasoning format)."""
         calls = [json.dumps(m["tool_calls"]) for m in messages if m.get("tool_calls")]
         texts = [m["content"] for m in messages] + calls
         self.settings.check_chars(texts + ([json.dumps(tools)] if tools else []), chars_param)
         if self.augment is not None:
             messages, self.sources = await asyncio.to_thread(self.augment, messages)
-        kwargs = {"tools": tools} if tools else {}
+        kwargs: dict[str, Any] = {"tools": tools} if tools else {}
+        if enable_thinking is not None:
+            kwargs["enable_thinking"] = enable_thinking
         try:
-            return await asyncio.to_thread(self.engine.encode, messages, system, **kwargs)
+            ids = await asyncio.to_thread(self.engine.encode, messages, system, **kwargs)
         except UserError as exc:
             raise InvalidRequest(f"{history_param}: {exc}", history_param) from None
+        self.reader = reply_reader(self.engine.template, self.engine.tokenizer, ids)
+        return ids
 
     def submit(self, tracked: list[Tracked]) -> list:
         """Start the rows (429 when the queue is full); they are this request's from here on."""

@@ -14,6 +14,7 @@ from medgpt.infer.server.errors import InvalidRequest, validated
 from medgpt.infer.server.settings import Asked, ServerSettings
 
 MAX_PROMPTS = 64  # prompts in one /v1/completions request
+TEMPLATE_KWARGS = ("enable_thinking",)  # the chat_template_kwargs the templates honour
 SAMPLING = ("temperature", "top_p", "top_k", "repetition_penalty", "presence_penalty", "frequency_penalty", "seed")
 
 
@@ -44,6 +45,7 @@ class Message(Strict):
     tool_calls: list[ToolCallIn] | None = None
     tool_call_id: str | None = None
     refusal: str | None = None
+    reasoning_content: str | None = None  # an assistant's reasoning, as this server and vLLM return it
 
     def text(self, i: int) -> str:
         """Plain text; OpenAI content parts of type text are joined; null only on an assistant's tool-call turn."""
@@ -67,6 +69,11 @@ class Message(Strict):
             message["tool_calls"] = [self.engine_call(i, k) for k in range(len(self.tool_calls))]
         if self.tool_call_id is not None:
             message["tool_call_id"] = self.tool_call_id
+        if self.reasoning_content:
+            if self.role != "assistant":
+                where = f"messages.{i}.reasoning_content"
+                raise InvalidRequest(f"{where}: only an assistant message carries reasoning", where)
+            message["reasoning"] = self.reasoning_content
         return message
 
     def engine_call(self, i: int, k: int) -> dict:
@@ -184,6 +191,7 @@ class ChatCompletionRequest(SamplingFields):
     parallel_tool_calls: bool | None = None
     metadata: dict[str, str] | None = None
     store: bool | None = None
+    chat_template_kwargs: dict[str, Any] | None = None  # vLLM's: options of the chat template (enable_thinking)
 
     def check(self) -> None:
         limit = self.token_limit()
@@ -191,6 +199,17 @@ class ChatCompletionRequest(SamplingFields):
             raise InvalidRequest(f"{limit.param} must be >= 1", limit.param)
         if self.top_logprobs is not None and not self.logprobs:
             raise InvalidRequest("top_logprobs: needs logprobs: true", "top_logprobs")
+        for key, value in (self.chat_template_kwargs or {}).items():
+            where = f"chat_template_kwargs.{key}"
+            if key not in TEMPLATE_KWARGS:
+                raise InvalidRequest(f"{where}: not a chat template option of this server (it takes "
+                                     f"{', '.join(TEMPLATE_KWARGS)})", where)
+            if not isinstance(value, bool):
+                raise InvalidRequest(f"{where}: expected true or false", where)
+
+    def enable_thinking(self) -> bool | None:
+        """The request's thinking switch (None: the server's default)."""
+        return (self.chat_template_kwargs or {}).get("enable_thinking")
 
     def token_limit(self) -> Asked:
         if self.max_completion_tokens is not None:

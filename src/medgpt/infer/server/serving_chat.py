@@ -7,6 +7,7 @@ import dataclasses
 from fastapi import Request as HttpRequest
 
 from medgpt.infer.base import Completion
+from medgpt.infer.reasoning import read_reply
 from medgpt.infer.server.body import parse_body
 from medgpt.infer.server.context import RequestContext, choices_of
 from medgpt.infer.server.protocol import ChatCompletionRequest, SeedChatRequest
@@ -21,7 +22,7 @@ async def chat_completions(http: HttpRequest):
     params = ctx.generation_params()
     ctx.tool_use, grammar = output_rules(body, ctx.engine)
     tools = ctx.tool_use.tools if ctx.tool_use else None
-    prompt_ids = await ctx.encode_chat(body.engine_messages(), tools=tools)
+    prompt_ids = await ctx.encode_chat(body.engine_messages(), tools=tools, enable_thinking=body.enable_thinking())
     params = ctx.fit(dataclasses.replace(params, grammar=grammar), len(prompt_ids), "messages")
     top_logprobs = body.logprobs_asked().value
     if body.stream:
@@ -33,7 +34,7 @@ async def chat_completions(http: HttpRequest):
 
 
 def chat_choice(ctx: RequestContext, index: int, result: Completion, top_logprobs: int) -> dict:
-    message, finish = chat_message(result, ctx.tool_use)
+    message, finish = chat_message(result, ctx.tool_use, ctx.reader)
     return {"index": index, "message": message, "finish_reason": finish,
             "logprobs": chat_logprobs(ctx.tokenizer, result.logprobs, top_logprobs)}
 
@@ -49,5 +50,7 @@ async def seed_chat(http: HttpRequest) -> dict:
     result = (await ctx.generate(choices_of(prompt_ids, params, 1)))[0]
     pairs = [[q["content"], a["content"]] for q, a in zip(history, history[1:])
              if q["role"] == "user" and a["role"] == "assistant"]
-    return {"response": result.text, "history": [*pairs, [body.message, result.text]],
+    reasoning, answer, _ = read_reply(result.text, ctx.reader)
+    thought = {} if ctx.reader is None else {"reasoning": reasoning}
+    return {"response": answer, **thought, "history": [*pairs, [body.message, answer]],
             "finish_reason": result.finish_reason, "usage": usage([result]), **ctx.extra()}

@@ -11,9 +11,11 @@ from typing import Any
 from fastapi.responses import StreamingResponse
 
 from medgpt.infer.base import Completion, GenerationParams
+from medgpt.infer.reasoning import ReplyReader
 from medgpt.infer.server.context import RequestContext, choices_of
 from medgpt.infer.server.errors import generation_error
 from medgpt.infer.server.responses import chat_logprobs, completion_logprobs, sse, usage
+from medgpt.infer.server.tool_use import chat_message
 
 
 class Chunks:
@@ -67,6 +69,7 @@ class ChatChunks(Chunks):
     def __init__(self, ctx: RequestContext, top_logprobs: int | None):
         super().__init__(ctx)
         self.top_logprobs = top_logprobs
+        self.readers: dict[int, ReplyReader] = {}  # each choice's reader, where replies are read apart
 
     def choice(self, index: int, delta: dict, finish: str | None = None, logprobs: dict | None = None) -> dict:
         return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
@@ -75,17 +78,35 @@ class ChatChunks(Chunks):
         return [self.delta(index, {"role": "assistant", "content": ""})]
 
     def text(self, index: int, text: str) -> str:
-        return self.delta(index, {"content": text})
+        reader = self.reader(index)
+        if reader is None:
+            return self.delta(index, {"content": text})
+        return self.parts(index, *reader.feed(text))
+
+    def reader(self, index: int) -> ReplyReader | None:
+        if self.ctx.reader is None:
+            return None
+        return self.readers.setdefault(index, ReplyReader(self.ctx.reader.opened))
+
+    def parts(self, index: int, reasoning: str, answer: str) -> str:
+        """The reasoning's delta (`reasoning_content`), then the answer's (`content`); "" for neither."""
+        return "".join(self.delta(index, {key: text})
+                       for key, text in (("reasoning_content", reasoning), ("content", answer)) if text)
 
     def held_back(self, index: int, result: Completion) -> tuple[list[str], str]:
         if self.ctx.tool_use is None:
-            return [], result.finish_reason
-        message, finish = self.ctx.tool_use.message(result)
+            reader = self.reader(index)
+            rest = self.parts(index, *reader.finish()) if reader is not None else ""
+            return ([rest] if rest else []), result.finish_reason
+        message, finish = chat_message(result, self.ctx.tool_use, self.ctx.reader)
+        thought = [self.delta(index, {"reasoning_content": message["reasoning_content"]})] \
+            if message.get("reasoning_content") else []
         if message.get("tool_calls"):
             calls = [{"index": k, **c} for k, c in enumerate(message["tool_calls"])]
             content = {"content": message["content"]} if message["content"] else {}
-            return [self.delta(index, {**content, "tool_calls": calls})], finish
-        return ([self.text(index, result.text)] if result.text else []), finish
+            return [*thought, self.delta(index, {**content, "tool_calls": calls})], finish
+        return [*thought, *([self.delta(index, {"content": message["content"]})] if message["content"] else [])], \
+            finish
 
     def logprobs(self, result: Completion) -> dict | None:
         if self.top_logprobs is None:
@@ -145,7 +166,8 @@ async def events_of(chunks: Chunks, futures: list[Future], events: asyncio.Queue
         while left:
             index, delta = await events.get()
             if delta is not None:
-                yield chunks.text(index, delta)
+                if chunk := chunks.text(index, delta):
+                    yield chunk
                 continue
             try:
                 result = futures[index].result()

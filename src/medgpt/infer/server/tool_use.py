@@ -3,10 +3,12 @@ the grammar that enforces it, and an answer read back into an OpenAI assistant m
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 
 from medgpt.infer.base import Completion, Engine
+from medgpt.infer.reasoning import ReplyReader, read_reply
 from medgpt.infer.server.errors import InvalidRequest
 from medgpt.infer.server.protocol import ChatCompletionRequest, ResponseFormat
 from medgpt.infer.tool_calls import parse_tool_calls, tool_call_grammar
@@ -32,11 +34,18 @@ class ToolUse:
         return {"role": "assistant", "content": content, "tool_calls": [c.openai() for c in calls]}, "tool_calls"
 
 
-def chat_message(result: Completion, use: ToolUse | None) -> tuple[dict, str]:
-    """The assistant message of a result (tool calls parsed out when the request has tools), and its finish."""
+def chat_message(result: Completion, use: ToolUse | None, reader: ReplyReader | None = None) -> tuple[dict, str]:
+    """The assistant message of a result and its finish: with a `reader`, the reasoning apart in
+    `reasoning_content` (None without one) and the answer alone in `content` ("" for a reply cut inside its
+    reasoning); tool calls parsed out of the answer when the request has tools."""
+    reasoning, answer, _ = read_reply(result.text, reader)
     if use is None:
-        return {"role": "assistant", "content": result.text}, result.finish_reason
-    return use.message(result)
+        message, finish = {"role": "assistant", "content": answer}, result.finish_reason
+    else:
+        message, finish = use.message(dataclasses.replace(result, text=answer))
+    if reader is not None:
+        message["reasoning_content"] = reasoning
+    return message, finish
 
 
 def output_rules(body: ChatCompletionRequest, engine: Engine) -> tuple[ToolUse | None, str | None]:

@@ -1,0 +1,136 @@
+"""A reasoning model served: a tiny SFT (template qwen3) on a shipped reasoning sample
+(src/medgpt/sample_data/sft/medical_reasoning.jsonl, its first reasoning line and answer sentence, so the tiny model
+can learn it by heart in a few seconds) answers through the official `openai` client with the reasoning in
+`reasoning_content` and the answer alone in `content`, streamed as reasoning deltas before content deltas;
+`chat_template_kwargs: {"enable_thinking": false}` renders Qwen3's non-thinking prompt (the official template's,
+tests/fixtures/chat_templates/qwen3.jinja) and its reply is all content; an unknown template option is a 400.
+A LoRA run's adapter folder and its merged model render every prompt as medgpt's qwen3 template does."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+from _stage_runs import train
+from test_data_templates_reasoning import official
+
+from medgpt.data.messages import reply_parts
+from medgpt.infer.base import GenerationParams
+from medgpt.infer.engine import load_engine
+from medgpt.infer.server import ServerSettings, create_app, running_server
+
+pytestmark = pytest.mark.slow
+
+
+def shipped_record(sample_data) -> dict:
+    """The lisinopril record of the shipped samples, cut to its first reasoning line and first answer sentence."""
+    rows = [json.loads(line) for line in (sample_data / "sft" / "medical_reasoning.jsonl").open(encoding="utf-8")]
+    row = next(r for r in rows if "lisinopril" in r.get("Question", ""))
+    return {**row, "Complex_CoT": row["Complex_CoT"].split("\n")[0], "Response": row["Response"].split(". ")[0] + "."}
+
+
+@pytest.fixture(scope="module")
+def record(sample_data):
+    return shipped_record(sample_data)
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_model, record, tmp_path_factory) -> str:
+    """The tiny model trained (full, greedy-reproducible) on the one record until it knows it by heart."""
+    tmp = tmp_path_factory.mktemp("reasoning-sft")
+    data = tmp / "one.jsonl"
+    data.write_text(json.dumps(record, ensure_ascii=False) + "\n", encoding="utf-8")
+    train("sft", tiny_model, tmp / "sft", str(data), template="qwen3", allow_split_markers=True, max_length=256,
+          method="full", max_steps=50, learning_rate=1e-2, per_device_train_batch_size=1, logging_steps=50)
+    return str(tmp / "sft")
+
+
+@pytest.fixture(scope="module")
+def served(trained):
+    engine = load_engine(trained, dtype="fp32")
+    settings = ServerSettings(defaults=GenerationParams(max_new_tokens=96, temperature=0.0), max_tokens_cap=128)
+    with running_server(create_app(engine, settings, model_name="reasoner")) as url:
+        yield url, engine
+    engine.close()
+
+
+@pytest.fixture(scope="module")
+def client(served):
+    from openai import OpenAI
+
+    return OpenAI(base_url=f"{served[0]}/v1", api_key="unused", timeout=120, max_retries=0)
+
+
+def test_served_reply_has_its_reasoning_apart(client, served, record):
+    _, engine = served
+    assert engine.template.name == "qwen3"  # recorded by the training run
+    question = [{"role": "user", "content": record["Question"]}]
+    reply = client.chat.completions.create(model="reasoner", messages=question, temperature=0)
+    message = reply.choices[0].message
+    assert message.reasoning_content == record["Complex_CoT"]
+    assert message.content == record["Response"]
+    raw = engine.generate([question], GenerationParams(max_new_tokens=96))[0].text
+    assert reply_parts(raw) == (record["Complex_CoT"], record["Response"], True) and raw.startswith("<think>")
+
+    chunks = list(client.chat.completions.create(model="reasoner", messages=question, temperature=0, stream=True))
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    kinds = [k for d in deltas for k in ("r", "c") if getattr(d, {"r": "reasoning_content", "c": "content"}[k], None)]
+    assert kinds == sorted(kinds, key="rc".index) and "r" in kinds and "c" in kinds  # reasoning first
+    assert "".join(getattr(d, "reasoning_content", None) or "" for d in deltas) == record["Complex_CoT"]
+    assert "".join(d.content or "" for d in deltas) == record["Response"]
+
+    # cut inside its reasoning: no answer, the reasoning so far
+    cut = client.chat.completions.create(model="reasoner", messages=question, temperature=0, max_tokens=4)
+    assert cut.choices[0].finish_reason == "length" and cut.choices[0].message.content == ""
+    assert record["Complex_CoT"].startswith(cut.choices[0].message.reasoning_content)
+
+
+def test_enable_thinking_false_and_unknown_options(client, served, record, tokenizer):
+    url, engine = served
+    question = [{"role": "user", "content": record["Question"]}]
+    reply = client.chat.completions.create(model="reasoner", messages=question, temperature=0, max_tokens=8,
+                                           extra_body={"chat_template_kwargs": {"enable_thinking": False}})
+    assert getattr(reply.choices[0].message, "reasoning_content", None) is None  # the prompt closed the think block
+    rendered = tokenizer.decode(engine.encode(question, enable_thinking=False))
+    assert rendered == official(question, True, enable_thinking=False)
+    assert reply.usage.prompt_tokens == len(engine.encode(question, enable_thinking=False))
+
+    body = {"model": "reasoner", "messages": question, "max_tokens": 2}
+    for kwargs, param in [({"thinking_budget": 10}, "chat_template_kwargs.thinking_budget"),
+                          ({"enable_thinking": "no"}, "chat_template_kwargs.enable_thinking")]:
+        response = httpx.post(f"{url}/v1/chat/completions", json={**body, "chat_template_kwargs": kwargs})
+        assert response.status_code == 400 and response.json()["error"]["param"] == param, response.text
+    # an earlier assistant turn may come back with its reasoning_content (Qwen3 drops it from history)
+    turns = [*question, {"role": "assistant", "content": "x", "reasoning_content": "y"}, *question]
+    assert httpx.post(f"{url}/v1/chat/completions", json={**body, "messages": turns}).status_code == 200
+
+
+def test_merged_model_renders_as_the_adapter_run(tiny_model, record, tmp_path):
+    """Reference: medgpt's qwen3 rendering, itself checked against Qwen3's official template."""
+    from medgpt.data.templates import get_template
+    from medgpt.models import load_tokenizer, merge_adapter
+
+    data = tmp_path / "one.jsonl"
+    data.write_text(json.dumps(record, ensure_ascii=False) + "\n", encoding="utf-8")
+    train("sft", tiny_model, tmp_path / "lora", str(data), template="qwen3", allow_split_markers=True,
+          max_length=256, max_steps=1)
+    merged = merge_adapter(str(tmp_path / "lora"), str(tmp_path / "merged"))
+    qwen3 = get_template("qwen3")
+    conversations = [[{"role": "user", "content": record["Question"]}],
+                     [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello.",
+                                                        "reasoning": "A greeting."}, {"role": "user", "content": "Bye"}]]
+    for folder in (tmp_path / "lora", merged):
+        tokenizer = load_tokenizer(str(folder))
+        with load_engine(tiny_model if folder.name == "lora" else str(folder),
+                         adapter=str(folder) if folder.name == "lora" else None, dtype="fp32") as engine:
+            assert engine.template.name == "qwen3"
+            for messages in conversations:
+                for think in (True, False):
+                    expected = qwen3.render(messages, add_generation_prompt=True, enable_thinking=think)
+                    assert tokenizer.decode(engine.encode(messages, enable_thinking=think)) == expected
+                    if folder == merged:  # its tokenizer's own chat template, as other tools render it
+                        hf = [{**{k: v for k, v in m.items() if k != "reasoning"}, "reasoning_content": m["reasoning"]}
+                              if "reasoning" in m else m for m in messages]
+                        assert tokenizer.apply_chat_template(hf, tokenize=False, add_generation_prompt=True,
+                                                             enable_thinking=think) == expected
