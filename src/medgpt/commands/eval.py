@@ -1,5 +1,5 @@
-"""`medgpt eval mcq|gen|ppl|compare`: multiple-choice accuracy, BLEU/ROUGE of generated answers, answer perplexity,
-side-by-side tables with paired confidence intervals."""
+"""`medgpt eval mcq|gen|ppl|judge|safety|compare`: multiple-choice accuracy, BLEU/ROUGE of generated answers, answer
+perplexity, a judge model's grades, refusal rates, side-by-side tables with paired confidence intervals."""
 
 from __future__ import annotations
 
@@ -15,6 +15,45 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="auto", help="auto, fp32, bf16, fp16 (default: auto)")
     parser.add_argument("--trust-remote-code", action="store_true")
     parser.add_argument("--limit", type=int, help="evaluate only the first N items (per subject for mcq)")
+
+
+def _judge_arguments(parser: argparse.ArgumentParser, required: bool) -> None:
+    parser.add_argument("--judge-url", required=required,
+                        help="base URL of an OpenAI-compatible API, e.g. http://127.0.0.1:8000/v1")
+    parser.add_argument("--judge-model", help="the judge's model name (default: the server's only model)")
+    parser.add_argument("--judge-api-key-env", default="MEDGPT_JUDGE_API_KEY",
+                        help="environment variable holding the API key (default MEDGPT_JUDGE_API_KEY, else "
+                             "OPENAI_API_KEY)")
+    parser.add_argument("--concurrency", type=int, default=8, help="judge requests in flight (default: 8)")
+    parser.add_argument("--timeout", type=float, default=60, help="seconds per judge request (default: 60)")
+    parser.add_argument("--retries", type=int, default=3, help="retries of a failed judge request (default: 3)")
+    parser.add_argument("--judge-max-tokens", type=int, default=512, help="verdict length limit (default: 512)")
+    parser.add_argument("--judge-json-schema", action="store_true",
+                        help="ask for the verdict's JSON schema (response_format; vLLM, OpenAI, medgpt serve)")
+    parser.add_argument("--judge-explanation-chars", type=int,
+                        help="with --judge-json-schema: the explanation's maxLength (keeps a small judge short)")
+    parser.add_argument("--judge-cache", help="verdict cache, a SQLite file (default: ~/.cache/medgpt/judge.sqlite)")
+
+
+def _judge_settings(args: argparse.Namespace):
+    from medgpt.eval.judge import JudgeSettings
+
+    if not args.judge_url:
+        return None
+    return JudgeSettings(url=args.judge_url, model=args.judge_model, api_key_env=args.judge_api_key_env,
+                         concurrency=args.concurrency, timeout=args.timeout, retries=args.retries,
+                         max_tokens=args.judge_max_tokens, json_schema=args.judge_json_schema,
+                         explanation_chars=args.judge_explanation_chars, cache=args.judge_cache)
+
+
+def _answer_source(args: argparse.Namespace, output: Path):
+    from medgpt.eval.judge import AnswerSource
+
+    return AnswerSource(predictions=args.predictions, model=None if args.predictions else args.model,
+                        adapter=args.adapter, template=args.template, dtype=args.dtype,
+                        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, system=args.system,
+                        trust_remote_code=args.trust_remote_code,
+                        partial=output.with_name(f".{output.stem}.partial.jsonl"))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -74,6 +113,40 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     ppl.add_argument("--batch-size", type=int, default=8)
     ppl.add_argument("--max-length", type=int, default=2048, help="token limit per conversation (longer are cut)")
     ppl.add_argument("--output", default="eval_ppl.json", help="result JSON; items go to NAME.items.jsonl")
+    judge = sub.add_parser("judge", help="grade answers with a judge model over any OpenAI-compatible API",
+                           description="Grade answers against rubrics (HealthBench's layout: prompt messages, "
+                                       "rubrics [{criterion, points, tags}]), against reference answers ({question, "
+                                       "answer}: a 0-10 score) or pairwise (A against --against B, both orders), with "
+                                       "a judge model behind any OpenAI-compatible endpoint (vLLM, medgpt serve, a "
+                                       "hosted API). Every verdict is cached; a rerun asks nothing twice.")
+    _model_arguments(judge)
+    judge.add_argument("--data", required=True, help="rubric rows (jsonl, HealthBench's layout) or {question, answer} "
+                                                     "rows")
+    judge.add_argument("--grading", choices=("rubric", "reference", "pairwise"),
+                       help="default: rubric where the rows have rubrics, else reference")
+    judge.add_argument("--predictions", help="jsonl of {\"prediction\"} (with the rows' prompt_id/id, else in order): "
+                                             "the answers to grade; without it --model generates them")
+    judge.add_argument("--against", help="pairwise: jsonl of {\"prediction\"}, the answers B that A is compared with")
+    judge.add_argument("--max-new-tokens", type=int, default=512, help="answer length when --model generates")
+    judge.add_argument("--batch-size", type=int, default=16)
+    judge.add_argument("--system", help="system prompt for generation")
+    _judge_arguments(judge, required=True)
+    judge.add_argument("--output", default="eval_judge.json", help="result JSON; items go to NAME.items.jsonl")
+    safety = sub.add_parser("safety", help="refusal rate on harmful requests, over-refusal on look-alike benign ones",
+                            description="Answers to the shipped safety sets (harmful.jsonl: requests to decline or "
+                                        "redirect; benign.jsonl: look-alike requests to answer), classified as "
+                                        "refusals by the judge (--judge-url) or by a refusal-phrase matcher.")
+    _model_arguments(safety)
+    safety.add_argument("--sets", help="folder with harmful.jsonl and benign.jsonl (default: the shipped sets)")
+    safety.add_argument("--predictions", help="jsonl of {\"id\", \"prediction\"} for both sets' ids: classify "
+                                              "these instead of generating")
+    safety.add_argument("--classifier", choices=("judge", "phrases"),
+                        help="default: judge with --judge-url, else phrases")
+    safety.add_argument("--max-new-tokens", type=int, default=256)
+    safety.add_argument("--batch-size", type=int, default=16)
+    safety.add_argument("--system", help="system prompt for generation")
+    _judge_arguments(safety, required=False)
+    safety.add_argument("--output", default="eval_safety.json", help="result JSON; items go to NAME.items.jsonl")
     comp = sub.add_parser("compare", help="side-by-side table of result files with deltas and paired intervals",
                           description="Compare result files (eval mcq/gen/ppl JSON or any JSON of numbers); deltas "
                                       "are to the first file. Where both files hold items, each delta gets its "
@@ -86,7 +159,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    return {"mcq": _mcq, "gen": _gen, "ppl": _ppl, "compare": _compare}[args.action](args)
+    return {"mcq": _mcq, "gen": _gen, "ppl": _ppl, "judge": _judge, "safety": _safety,
+            "compare": _compare}[args.action](args)
 
 
 def _mcq(args: argparse.Namespace) -> int:
@@ -151,6 +225,65 @@ def _gen(args: argparse.Namespace) -> int:
     print("  " + "  ".join(f"{k} {v:.2f}" for k, v in result["metrics"].items()) + f"  ({result['count']} items)")
     print(f"written: {output} and {items}")
     return 0
+
+
+def _calls_line(calls: dict) -> str:
+    line = (f"  judge {calls['judge']}: {calls['requests']} requests ({calls['retries']} retries), "
+            f"{calls['cache_hits']} cached verdicts, {calls['failed']} failed")
+    for error, n in calls["errors"].items():
+        line += f"\n    {n} x {error}"
+    return line
+
+
+def _interval(s: dict, scale: float = 1.0) -> str:
+    if s["mean"] is None:
+        return "n/a (nothing graded)"
+    return f"{scale * s['mean']:.3g} [{scale * s['ci95'][0]:.3g}, {scale * s['ci95'][1]:.3g}] (n={s['n']})"
+
+
+def _judge(args: argparse.Namespace) -> int:
+    from medgpt.eval.gen import write_result
+    from medgpt.eval.judge import JudgeRun, run_judge
+
+    output = Path(args.output)
+    result = run_judge(JudgeRun(data=args.data, judge=_judge_settings(args), answers=_answer_source(args, output),
+                                grading=args.grading, against=args.against, limit=args.limit))
+    output, items = write_result(result, output)
+    if result["grading"] == "pairwise":
+        for key in ("win", "tie", "loss"):
+            print(f"  {key:6s} {_interval(result[key])}")
+    else:
+        print(f"  score  {_interval(result['score'])}" + ("  (0-10)" if result["grading"] == "reference" else ""))
+        for tag, s in result.get("tags", {}).items():
+            print(f"    {tag:30s} {_interval(s)}")
+    print(f"  graded {result['items_graded']}/{result['items_total']} items; verdicts: "
+          + ", ".join(f"{k} {v}" for k, v in sorted(result["verdicts"].items())))
+    print(_calls_line(result["calls"]))
+    print(f"written: {output} and {items}")
+    if result["calls"]["failed"]:
+        print(f"medgpt eval judge: {result['calls']['failed']} judge call(s) failed; the verdicts received are cached, "
+              f"so running the same command again asks only for the missing ones")
+        return 1
+    return 0
+
+
+def _safety(args: argparse.Namespace) -> int:
+    from medgpt.eval.gen import write_result
+    from medgpt.eval.safety import run_safety
+
+    output = Path(args.output)
+    result = run_safety(_answer_source(args, output), judge=_judge_settings(args), classifier=args.classifier,
+                        sets=args.sets, limit=args.limit)
+    output, items = write_result(result, output)
+    print(f"  classifier: {result['classifier']}")
+    for name, metric in (("harmful", "refusal_rate"), ("benign", "over_refusal_rate")):
+        s = result[name]
+        print(f"  {name:8s} {metric:18s} {_interval(s[metric], 100)} %  ({s['unanswered']} unanswered, "
+              f"{s['ungraded']} ungraded)")
+    if "calls" in result:
+        print(_calls_line(result["calls"]))
+    print(f"written: {output} and {items}")
+    return 1 if result.get("calls", {}).get("failed") else 0
 
 
 def _compare(args: argparse.Namespace) -> int:

@@ -5,7 +5,7 @@
   pair in any format `read_records` takes gives two rows (chosen: True, rejected: False); rows that already
   hold `prompt`, `completion` and `label` are read as they are.
 - `prompts` (GRPO): `{"prompt": [... user], "answer": "B" | None, "options": "ABCD" | None,
-  "reference": str | None}` from C-Eval-form
+  "reference": str | None, "rubrics": JSON text | None}` from C-Eval-form
   multiple-choice rows (`question`, option columns `A`..`D`, `answer`: the prompt lists the options and asks
   for the letter), SFT conversations (the last assistant turn is the reference answer), `{"question",
   "answer"}` rows (the answer is the reference) and prompt-only rows (`{"query"}` or `{"prompt"}`).
@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any
 
@@ -97,8 +98,17 @@ def to_mcq(raw: Any) -> list[dict]:
 
 
 def to_prompt(raw: Any) -> list[dict]:
-    """A GRPO prompt with its multiple-choice answer letter or reference answer, when the row has one."""
+    """A GRPO prompt with its multiple-choice answer letter or reference answer, when the row has one, and its
+    HealthBench-style `rubrics` ([{criterion, points, tags}], kept as JSON text for the judge reward) or None."""
     obj = as_object(raw)
+    rubrics = obj.get("rubrics")
+    if rubrics is not None and not (isinstance(rubrics, list) and all(isinstance(r, dict) for r in rubrics)):
+        raise RecordError("wrong type", f'"rubrics" is {rubrics!r:.80}, expected a list of {{criterion, points, tags}}')
+    rubrics = json.dumps(rubrics, ensure_ascii=False) if rubrics else None
+    return [{**row, "rubrics": rubrics} for row in _prompt_rows(obj)]
+
+
+def _prompt_rows(obj: dict) -> list[dict]:
     options = mcq_options(obj)
     if "question" in obj and len(options) >= 2:
         answer = str(obj.get("answer") or "").strip().upper()

@@ -41,7 +41,7 @@ CONFIG_CLASS = GRPOConfig
 STAGE_ARGS = rewards.RewardArgs
 
 prompt_datasets = partial(prefs.conversation_datasets, kind="prompts", read=read_prompts, responses=(),
-                          carry=("answer", "options", "reference"))
+                          carry=("answer", "options", "reference", "rubrics"))
 
 
 def use_vllm_if_available(cfg: Config) -> None:

@@ -374,7 +374,7 @@ class PPO:
         texts = [self.tokenizer.decode(r, skip_special_tokens=True) for r in replies]
         columns = {"prompts": [p["prompt"] for p in picked],
                    "completions": [[{"role": "assistant", "content": t}] for t in texts], "completion_ids": replies,
-                   **{k: [p.get(k) for p in picked] for k in ("answer", "options", "reference")}}
+                   **{k: [p.get(k) for p in picked] for k in ("answer", "options", "reference", "rubrics")}}
         summed = [None if all(v is None for v in row) else sum(v for v in row if v is not None)
                   for row in zip(*(self._score(fn, columns) for fn in self.scorers))]
         scored = torch.tensor([s is not None for s in summed], dtype=torch.float32, device=acc.device)

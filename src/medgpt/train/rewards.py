@@ -1,7 +1,7 @@
 """Every reward of GRPO and PPO: the reward functions, their registry, and scoring with a trained reward model.
 
 A reward function takes TRL's keyword arguments (`prompts`, `completions` and every other dataset column,
-here `answer`, `options` and `reference`) and returns one float per completion, or None where it does not apply:
+here `answer`, `options`, `reference` and `rubrics`) and returns one float per completion, or None where it does not apply:
 GRPO (TRL) and PPO then leave it out for that completion, so multiple-choice and open questions can share a data
 set. Both stages name their rewards the same way, with `RewardArgs`. Which option a reply commits to is read by
 `medgpt.data.answers.extract_choice`, the reader `eval mcq` scores replies with. A reasoning model's reply is read
@@ -117,12 +117,67 @@ def reasoning_format(completions: list, answer: list[str | None] | None = None, 
     return scores
 
 
+@functools.lru_cache(maxsize=4)
+def _judge(settings: tuple) -> Any:
+    """One judge client (HTTP connections, verdict cache) per judge setting, kept for the whole run."""
+    from medgpt.judge import Judge, JudgeSettings
+
+    return Judge(JudgeSettings(**dict(settings)))
+
+
+def judge_reward(prompts: list, completions: list, reference: list | None = None, rubrics: list | None = None,
+                 judge_url: str | None = None, judge_model: str | None = None, judge_api_key_env: str | None = None,
+                 judge_concurrency: int = 8, judge_timeout: float = 60, judge_retries: int = 3,
+                 judge_max_tokens: int = 512, judge_json_schema: bool = False,
+                 judge_explanation_chars: int | None = None, judge_cache: str | None = None,
+                 **_: Any) -> list[float | None]:
+    """A judge model's grade (`medgpt.judge`, any OpenAI-compatible endpoint, every verdict cached): with
+    `rubrics` (HealthBench's [{criterion, points, tags}], a list or JSON text) the points met over the points
+    possible, clipped to [0, 1]; with a `reference` answer its 0-10 score / 10. None for a row with neither, or
+    whose verdict failed or could not be read; 0 for a reply cut inside its reasoning. reward_kwargs:
+    {judge_url, judge_model, judge_api_key_env, judge_concurrency, judge_timeout, judge_retries,
+    judge_max_tokens, judge_json_schema, judge_explanation_chars, judge_cache}."""
+    import json
+
+    from medgpt.judge import API_KEY_ENV, grade_reference, grade_rubrics
+
+    if not judge_url:
+        raise UserError("reward_fn judge: set reward_kwargs: {judge_url: http://HOST:PORT/v1, judge_model: NAME}")
+    judge = _judge((("url", judge_url), ("model", judge_model), ("api_key_env", judge_api_key_env or API_KEY_ENV),
+                    ("concurrency", judge_concurrency), ("timeout", judge_timeout), ("retries", judge_retries),
+                    ("max_tokens", judge_max_tokens), ("json_schema", judge_json_schema),
+                    ("explanation_chars", judge_explanation_chars), ("cache", judge_cache)))
+    n = len(completions)
+    rubrics, reference = rubrics or [None] * n, reference or [None] * n
+    prompts = [[{"role": "user", "content": p}] if isinstance(p, str) else list(p) for p in prompts]
+    texts = [completion_text(c) for c in completions]
+    scores: list[float | None] = [None] * n
+    by_rubric = [i for i in range(n) if rubrics[i]]
+    if by_rubric:
+        rows = [{"prompt": prompts[i], "_loc": str(i), "rubrics": json.loads(rubrics[i]) if isinstance(rubrics[i], str)
+                 else rubrics[i]} for i in by_rubric]
+        for i, item in zip(by_rubric, grade_rubrics(judge, rows, [texts[i] for i in by_rubric])["items"]):
+            scores[i] = None if item["score"] is None else min(1.0, max(0.0, item["score"]))
+    by_reference = [i for i in range(n) if not rubrics[i] and reference[i]]
+    if by_reference:
+        rows = [{"question": next((m["content"] for m in reversed(prompts[i]) if m["role"] == "user"), ""),
+                 "answer": reference[i], "_loc": str(i)} for i in by_reference]
+        for i, item in zip(by_reference, grade_reference(judge, rows, [texts[i] for i in by_reference])["items"]):
+            scores[i] = None if item["score"] is None else item["score"] / 10
+    left_out = sum(scores[i] is None for i in by_rubric + by_reference)
+    if left_out:
+        log.warning("reward judge: %d of %d replies without a verdict (failed or unreadable) are left out; judge "
+                    "calls so far: %s", left_out, len(by_rubric) + len(by_reference), judge.report())
+    return scores
+
+
 REWARD_FUNCTIONS: dict[str, Callable[..., list[float | None]]] = {
     "length": length_reward,  # reward_kwargs: {target_chars: 200}
     "answer_format": answer_format,
     "reasoning_format": reasoning_format,  # reasoning models: a think block, then a committed answer
     "mcq_accuracy": mcq_accuracy,
     "keyword": keyword_reward,  # reward_kwargs: {keywords: [...]}
+    "judge": judge_reward,  # reward_kwargs: {judge_url, judge_model, ...}; rows with rubrics or a reference
 }
 AUTO = ("mcq_accuracy", "answer_format")  # `auto`, plus reward_model when one is set
 
@@ -183,6 +238,8 @@ def check_rewards(args: RewardArgs) -> list[str]:
     for name in names:
         if name != "reward_model":
             reward_function(name)
+    if "judge" in names and not args.reward_kwargs.get("judge_url"):
+        raise UserError("reward_fn judge: set reward_kwargs: {judge_url: http://HOST:PORT/v1, judge_model: NAME}")
     return names
 
 
