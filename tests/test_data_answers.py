@@ -57,3 +57,31 @@ def test_extract_choice_table_covers_both_languages_and_refusals():
     assert len(REPLIES) >= 40 and 20 <= len(cjk) <= len(REPLIES) - 20
     assert sum(letter is None for _, letter in REPLIES) >= 15
     assert extract_choice("E", "ABCDE") == "E" and extract_choice("E") is None
+
+
+# Replies to multiple-answer questions (options A-E) and the set a reader takes from each, written by hand.
+SETS = [
+    ("ABD", "ABD"), ("A、B、D", "ABD"), ("答案：BD", "BD"), ("A, B and D", "ABD"), ("答案是A、C、E。", "ACE"),
+    ("The answers are A, B, and D.", "ABD"), ("正确答案为ACE", "ACE"), ("故选BC", "BC"), ("B", "B"), ("答案：A", "A"),
+    ("选项A错误，答案是CD", "CD"), ("答案：BD。B和D均正确。", "BD"),
+    ("答案：BD。不对，答案是BC", None), ("A. 阿司匹林\nB. 华法林", None), ("ABF", None), ("我不确定", None),
+    ("The answer is a combination of drugs.", None),
+]
+
+
+@pytest.mark.parametrize("reply,answer", SETS)
+def test_extract_choices_reads_answer_sets(reply, answer):
+    from medgpt.data.answers import extract_choices
+
+    assert extract_choices(reply, "ABCDE") == answer
+
+
+def test_letters_past_d_and_yes_no_maybe():
+    from medgpt.data.answers import extract_label
+
+    letters = "ABCDEFGHIJ"  # MedXpertQA's ten options
+    assert extract_choice("The answer is J.", letters) == "J" and extract_choice("I think it is G.", letters) == "G"
+    assert extract_choice("I'm fairly sure: H", letters) == "H" and extract_choice("I", letters) == "I"
+    assert extract_choice("The answer is J.") is None  # not one of A-D
+    assert [extract_label(t) for t in ("yes", "No, it did not.", "Answer: maybe", "The answer is yes.", "unclear",
+                                       "Answer: yes. Answer: no.")] == ["yes", "no", "maybe", "yes", None, None]

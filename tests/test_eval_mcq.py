@@ -245,3 +245,145 @@ def test_an_option_column_past_d_is_an_error_as_in_the_grpo_reader(tmp_path):
     five.write_text("id,question,A,B,C,D,E,answer\n0,q,a,b,c,d,,A\n", encoding="utf-8")  # an empty E is no option
     assert mcq.load_questions(str(five))["x"][0].choices == ("a", "b", "c", "d")
     assert read_prompts(str(five), "prompts")[0][0]["options"] == "ABCD"
+
+
+# ---- benchmark layouts, answer sets, yes/no/maybe, reasoning --------------------------------------
+
+BENCHMARKS = Path(__file__).parent / "fixtures" / "benchmarks"  # made-up questions in each benchmark's layout
+
+
+def test_each_benchmark_layout_is_detected_with_its_own_categories():
+    expected = {"medqa_hf": ("medqa_hf", "single", 4), "medqa": ("medqa", "single", 4),
+                "medqa_mcmle": ("medqa_mcmle", "single", 5), "medmcqa": ("medmcqa", "single", 4),
+                "pubmedqa": ("pubmedqa", "label", 0), "mmlu": ("mmlu", "single", 4), "cmb": ("cmb", None, 5),
+                "cmexam": ("cmexam", "set", 5), "medxpertqa": ("medxpertqa", "single", 10)}
+    for folder, (fmt, rule, options) in expected.items():
+        found, questions = mcq.load_set(str(BENCHMARKS / folder))
+        flat = [q for qs in questions.values() for q in qs]
+        assert found == fmt and {len(q.choices) for q in flat} == {options}, folder
+        assert rule is None or {q.rule for q in flat} == {rule}, folder
+    _, cmb = mcq.load_set(str(BENCHMARKS / "cmb"))
+    assert sorted(cmb) == ["医师考试", "护理考试"]  # CMB's exam_type; exam_class as a category
+    multi = [q for qs in cmb.values() for q in qs if q.rule == "set"]
+    assert [q.answer for q in multi] == ["ABD", "ABC"] and {q.kind for q in multi} == {"多项选择题"}
+    assert multi[0].meta["exam_class"] == "执业医师"
+    _, medmcqa = mcq.load_set(str(BENCHMARKS / "medmcqa" / "validation.parquet"))
+    assert sorted(medmcqa) == ["Anatomy", "Pathology", "Pediatrics", "Pharmacology"]
+    assert medmcqa["Anatomy"][0].answer == "B"  # cop 1
+    _, mx = mcq.load_set(str(BENCHMARKS / "medxpertqa"))
+    q = mx["Understanding"][0]
+    assert q.answer == "G" and q.letters == "ABCDEFGHIJ" and "Answer Choices" not in q.question
+    prompt = mcq.prompt_text(q, [], "medqa")
+    assert prompt.endswith("\nJ. Carbamoyl phosphate synthetase II\nAnswer:")
+    _, cmexam = mcq.load_set(str(BENCHMARKS / "cmexam"))
+    assert {q.answer for qs in cmexam.values() for q in qs} == {"B", "ABD", "A"}
+    assert "（不定项选择题）" in mcq.prompt_text(cmexam["临床医学"][0], [], "cmb")
+
+
+def test_pubmedqa_original_json_and_unknown_fields(tmp_path):
+    """ori_pqal.json is one object keyed by PMID; a row of no known layout names every format tried."""
+    ori = tmp_path / "ori_pqal.json"
+    ori.write_text(json.dumps({"111": {"QUESTION": "Does it work?", "CONTEXTS": ["It was tested.", "It worked."],
+                                       "final_decision": "yes", "LONG_ANSWER": "Yes."}}), encoding="utf-8")
+    q = mcq.load_questions(str(ori))["pubmedqa"][0]
+    assert (q.id, q.answer, q.rule, q.keys) == ("111", "yes", "label", ("yes", "no", "maybe"))
+    assert mcq.prompt_text(q, [], "pubmedqa") == \
+        "Abstract: It was tested.\nIt worked.\nQuestion: Does it work?\nAnswer:"
+    odd = tmp_path / "odd.jsonl"
+    odd.write_text(json.dumps({"prompt": "x", "target": "y"}) + "\n", encoding="utf-8")
+    with pytest.raises(UserError, match=r"odd.jsonl:1: fields prompt, target match no multiple-choice format; "
+                                        r"tried medqa_hf .*cmb .*medxpertqa .*ceval"):
+        mcq.load_questions(str(odd))
+    with pytest.raises(UserError, match=r"missing field: sent1, ending0, ending1, label \(format medqa_hf"):
+        mcq.load_questions(str(BENCHMARKS / "mmlu"), fmt="medqa_hf")
+    bad = tmp_path / "cmb.json"
+    bad.write_text(json.dumps([{"exam_type": "x", "question_type": "多项选择题", "question": "q",
+                                "option": {"A": "1", "B": "2"}, "answer": "AC"}], ensure_ascii=False), encoding="utf-8")
+    with pytest.raises(UserError, match=r"answer 'AC' is not a set of options among A, B"):
+        mcq.load_questions(str(bad))
+
+
+def test_answer_sets_and_labels_by_log_likelihood(tiny_model):
+    """Multiple-answer questions score each of their 2^5 - 1 answer sets, yes/no/maybe their three labels; the
+    reference is one unpadded float32 forward of prompt + continuation, summed over its tokens."""
+    import torch
+
+    from medgpt.models import open_model
+
+    opened = open_model(tiny_model, dtype="fp32")
+    scorer = mcq.LoglikScorer(opened.model, opened.tokenizer, opened.template, batch_size=7)
+    for folder, style, keys in (("cmb", "cmb", 31), ("pubmedqa", "pubmedqa", 3)):
+        questions = mcq.load_questions(str(BENCHMARKS / folder))
+        items = mcq.evaluate_loglik(scorer, questions, {}, style, chat=False, max_length=2048)
+        flat = [q for qs in questions.values() for q in qs]
+        for q, item in zip(flat, items):
+            assert item["rule"] == q.rule and item["correct"] == (item["pred"] == q.answer)
+            if q.rule == "single":
+                assert list(item["loglik"]) == list("ABCDE")
+                continue
+            assert len(item["loglik"]) == keys and item["pred"] == max(item["loglik"], key=item["loglik"].get)
+            prompt = mcq.prompt_text(q, [], style)
+            base = scorer.encode(prompt)
+            for key in (q.answer, list(item["loglik"])[-1]):
+                ids = scorer.encode(prompt, mcq._answer_prefix(style, False) + key)
+                with torch.no_grad():
+                    logprobs = torch.log_softmax(opened.model(torch.tensor([ids])).logits[0].float(), -1)
+                expected = sum(float(logprobs[p - 1, ids[p]]) for p in range(len(base), len(ids)))
+                assert item["loglik"][key] == pytest.approx(expected, abs=1e-3)
+    summary = mcq.summarize(items)
+    assert summary["by"]["rule"] == {"label": {"correct": sum(i["correct"] for i in items), "total": 3,
+                                               "accuracy": summary["overall"]["accuracy"]}}
+    assert len(summary["ci95"]["accuracy"]) == 2
+    many = mcq.Question("x", "s", "q", tuple("abcdef"), "AB", "f:1", rule="set")
+    with pytest.raises(UserError, match="63 answer sets, too many .*use --method generate"):
+        mcq.choices_scored(many)
+
+
+class _Replies:
+    """An engine that replies with given texts (what is tested is how the replies are read)."""
+
+    def __init__(self, template, texts):
+        self.template, self.texts = template, texts
+
+    def generate(self, batch, params):
+        from medgpt.infer.base import Completion
+
+        return [Completion(t, 0, 0, "stop") for t, _ in zip(self.texts, batch)]
+
+
+def test_generated_answers_are_read_after_the_reasoning(tiny_model):
+    """The answer after `</think>` is scored; a reply cut inside its reasoning is unanswered, not read; the mean
+    reasoning length is reported (reply_parts is the one reading)."""
+    from medgpt.models import open_model
+
+    template = open_model(tiny_model, dtype="fp32").template
+    questions = mcq.load_questions(str(BENCHMARKS / "cmb"))
+    flat = [q for qs in questions.values() for q in qs]
+    assert [q.answer for q in flat] == ["B", "ABD", "C", "ABC"]
+    replies = ["<think>A looks right, but troponin rises later.</think>答案：B", "<think>肾病、视网膜、神经病变</think>A、B、D",
+               "<think>先看C选项，漱口会误吸，所以答案是C", "答案：AB"]
+    items = mcq.evaluate_generate(_Replies(template, replies), questions, {}, "cmb", 64)
+    assert [i["pred"] for i in items] == ["B", "ABD", None, "AB"]
+    assert [i["correct"] for i in items] == [True, True, False, False]
+    assert items[2]["complete"] is False and items[2]["reasoning"].startswith("先看C选项")
+    summary = mcq.summarize(items)
+    assert summary["reasoning"]["cut_in_reasoning"] == 1 and summary["reasoning"]["with_reasoning"] == 3
+    lengths = [len("A looks right, but troponin rises later."), len("肾病、视网膜、神经病变"), len(items[2]["reasoning"]), 0]
+    assert summary["reasoning"]["mean_chars"] == pytest.approx(sum(lengths) / 4, abs=0.1)
+    assert summary["metrics"]["unanswered"] == 1
+    labels = mcq.evaluate_generate(_Replies(template, ["Answer: no", "maybe", "Yes."]),
+                                   mcq.load_questions(str(BENCHMARKS / "pubmedqa")), {}, "pubmedqa", 16)
+    assert [i["pred"] for i in labels] == ["no", "maybe", "yes"]
+
+
+def test_eval_mcq_cli_on_a_benchmark_format(answers_c_model, tmp_path):
+    out = tmp_path / "medxpertqa.json"
+    assert main(["eval", "mcq", "--model", answers_c_model, "--data", str(BENCHMARKS / "medxpertqa"), "--format",
+                 "medxpertqa", "--dtype", "fp32", "--output", str(out)]) == 0
+    result = json.loads(out.read_text())
+    items = [json.loads(line) for line in out.with_name("medxpertqa.items.jsonl").read_text().splitlines()]
+    assert result["format"] == "medxpertqa" and result["style"] == "medqa"
+    assert {i["pred"] for i in items} == {"C"} and result["accuracy"] == 0.0
+    assert set(result["by"]) == {"rule", "medical_task", "body_system"}
+    with pytest.raises(UserError, match="--format 'nope'"):
+        mcq.load_questions(str(BENCHMARKS / "cmb"), fmt="nope")

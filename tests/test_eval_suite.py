@@ -4,6 +4,7 @@ cached and read back without loading a model again, and compared before and afte
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -87,3 +88,22 @@ def test_a_result_cached_in_one_precision_is_not_read_back_for_another(tiny_mode
     monkeypatch.setattr(medgpt.infer.engine, "load_engine", load)
     with pytest.raises(Loaded):
         suite.evaluate(tiny_model, None, None, sets, tmp_path / "fp32")
+
+
+def test_eval_sets_take_any_benchmark_format(answers_c_model, tmp_path):
+    """A pipeline's `eval_sets:` reads every `eval mcq` format (detected, or named with `format:`)."""
+    from medgpt.eval import suite
+
+    fixtures = Path(__file__).parent / "fixtures" / "benchmarks"
+    sets = suite.parse_eval_sets([{"name": "cmb", "kind": "mcq", "data": str(fixtures / "cmb")},
+                                  {"name": "pubmedqa", "kind": "mcq", "data": str(fixtures / "pubmedqa"),
+                                   "format": "pubmedqa"}])
+    assert [s.format for s in sets] == [None, "pubmedqa"]
+    with pytest.raises(UserError, match="format 'medqa_usmle': an mcq set's format is one of medqa_hf"):
+        suite.parse_eval_sets([{"name": "x", "kind": "mcq", "data": str(fixtures / "cmb"), "format": "medqa_usmle"}])
+    results = suite.evaluate(answers_c_model, None, None, sets, tmp_path / "eval")
+    assert results["cmb"]["format"] == "cmb" and results["pubmedqa"]["format"] == "pubmedqa"
+    assert {i["rule"] for i in results["cmb"]["items"]} == {"single", "set"}
+    assert set(results["cmb"]["by"]) == {"rule", "exam_class", "exam_subject"}
+    assert {i["rule"] for i in results["pubmedqa"]["items"]} == {"label"}
+    assert "accuracy" in results["pubmedqa"]["ci95"]
