@@ -39,6 +39,7 @@ class CountingEngine:
 
     def __init__(self, engine, fail_on_prompt: int | None = None):
         self.engine, self.fail_on_prompt, self.prompts = engine, fail_on_prompt, 0
+        self.template, self.tokenizer = engine.template, engine.tokenizer
 
     def encode(self, messages, system=None):
         return self.engine.encode(messages, system)

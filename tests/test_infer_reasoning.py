@@ -86,3 +86,15 @@ def test_reply_reader_of_encoded_prompts(tokenizer):
     assert reply_reader(qwen3, tokenizer, qwen3.encode_prompt(tokenizer, question, enable_thinking=False)) is None
     assert reply_reader(chatml, tokenizer, chatml.encode_prompt(tokenizer, question)) is None
     assert read_reply("<think>x</think>y", None) == (None, "<think>x</think>y", True)
+
+
+def test_web_page_folds_the_reasoning_and_leaves_it_out_of_the_history():
+    from medgpt.infer.webui import history_messages, shown_reply
+
+    shown = shown_reply("Is it </details> <b>a fever</b>?\nYes.", "See a doctor.")
+    assert shown.startswith("<details><summary>Reasoning</summary>") and "<details open" not in shown
+    assert shown.endswith("</details>\n\nSee a doctor.") and "&lt;/details&gt;" in shown  # escaped: one block
+    assert shown_reply("", "Plain.") == "Plain."
+    page = [{"role": "user", "content": "Fever?"}, {"role": "assistant", "content": shown + "\n\n*(cut at 9 tokens)*"}]
+    assert history_messages(page) == [{"role": "user", "content": "Fever?"},
+                                      {"role": "assistant", "content": "See a doctor."}]

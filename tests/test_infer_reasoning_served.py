@@ -1,7 +1,8 @@
-"""A reasoning model served: a tiny SFT (template qwen3) on a shipped reasoning sample
+"""A reasoning model served, predicting and chatting: a tiny SFT (template qwen3) on a shipped reasoning sample
 (src/medgpt/sample_data/sft/medical_reasoning.jsonl, its first reasoning line and answer sentence, so the tiny model
 can learn it by heart in a few seconds) answers through the official `openai` client with the reasoning in
-`reasoning_content` and the answer alone in `content`, streamed as reasoning deltas before content deltas;
+`reasoning_content` and the answer alone in `content`, streamed as reasoning deltas before content deltas; predict
+writes its `reasoning` and `response` apart, the terminal chat shows the reasoning marked before the answer;
 `chat_template_kwargs: {"enable_thinking": false}` renders Qwen3's non-thinking prompt (the official template's,
 tests/fixtures/chat_templates/qwen3.jinja) and its reply is all content; an unknown template option is a 400.
 A LoRA run's adapter folder and its merged model render every prompt as medgpt's qwen3 template does."""
@@ -134,3 +135,31 @@ def test_merged_model_renders_as_the_adapter_run(tiny_model, record, tmp_path):
                               if "reasoning" in m else m for m in messages]
                         assert tokenizer.apply_chat_template(hf, tokenize=False, add_generation_prompt=True,
                                                              enable_thinking=think) == expected
+
+
+def test_predict_and_chat_show_the_reasoning_apart(served, record, tmp_path):
+    import io
+
+    from medgpt.infer.chat import ChatSession, run_chat
+    from medgpt.infer.predict import predict_file
+
+    _, engine = served
+    params = GenerationParams(max_new_tokens=96)
+    rows = [{"id": 1, "question": record["Question"]}]
+    source = tmp_path / "q.jsonl"
+    source.write_text(json.dumps(rows[0]) + "\n", encoding="utf-8")
+    predict_file(engine, source, tmp_path / "a.jsonl", params)
+    written = json.loads((tmp_path / "a.jsonl").read_text(encoding="utf-8"))
+    assert written == {**rows[0], "reasoning": record["Complex_CoT"], "response": record["Response"]}
+    assert predict_file(engine, source, tmp_path / "a.jsonl", params)["generated"] == 0  # resumable as before
+
+    session = ChatSession(engine, params)
+    lines = iter([record["Question"], "/exit"])
+    out = io.StringIO()
+    run_chat(session, read=lambda prompt: next(lines), out=out)
+    shown = f"assistant> (reasoning)\n│ {record['Complex_CoT']}\n(answer)\n{record['Response']}\n"
+    assert shown in out.getvalue(), out.getvalue()
+    assert session.history[-1] == {"role": "assistant", "content": record["Response"],
+                                   "reasoning": record["Complex_CoT"]}
+    cut = ChatSession(engine, GenerationParams(max_new_tokens=4))
+    assert "".join(cut.reply(record["Question"])) == "" and cut.unanswered

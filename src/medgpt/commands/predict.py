@@ -10,7 +10,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("--input", required=True, help="jsonl rows with query (+system, history), question, "
                                                        "instruction (+input), messages or conversations")
-    parser.add_argument("--output", required=True, help="jsonl: each input row plus `response`, in input order")
+    parser.add_argument("--output", required=True,
+                        help="jsonl: each input row plus `response`, in input order (and `reasoning`, the think "
+                             "block, where the template has a reasoning format: qwen3)")
     parser.add_argument("--overwrite", action="store_true", help="start again instead of resuming")
     add_engine_arguments(parser)
     add_generation_arguments(parser)

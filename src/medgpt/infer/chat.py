@@ -7,7 +7,10 @@ from dataclasses import dataclass, field
 from typing import TextIO
 
 from medgpt.infer.base import Augment, Completion, Engine, GenerationParams, engine_facts
+from medgpt.infer.reasoning import read_reply
 
+THOUGHT = "│ "  # opens each line of the reasoning the terminal shows before the answer
+THINKING, ANSWERING = "(reasoning)\n" + THOUGHT, "(answer)\n"
 HELP = "commands: /clear (forget the conversation), /system TEXT (set the system prompt), /exit (quit)"
 EXIT = {"/exit", "/quit", "exit", "quit"}
 
@@ -23,6 +26,7 @@ class ChatSession:
     history: list[dict] = field(default_factory=list)
     sources: list[dict] = field(default_factory=list)  # of the last answer
     completion: Completion | None = None  # the last answer: token count and finish reason ("length" = cut)
+    unanswered: bool = False  # the last reply ended inside its reasoning
 
     def clear(self) -> None:
         self.history.clear()
@@ -30,20 +34,50 @@ class ChatSession:
         self.completion = None
 
     def reply(self, text: str) -> Iterator[str]:
-        """Stream the answer to `text`; the turn joins the history only when the answer is complete."""
+        """Stream the answer to `text` (without its reasoning, see `reply_parts`)."""
+        parts = self.reply_parts(text)
+        try:
+            for kind, delta in parts:
+                if kind == ANSWER:
+                    yield delta
+        finally:
+            parts.close()
+
+    def reply_parts(self, text: str) -> Iterator[tuple[str, str]]:
+        """Stream the reply to `text` as (REASONING or ANSWER, delta), all reasoning first (a template without a
+        reasoning format: all answer); the turn joins the history only when the reply is complete."""
         messages = [*self.history, {"role": "user", "content": text}]
         prompt, self.sources = self.augment(messages) if self.augment else (messages, [])
         self.completion = None
-        answer = ""
+        raw = ""
         stream = self.engine.stream(prompt, self.params, system=self.system)
+        reader = getattr(stream, "reader", None)
         try:
             for delta in stream:
-                answer += delta
-                yield delta
+                raw += delta
+                if reader is None:
+                    yield ANSWER, delta
+                    continue
+                yield from labelled(reader.feed(delta))
+            if reader is not None:
+                yield from labelled(reader.finish())
         finally:  # stopped early (Ctrl-C, a closed page): stop generating
             getattr(stream, "close", lambda: None)()
         self.completion = getattr(stream, "completion", None)
-        self.history += [messages[-1], {"role": "assistant", "content": answer}]
+        reasoning, answer, complete = read_reply(raw, reader)
+        self.unanswered = not complete
+        turn = {"role": "assistant", "content": answer, **({"reasoning": reasoning} if reasoning else {})}
+        self.history += [messages[-1], turn]
+
+
+REASONING, ANSWER = "reasoning", "answer"
+
+
+def labelled(parts: tuple[str, str]) -> Iterator[tuple[str, str]]:
+    """A reader's (reasoning, answer) deltas as labelled pieces, the empty ones left out."""
+    for kind, text in zip((REASONING, ANSWER), parts):
+        if text:
+            yield kind, text
 
 
 def cut_note(completion: Completion | None) -> str:
@@ -112,15 +146,22 @@ def run_chat(session: ChatSession, read: Callable[[str], str] = input, out: Text
             print(HELP, file=out)
             continue
         print("assistant> ", end="", file=out, flush=True)
-        answer = session.reply(line)
+        answer = session.reply_parts(line)
+        shown = None
         try:
-            for delta in answer:
-                print(delta, end="", file=out, flush=True)
+            for kind, delta in answer:
+                if kind != shown:
+                    print(THINKING if kind == REASONING else ("\n" + ANSWERING if shown else ""), end="", file=out)
+                    shown = kind
+                print(delta.replace("\n", "\n" + THOUGHT) if kind == REASONING else delta, end="", file=out,
+                      flush=True)
         except KeyboardInterrupt:
             answer.close()
             print("\n(stopped; this turn is not kept)", file=out)
             continue
         print(file=out)
+        if session.unanswered:
+            print("(no answer: the reply ended inside its reasoning)", file=out)
         if note := cut_note(session.completion):
             print(f"({note}: the answer reached the max new tokens limit; --max-new-tokens raises it)", file=out)
         if session.sources:

@@ -3,6 +3,9 @@
 Answers are appended, a chunk at a time and in input order, to `<output>.partial`; each written row is
 its input row plus `response`, so a re-run checks that the finished prefix matches the input and
 continues after it. The partial file is renamed to the output when every row is done.
+
+With a template that has a reasoning format (qwen3) a row also gets `reasoning`: the reply's think block (null
+without one), and `response` holds only the answer after it ("" for a reply cut inside its reasoning).
 """
 
 from __future__ import annotations
@@ -19,11 +22,14 @@ from medgpt.data.rows import RecordError
 from medgpt.errors import UserError
 from medgpt.files import atomic_write
 from medgpt.infer.base import Engine, GenerationParams, Request
+from medgpt.infer.reasoning import ReplyReader, reply_reader
 
 log = logging.getLogger(__name__)
 
 QUERY_KEYS = ("query", "question", "instruction")
 RESPONSE_KEY = "response"
+REASONING_KEY = "reasoning"
+OUTPUT_KEYS = (RESPONSE_KEY, REASONING_KEY)  # what a written row adds to its input row
 
 
 def prompt_messages(row: Any) -> list[dict]:
@@ -72,11 +78,23 @@ def finished_rows(partial: Path, inputs: list[dict]) -> int:
     for number, line in enumerate(complete.decode("utf-8").splitlines(), 1):
         row = json.loads(line)
         expected = inputs[done] if done < len(inputs) else None
-        if not isinstance(row, dict) or {k: v for k, v in row.items() if k != RESPONSE_KEY} != expected:
+        if not isinstance(row, dict) or without_output(row) != without_output(expected):
             raise UserError(f"{partial}:{number}: does not match the input row {done + 1}; "
                             f"it was made from another input (pass --overwrite to start again)")
         done += 1
     return done
+
+
+def without_output(row: Any) -> Any:
+    return {k: v for k, v in row.items() if k not in OUTPUT_KEYS} if isinstance(row, dict) else row
+
+
+def answered(row: dict, text: str, reader: ReplyReader | None) -> dict:
+    """The output row: the input row with the answer, and the reasoning apart where the reply is read so."""
+    if reader is None:
+        return {**row, RESPONSE_KEY: text}
+    reasoning, answer, _ = reader.parts(text)
+    return {**row, REASONING_KEY: reasoning, RESPONSE_KEY: answer}
 
 
 def predict_file(engine: Engine, input_path: str | Path, output_path: str | Path, params: GenerationParams,
@@ -111,8 +129,9 @@ def predict_file(engine: Engine, input_path: str | Path, output_path: str | Path
             nonlocal tokens
             chunk, requests, futures = ahead[0]
             completions = [future.result() for future in futures]
-            for (row, _), completion in zip(chunk, completions):
-                sink.write(json.dumps({**row, RESPONSE_KEY: completion.text}, ensure_ascii=False) + "\n")
+            for (row, _), request, completion in zip(chunk, requests, completions):
+                reader = reply_reader(engine.template, engine.tokenizer, request.prompt_ids)
+                sink.write(json.dumps(answered(row, completion.text, reader), ensure_ascii=False) + "\n")
                 tokens += completion.completion_tokens
             sink.flush()
             os.fsync(sink.fileno())

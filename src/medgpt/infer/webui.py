@@ -1,9 +1,11 @@
-"""A Gradio chat page: the loaded model on top, streaming answers, a system prompt, every generation setting
-(with its default and where the default comes from), answers cut at the token limit marked, clear; served
-(`launch_page`) behind an optional login, to its own origin only, without uploads or telemetry."""
+"""A Gradio chat page: the loaded model on top, streaming answers (a reasoning model's reasoning folded above its
+answer), a system prompt, every generation setting (with its default and where the default comes from), answers cut
+at the token limit marked, clear; served (`launch_page`) behind an optional login, to its own origin only, without
+uploads or telemetry."""
 
 from __future__ import annotations
 
+import html
 import ipaddress
 import logging
 import os
@@ -24,6 +26,16 @@ UPLOAD_ROUTE = "/gradio_api/upload"  # Gradio's file upload route; the page has 
 
 # what the page appends to an answer (a cut note, the sources): left out of the history the model sees
 PAGE_NOTES = re.compile(r"(\n\n\*\(cut at \d+ tokens[^\n]*\)\*)?(\n\nSources:\n(\[\d+\] [^\n]*(\n|$))+)?$")
+# the folded reasoning the page shows before an answer (its text escaped, so no `</details>` inside it)
+FOLD_START, FOLD_END = "<details><summary>Reasoning</summary>\n\n", "\n\n</details>\n\n"
+PAGE_REASONING = re.compile(re.escape(FOLD_START) + r".*?" + re.escape(FOLD_END), re.DOTALL)
+
+
+def shown_reply(reasoning: str, answer: str) -> str:
+    """A reply as the page shows it: its reasoning folded (an HTML <details> block, closed) before the answer."""
+    if not reasoning:
+        return answer
+    return FOLD_START + html.escape(reasoning, quote=False) + FOLD_END + answer
 
 
 def history_messages(history: list[Any]) -> list[dict]:
@@ -35,7 +47,7 @@ def history_messages(history: list[Any]) -> list[dict]:
         if isinstance(content, list):
             content = "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
         if role == "assistant" and isinstance(content, str):
-            content = PAGE_NOTES.sub("", content, count=1)
+            content = PAGE_NOTES.sub("", PAGE_REASONING.sub("", content, count=1), count=1)
         if role in ("user", "assistant") and isinstance(content, str) and content:
             out.append({"role": role, "content": content})
     return out
@@ -68,14 +80,21 @@ def build_demo(engine: Engine, defaults: GenerationParams | None = None, system:
         params = GenerationParams(max_new_tokens=int(max_new_tokens), temperature=float(temperature),
                                   top_p=float(top_p), top_k=int(top_k), repetition_penalty=float(repetition_penalty),
                                   stop=stop, seed=None if seed is None or seed < 0 else int(seed))
-        answer = ""
+        reasoning = answer = ""
         stream = engine.stream(messages, params, system=(system_prompt or "").strip() or None)
+        reader = getattr(stream, "reader", None)
         try:
             for delta in stream:
-                answer += delta
-                yield answer
+                thought, said = reader.feed(delta) if reader is not None else ("", delta)
+                if thought or said:
+                    reasoning, answer = reasoning + thought, answer + said
+                    yield shown_reply(reasoning, answer)
+            if reader is not None and any(rest := reader.finish()):
+                reasoning, answer = reasoning + rest[0], answer + rest[1]
+                yield shown_reply(reasoning, answer)
         finally:  # the page stopped it (Stop, a closed tab): stop generating
             getattr(stream, "close", lambda: None)()
+        answer = shown_reply(reasoning, answer)
         notes = ""
         if note := cut_note(getattr(stream, "completion", None)):
             notes += f"\n\n*({note}; raise Max new tokens under Settings for a longer answer)*"
