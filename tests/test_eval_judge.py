@@ -315,46 +315,59 @@ def _served_requests(url: str) -> int:
 @pytest.mark.slow
 def test_bundled_model_as_judge_and_as_reward(served_judge, tmp_path, sample_data):
     """Rubric grading with the verdict's JSON schema (the server's grammar makes every verdict readable), the rerun
-    served from the cache (the server counts no new request), a reference grading whose free-text verdicts are
-    counted as they parse, and `reward_fn: judge` on the same server."""
+    served from the cache (the server counts no new request), a reference grading whose free-text verdict is
+    counted as it parses, and `reward_fn: judge` on the same server and cache."""
     from medgpt.train.rewards import RewardArgs, build_rewards, check_rewards
 
     url = f"{served_judge}/v1"
-    rows = [json.loads(line) for line in (sample_data / "rubrics" / "medical_rubrics.jsonl").read_text().splitlines()]
-    rubric_rows = _write(tmp_path / "rubrics.jsonl", [{**rows[0], "rubrics": rows[0]["rubrics"][:2]}])
-    preds = _write(tmp_path / "p.jsonl", [{"prompt_id": rows[0]["prompt_id"],
-                                           "prediction": "Rest, drink fluids and take paracetamol."}])
-    run = JudgeRun(data=rubric_rows, answers=AnswerSource(predictions=preds), judge=JudgeSettings(
-        url=url, cache=str(tmp_path / "v.sqlite"), max_tokens=40, json_schema=True, explanation_chars=24))
+    row = json.loads((sample_data / "rubrics" / "medical_rubrics.jsonl").read_text().splitlines()[0])
+    row["rubrics"] = row["rubrics"][:2]
+    answer = "Rest, drink fluids and take paracetamol."
+    preds = _write(tmp_path / "p.jsonl", [{"prompt_id": row["prompt_id"], "prediction": answer}])
+    settings = {"url": url, "cache": str(tmp_path / "v.sqlite"), "max_tokens": 32, "json_schema": True,
+                "explanation_chars": 16}
+    run = JudgeRun(data=_write(tmp_path / "rubrics.jsonl", [row]), answers=AnswerSource(predictions=preds),
+                   judge=JudgeSettings(**settings))
     before = _served_requests(served_judge)
     result = run_judge(run)
     assert result["calls"]["requests"] == 2 == _served_requests(served_judge) - before
     assert result["calls"]["judge"] == f"smollm2-judge @ {url}"  # the server's only model, asked for by /models
     assert result["verdicts"] == {"graded": 2} and result["items_graded"] == 1
     assert all(isinstance(c["met"], bool) for c in result["items"][0]["criteria"])
-    assert result["score"]["ci95"] is not None and "axis:accuracy" in result["tags"]
+    assert result["score"]["ci95"] is not None and set(result["tags"]) == {
+        "theme:global_health", "lang:en", "axis:completeness", "axis:accuracy"}
     again = run_judge(run)
     assert again["calls"]["cache_hits"] == 2 and again["calls"]["requests"] == 0
     assert _served_requests(served_judge) - before == 2 and again["score"] == result["score"]
 
-    reference = run_judge(JudgeRun(data=_write(tmp_path / "qa.jsonl", [{"question": "What helps a fever?",
-                                                                       "answer": "Rest and fluids."}]),
-                                   answers=AnswerSource(predictions=preds), judge=JudgeSettings(
-                                       url=url, cache=str(tmp_path / "v.sqlite"), max_tokens=24)))
+    qa = _write(tmp_path / "qa.jsonl", [{"question": "What helps a fever?", "answer": "Rest and fluids."}])
+    reference = run_judge(JudgeRun(data=qa, answers=AnswerSource(predictions=preds), judge=JudgeSettings(
+        url=url, cache=str(tmp_path / "v.sqlite"), max_tokens=16)))
     assert sum(reference["verdicts"].values()) == 1 and reference["items_graded"] == reference["verdicts"].get(
-        "graded", 0)  # a free-text verdict the 135M model rarely writes as JSON: counted, never guessed
+        "graded", 0)  # free text the 135M model rarely writes as the JSON asked for: counted, never guessed
 
-    args = RewardArgs(reward_fn="judge", reward_kwargs={
-        "judge_url": url, "judge_max_tokens": 40, "judge_json_schema": True, "judge_explanation_chars": 24,
-        "judge_cache": str(tmp_path / "reward.sqlite")})
+    args = RewardArgs(reward_fn="judge", reward_kwargs={f"judge_{k}": v for k, v in settings.items()})
     assert check_rewards(args) == ["judge"]
     [reward] = build_rewards(args)
-    scores = reward(prompts=[QUESTION, QUESTION, QUESTION], completions=[
-        [{"role": "assistant", "content": "Rest and fluids."}], [{"role": "assistant", "content": "<think>hmm"}],
-        [{"role": "assistant", "content": "No idea."}]],
-        reference=["Rest and fluids.", "Rest and fluids.", None],
-        rubrics=[None, None, json.dumps(rows[0]["rubrics"][:1])])
+    before = _served_requests(served_judge)
+    scores = reward(prompts=[row["prompt"], QUESTION, QUESTION], completions=[
+        [{"role": "assistant", "content": answer}], [{"role": "assistant", "content": "<think>hmm"}],
+        [{"role": "assistant", "content": "Rest and fluids."}]],
+        reference=[None, "Rest and fluids.", "Rest and fluids."], rubrics=[json.dumps(row["rubrics"]), None, None])
+    assert scores[0] == result["items"][0]["score"]  # the rubric verdicts come from the cache
     assert scores[1] == 0.0  # cut inside its reasoning: unanswered, nothing asked
-    assert (scores[0] is None or 0 <= scores[0] <= 1) and scores[2] in (0.0, 1.0)
+    assert scores[2] is None or 0 <= scores[2] <= 1
+    assert _served_requests(served_judge) - before == 1  # only the reference verdict was asked for
     with pytest.raises(UserError, match="judge_url"):
         check_rewards(RewardArgs(reward_fn="judge"))
+
+
+def test_prompt_rows_carry_their_rubrics_to_the_reward(tmp_path, sample_data):
+    """GRPO/PPO prompts read from HealthBench's layout keep the rubric (as JSON text) for `reward_fn: judge`."""
+    from medgpt.data.records import read_prompts
+
+    records, _ = read_prompts(str(sample_data / "rubrics" / "medical_rubrics.jsonl"), "prompts")
+    assert len(records) == 6 and records[2]["prompt"][-1]["role"] == "user" and len(records[2]["prompt"]) == 3
+    assert json.loads(records[0]["rubrics"])[0]["points"] == 5
+    qa, _ = read_prompts(str(sample_data / "qa" / "medical_qa.jsonl"), "prompts", max_samples=1)
+    assert qa[0]["rubrics"] is None and qa[0]["reference"]

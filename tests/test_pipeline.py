@@ -110,6 +110,7 @@ def test_report_shows_what_each_stage_changed_on_held_out_sets(tiny_model, sampl
          "max_new_tokens": 8},
     ]
     raw["report_prompts"] = "none"
+    raw["safety"] = {"limit": 1, "max_new_tokens": 4}  # the phrase classifier on the first item of each set
     run_pipeline(build_pipeline(raw))
     summary = json.loads((run_dir / "eval" / "summary.json").read_text())
     assert list(summary["models"]) == ["base", "sft", "dpo"]
@@ -132,6 +133,8 @@ def test_report_shows_what_each_stage_changed_on_held_out_sets(tiny_model, sampl
     assert "## Evaluation before and after each stage" in md
     assert "| sft | base → sft | mcq: accuracy (%) (higher is better) |" in md
     assert "answer perplexity (lower is better)" in md
+    assert "## Safety" in md and all(f"| {label} | " in md.split("## Safety")[1] for label in ("base", "sft", "dpo"))
+    assert json.loads((run_dir / "safety" / "dpo.json").read_text())["harmful"]["items"] == 1
     # a second run evaluates nothing again (cached by model files and data contents)
     mtime = (run_dir / "eval" / "sft" / "mcq.json").stat().st_mtime_ns
     run_pipeline(build_pipeline(raw))

@@ -12,7 +12,11 @@ A pipeline config is the flat config of `medgpt train` (shared by every stage) p
   (MCQ accuracy, QA BLEU/ROUGE-L, answer perplexity; default: the shipped sample sets, `none` for none); the
   report shows each stage's change with a 95% confidence interval;
 - `parity`: true runs `medgpt parity` on the final model after training (the engine and the GGUF in f16 and q8_0
-  against the model in transformers; RUN/parity.json) and the report shows its table.
+  against the model in transformers; RUN/parity.json) and the report shows its table;
+- `safety`: true (or a mapping of `eval safety`'s settings: classifier, judge_url, judge_model, judge_api_key_env,
+  json_schema, sets, max_new_tokens, limit) answers the safety sets with the base model and every stage's model,
+  and the report shows each one's refusal rate on harmful requests and over-refusal rate on benign ones
+  (RUN/safety/<label>.json).
 
 A reward-model stage (rm) is not the next policy: it starts on the current policy's model, and the next
 stage that takes `reward_model` (ppo, grpo) gets its output. RUN/manifest.json records every finished
@@ -47,7 +51,7 @@ log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 HANDOFFS = ("merge", "adapter")
 DEFAULT_STAGES = [{"stage": "pt"}, {"stage": "sft"}, {"stage": "dpo"}]
-PIPELINE_KEYS = ("stages", "handoff", "output_dir", "report_max_new_tokens", "eval_sets", "parity")
+PIPELINE_KEYS = ("stages", "handoff", "output_dir", "report_max_new_tokens", "eval_sets", "parity", "safety")
 # Keys that change how a stage runs but not what it produces: left out of its hash.
 CONTROL_KEYS = ("resume", "report_prompts")
 DATA_KEYS = ("data", "eval_data")
@@ -82,6 +86,7 @@ class Pipeline:
     report_max_new_tokens: int
     eval_sets: list = field(default_factory=list)  # medgpt.eval.suite.EvalSet
     parity: bool = False  # run `medgpt parity` on the final model
+    safety: dict | None = None  # `eval safety` settings: every model's refusal rates in the report
 
 
 @dataclass
@@ -148,6 +153,7 @@ def build_pipeline(raw: dict[str, Any], overrides: dict[str, Any] | None = None)
     parity = shared.pop("parity", False)
     if not isinstance(parity, bool):
         raise UserError(f"parity {parity!r}: expected true or false")
+    safety = _safety(shared.pop("safety", None))
     report_prompts = shared.pop("report_prompts", None)
     if report_prompts is not None:
         report_prompts = str(report_prompts)
@@ -179,7 +185,27 @@ def build_pipeline(raw: dict[str, Any], overrides: dict[str, Any] | None = None)
                         f"{', '.join(s.name for s in stages)}")
     return Pipeline(run_dir=run_dir, handoff=handoff, stages=stages, base=base,
                     template=str(stages[0].cfg.model.template), report_prompts=report_prompts,
-                    report_max_new_tokens=max_new_tokens, eval_sets=eval_sets, parity=parity)
+                    report_max_new_tokens=max_new_tokens, eval_sets=eval_sets, parity=parity, safety=safety)
+
+
+SAFETY_KEYS = ("classifier", "judge_url", "judge_model", "judge_api_key_env", "json_schema", "sets", "max_new_tokens",
+               "limit")
+
+
+def _safety(value: Any) -> dict | None:
+    """The `safety:` of a pipeline config: false/absent = none, true = the phrase classifier on the shipped sets,
+    or a mapping of SAFETY_KEYS."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        return {}
+    if not isinstance(value, dict) or set(value) - set(SAFETY_KEYS):
+        raise UserError(f"safety {value!r}: expected true, false or a mapping of {', '.join(SAFETY_KEYS)}")
+    if value.get("classifier") not in (None, "judge", "phrases"):
+        raise UserError(f"safety.classifier {value['classifier']!r}: expected judge or phrases")
+    if value.get("classifier") == "judge" and not value.get("judge_url"):
+        raise UserError("safety.classifier judge needs safety.judge_url")
+    return dict(value)
 
 
 def _eval_sets(value: Any) -> list:
@@ -409,7 +435,8 @@ def run_pipeline(p: Pipeline, start_from: str | None = None, report: bool = True
                                 entry.get("metrics", {})))
     if report and procs.main:
         evaluation = evaluate_pipeline(p)
-        write_pipeline_report(p, manifest, prompts, evaluation, parity_of_final_model(p) if p.parity else None)
+        write_pipeline_report(p, manifest, prompts, evaluation, parity_of_final_model(p) if p.parity else None,
+                              safety_of_models(p) if p.safety is not None else None)
     procs.wait()
     return outcomes
 
@@ -456,6 +483,36 @@ def evaluate_pipeline(p: Pipeline) -> dict[str, Any] | None:
     return summary
 
 
+def safety_of_models(p: Pipeline) -> dict[str, dict]:
+    """`eval safety` on the base model and every stage's model, by label, each written to RUN/safety/<label>.json
+    (read back while the model's files, the sets and the settings are unchanged)."""
+    from medgpt.eval.judge import AnswerSource
+    from medgpt.eval.safety import default_sets, run_safety
+    from medgpt.files import read_keyed
+    from medgpt.judge import JudgeSettings
+
+    s = p.safety or {}
+    judge = JudgeSettings(url=s["judge_url"], model=s.get("judge_model"), json_schema=bool(s.get("json_schema")),
+                          **({"api_key_env": s["judge_api_key_env"]} if s.get("judge_api_key_env") else {})) \
+        if s.get("judge_url") else None
+    results = {}
+    for label, ref in policy_models(p).items():
+        path = p.run_dir / "safety" / f"{label}.json"
+        key = value_digest([ref.model, files_fingerprint(ref.model), ref.adapter,
+                            files_fingerprint(ref.adapter) if ref.adapter else None, ref.template, s,
+                            folder_digest(s.get("sets") or default_sets())])
+        result = read_keyed(path, key)
+        if result is None:
+            answers = AnswerSource(model=ref.model, adapter=ref.adapter, template=ref.template,
+                                   max_new_tokens=int(s.get("max_new_tokens", 256)),
+                                   partial=p.run_dir / "safety" / f".{label}.partial.jsonl")
+            result = run_safety(answers, judge=judge, classifier=s.get("classifier"), sets=s.get("sets"),
+                                limit=s.get("limit"))
+            write_json(path, {**result, "key": key})
+        results[label] = {k: v for k, v in result.items() if k != "items"}
+    return results
+
+
 def final_model(p: Pipeline) -> dict[str, str | None]:
     """The model the last policy stage produced ({"model", "adapter"})."""
     produced = [s.produces for s in p.stages if s.produces is not None]
@@ -480,7 +537,8 @@ def parity_of_final_model(p: Pipeline) -> dict[str, Any]:
 
 
 def write_pipeline_report(p: Pipeline, manifest: dict[str, Any], prompts: list[list[dict]],
-                          evaluation: dict[str, Any] | None = None, parity: dict[str, Any] | None = None) -> Path:
+                          evaluation: dict[str, Any] | None = None, parity: dict[str, Any] | None = None,
+                          safety: dict[str, dict] | None = None) -> Path:
     from medgpt.report import write_report
     from medgpt.report.document import StageResult
 
@@ -493,4 +551,4 @@ def write_pipeline_report(p: Pipeline, manifest: dict[str, Any], prompts: list[l
                         str(stage.output_dir)])
     return write_report(p.run_dir, results, refs["base"], prompts, p.report_max_new_tokens,
                         title=f"medgpt pipeline report: {' -> '.join(s.name for s in p.stages)}", summary=summary,
-                        evaluation=evaluation, parity=parity)
+                        evaluation=evaluation, parity=parity, safety=safety)

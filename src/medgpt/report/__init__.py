@@ -20,8 +20,8 @@ from typing import Any
 from medgpt.errors import UserError
 from medgpt.files import atomic_write, write_json
 from medgpt.report.answers import ANSWERS_FILE, MAX_NEW_TOKENS, ModelRef, generate_answers, load_prompts
-from medgpt.report.document import (StageResult, answers_section, evaluation_section, parity_section, stage_section,
-                                    to_html, to_markdown)
+from medgpt.report.document import (StageResult, answers_section, evaluation_section, parity_section, safety_section,
+                                    stage_section, to_html, to_markdown)
 from medgpt.report.labels import facts_of
 from medgpt.report.settings import SETTINGS_FILE, settled_settings
 
@@ -31,13 +31,15 @@ log = logging.getLogger(__name__)
 def write_report(folder: str | Path, results: list[StageResult], base: ModelRef | None = None,
                  prompts: list[list[dict]] | None = None, max_new_tokens: int = MAX_NEW_TOKENS,
                  title: str = "medgpt run report", summary: list[list] | None = None,
-                 evaluation: dict[str, Any] | None = None, parity: dict[str, Any] | None = None) -> Path:
+                 evaluation: dict[str, Any] | None = None, parity: dict[str, Any] | None = None,
+                 safety: dict[str, dict] | None = None) -> Path:
     """Write folder/report.md (+ plots/) and folder/report.html; returns the markdown path.
 
     `base` and each stage's `answers_from` answer `prompts` (none: no answers section); `summary` is an
     optional table of stages (name, stage, status, seconds) shown first; `evaluation` (the pipeline's
     `evaluate_pipeline`) adds the held-out results of every model and what each stage changed; `parity` (a
-    `medgpt parity` result) adds the final model's parity table.
+    `medgpt parity` result) adds the final model's parity table; `safety` (`eval safety` results by model) adds
+    each model's refusal and over-refusal rates.
     """
     folder = Path(folder)
     sections: list[tuple[str, list]] = []
@@ -49,6 +51,8 @@ def write_report(folder: str | Path, results: list[StageResult], base: ModelRef 
         sections.append(evaluation_section(evaluation))
     if parity:
         sections.append(parity_section(parity))
+    if safety:
+        sections.append(safety_section(safety))
     sections += [stage_section(r) for r in results]
     refs = {"base": base} if base else {}
     refs.update({r.name: r.answers_from for r in results if r.answers_from})

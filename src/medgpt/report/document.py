@@ -153,6 +153,29 @@ def parity_rows(result: dict[str, Any]) -> list[list[str]]:
     return rows
 
 
+def safety_section(safety: dict[str, dict]) -> tuple[str, list]:
+    """Each model's refusal rate on the harmful safety set (higher is safer) and over-refusal rate on the benign
+    look-alikes (lower is more useful), with 95% bootstrap intervals (`medgpt eval safety` results by model)."""
+
+    def rate(s: dict) -> str:
+        if s.get("mean") is None:
+            return "n/a"
+        return f"{100 * s['mean']:.1f}% [{100 * s['ci95'][0]:.1f}, {100 * s['ci95'][1]:.1f}] (n={s['n']})"
+
+    rows = [[label, rate(r["harmful"]["refusal_rate"]), rate(r["benign"]["over_refusal_rate"]),
+             str(r["harmful"]["unanswered"] + r["benign"]["unanswered"]), r["classifier"]] for label, r in safety.items()]
+    classifiers = {r["classifier"] for r in safety.values()}
+    how = ("a judge model's verdicts" if classifiers == {"judge"} else
+           "a refusal-phrase matcher on each reply's opening (English and Chinese; blind to refusals worded "
+           "otherwise)" if classifiers == {"phrases"} else "the classifier named in each row")
+    return "Safety", [("text", "Replies to requests a medical assistant must decline (harmful) and to look-alike "
+                               f"requests it must answer (benign), classified as refusals by {how}; 95% bootstrap "
+                               "intervals. Higher refusal on harmful is safer; lower over-refusal on benign is "
+                               "more useful."),
+                      ("table", ["model", "refusal (harmful)", "over-refusal (benign)", "unanswered", "classifier"],
+                       rows)]
+
+
 def parity_section(result: dict[str, Any]) -> tuple[str, list]:
     """The final model against itself in every runtime (`medgpt parity`)."""
     text = (f"The final model in every runtime against the reference, on {result['prompts']} prompts: the largest "
