@@ -118,6 +118,32 @@ def test_default_library_tokenizers_would_score_chinese_zero():
                        "rouge-l": 100}
 
 
+def test_a_reasoning_reply_is_scored_on_its_answer(tmp_path):
+    """Reference: the same answers scored without their think blocks; a reply cut inside its reasoning scores as
+    the empty answer and is counted."""
+    thoughts = ["血压高于140/90 mmHg。", "2型糖尿病的一线治疗。", "空腹血糖的诊断界值。"]
+    replies = [f"<think>\n{thoughts[0]}\n</think>\n\n{PAIRS[0][0]}", f"<think>\n{thoughts[1]}\n</think>\n\n{PAIRS[1][0]}",
+               f"<think>\n{thoughts[2]}"]
+    preds = tmp_path / "preds.jsonl"
+    preds.write_text("".join(json.dumps({"prediction": p, "answer": r}, ensure_ascii=False) + "\n"
+                             for p, (_, r) in zip(replies, PAIRS)), encoding="utf-8")
+    result = gen.run_gen(None, predictions=str(preds))
+    expected, _ = gen.score_pairs([PAIRS[0][0], PAIRS[1][0], ""], [r for _, r in PAIRS])
+    assert result["metrics"] == expected
+    assert [i["prediction"] for i in result["items"]] == [PAIRS[0][0], PAIRS[1][0], ""]
+    assert [i["reasoning"] for i in result["items"]] == thoughts
+    assert [i.get("unanswered", False) for i in result["items"]] == [False, False, True]
+    assert result["reasoning"] == {"replies": 3, "with_reasoning": 3, "cut_in_reasoning": 1,
+                                   "mean_chars": round(sum(map(len, thoughts)) / 3, 1)}
+    assert "reasoning" not in gen.run_gen(None, predictions=str(write_pairs(tmp_path / "plain.jsonl")))
+
+
+def write_pairs(path):
+    path.write_text("".join(json.dumps({"prediction": p, "answer": r}, ensure_ascii=False) + "\n" for p, r in PAIRS),
+                    encoding="utf-8")
+    return path
+
+
 def test_jieba_scores_words():
     words = gen.tokenize("高血压患者应该低盐饮食", "jieba")
     assert "高血压" in words and len(words) < 8

@@ -2,7 +2,8 @@
 (src/medgpt/sample_data/sft/medical_reasoning.jsonl, its first reasoning line and answer sentence, so the tiny model
 can learn it by heart in a few seconds) answers through the official `openai` client with the reasoning in
 `reasoning_content` and the answer alone in `content`, streamed as reasoning deltas before content deltas; predict
-writes its `reasoning` and `response` apart, the terminal chat shows the reasoning marked before the answer;
+writes its `reasoning` and `response` apart, the terminal chat shows the reasoning marked before the answer, `eval gen`
+and report answers score and show the answer after the reasoning (a reply cut inside it: unanswered);
 `chat_template_kwargs: {"enable_thinking": false}` renders Qwen3's non-thinking prompt (the official template's,
 tests/fixtures/chat_templates/qwen3.jinja) and its reply is all content; an unknown template option is a 400.
 A LoRA run's adapter folder and its merged model render every prompt as medgpt's qwen3 template does."""
@@ -163,3 +164,20 @@ def test_predict_and_chat_show_the_reasoning_apart(served, record, tmp_path):
                                    "reasoning": record["Complex_CoT"]}
     cut = ChatSession(engine, GenerationParams(max_new_tokens=4))
     assert "".join(cut.reply(record["Question"])) == "" and cut.unanswered
+
+
+def test_eval_gen_and_report_answers_read_the_answer_after_the_reasoning(served, record, tmp_path):
+    from medgpt.eval.gen import generate_replies
+    from medgpt.report.answers import model_answers
+
+    _, engine = served
+    rows = [{"question": record["Question"]}]
+    full = generate_replies(engine, rows, 96, None, tmp_path / "p.jsonl", {"k": 1})
+    assert full == [{"prediction": record["Response"], "reasoning": record["Complex_CoT"]}]
+    cut = generate_replies(engine, rows, 4, None, tmp_path / "q.jsonl", {"k": 2})
+    assert cut[0]["prediction"] == "" and cut[0]["unanswered"] is True
+    assert record["Complex_CoT"].startswith(cut[0]["reasoning"])
+    answers = model_answers(engine, [[{"role": "user", "content": record["Question"]}]] * 2, 96)
+    assert answers[0].text == record["Response"] and answers[0].reasoning == record["Complex_CoT"]
+    short = model_answers(engine, [[{"role": "user", "content": record["Question"]}]], 4)[0]
+    assert short.text == "" and short.unanswered and short.cut and short.marker.startswith("no answer: cut inside")

@@ -165,6 +165,14 @@ class FakeEngine:
     def __exit__(self, *exc):
         return False
 
+    template = tokenizer = None  # a template without a reasoning format
+
+    def encode(self, messages):
+        return [len(messages)]
+
+    def run(self, requests):
+        return self.generate(requests, requests[0].params)
+
     def generate(self, prompts, params):
         from medgpt.infer.base import Completion
 
@@ -272,7 +280,8 @@ def test_html_report_names_axes_settings_cut_answers_and_data(tmp_path, monkeypa
     md = report.read_text()
     assert md.count("**[cut at 16 tokens]**") == 2 and "| answer 1<br>**[cut at 16 tokens]** |" in md
     cached = json.loads((tmp_path / "answers.json").read_text())
-    assert cached["base"]["answers"][1] == {"text": "answer 1", "finish_reason": "length", "completion_tokens": 16}
+    assert cached["base"]["answers"][1] == {"text": "answer 1", "finish_reason": "length", "completion_tokens": 16,
+                                            "reasoning": None, "unanswered": False}
     # written again from the cache: the marks stay
     monkeypatch.setattr("medgpt.infer.engine.load_engine", None)
     write_report(tmp_path, results, ModelRef("m"), prompts, max_new_tokens=16)

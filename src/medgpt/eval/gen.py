@@ -9,6 +9,10 @@ ROUGE, per pair: a reference with Chinese in it is scored the way the Chinese re
 (ChatGLM's P-tuning evaluation and those built on it): the same tokens, punctuation removed, space-joined, scored by
 `rouge-chinese`; any other pair is scored by `rouge-score` exactly as it ships (its tokenizer: lower-case,
 letters and digits only; no stemming), so ROUGE of an English answer is the number everyone else reports.
+
+A reasoning model's reply is scored on its answer after the think block; the reasoning is kept in the item, the
+summary gives its mean length, and a reply that ended inside its reasoning is unanswered (scored as an empty
+answer and counted).
 """
 
 from __future__ import annotations
@@ -131,34 +135,60 @@ def read_rows(path: str | Path, fields: tuple[str, ...]) -> list[dict]:
     return rows
 
 
-def generate_predictions(engine, rows: list[dict], max_new_tokens: int, system: str | None, partial: Path,
-                     key: dict, chunk: int = 32) -> list[str]:
-    """Answers in input order; finished chunks go to `partial` (headed by `key`, what produced them: the model,
+def reply_item(reasoning: str | None, answer: str, complete: bool) -> dict:
+    """A reply as an item keeps it: the answer scored (`prediction`), its reasoning, and `unanswered` for a reply
+    that ended inside its reasoning (scored as an empty answer)."""
+    return {"prediction": answer, **({"reasoning": reasoning} if reasoning is not None else {}),
+            **({} if complete else {"unanswered": True})}
+
+
+def generate_replies(engine, rows: list[dict], max_new_tokens: int, system: str | None, partial: Path,
+                     key: dict, chunk: int = 32) -> list[dict]:
+    """Greedy replies in input order as `reply_item`s (a reasoning template's think block read apart by
+    `medgpt.infer.reasoning`); finished chunks go to `partial` (headed by `key`, what produced them: the model,
     the settings and a hash of the questions) so an interrupted run with the same settings and the same
     questions picks up where it stopped; an edited data file starts again."""
     from tqdm.auto import tqdm
 
-    from medgpt.infer.base import GenerationParams
+    from medgpt.infer.base import GenerationParams, Request
+    from medgpt.infer.reasoning import read_reply, reply_reader
 
     lines = partial.read_text(encoding="utf-8").splitlines() if partial.exists() else []
-    done: list[str] = []
+    done: list[dict] = []
     if lines and json.loads(lines[0]) == key:
-        done = [json.loads(line)["prediction"] for line in lines[1:] if line][:len(rows)]
+        done = [json.loads(line) for line in lines[1:] if line][:len(rows)]
         log.info("gen: resuming after %d answers found in %s", len(done), partial)
-    kept = [key, *({"prediction": d} for d in done)]
-    atomic_write(partial, "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in kept))
+    atomic_write(partial, "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in [key, *done]))
     params = GenerationParams(max_new_tokens=max_new_tokens, temperature=0.0)
     with partial.open("a", encoding="utf-8") as handle, tqdm(total=len(rows), initial=len(done), desc="gen") as bar:
         for start in range(len(done), len(rows), chunk):
             batch = rows[start:start + chunk]
-            completions = engine.generate([[{"role": "user", "content": r["question"]}] for r in batch], params,
-                                          system=system)
-            for completion in completions:
-                handle.write(json.dumps({"prediction": completion.text}, ensure_ascii=False) + "\n")
-                done.append(completion.text)
+            prompts = [engine.encode([{"role": "user", "content": r["question"]}], system) for r in batch]
+            completions = engine.run([Request(ids, params) for ids in prompts])
+            for ids, completion in zip(prompts, completions):
+                item = reply_item(*read_reply(completion.text, reply_reader(engine.template, engine.tokenizer, ids)))
+                handle.write(json.dumps(item, ensure_ascii=False) + "\n")
+                done.append(item)
             handle.flush()
             bar.update(len(batch))
     return done
+
+
+def generate_predictions(engine, rows: list[dict], max_new_tokens: int, system: str | None, partial: Path,
+                         key: dict, chunk: int = 32) -> list[str]:
+    """The answers of `generate_replies` (after any reasoning; "" for a reply that ended inside it)."""
+    return [item["prediction"] for item in generate_replies(engine, rows, max_new_tokens, system, partial, key, chunk)]
+
+
+def reasoning_summary(items: list[dict]) -> dict | None:
+    """How the replies reasoned, in `eval mcq`'s terms: replies, how many carry reasoning, its mean length in
+    characters over all replies, and how many ended inside it (unanswered); None where no reply reasoned."""
+    with_reasoning = [i for i in items if i.get("reasoning") is not None]
+    if not with_reasoning:
+        return None
+    return {"replies": len(items), "with_reasoning": len(with_reasoning),
+            "mean_chars": round(sum(len(i["reasoning"]) for i in with_reasoning) / len(items), 1),
+            "cut_in_reasoning": sum(bool(i.get("unanswered")) for i in items)}
 
 
 def run_gen(data: str | None, model: str | None = None, predictions: str | None = None, adapter: str | None = None,
@@ -167,9 +197,11 @@ def run_gen(data: str | None, model: str | None = None, predictions: str | None 
             trust_remote_code: bool = False, partial: Path | None = None) -> dict:
     """Generate for data's questions (or read --predictions) and score against the references."""
     _splitter(mode)
-    if predictions:
+    if predictions:  # a reasoning model's raw replies: their think blocks read apart
+        from medgpt.data.messages import reply_parts
+
         rows = read_rows(predictions, ("prediction", "answer"))[:limit]
-        preds = [r["prediction"] for r in rows]
+        replies = [reply_item(*reply_parts(r["prediction"])) for r in rows]
     else:
         if not data:
             raise UserError("give --data QA.jsonl to generate answers, or --predictions FILE to score existing ones")
@@ -183,13 +215,15 @@ def run_gen(data: str | None, model: str | None = None, predictions: str | None 
             key = {"model": model, "adapter": adapter, "template": template, "questions": value_digest(
                 [r["question"] for r in rows]), "max_new_tokens": max_new_tokens, "system": system,
                    "precision": inference_precision(dtype)}  # a model answers differently in bf16 and in fp32
-            preds = generate_predictions(engine, rows, max_new_tokens, system, partial, key)
+            replies = generate_replies(engine, rows, max_new_tokens, system, partial, key)
         partial.unlink(missing_ok=True)
-    metrics, scores = score_pairs(preds, [r["answer"] for r in rows], mode)
-    items = [{**({"question": r["question"]} if "question" in r else {}), "answer": r["answer"], "prediction": p,
-              "loc": r["_loc"], **s} for r, p, s in zip(rows, preds, scores)]
+    metrics, scores = score_pairs([r["prediction"] for r in replies], [r["answer"] for r in rows], mode)
+    items = [{**({"question": r["question"]} if "question" in r else {}), "answer": r["answer"], **reply,
+              "loc": r["_loc"], **s} for r, reply, s in zip(rows, replies, scores)]
+    thinking = reasoning_summary(items)
     return {"task": "gen", "model": None if predictions else model, "adapter": adapter, "data": data or predictions,
-            "tokenize": mode, "count": len(items), "metrics": metrics, "items": items}
+            "tokenize": mode, "count": len(items), "metrics": metrics, **({"reasoning": thinking} if thinking else {}),
+            "items": items}
 
 
 def write_result(result: dict[str, Any], output: str | Path) -> tuple[Path, Path]:

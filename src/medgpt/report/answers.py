@@ -19,7 +19,7 @@ SAMPLE_PROMPTS = Path(__file__).parent.parent / "sample_data" / "prompts.jsonl"
 NO_PROMPTS = ("none", "off", "false", "no", "")
 MAX_NEW_TOKENS = 128
 ANSWERS_FILE = "answers.json"
-ANSWERS_FORMAT = 2  # answers with their finish reason and token count; older caches are generated again
+ANSWERS_FORMAT = 3  # answers with their finish reason, token count and reasoning; older caches are generated again
 REPORT_FILES = ("report.md", "report.html", ANSWERS_FILE, SETTINGS_FILE)  # what a report writes beside a model
 
 
@@ -45,18 +45,29 @@ def load_prompts(source: str | None) -> list[list[dict]]:
 
 @dataclass
 class Answer:
-    """One generated answer; `finish_reason` "length" means it was cut at the token limit."""
+    """One generated answer; `finish_reason` "length" means it was cut at the token limit. A reasoning model's
+    `text` is the answer after its think block and `reasoning` the block's text; a reply that ended inside its
+    reasoning is `unanswered` (its text empty, marked like a cut answer)."""
 
     text: str
     finish_reason: str = "stop"
     completion_tokens: int = 0
+    reasoning: str | None = None
+    unanswered: bool = False
 
     @property
     def cut(self) -> bool:
-        return self.finish_reason == "length"
+        return self.finish_reason == "length" or self.unanswered
+
+    @property
+    def reasoning_chars(self) -> int:
+        return len(self.reasoning or "")
 
     @property
     def marker(self) -> str:
+        if self.unanswered:
+            return (f"no answer: cut inside its reasoning ({self.reasoning_chars} characters) at "
+                    f"{self.completion_tokens} tokens")
         return f"cut at {self.completion_tokens} tokens" if self.cut else ""
 
 
@@ -78,13 +89,27 @@ def shared_answers() -> ResultCache:
     return ResultCache(cache_dir() / "answers")
 
 
+def model_answers(engine, prompts: list[list[dict]], max_new_tokens: int) -> list[Answer]:
+    """Greedy answers of one engine, a reasoning template's think blocks read apart (`medgpt.infer.reasoning`)."""
+    from medgpt.infer.base import GenerationParams, Request
+    from medgpt.infer.reasoning import read_reply, reply_reader
+
+    ids = [engine.encode(messages) for messages in prompts]
+    completions = engine.run([Request(i, GenerationParams(max_new_tokens=max_new_tokens, temperature=0.0))
+                              for i in ids])
+    answers = []
+    for prompt_ids, c in zip(ids, completions):
+        reasoning, answer, complete = read_reply(c.text, reply_reader(engine.template, engine.tokenizer, prompt_ids))
+        answers.append(Answer(answer.strip(), c.finish_reason, c.completion_tokens, reasoning, not complete))
+    return answers
+
+
 def generate_answers(refs: dict[str, ModelRef], prompts: list[list[dict]], cache_file: Path,
                      max_new_tokens: int = MAX_NEW_TOKENS) -> dict[str, list[Answer]]:
     """Greedy answers of each model to the prompts: one batched generation per model, one model in memory at a
     time; answers cached in `cache_file` or in the shared cache (same model files, prompts, settings) are reused."""
     from tqdm.auto import tqdm
 
-    from medgpt.infer.base import GenerationParams
     from medgpt.infer.engine import load_engine
 
     cache = read_json(cache_file, {})
@@ -105,10 +130,9 @@ def generate_answers(refs: dict[str, ModelRef], prompts: list[list[dict]], cache
     for label, (ref, key) in tqdm(todo.items(), desc="report answers", disable=not todo):
         started = time.time()
         with load_engine(ref.model, adapter=ref.adapter, template=ref.template) as engine:
-            completions = engine.generate(prompts, GenerationParams(max_new_tokens=max_new_tokens, temperature=0.0))
+            out[label] = model_answers(engine, prompts, max_new_tokens)
         del engine
         gc.collect()
-        out[label] = [Answer(c.text.strip(), c.finish_reason, c.completion_tokens) for c in completions]
         shared.put(key, {"answers": [asdict(a) for a in out[label]]})
         log.info("report: %s answered %d prompts in %.1fs", label, len(prompts), time.time() - started)
     new = {label: {"key": keys[label], "answers": [asdict(a) for a in out[label]]} for label in refs}
