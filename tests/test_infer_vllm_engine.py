@@ -76,3 +76,22 @@ def test_serve_parallel_flags_reach_vllms_llm_arguments():
     assert "data_parallel_size" not in llm_kwargs("/m", "/m", **vllm_options(plain))
     with pytest.raises(UserError, match="data_parallel_size"):
         llm_kwargs("/m", "/m", data_parallel_size=0)
+
+
+def test_vllm_engine_renders_the_thinking_switch_as_the_transformers_engine(tokenizer):
+    """vLLM gets medgpt's prompt ids, so enable_thinking is the template's (Qwen3's official rendering, as
+    tests/test_data_templates_reasoning.py checks it) and replies are read by the same `reply_reader`; the engine
+    itself needs a GPU and is not run here."""
+    from medgpt.data.templates import get_template
+    from medgpt.infer.reasoning import reply_reader
+    from medgpt.infer.vllm_engine import VllmEngine
+
+    engine = object.__new__(VllmEngine)  # its encode, without loading vLLM
+    engine.tokenizer, engine.template, engine.system = tokenizer, get_template("qwen3"), None
+    question = [{"role": "user", "content": "What is a fever?"}]
+    for default, asked, closed in ((None, None, False), (False, None, True), (False, True, False), (None, False, True)):
+        engine.enable_thinking = default
+        ids = engine.encode(question, enable_thinking=asked)
+        expected = engine.template.render(question, add_generation_prompt=True, enable_thinking=not closed)
+        assert tokenizer.decode(ids) == expected
+        assert (reply_reader(engine.template, tokenizer, ids) is None) is closed

@@ -2,6 +2,10 @@
 
 Prompts are rendered and tokenized by medgpt's template (the same as training) and handed to vLLM as
 token ids, so both engines see identical prompts. A LoRA adapter is applied per request (unmerged).
+The template's thinking switch (`enable_thinking`, a request's `chat_template_kwargs`) is part of that rendering,
+and replies are read into reasoning and answer by `medgpt.infer.reasoning` as for the transformers engine: vLLM's
+`--reasoning-parser` belongs to its own OpenAI server, which this engine does not run. Tested without a GPU only
+as far as the prompt ids and the argument mapping go.
 """
 
 from __future__ import annotations
