@@ -540,6 +540,17 @@ def lora_config(args: LoraArgs, task_type: str = "CAUSAL_LM", model=None):
     )
 
 
+def with_training_template(tokenizer: Any, template: str | None) -> Any:
+    """`tokenizer` with the Jinja form of the named template a model was trained with as its chat template (its
+    thinking switch and reasoning included), so other tools render prompts as medgpt does; `auto` or None keeps the
+    tokenizer's own."""
+    if template and template not in ("auto", "none"):
+        from medgpt.data.templates import get_template
+
+        tokenizer.chat_template = get_template(template, tokenizer).chat_template()
+    return tokenizer
+
+
 def merge_adapter(adapter: str, out: str, base: str | None = None, dtype: str = "fp32",
                   trust_remote_code: bool = False) -> Path:
     """Merge a LoRA adapter into its base and save a standalone safetensors model with its tokenizer."""
@@ -550,10 +561,7 @@ def merge_adapter(adapter: str, out: str, base: str | None = None, dtype: str = 
     model = opened.model.merge_and_unload()
     tokenizer, meta = opened.tokenizer, opened.meta
     template = meta.get("template", "auto")
-    if template != "auto":
-        from medgpt.data.templates import get_template
-
-        tokenizer.chat_template = get_template(template, tokenizer).chat_template()
+    with_training_template(tokenizer, template)
 
     def save(tmp: Path) -> None:
         model.save_pretrained(tmp, safe_serialization=True)

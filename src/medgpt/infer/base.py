@@ -248,13 +248,17 @@ class TextStream:
 
 
 def engine_facts(engine: Any) -> dict[str, str]:
-    """What an engine has loaded, for people: model (its folder), adapter, template, dtype, device."""
+    """What an engine has loaded, for people: model (its folder), adapter, template (and its thinking switch where
+    it has a reasoning format), dtype, device."""
     folder, adapter = getattr(engine, "folder", None), getattr(engine, "adapter", None)
     facts = {"model": f"{Path(folder).name} ({folder})" if folder else str(getattr(engine, "name", "?")),
              "adapter": f"{Path(adapter).name} ({adapter})" if adapter else "none",
              "template": str(getattr(getattr(engine, "template", None), "name", "?"))}
     if facts["template"] == "auto":
         facts["template"] = "auto (the tokenizer's own chat template)"
+    if getattr(getattr(engine, "template", None), "think", None):  # a reasoning format: the thinking switch
+        facts["thinking"] = {None: "on (the template's default)", True: "on",
+                             False: "off"}[getattr(engine, "enable_thinking", None)]
     facts.update({key: str(value) for key in ("dtype", "device") if (value := getattr(engine, key, None))})
     return facts
 
