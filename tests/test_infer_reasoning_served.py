@@ -82,6 +82,9 @@ def test_served_reply_has_its_reasoning_apart(client, served, record):
     assert "".join(getattr(d, "reasoning_content", None) or "" for d in deltas) == record["Complex_CoT"]
     assert "".join(d.content or "" for d in deltas) == record["Response"]
 
+    seed = httpx.post(f"{served[0]}/chat", json={"message": record["Question"], "temperature": 0}, timeout=60).json()
+    assert (seed["reasoning"], seed["response"]) == (record["Complex_CoT"], record["Response"])  # the seed's /chat
+
     # cut inside its reasoning: no answer, the reasoning so far
     cut = client.chat.completions.create(model="reasoner", messages=question, temperature=0, max_tokens=4)
     assert cut.choices[0].finish_reason == "length" and cut.choices[0].message.content == ""
