@@ -112,8 +112,8 @@ def test_cli_reports_a_bad_data_line_without_traceback(tmp_path, capsys, tiny_mo
 def test_sft_bundled_model_lora_loss_goes_down(bundled_model, tmp_path, sample_data):
     out = tmp_path / "sft-bundled"
     run_training(load_config(SFT_EXAMPLE, {
-        "output_dir": str(out), "max_samples": 8, "val_size": 0, "max_length": 256, "num_train_epochs": 4,
-        "max_steps": 8, "per_device_train_batch_size": 4, "learning_rate": 1e-3, "logging_steps": 2,
+        "output_dir": str(out), "max_samples": 4, "val_size": 0, "max_length": 192, "num_train_epochs": 4,
+        "max_steps": 6, "per_device_train_batch_size": 2, "learning_rate": 1e-3, "logging_steps": 1,
         "save_steps": 100, "eval_strategy": "no", "report_to": "none", "warmup_steps": 0, "report_prompts": "none",
     }))
     curve = losses(out)
