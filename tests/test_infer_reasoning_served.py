@@ -134,11 +134,11 @@ def test_merged_model_renders_as_the_adapter_run(tiny_model, record, tmp_path):
                 for think in (True, False):
                     expected = qwen3.render(messages, add_generation_prompt=True, enable_thinking=think)
                     assert tokenizer.decode(engine.encode(messages, enable_thinking=think)) == expected
-                    if folder == merged:  # its tokenizer's own chat template, as other tools render it
-                        hf = [{**{k: v for k, v in m.items() if k != "reasoning"}, "reasoning_content": m["reasoning"]}
-                              if "reasoning" in m else m for m in messages]
-                        assert tokenizer.apply_chat_template(hf, tokenize=False, add_generation_prompt=True,
-                                                             enable_thinking=think) == expected
+                    # each folder's tokenizer has the training template as its own, as other tools render it
+                    hf = [{**{k: v for k, v in m.items() if k != "reasoning"}, "reasoning_content": m["reasoning"]}
+                          if "reasoning" in m else m for m in messages]
+                    assert tokenizer.apply_chat_template(hf, tokenize=False, add_generation_prompt=True,
+                                                         enable_thinking=think) == expected
 
 
 def test_predict_and_chat_show_the_reasoning_apart(served, record, tmp_path):

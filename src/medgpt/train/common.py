@@ -280,15 +280,15 @@ def train_and_save(trainer, cfg: Config, stats: dict, extra_metrics: Callable[[A
 
 
 def save_outputs(cfg: Config, tokenizer, stats: dict, metrics: dict) -> None:
-    """Everything beside the saved weights: tokenizer, counts, metrics, and medgpt.json (the report is the
-    command's: `medgpt.report.write_training_report`).
+    """Everything beside the saved weights: tokenizer (its chat template the one training rendered with), counts,
+    metrics, and medgpt.json (the report is the command's: `medgpt.report.write_training_report`).
 
     medgpt.json is written last: its presence marks the folder complete.
     """
-    from medgpt.models import write_meta
+    from medgpt.models import with_training_template, write_meta
 
     out = cfg.output_dir
-    tokenizer.save_pretrained(str(out))
+    with_training_template(tokenizer, cfg.model.template).save_pretrained(str(out))
     write_json(out / "data_stats.json", {split: s.to_dict() for split, s in stats.items()})
     write_json(out / "final_metrics.json", metrics)
     write_meta(out, stage=cfg.run.stage, method=cfg.run.method, base_model=cfg.model.model,
