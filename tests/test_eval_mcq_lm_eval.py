@@ -35,20 +35,22 @@ def test_emitted_lm_eval_task_renders_medgpts_prompt(sample_data, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def harness_run(bundled_model, sample_data, tmp_path_factory):
-    """lm-eval's `hf` model on the emitted tasks, zero-shot (few-shot prompts are checked by rendering above)."""
+def harness_run(bundled_model, sample_data, benchmark_tasks, tmp_path_factory):
+    """lm-eval's `hf` model, loaded once, on the emitted tasks and on its own four benchmark tasks, zero-shot
+    (few-shot prompts are checked by rendering above)."""
     from lm_eval import simple_evaluate
-    from lm_eval.tasks import TaskManager
+    from lm_eval.tasks import TaskManager, get_task_dict
 
     tasks = tmp_path_factory.mktemp("lm-eval-tasks")
     assert main(["eval", "mcq", "--data", str(sample_data / "mcq"), "--limit", str(LIMIT),
                  "--emit-lm-eval-task", str(tasks)]) == 0
     names = sorted(p.stem for p in tasks.glob("*.yaml"))
     assert names == ["medgpt_basic_medicine", "medgpt_clinical_medicine", "medgpt_physician"]
-    manager = TaskManager(include_path=str(tasks), include_defaults=False)
-    out = simple_evaluate(model="hf", model_args=f"pretrained={bundled_model},dtype=float32", tasks=names,
-                          task_manager=manager, log_samples=True, batch_size=8, device="cpu")
-    return out
+    emitted = get_task_dict(names, TaskManager(include_path=str(tasks), include_defaults=False))
+    benchmarks, _ = benchmark_tasks
+    return simple_evaluate(model="hf", model_args=f"pretrained={bundled_model},dtype=float32",
+                           tasks=[*emitted.values(), *benchmarks.values()], log_samples=True, batch_size=16,
+                           device="cpu")
 
 
 def test_eval_mcq_picks_the_letters_lm_eval_picks(harness_run, bundled_model, sample_data, tmp_path):
@@ -60,6 +62,8 @@ def test_eval_mcq_picks_the_letters_lm_eval_picks(harness_run, bundled_model, sa
     assert len(ours) == 3 * LIMIT
     theirs = {}
     for task, samples in harness_run["samples"].items():
+        if not task.startswith("medgpt_"):
+            continue
         for sample in samples:
             logliks = [resp[0] for resp in sample["filtered_resps"]]
             theirs[(task.removeprefix("medgpt_"), sample["doc"]["id"])] = logliks
@@ -72,7 +76,8 @@ def test_eval_mcq_picks_the_letters_lm_eval_picks(harness_run, bundled_model, sa
             assert item["loglik"][letter] >= theirs_ll - 1e-3
             assert item["loglik"][letter] == pytest.approx(theirs_ll, abs=0.05)
     accuracy = 100 * sum(i["correct"] for i in items) / len(items)
-    harness_acc = sum(harness_run["results"][t]["acc,none"] for t in harness_run["results"]) / 3
+    harness_acc = sum(harness_run["results"][t]["acc,none"] for t in harness_run["results"]
+                      if t.startswith("medgpt_")) / 3
     assert accuracy == pytest.approx(100 * harness_acc, abs=1e-6)
     assert json.loads(result.read_text())["accuracy"] == pytest.approx(accuracy, abs=0.01)
     assert not math.isnan(accuracy)
@@ -133,26 +138,21 @@ def test_medgpt_renders_lm_evals_benchmark_prompts(benchmark_tasks):
                 t.doc_to_target(doc) == q.answer
 
 
-@pytest.fixture(scope="module")
-def benchmark_harness_run(bundled_model, benchmark_tasks):
-    from lm_eval import simple_evaluate
-
-    tasks, _ = benchmark_tasks
-    return simple_evaluate(model="hf", model_args=f"pretrained={bundled_model},dtype=float32",
-                           tasks=list(tasks.values()), log_samples=True, batch_size=16, device="cpu")
-
-
-def test_eval_mcq_picks_what_lm_eval_picks_on_the_four_benchmarks(benchmark_harness_run, benchmark_tasks,
-                                                                  bundled_model, tmp_path):
+def test_eval_mcq_picks_what_lm_eval_picks_on_the_four_benchmarks(harness_run, benchmark_tasks, bundled_model):
     """The same choice per item and the same accuracy as lm-eval's `hf` model on medqa_4options, medmcqa,
-    pubmedqa and mmlu_clinical_knowledge (zero-shot, plain text as lm-eval sends it)."""
+    pubmedqa and mmlu_clinical_knowledge (zero-shot, plain text as lm-eval sends it: what `eval mcq --template
+    none` runs, here on one loaded model)."""
+    from medgpt.eval import mcq
+    from medgpt.models import open_model
+
     _, fixtures = benchmark_tasks
-    for task, (file, split) in BENCHMARKS.items():
-        out = tmp_path / f"{task}.json"
-        assert main(["eval", "mcq", "--model", bundled_model, "--data", str(fixtures / file), "--template", "none",
-                     "--dtype", "fp32", "--output", str(out)]) == 0
-        items = {i["id"]: i for i in map(json.loads, out.with_name(f"{task}.items.jsonl").read_text().splitlines())}
-        samples = benchmark_harness_run["samples"][task]
+    opened = open_model(bundled_model, template="none", dtype="fp32")
+    scorer = mcq.LoglikScorer(opened.model, opened.tokenizer, opened.template, batch_size=16)
+    for task, (file, _) in BENCHMARKS.items():
+        fmt, questions = mcq.load_set(str(fixtures / file))
+        scored = mcq.evaluate_loglik(scorer, questions, {}, mcq.FORMATS[fmt].style, chat=False, max_length=2048)
+        items = {i["id"]: i for i in scored}
+        samples = harness_run["samples"][task]
         assert len(samples) == len(items)
         for sample in samples:
             item = items[_key(sample["doc"], sample["doc_id"])]
@@ -162,5 +162,5 @@ def test_eval_mcq_picks_what_lm_eval_picks_on_the_four_benchmarks(benchmark_harn
             for k, theirs in zip(keys, logliks):  # a letter pools "A" and " A": at least lm-eval's " A"
                 assert item["loglik"][k] >= theirs - 1e-3
             assert item["loglik"][item["pred"]] == pytest.approx(max(logliks), abs=0.05)
-        harness_acc = 100 * benchmark_harness_run["results"][task]["acc,none"]
-        assert json.loads(out.read_text())["accuracy"] == pytest.approx(harness_acc, abs=0.01), task
+        harness_acc = 100 * harness_run["results"][task]["acc,none"]
+        assert mcq.summarize(scored)["overall"]["accuracy"] == pytest.approx(harness_acc, abs=0.01), task

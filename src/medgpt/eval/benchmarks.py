@@ -12,9 +12,10 @@ answers that must be named exactly (`rule` "set", OpenCompass's CMB scoring), or
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from medgpt.data.records import mcq_options
 from medgpt.data.rows import RecordError, item_rows
