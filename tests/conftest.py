@@ -3,14 +3,19 @@ engine on that copy for the inference tests, the bundled tokenizer and the bundl
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle OpenMP threads must not spin on shared cores
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# prepared-data caches of this test session only (each test's data is prepared, never found from an earlier run)
+os.environ["HF_DATASETS_CACHE"] = tempfile.mkdtemp(prefix="medgpt-tests-datasets-")
+atexit.register(shutil.rmtree, os.environ["HF_DATASETS_CACHE"], True)
 
 import pytest  # noqa: E402
 

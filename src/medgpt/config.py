@@ -78,6 +78,7 @@ class DataArgs:
     enable_thinking: bool | None = None  # reasoning templates: false trains and prompts without reasoning
     train_on_reasoning: bool = True  # labels on the reasoning (think block) of records that carry it
     allow_split_markers: bool = False  # train a named template whose markers are several tokens (a warning)
+    data_cache_dir: str | None = None  # prepared (encoded) data; default: HF_DATASETS_CACHE/medgpt-prepared
 
 
 @dataclass

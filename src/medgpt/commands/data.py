@@ -1,4 +1,4 @@
-"""`medgpt data check|convert`: see what a data set holds (and what training would drop, and why)
+"""`medgpt data check|convert|prepare`: see what a data set holds (and what training would drop, and why)
 before spending GPU time on it, and move data between the formats other tools expect."""
 
 from __future__ import annotations
@@ -44,6 +44,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                          help="sharegpt, openai (TRL conversational), alpaca (sft), "
                               "pref (question/response_chosen/response_rejected)")
     convert.add_argument("--out", required=True, help="output .jsonl file")
+    prepare = sub.add_parser("prepare", help="encode a training config's data once into the prepared-data cache",
+                             description="Read, validate, template and tokenize exactly what `medgpt train CONFIG` "
+                                         "trains on (stage sft), in parallel, into memory-mapped Arrow files in "
+                                         "the prepared-data cache; print the counts, token statistics and the "
+                                         "cache folder. `medgpt train` then starts from the cache.")
+    prepare.add_argument("config", help="the training config (YAML)")
+    prepare.add_argument("--json", action="store_true", help="print the report as JSON")
+    prepare.add_argument("overrides", nargs=argparse.REMAINDER, help="--key value pairs, as for medgpt train")
     contamination.add_contamination_arguments(sub.add_parser(
         "contamination", help="find training items that copy or paraphrase eval items",
         description="Character n-gram (Chinese) / word 13-gram (English) overlap and embedding similarity "
@@ -51,7 +59,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    actions = {"check": _check, "convert": _convert, "contamination": contamination.run_contamination}
+    actions = {"check": _check, "convert": _convert, "prepare": _prepare,
+               "contamination": contamination.run_contamination}
     return actions[args.action](args)
 
 
@@ -153,4 +162,31 @@ def _convert(args: argparse.Namespace) -> int:
     out = write_jsonl(args.out, convert(records, args.to))
     stats_path = stats.write(out.parent)
     print(f"wrote {len(records)} {kind} records as {args.to} to {out} ({stats.summary()}); counts in {stats_path}")
+    return 0
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    from medgpt.models import load_tokenizer
+    from medgpt.train import load_config
+    from medgpt.train.common import training_template
+    from medgpt.train.prepare import describe, prepare
+
+    cfg = load_config(args.config, list(args.overrides))
+    if cfg.run.stage != "sft":
+        raise UserError(f"data prepare: stage {cfg.run.stage} reads its data when training starts; "
+                        "prepared data is built for stage sft")
+    tokenizer = load_tokenizer(cfg.model.model)
+    report = describe(prepare(cfg, tokenizer, training_template(cfg, tokenizer), "sft"))
+    if args.json:
+        print(json.dumps(report, indent=2, ensure_ascii=False))
+        return 0
+    print(f"prepared data: {report['cache']} ({'found in the cache' if report['cached'] else 'new'})")
+    for split, counts in report["counts"].items():
+        dropped = ", ".join(f"{reason}: {n}" for reason, n in counts["dropped"].items()) or "none"
+        print(f"  {split}: read {counts['read']}, kept {counts['kept']}, truncated {counts['truncated']}, "
+              f"dropped {sum(counts['dropped'].values())} ({dropped})")
+    for split in ("train", "eval"):
+        if stats := report.get(split):
+            print(f"  {split} rows {stats['rows']}: {stats['tokens']} tokens ({stats['labelled_tokens']} labelled), "
+                  f"length p50 {stats['p50']}, p90 {stats['p90']}, p99 {stats['p99']}, max {stats['max']}")
     return 0

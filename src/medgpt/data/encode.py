@@ -12,7 +12,7 @@ from medgpt.data.rows import check_choice
 from medgpt.data.stats import DataStats
 
 if TYPE_CHECKING:
-    from medgpt.config import Config
+    from medgpt.config import Config, DataArgs
 
 logger = logging.getLogger(__name__)
 
@@ -37,24 +37,48 @@ def filter_by_length(rows: list[dict], lengths: list[int], max_length: int, over
     return keep
 
 
+LONGER = "longer than max_length"
+NO_LABELS = "no assistant tokens after truncation"
+
+
+def encode_conversation(record: dict, tokenizer, template, data: DataArgs, max_length: int | None) -> dict:
+    """One conversation record -> {"input_ids", "labels", "length", "drop"}: labels on the assistant turns,
+    `length` the untruncated token count, `drop` the reason it is not trained on (None: kept; over max_length
+    with `overlong: drop`, or no labelled token left after truncation). `enable_thinking: false` trains without
+    the record's reasoning (each reply as the template writes one without), `train_on_reasoning: false` leaves
+    the reasoning unlabelled."""
+    messages = without_reasoning(record["messages"]) if data.enable_thinking is False else record["messages"]
+    encoded = template.encode(tokenizer, messages, system=data.system, train_on_all=data.train_on_all,
+                              tools=record.get("tools"), enable_thinking=data.enable_thinking,
+                              train_on_reasoning=data.train_on_reasoning)
+    length, limit = len(encoded["input_ids"]), max_length or 10**9
+    if length > limit and data.overlong == "drop":
+        return {"input_ids": [], "labels": [], "length": length, "drop": LONGER}
+    ids, labels = encoded["input_ids"][:limit], encoded["labels"][:limit]
+    drop = None if any(label != -100 for label in labels) else NO_LABELS
+    return {"input_ids": ids, "labels": labels, "length": length, "drop": drop}
+
+
+def count_encoded(stats: DataStats, encoded: dict, loc: str, max_length: int | None) -> bool:
+    """Count one `encode_conversation` result in `stats` (a drop with its location, or a truncation); True
+    when it is trained on."""
+    if encoded["drop"] != LONGER:
+        stats.truncated += int(encoded["length"] > (max_length or 10**9))
+    if encoded["drop"]:
+        stats.drop(encoded["drop"], loc)
+    return not encoded["drop"]
+
+
 def encode_conversations(records: list[dict], tokenizer, template, cfg: Config, stats: DataStats) -> list[dict]:
-    """Messages -> input_ids/labels with labels on assistant turns; overlong records dropped or truncated.
-    `enable_thinking: false` trains without the records' reasoning (each reply as the template writes one without),
-    `train_on_reasoning: false` leaves the reasoning unlabelled."""
-    drop = cfg.data.enable_thinking is False
-    encoded = [template.encode(tokenizer, without_reasoning(r["messages"]) if drop else r["messages"],
-                               system=cfg.data.system, train_on_all=cfg.data.train_on_all, tools=r.get("tools"),
-                               enable_thinking=cfg.data.enable_thinking,
-                               train_on_reasoning=cfg.data.train_on_reasoning) for r in records]
-    max_length = cfg.train.max_length or 10**9
-    keep = filter_by_length(records, [len(e["input_ids"]) for e in encoded], max_length, cfg.data.overlong, stats)
+    """Messages -> input_ids/labels rows (`encode_conversation`), the dropped and truncated ones counted."""
+    check_choice("overlong", cfg.data.overlong, OVERLONG)
     rows = []
-    for i in keep:
-        ids, labels = encoded[i]["input_ids"][:max_length], encoded[i]["labels"][:max_length]
-        if any(label != -100 for label in labels):
-            rows.append({"input_ids": ids, "labels": labels})
-        else:
-            stats.drop("no assistant tokens after truncation", records[i].get("_loc", "?"))
+    for record in records:
+        encoded = encode_conversation(record, tokenizer, template, cfg.data, cfg.train.max_length)
+        if count_encoded(stats, encoded, record.get("_loc", "?"), cfg.train.max_length):
+            rows.append({"input_ids": encoded["input_ids"], "labels": encoded["labels"]})
+    if stats.dropped or stats.truncated:
+        logger.info("max_length %s: %s", cfg.train.max_length, stats.summary())
     return rows
 
 

@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -480,11 +480,11 @@ NORMALIZERS: dict[str, Callable[[Any], dict]] = {"pt": to_pt, "sft": to_sft, "pr
 # ---- public API --------------------------------------------------------------------------------
 
 
-def read_records(source: str | list[str], kind: str, on_error: str = "fail", subset: str | None = None,
-                 split: str = "train", max_samples: int | None = None,
-                 normalize: Callable[[Any], dict | list[dict]] | None = None) -> tuple[list[dict], DataStats]:
-    """Read `source` (file, folder, comma-separated list, or hub data set name) as canonical `kind`
-    records with `_loc`. Reading stops once `max_samples` records are kept.
+def iter_records(source: str | list[str], kind: str, stats: DataStats, on_error: str = "fail",
+                 subset: str | None = None, split: str = "train", max_samples: int | None = None,
+                 normalize: Callable[[Any], dict | list[dict]] | None = None) -> Iterator[dict]:
+    """The canonical `kind` records of `source` (file, folder, comma-separated list, or hub data set name), each
+    with its `_loc`, as they are read; `stats` counts them. Reading stops once `max_samples` records are kept.
 
     `normalize(raw row)` replaces the kind's own normalizer for records a caller defines: it returns one
     record or several (a preference pair as two unpaired rows) or raises `RecordError`. `kind` then only
@@ -492,8 +492,8 @@ def read_records(source: str | list[str], kind: str, on_error: str = "fail", sub
     if normalize is None:
         normalize = NORMALIZERS[check_choice("kind", kind, KINDS)]
     check_choice("on_error", on_error, ON_ERROR)
-    stats, records = DataStats(), []
     rows = iter_rows(source, kind, stats, subset, split)
+    kept = 0
     for loc, raw in rows if max_samples is None or max_samples > 0 else ():
         if raw is None:
             stats.blank += 1
@@ -509,11 +509,21 @@ def read_records(source: str | list[str], kind: str, on_error: str = "fail", sub
             logger.debug("dropped %s: %s", loc, exc)
             stats.drop(exc.reason, loc)
             continue
-        records += [{**record, "_loc": loc} for record in (out if isinstance(out, list) else [out])]
-        if max_samples is not None and len(records) >= max_samples:
+        for record in out if isinstance(out, list) else [out]:
+            kept += 1
+            yield {**record, "_loc": loc}
+        if max_samples is not None and kept >= max_samples:
             break
     label = ",".join(map(str, source)) if isinstance(source, (list, tuple)) else str(source)
     logger.log(logging.WARNING if stats.dropped else logging.INFO, "%s (%s): %s", label, kind, stats.summary())
+
+
+def read_records(source: str | list[str], kind: str, on_error: str = "fail", subset: str | None = None,
+                 split: str = "train", max_samples: int | None = None,
+                 normalize: Callable[[Any], dict | list[dict]] | None = None) -> tuple[list[dict], DataStats]:
+    """`iter_records` as a list, with its counts."""
+    stats = DataStats()
+    records = list(iter_records(source, kind, stats, on_error, subset, split, max_samples, normalize))
     return records, stats
 
 

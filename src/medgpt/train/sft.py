@@ -11,8 +11,8 @@ from __future__ import annotations
 from trl import SFTConfig
 
 from medgpt.config import Config
-from medgpt.data.encode import encode_conversations
 from medgpt.train import common
+from medgpt.train.prepare import prepare
 
 CONFIG_CLASS = SFTConfig
 
@@ -25,12 +25,10 @@ def configure(cfg: Config) -> None:
 
 
 def build_datasets(cfg: Config, tokenizer):
-    template = common.training_template(cfg, tokenizer)
-    train, evals, stats = common.load_records(cfg, "sft")
-    train_rows = encode_conversations(train, tokenizer, template, cfg, stats["train"])
-    eval_stats = stats.get("eval", stats["train"])
-    eval_rows = encode_conversations(evals, tokenizer, template, cfg, eval_stats) if evals else []
-    return common.to_dataset(train_rows), common.to_dataset(eval_rows), stats
+    """Train and eval rows (memory-mapped, from the prepared-data cache: `medgpt.train.prepare`) and the read
+    counts."""
+    prepared = prepare(cfg, tokenizer, common.training_template(cfg, tokenizer), "sft")
+    return prepared.train, prepared.eval, prepared.stats
 
 
 def run(cfg: Config) -> dict:
