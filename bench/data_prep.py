@@ -1,0 +1,137 @@
+"""Preparing SFT data at the size users train on: medgpt's prepared-data path against the plain `datasets` path.
+
+Generates N synthetic ShareGPT conversations (1-3 turns, Chinese and English) and, in one invocation and on the
+same file and settings (the bundled tokenizer, template chatml, max_length 1024), measures:
+- baseline: what LLaMA-Factory and TRL users run, `datasets.load_dataset("json")` + `map(apply_chat_template,
+  tokenize, num_proc)`, in a fresh cache;
+- medgpt: `medgpt data prepare` (read, validate, template, tokens and labels, length rule, cached Arrow), first
+  run in a fresh cache and the cached re-run.
+Each is a separate process; its peak memory is the peak of the summed PSS of the whole process tree (workers
+included; memory-mapped pages count once), sampled every 0.1 s. Results in bench/results/data_prep.json.
+
+    .venv/bin/python bench/data_prep.py [--records 100000 500000] [--num-proc 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+import psutil
+
+ROOT = Path(__file__).resolve().parents[1]
+PY = sys.executable
+
+ZH = ["发热三天伴咳嗽，需要做哪些检查？", "高血压患者可以喝咖啡吗？", "孩子手足口病期间饮食要注意什么？",
+      "糖尿病人空腹血糖多少算控制良好？", "服用华法林时哪些食物需要避免？"]
+EN = ["How long should a fever last before I see a doctor?", "Is it safe to take ibuprofen with lisinopril?",
+      "What are the early signs of type 2 diabetes?", "How should an asthma inhaler be used correctly?"]
+ZH_REPLY = "建议及时就医，由医生根据病史和检查结果判断。平时注意休息、规律饮食，并按医嘱用药。"
+EN_REPLY = ("Please see a clinician, who can judge from your history and an examination. Rest, drink fluids and "
+            "take medicines only as prescribed.")
+
+
+def generate(path: Path, count: int, seed: int = 0) -> None:
+    """ShareGPT records of 1-3 turns, half Chinese, half English, replies of varied length."""
+    rng = random.Random(seed)
+    with path.open("w", encoding="utf-8") as f:
+        for _ in range(count):
+            zh = rng.random() < 0.5
+            turns = []
+            for _ in range(rng.randint(1, 3)):
+                turns.append({"from": "human", "value": rng.choice(ZH if zh else EN)})
+                turns.append({"from": "gpt", "value": (ZH_REPLY if zh else EN_REPLY) * rng.randint(1, 6)})
+            f.write(json.dumps({"conversations": turns}, ensure_ascii=False) + "\n")
+
+
+BASELINE = textwrap.dedent("""
+    import sys
+    from datasets import load_dataset
+    from transformers import AutoTokenizer
+    from medgpt.models import resolve_model
+    path, cache, num_proc = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model())
+    roles = {"human": "user", "gpt": "assistant"}
+    def encode(row):
+        messages = [{"role": roles[t["from"]], "content": t["value"]} for t in row["conversations"]]
+        ids = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
+        return {"input_ids": ids[:1024]}
+    ds = load_dataset("json", data_files=path, split="train", cache_dir=cache)
+    ds = ds.map(encode, remove_columns=ds.column_names, num_proc=num_proc)
+    print(len(ds))
+""")
+
+
+def measure(command: list[str], env: dict) -> dict:
+    """Wall time and the peak summed PSS of the process tree of `command`."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    root, peak = psutil.Process(proc.pid), 0
+    while proc.poll() is None:
+        total = 0
+        try:
+            for p in [root, *root.children(recursive=True)]:
+                try:
+                    total += p.memory_full_info().pss
+                except (psutil.NoSuchProcess, psutil.AccessDenied):
+                    pass
+        except psutil.NoSuchProcess:
+            break
+        peak = max(peak, total)
+        time.sleep(0.1)
+    out, err = proc.communicate()
+    if proc.returncode:
+        raise SystemExit(f"{' '.join(command[:4])}... failed:\n{err[-3000:]}")
+    return {"wall_s": round(time.perf_counter() - start, 1), "peak_pss_gb": round(peak / 2**30, 2),
+            "stdout": out.strip()}
+
+
+def run_size(count: int, num_proc: int, work: Path) -> dict:
+    data = work / f"sharegpt-{count}.jsonl"
+    generate(data, count)
+    config = work / f"sft-{count}.yaml"
+    config.write_text(f"stage: sft\ndata: {data}\ntemplate: chatml\nmax_length: 1024\noverlong: truncate\n"
+                      f"dataset_num_proc: {num_proc}\noutput_dir: {work / 'out'}\n"
+                      f"data_cache_dir: {work / f'prepared-{count}'}\n")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "HF_DATASETS_CACHE": str(work / f"hf-{count}")}
+    result = {"records": count, "file_mb": round(data.stat().st_size / 2**20, 1)}
+    result["baseline"] = measure([PY, "-c", BASELINE, str(data), str(work / f"baseline-{count}"), str(num_proc)], env)
+    medgpt = [str(Path(PY).parent / "medgpt"), "data", "prepare", "--json", str(config)]
+    result["medgpt"] = measure(medgpt, env)
+    result["medgpt_cached"] = measure(medgpt, env)
+    report = json.loads(result["medgpt_cached"].pop("stdout"))
+    result["medgpt"].pop("stdout")
+    result["baseline"].pop("stdout")
+    result["rows"], result["tokens"] = report["train"]["rows"], report["train"]["tokens"]
+    result["wall_ratio_medgpt_over_baseline"] = round(result["medgpt"]["wall_s"] / result["baseline"]["wall_s"], 2)
+    print(json.dumps(result), flush=True)
+    data.unlink()
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--records", type=int, nargs="+", default=[100_000])
+    parser.add_argument("--num-proc", type=int, default=len(os.sched_getaffinity(0)))
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "data_prep.json"))
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="medgpt-data-prep-") as tmp:
+        sizes = [run_size(n, args.num_proc, Path(tmp)) for n in args.records]
+    out = {"machine": {"cpus": len(os.sched_getaffinity(0)), "memory_gb": round(psutil.virtual_memory().total / 2**30),
+                       "python": platform.python_version()}, "num_proc": args.num_proc, "sizes": sizes}
+    Path(args.out).write_text(json.dumps(out, indent=2) + "\n", encoding="utf-8")
+    print(f"written {args.out}")
+
+
+if __name__ == "__main__":
+    main()
