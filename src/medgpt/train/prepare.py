@@ -21,6 +21,7 @@ import logging
 import os
 import random
 import shutil
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,8 +82,9 @@ def _tokenizer_digest(tokenizer) -> str:
     return hashlib.sha256((text + json.dumps(extra, default=str)).encode()).hexdigest()
 
 
-def fingerprint(cfg: Config, tokenizer, template, kind: str) -> str:
-    """A digest of everything that determines the prepared rows of `kind` (see the module docstring)."""
+def fingerprint(cfg: Config, tokenizer, template, kind: str, settings: dict[str, Any] | None = None) -> str:
+    """A digest of everything that determines the prepared rows of `kind` (see the module docstring), and the
+    `settings` an encoder adds."""
     sources = {}
     for key in ("data", "eval_data"):
         value = getattr(cfg.data, key)
@@ -93,7 +95,7 @@ def fingerprint(cfg: Config, tokenizer, template, kind: str) -> str:
              "data": {key: getattr(cfg.data, key) for key in KEYS}, "max_length": cfg.train.max_length,
              "seed": cfg.train.seed if cfg.data.val_size else None, "template": repr(template),
              "chat_template": getattr(tokenizer, "chat_template", None) if template.name == "auto" else None,
-             "tokenizer": _tokenizer_digest(tokenizer)}
+             "tokenizer": _tokenizer_digest(tokenizer), "settings": settings}
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
@@ -128,8 +130,11 @@ def _encode_batch(batch: dict, tokenizer, template, data, max_length) -> dict:
     return out
 
 
-def _encode(dataset, tokenizer, template, cfg: Config, stats: DataStats, folder: Path, name: str):
-    """`dataset`'s records encoded in parallel; the kept rows saved to `folder/name`, the rest counted."""
+def encode_conversation_records(dataset, tokenizer, template, cfg: Config, stats: DataStats, folder: Path,
+                                name: str) -> int:
+    """An encoder of `prepare`: `dataset`'s conversation records (a `record` column of JSON text and their `loc`)
+    encoded in parallel processes into input_ids/labels, the kept rows saved to `folder/name` (their count
+    returned), the rest counted in `stats`."""
     from datasets import Features, Sequence, Value
 
     features = Features({"loc": Value("string"), "input_ids": Sequence(Value("int32")),
@@ -170,13 +175,13 @@ def _split(dataset, cfg: Config):
     return dataset.select(order[count:]), dataset.select(order[:count])
 
 
-def _build(cfg: Config, tokenizer, template, kind: str, folder: Path) -> None:
+def _build(cfg: Config, tokenizer, template, kind: str, folder: Path, encode: Callable) -> None:
     """Prepare into a private folder, renamed to `folder` when complete (removed when anything fails)."""
     work = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     try:
-        _build_in(cfg, tokenizer, template, kind, work)
+        _build_in(cfg, tokenizer, template, kind, work, encode)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
@@ -186,7 +191,7 @@ def _build(cfg: Config, tokenizer, template, kind: str, folder: Path) -> None:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _build_in(cfg: Config, tokenizer, template, kind: str, work: Path) -> None:
+def _build_in(cfg: Config, tokenizer, template, kind: str, work: Path, encode: Callable) -> None:
     from datasets import Dataset
 
     data = cfg.data
@@ -201,9 +206,9 @@ def _build_in(cfg: Config, tokenizer, template, kind: str, work: Path) -> None:
         if _write_records(iter_records(data.eval_data, kind, stats["eval"], on_error=data.on_error),
                           work / "eval-records.arrow"):
             evals = Dataset.from_file(str(work / "eval-records.arrow"))
-    kept = _encode(train, tokenizer, template, cfg, stats["train"], work, "train")
+    kept = encode(train, tokenizer, template, cfg, stats["train"], work, "train")
     if evals is not None:
-        _encode(evals, tokenizer, template, cfg, stats.get("eval", stats["train"]), work, "eval")
+        encode(evals, tokenizer, template, cfg, stats.get("eval", stats["train"]), work, "eval")
     write_json(work / "stats.json", {split: s.to_dict() for split, s in stats.items()})
     for scratch in work.glob("*.arrow"):
         scratch.unlink()
@@ -211,7 +216,7 @@ def _build_in(cfg: Config, tokenizer, template, kind: str, work: Path) -> None:
         raise UserError(f"{data.data}: every record is longer than max_length {cfg.train.max_length}")
 
 
-def _main_process_first():
+def main_process_first():
     """Ranks of a distributed launch wait for their node's main process; one process: no wait."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return nullcontext()
@@ -220,19 +225,25 @@ def _main_process_first():
     return PartialState().local_main_process_first()
 
 
-def prepare(cfg: Config, tokenizer, template, kind: str = "sft") -> Prepared:
-    """The encoded train (and eval) rows of `cfg`'s data, from the cache or prepared into it."""
+def prepare(cfg: Config, tokenizer, template, kind: str = "sft", encode: Callable = encode_conversation_records,
+            settings: dict[str, Any] | None = None) -> Prepared:
+    """The encoded train (and eval) rows of `cfg`'s `kind` records, from the cache or prepared into it.
+
+    `encode(dataset, tokenizer, template, cfg, stats, folder, name) -> kept` turns a split's records into the rows
+    a trainer takes (`encode_conversation_records`: SFT's ids and labels); `settings` are what else determines
+    its rows (a stage's own keys), part of the fingerprint with the encoder's name."""
     from datasets import load_from_disk
 
     if not cfg.data.data:
         raise UserError("no training data: set `data:` in the config or pass --data PATH")
     check_choice("overlong", cfg.data.overlong, OVERLONG)
-    folder = cache_root(cfg) / f"{kind}-{fingerprint(cfg, tokenizer, template, kind)}"
+    own = {"encoder": f"{encode.__module__}.{encode.__qualname__}", **(settings or {})}
+    folder = cache_root(cfg) / f"{kind}-{fingerprint(cfg, tokenizer, template, kind, own)}"
     cached = (folder / "stats.json").exists()
-    with _main_process_first():
+    with main_process_first():
         if not (folder / "stats.json").exists():
             log.info("preparing %s data into %s (%d processes)", kind, folder, num_proc(cfg))
-            _build(cfg, tokenizer, template, kind, folder)
+            _build(cfg, tokenizer, template, kind, folder, encode)
     stats = {split: _stats_from(s) for split, s in json.loads((folder / "stats.json").read_text()).items()}
     evals = load_from_disk(str(folder / "eval")) if (folder / "eval").exists() else None
     log.info("prepared %s data: %s (%s)", kind, folder, "cached" if cached else "new")
