@@ -35,6 +35,7 @@ def accelerate_sft(config_file: str, tiny_model: str, data: Path, folder: Path, 
         "stage": "sft", "model": tiny_model, "data": str(data), "max_length": 128,
         "per_device_train_batch_size": BATCH, "max_steps": STEPS, "logging_steps": 1, "save_strategy": "no",
         "report_to": "none", "report_prompts": "none", "output_dir": str(out),
+        "data_cache_dir": str(folder / "prepared"),
     }))
     accelerate = Path(sys.executable).with_name("accelerate")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
@@ -71,6 +72,9 @@ def test_sft_on_two_processes_trains_both_and_saves_once(ddp_run):
     logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert sorted(row["step"] for row in logged if "loss" in row) == list(range(1, STEPS + 1))
     assert (out / "report.md").exists()
+    # the data was prepared once (by the main process; the other rank waited and mapped the same files)
+    assert [p.name[:4] for p in (out.parent / "prepared").iterdir()] == ["sft-"]
+    assert proc.stderr.count("preparing sft data") == 1, proc.stderr[-3000:]
 
 
 @pytest.mark.slow
