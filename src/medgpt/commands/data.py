@@ -1,4 +1,4 @@
-"""`medgpt data check|convert|prepare`: see what a data set holds (and what training would drop, and why)
+"""`medgpt data check|convert|prepare|dedup`: see what a data set holds (and what training would drop, and why)
 before spending GPU time on it, and move data between the formats other tools expect."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import sys
 from medgpt.data.convert import FORMATS  # the standard library only: fast --help
 from medgpt.data.readers import KINDS, ON_ERROR
 from medgpt.errors import UserError
-from medgpt.select import contamination
+from medgpt.select import contamination, dedup
 
 
 def _source_arguments(parser: argparse.ArgumentParser, kinds: tuple[str, ...]) -> None:
@@ -56,11 +56,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "contamination", help="find training items that copy or paraphrase eval items",
         description="Character n-gram (Chinese) / word 13-gram (English) overlap and embedding similarity "
                     "between training data and an eval set, listing which training items contaminate which eval items."))
+    dedup.add_dedup_arguments(sub.add_parser(
+        "dedup", help="remove exact and near-duplicate records (MinHash), counted in data_stats.json",
+        description="Drop records whose normalized text repeats an earlier record's (exact), or whose shingles' "
+                    "Jaccard similarity with an earlier record's is estimated by MinHash at or above --threshold "
+                    "(near); write the kept records atomically to --out and the counts to data_stats.json beside it."))
 
 
 def run(args: argparse.Namespace) -> int:
     actions = {"check": _check, "convert": _convert, "prepare": _prepare,
-               "contamination": contamination.run_contamination}
+               "contamination": contamination.run_contamination, "dedup": dedup.run_dedup}
     return actions[args.action](args)
 
 

@@ -28,8 +28,10 @@ log = logging.getLogger(__name__)
 ZH_N, EN_N = 8, 13
 NGRAM_RATIO = 0.5
 SIM_THRESHOLD = 0.9
+TFIDF_FIT_SAMPLE = 100_000  # training texts a tfidf embedder fits its IDF on, with the eval items
 _CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
 _WORD = re.compile(r"[a-z0-9]+")
+_NON_ALNUM = re.compile(r"[\W_]+")  # str.isalnum is \w without "_"
 
 
 def is_chinese(text: str) -> bool:
@@ -41,11 +43,16 @@ def is_chinese(text: str) -> bool:
 def units(text: str, chinese: bool) -> list[str]:
     """Characters (letters and digits only, NFKC, lowercased) for Chinese; lowercased words otherwise."""
     text = unicodedata.normalize("NFKC", text).lower()
-    return [c for c in text if c.isalnum()] if chinese else _WORD.findall(text)
+    return list(_NON_ALNUM.sub("", text)) if chinese else _WORD.findall(text)
 
 
-def _grams(seq: list[str], n: int) -> set[tuple[str, ...]]:
-    return {tuple(seq[i:i + n]) for i in range(len(seq) - n + 1)}
+def _grams(seq: list[str], n: int, chinese: bool) -> set:
+    """The n-grams of `seq`: substrings of the joined characters for Chinese, word tuples otherwise
+    (the same grams either way, as keys that are quick to build and hash)."""
+    if chinese:
+        joined = "".join(seq)
+        return {joined[i:i + n] for i in range(len(joined) - n + 1)}
+    return set(zip(*(seq[k:] for k in range(n)))) if n else set()
 
 
 class NgramIndex:
@@ -54,15 +61,16 @@ class NgramIndex:
     def __init__(self, questions: list[str], zh_n: int = ZH_N, en_n: int = EN_N):
         self.sizes: list[int] = []
         # (chinese, n) -> gram -> eval indices
-        self.index: dict[tuple[bool, int], dict[tuple[str, ...], list[int]]] = defaultdict(lambda: defaultdict(list))
+        self.index: dict[tuple[bool, int], dict[Any, list[int]]] = defaultdict(lambda: defaultdict(list))
         for i, question in enumerate(questions):
             chinese = is_chinese(question)
             seq = units(question, chinese)
             n = min(zh_n if chinese else en_n, len(seq))
-            grams = _grams(seq, n) if n else set()
+            grams = _grams(seq, n, chinese) if n else set()
             self.sizes.append(len(grams))
             for gram in grams:
                 self.index[(chinese, n)][gram].append(i)
+        self.index = {key: dict(grams) for key, grams in self.index.items()}
 
     def overlaps(self, text: str) -> dict[int, float]:
         """Eval index -> share of its n-grams present in `text` (only eval items that share any)."""
@@ -71,8 +79,8 @@ class NgramIndex:
         for (chinese, n), grams in self.index.items():
             if chinese not in seqs:
                 seqs[chinese] = units(text, chinese)
-            for gram in _grams(seqs[chinese], n):
-                for i in grams.get(gram, ()):
+            for gram in _grams(seqs[chinese], n, chinese).intersection(grams):
+                for i in grams[gram]:
                     shared[i] += 1
         return {i: count / self.sizes[i] for i, count in shared.items()}
 
@@ -103,32 +111,83 @@ def similar_pairs(train_vectors, eval_vectors, threshold: float, top_k: int = 5)
     return pairs
 
 
+class ContaminationScan:
+    """Training items fed in batches (a corpus streams through it): the (training item, eval item) pairs
+    flagged by n-gram overlap or embedding similarity, holding only the flagged items' ids."""
+
+    def __init__(self, eval_items: list, args: ContaminationArgs, eval_vectors=None):
+        self.eval_items, self.args, self.eval_vectors = eval_items, args, eval_vectors
+        self.ngrams = NgramIndex([e.text for e in eval_items], args.zh_ngram, args.en_ngram)
+        self.pairs: dict[tuple[int, int], dict[str, Any]] = {}
+        self.ids: dict[int, str] = {}
+        self.count = 0
+
+    def add(self, train_ids: list[str], train_texts: list[str], train_vectors=None) -> None:
+        """Check one batch; `train_vectors` (its embeddings) when the eval vectors were given."""
+        start = self.count
+        self.count += len(train_texts)
+        for t, text in enumerate(train_texts, start):
+            for e, ratio in self.ngrams.overlaps(text).items():
+                if ratio >= self.args.ngram_ratio:
+                    self.pairs[(t, e)] = {"ngram_overlap": round(ratio, 3)}
+                    self.ids[t] = train_ids[t - start]
+        if train_vectors is not None and self.eval_vectors is not None:
+            for t, e, sim in similar_pairs(train_vectors, self.eval_vectors, self.args.sim_threshold, self.args.top_k):
+                self.pairs.setdefault((start + t, e), {})["similarity"] = round(sim, 4)
+                self.ids[start + t] = train_ids[t]
+
+    def report(self) -> tuple[dict[str, Any], set[int]]:
+        """The report (pairs in reading order) and the running indices of the flagged training items."""
+        pairs = self.pairs
+        listed = [{"train": self.ids[t], "eval": self.eval_items[e].id, "subject": self.eval_items[e].subject,
+                   **signals} for (t, e), signals in sorted(pairs.items())]
+        summary = {
+            "train_items": self.count, "eval_items": len(self.eval_items),
+            "contaminated_train": len({t for t, _ in pairs}), "contaminated_eval": len({e for _, e in pairs}),
+            "by_ngram": sum("ngram_overlap" in p for p in pairs.values()),
+            "by_embedding": sum("similarity" in p for p in pairs.values()),
+        }
+        settings = {"zh_ngram": self.args.zh_ngram, "en_ngram": self.args.en_ngram,
+                    "ngram_ratio": self.args.ngram_ratio,
+                    "sim_threshold": self.args.sim_threshold if self.eval_vectors is not None else None}
+        return {"summary": summary, "settings": settings, "pairs": listed}, {t for t, _ in pairs}
+
+
 def find_contamination(train_texts: list[str], train_ids: list[str], eval_items: list, args: ContaminationArgs,
                        train_vectors=None, eval_vectors=None) -> tuple[dict[str, Any], set[int]]:
     """A report of the (training item, eval item) pairs flagged by n-gram overlap or embedding similarity,
     and the indices of the flagged training items."""
-    from tqdm.auto import tqdm
+    scan = ContaminationScan(eval_items, args, eval_vectors if train_vectors is not None else None)
+    scan.add(train_ids, train_texts, train_vectors)
+    return scan.report()
 
-    ngrams = NgramIndex([e.text for e in eval_items], args.zh_ngram, args.en_ngram)
-    pairs: dict[tuple[int, int], dict[str, Any]] = {}
-    for t, text in enumerate(tqdm(train_texts, desc="n-gram overlap", unit="item", disable=len(train_texts) < 10000)):
-        for e, ratio in ngrams.overlaps(text).items():
-            if ratio >= args.ngram_ratio:
-                pairs[(t, e)] = {"ngram_overlap": round(ratio, 3)}
-    if train_vectors is not None and eval_vectors is not None:
-        for t, e, sim in similar_pairs(train_vectors, eval_vectors, args.sim_threshold, args.top_k):
-            pairs.setdefault((t, e), {})["similarity"] = round(sim, 4)
-    listed = [{"train": train_ids[t], "eval": eval_items[e].id, "subject": eval_items[e].subject, **signals}
-              for (t, e), signals in sorted(pairs.items())]
-    summary = {
-        "train_items": len(train_texts), "eval_items": len(eval_items),
-        "contaminated_train": len({t for t, _ in pairs}), "contaminated_eval": len({e for _, e in pairs}),
-        "by_ngram": sum("ngram_overlap" in p for p in pairs.values()),
-        "by_embedding": sum("similarity" in p for p in pairs.values()),
-    }
-    settings = {"zh_ngram": args.zh_ngram, "en_ngram": args.en_ngram, "ngram_ratio": args.ngram_ratio,
-                "sim_threshold": args.sim_threshold if train_vectors is not None else None}
-    return {"summary": summary, "settings": settings, "pairs": listed}, {t for t, _ in pairs}
+
+def scan_corpus(source: str, eval_items: list, args: ContaminationArgs, text: str = "conversation",
+                embedder=None, batch: int = 8192, on_error: str = "skip") -> tuple[dict[str, Any], Any]:
+    """Stream the sft records of `source` through a `ContaminationScan`, `batch` at a time (never the whole
+    corpus in memory); with an `embedder`, each batch is embedded and compared as well. Returns the
+    report and the read's `DataStats`."""
+    from itertools import islice
+
+    from medgpt.data.readers import iter_records
+    from medgpt.data.stats import DataStats
+    from medgpt.select.sources import record_text
+
+    eval_vectors = None
+    if embedder is not None:
+        if hasattr(embedder, "fit"):  # IDF from the eval items and the first TFIDF_FIT_SAMPLE training texts
+            sample = islice(iter_records(source, "sft", DataStats(), on_error=on_error), TFIDF_FIT_SAMPLE)
+            embedder.fit([e.text for e in eval_items] + [record_text(r, text) for r in sample])
+        eval_vectors = embedder.encode([e.text for e in eval_items])
+    scan = ContaminationScan(eval_items, args, eval_vectors)
+    stats = DataStats()
+    records = iter(iter_records(source, "sft", stats, on_error=on_error))
+    while chunk := list(islice(records, batch)):
+        texts = [record_text(r, text) for r in chunk]
+        vectors = embedder.encode(texts) if embedder is not None else None
+        scan.add([r["_loc"] for r in chunk], texts, vectors)
+    report, _ = scan.report()
+    return report, stats
 
 
 # ---- command line (wired as `medgpt data contamination`) ----------------------------------------------
@@ -158,27 +217,22 @@ def add_contamination_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_contamination(args: argparse.Namespace) -> int:
     from medgpt.files import write_json
-    from medgpt.select.sources import load_eval_items, read_corpus, record_text
+    from medgpt.select.sources import load_eval_items
 
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)
     subjects = [s.strip() for s in args.subjects.split(",")] if args.subjects else None
     eval_items = load_eval_items(args.against, args.split, subjects)
-    records, _ = read_corpus(args.train, on_error="skip")
-    if not records or not eval_items:
-        raise UserError("nothing to compare: the training data or the eval set is empty")
-    texts = [record_text(r, args.text) for r in records]
-    train_vectors = eval_vectors = None
+    if not eval_items:
+        raise UserError("nothing to compare: the eval set is empty")
+    embedder = None
     if args.embedder != "none":
         from medgpt.select.embed import get_embedder
 
         embedder = get_embedder(args.embedder, base_url=args.embed_base_url)
-        if hasattr(embedder, "fit"):
-            embedder.fit([e.text for e in eval_items] + texts)
-        eval_vectors = embedder.encode([e.text for e in eval_items])
-        train_vectors = embedder.encode(texts, show_progress=len(texts) > 1000)
     settings = ContaminationArgs(args.zh_ngram, args.en_ngram, args.ngram_ratio, args.sim_threshold)
-    report, _ = find_contamination(texts, [r["_loc"] for r in records], eval_items, settings, train_vectors,
-                                   eval_vectors)
+    report, stats = scan_corpus(args.train, eval_items, settings, args.text, embedder)
+    if not report["summary"]["train_items"]:
+        raise UserError("nothing to compare: the training data is empty")
     report.update(train=args.train, against=args.against, embedder=args.embedder)
     write_json(Path(args.output), report)
     s = report["summary"]
