@@ -10,6 +10,7 @@ from medgpt.data.messages import with_system, without_reasoning
 from medgpt.data.readers import OVERLONG
 from medgpt.data.rows import check_choice
 from medgpt.data.stats import DataStats
+from medgpt.data.templates import encode_segments_batch
 
 if TYPE_CHECKING:
     from medgpt.config import Config, DataArgs
@@ -47,16 +48,25 @@ def encode_conversation(record: dict, tokenizer, template, data: DataArgs, max_l
     with `overlong: drop`, or no labelled token left after truncation). `enable_thinking: false` trains without
     the record's reasoning (each reply as the template writes one without), `train_on_reasoning: false` leaves
     the reasoning unlabelled."""
-    messages = without_reasoning(record["messages"]) if data.enable_thinking is False else record["messages"]
-    encoded = template.encode(tokenizer, messages, system=data.system, train_on_all=data.train_on_all,
-                              tools=record.get("tools"), enable_thinking=data.enable_thinking,
-                              train_on_reasoning=data.train_on_reasoning)
-    length, limit = len(encoded["input_ids"]), max_length or 10**9
-    if length > limit and data.overlong == "drop":
-        return {"input_ids": [], "labels": [], "length": length, "drop": LONGER}
-    ids, labels = encoded["input_ids"][:limit], encoded["labels"][:limit]
-    drop = None if any(label != -100 for label in labels) else NO_LABELS
-    return {"input_ids": ids, "labels": labels, "length": length, "drop": drop}
+    return encode_conversation_batch([record], tokenizer, template, data, max_length)[0]
+
+
+def encode_conversation_batch(records: list[dict], tokenizer, template, data: DataArgs,
+                              max_length: int | None) -> list[dict]:
+    """`encode_conversation` of many records, their texts tokenized in one call."""
+    segments = [template.segments(without_reasoning(r["messages"]) if data.enable_thinking is False else r["messages"],
+                                  data.system, tools=r.get("tools"), enable_thinking=data.enable_thinking,
+                                  train_on_reasoning=data.train_on_reasoning) for r in records]
+    out, limit = [], max_length or 10**9
+    for encoded in encode_segments_batch(tokenizer, segments, data.train_on_all):
+        length = len(encoded["input_ids"])
+        if length > limit and data.overlong == "drop":
+            out.append({"input_ids": [], "labels": [], "length": length, "drop": LONGER})
+            continue
+        ids, labels = encoded["input_ids"][:limit], encoded["labels"][:limit]
+        drop = None if any(label != -100 for label in labels) else NO_LABELS
+        out.append({"input_ids": ids, "labels": labels, "length": length, "drop": drop})
+    return out
 
 
 def count_encoded(stats: DataStats, encoded: dict, loc: str, max_length: int | None) -> bool:
@@ -73,8 +83,8 @@ def encode_conversations(records: list[dict], tokenizer, template, cfg: Config, 
     """Messages -> input_ids/labels rows (`encode_conversation`), the dropped and truncated ones counted."""
     check_choice("overlong", cfg.data.overlong, OVERLONG)
     rows = []
-    for record in records:
-        encoded = encode_conversation(record, tokenizer, template, cfg.data, cfg.train.max_length)
+    encoded_all = encode_conversation_batch(records, tokenizer, template, cfg.data, cfg.train.max_length)
+    for record, encoded in zip(records, encoded_all):
         if count_encoded(stats, encoded, record.get("_loc", "?"), cfg.train.max_length):
             rows.append({"input_ids": encoded["input_ids"], "labels": encoded["labels"]})
     if stats.dropped or stats.truncated:

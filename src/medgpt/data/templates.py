@@ -30,10 +30,10 @@ Only the standard library is imported here: tokenizers are passed in by the call
 
 from __future__ import annotations
 
-import bisect
 import dataclasses
 import itertools
 import re
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -313,27 +313,40 @@ def encode_segments(tokenizer: Any, segments: list[Segment], train_on_all: bool 
     adds one itself and the text does not already begin with the BOS text. Tokenizers without offsets
     (slow ones) are encoded run by run, or by prefixes, only where that gives the same ids.
     """
-    text = "".join(piece for piece, _ in segments)
+    return encode_segments_batch(tokenizer, [segments], train_on_all)[0]
+
+
+def encode_segments_batch(tokenizer: Any, batch: list[list[Segment]],
+                          train_on_all: bool = False) -> list[dict[str, list[int]]]:
+    """`encode_segments` of many texts, a fast tokenizer called once for all of them."""
+    texts = ["".join(piece for piece, _ in segments) for segments in batch]
     if getattr(tokenizer, "is_fast", False):
-        encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        input_ids = list(encoded["input_ids"])
-        masks = _masks_by_offsets(segments, [start for start, _ in encoded["offset_mapping"]])
+        encoded = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True) if texts else {}
+        pairs = [(list(ids), _masks_by_offsets(segments, offsets)) for segments, ids, offsets
+                 in zip(batch, encoded.get("input_ids", []), encoded.get("offset_mapping", []))]
     else:
-        input_ids, masks = _encode_without_offsets(tokenizer, segments, text)
-    bos = tokenizer.bos_token
-    if _adds_bos(tokenizer) and not (bos and text.startswith(bos)):
-        input_ids.insert(0, tokenizer.bos_token_id)
-        masks.insert(0, 0)
-    if train_on_all:
-        masks = [1] * len(input_ids)
-    labels = [i if m else IGNORE_INDEX for i, m in zip(input_ids, masks)]
-    return {"input_ids": input_ids, "labels": labels, "assistant_masks": masks}
+        pairs = [_encode_without_offsets(tokenizer, segments, text) for segments, text in zip(batch, texts)]
+    bos, adds_bos = tokenizer.bos_token, _adds_bos(tokenizer)
+    out = []
+    for text, (input_ids, masks) in zip(texts, pairs):
+        if adds_bos and not (bos and text.startswith(bos)):
+            input_ids.insert(0, tokenizer.bos_token_id)
+            masks.insert(0, 0)
+        if train_on_all:
+            masks = [1] * len(input_ids)
+        labels = [i if m else IGNORE_INDEX for i, m in zip(input_ids, masks)]
+        out.append({"input_ids": input_ids, "labels": labels, "assistant_masks": masks})
+    return out
 
 
-def _masks_by_offsets(segments: list[Segment], starts: list[int]) -> list[int]:
-    """1 for each token whose first character (offset `start`) lies in a labelled segment."""
-    ends, labelled = list(itertools.accumulate(len(piece) for piece, _ in segments)), [lab for _, lab in segments]
-    return [int(labelled[i]) if (i := bisect.bisect_right(ends, start)) < len(ends) else 0 for start in starts]
+def _masks_by_offsets(segments: list[Segment], offsets: list[tuple[int, int]]) -> list[int]:
+    """1 for each token whose first character (its offset's start) lies in a labelled segment."""
+    import numpy as np
+
+    ends = np.fromiter(itertools.accumulate(len(piece) for piece, _ in segments), dtype=np.int64)
+    labelled = np.array([int(lab) for _, lab in segments] + [0], dtype=np.int8)  # past the end: unlabelled
+    starts = np.fromiter((start for start, _ in offsets), dtype=np.int64, count=len(offsets))
+    return labelled[np.searchsorted(ends, starts, side="right")].tolist()
 
 
 def _encode_without_offsets(tokenizer: Any, segments: list[Segment], text: str) -> tuple[list[int], list[int]]:
@@ -367,12 +380,28 @@ def _encode_without_offsets(tokenizer: Any, segments: list[Segment], text: str) 
     return whole, masks
 
 
+_ADDS_BOS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def _adds_bos(tokenizer: Any) -> bool:
-    """Whether the tokenizer puts a BOS in front of what it encodes (Llama-style) by itself."""
+    """Whether the tokenizer puts a BOS in front of what it encodes (Llama-style) by itself (asked once per
+    tokenizer and BOS setting)."""
     if tokenizer.bos_token_id is None:
         return False
+    key = (tokenizer.bos_token_id, getattr(tokenizer, "add_bos_token", None))
+    try:
+        known = _ADDS_BOS.get(tokenizer)
+    except TypeError:  # not weakly referable: ask every time
+        known = None
+    if known and known[0] == key:
+        return known[1]
     ids = tokenizer.encode("a", add_special_tokens=True)
-    return bool(ids) and ids[0] == tokenizer.bos_token_id and ids != tokenizer.encode("a", add_special_tokens=False)
+    adds = bool(ids) and ids[0] == tokenizer.bos_token_id and ids != tokenizer.encode("a", add_special_tokens=False)
+    try:
+        _ADDS_BOS[tokenizer] = (key, adds)
+    except TypeError:
+        pass
+    return adds
 
 
 # -- the registry ---------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from medgpt.config import Config
-from medgpt.data.encode import count_encoded, encode_conversation
+from medgpt.data.encode import count_encoded, encode_conversation_batch
 from medgpt.data.readers import OVERLONG, iter_records
 from medgpt.data.rows import check_choice, expand
 from medgpt.data.stats import DataStats
@@ -122,12 +122,9 @@ def _write_records(records, path: Path) -> int:
 
 
 def _encode_batch(batch: dict, tokenizer, template, data, max_length) -> dict:
-    out: dict[str, list] = {"input_ids": [], "labels": [], "length": [], "drop": []}
-    for text in batch["record"]:
-        encoded = encode_conversation(json.loads(text), tokenizer, template, data, max_length)
-        for key in out:
-            out[key].append(encoded[key])
-    return out
+    encoded = encode_conversation_batch([json.loads(text) for text in batch["record"]], tokenizer, template, data,
+                                        max_length)
+    return {key: [e[key] for e in encoded] for key in ("input_ids", "labels", "length", "drop")}
 
 
 def encode_conversation_records(dataset, tokenizer, template, cfg: Config, stats: DataStats, folder: Path,
