@@ -19,9 +19,12 @@ CONFIG_CLASS = SFTConfig
 
 def configure(cfg: Config) -> None:
     """Unpacked batches group samples of similar length (`train_sampling_strategy: group_by_length`) unless a
-    sampler is set: every padding token costs a full token's compute and teaches nothing."""
+    sampler is set: every padding token costs a full token's compute and teaches nothing. Unpacked, TRL trains on
+    the prepared rows as they are (packing is TRL's)."""
     if not cfg.train.packing and not cfg.train.padding_free and "train_sampling_strategy" not in cfg.raw:
         cfg.train.train_sampling_strategy = "group_by_length"
+    if not cfg.train.packing:  # the prepared rows are final (truncated, none without labels): no pass of TRL's
+        cfg.train.dataset_kwargs = {"skip_prepare_dataset": True, **(cfg.train.dataset_kwargs or {})}
 
 
 def build_datasets(cfg: Config, tokenizer):
