@@ -6,6 +6,7 @@ import argparse
 
 from medgpt.data.readers import ON_ERROR  # the standard library only: fast --help
 from medgpt.errors import UserError
+from medgpt.select.index import ANN_MIN_CORPUS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -28,6 +29,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=64, help="texts per embedding call")
     parser.add_argument("--cache-dir", help="embedding cache (default: ~/.cache/medgpt/embeddings)")
     parser.add_argument("--chunk-size", type=int, default=8192, help="texts per cached chunk (the unit of resume)")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="processes that embed chunks in parallel (default 1: on 2 shared cores a second one "
+                             "did not pay, see bench/results/select_scale.json)")
+    parser.add_argument("--device", help="device of a sentence-transformers embedder (default: CUDA when there is one)")
+    parser.add_argument("--index", default="auto", choices=("auto", "exact", "ivf", "hnsw"),
+                        help="corpus index: exact inner product, approximate IVF or HNSW, or auto (default): IVF "
+                             "from --ann-min-corpus vectors, exact below")
+    parser.add_argument("--ann-min-corpus", type=int, default=ANN_MIN_CORPUS,
+                        help=f"corpus size from which --index auto uses IVF (default {ANN_MIN_CORPUS:,}, measured "
+                             "in bench/select_scale.py)")
     parser.add_argument("--corpus-text", default="user", choices=("user", "conversation"),
                         help="what of a training conversation is embedded: its user turns (default) or all turns")
     parser.add_argument("--top-k", type=int, default=50, help="training items recalled per eval item (default 50)")
@@ -75,7 +86,8 @@ def run(args: argparse.Namespace) -> int:
         chunk_size=args.chunk_size, corpus_text=args.corpus_text, top_k=args.top_k, min_sim=args.min_sim,
         max_sim=args.max_sim, random_ratio=args.random_ratio, baseline=args.baseline, seed=args.seed,
         max_samples=args.max_samples, on_error=args.on_error, shard=_shard(args.shard),
-        keep_contaminated=args.keep_contaminated,
+        keep_contaminated=args.keep_contaminated, workers=args.workers, device=args.device, index=args.index,
+        ann_min_corpus=args.ann_min_corpus,
         contamination=ContaminationArgs(zh_ngram=args.zh_ngram, en_ngram=args.en_ngram, ngram_ratio=args.ngram_ratio,
                                         sim_threshold=args.max_sim))
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)

@@ -112,6 +112,7 @@ class TfidfEmbedder(Embedder):
                                          n_features=self.HASH_FEATURES, alternate_sign=False, norm=None,
                                          lowercase=True, dtype=np.float32)
         self.idf: np.ndarray | None = None
+        self._proj = None  # the sparse hash->dense projection, built once per fitted idf
         rng = np.random.default_rng(0)
         self._bucket = rng.integers(0, self.dim, self.HASH_FEATURES)
         self._sign = rng.choice(np.array([-1.0, 1.0], dtype=np.float32), self.HASH_FEATURES)
@@ -121,6 +122,7 @@ class TfidfEmbedder(Embedder):
         counts = self._hasher.transform(corpus)
         df = np.bincount(counts.indices, minlength=self.HASH_FEATURES).astype(np.float32)
         self.idf = (np.log((1 + counts.shape[0]) / (1 + df)) + 1).astype(np.float32)
+        self._proj = None
         log.info("tfidf: idf fitted on %d texts", counts.shape[0])
         return self
 
@@ -137,7 +139,8 @@ class TfidfEmbedder(Embedder):
         if self.idf is None:
             log.info("tfidf: no idf fitted yet; fitting on the %d texts being encoded", len(texts))
             self.fit(texts)
-        self._proj = self._projection()
+        if self._proj is None:
+            self._proj = self._projection()
         return super().encode(texts, batch_size=batch_size, show_progress=show_progress)
 
     def _encode_batch(self, texts: list[str]) -> np.ndarray:
@@ -156,6 +159,7 @@ class TfidfEmbedder(Embedder):
         if int(state["dim"]) != self.dim or tuple(int(n) for n in state["ngram_range"]) != self.ngram_range:
             raise UserError("tfidf state was saved with a different dim or ngram_range")
         self.idf = np.asarray(state["idf"], dtype=np.float32)
+        self._proj = None
 
     def fingerprint(self) -> str:
         import hashlib
@@ -166,9 +170,10 @@ class TfidfEmbedder(Embedder):
 
 
 class SentenceTransformerEmbedder(Embedder):
-    """Any sentence-transformers model; remote code stays off unless asked for."""
+    """Any sentence-transformers model, batched on `device` (None: CUDA when there is one, else the CPU);
+    remote code stays off unless asked for."""
 
-    def __init__(self, name_or_model: Any, name: str | None = None, device: str = "cpu",
+    def __init__(self, name_or_model: Any, name: str | None = None, device: str | None = None,
                  trust_remote_code: bool = False):
         if isinstance(name_or_model, str):
             try:

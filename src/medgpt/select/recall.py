@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import random
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,8 @@ from medgpt.errors import UserError
 from medgpt.files import atomic_writer, write_json
 from medgpt.select.contamination import ContaminationArgs, NgramIndex, find_contamination
 from medgpt.select.embed import Embedder, get_embedder
+from medgpt.select.index import ANN_MIN_CORPUS, add_chunks, build
+from medgpt.select.index import choose as choose_index
 from medgpt.select.sources import EvalItem, load_eval_items, read_corpus, record_text
 
 log = logging.getLogger(__name__)
@@ -55,6 +58,10 @@ class SelectArgs:
     max_samples: int | None = None
     on_error: str = "skip"
     shard: tuple[int, int] | None = None  # embed only chunk i of every n, then stop
+    workers: int = 1  # embedding processes
+    device: str | None = None  # sentence-transformers models: None picks CUDA when there is one
+    index: str = "auto"  # exact, ivf, hnsw, or auto (ivf from ann_min_corpus vectors)
+    ann_min_corpus: int = ANN_MIN_CORPUS
     keep_contaminated: bool = False
     contamination: ContaminationArgs = field(default_factory=ContaminationArgs)
 
@@ -63,8 +70,9 @@ class SelectArgs:
             raise UserError(f"--random-ratio {self.random_ratio}: expected a share in [0, 1)")
         if self.min_sim >= self.max_sim:
             raise UserError(f"--min-sim {self.min_sim} must be below --max-sim {self.max_sim}")
-        if self.top_k < 1 or self.chunk_size < 1:
-            raise UserError("--top-k and --chunk-size must be at least 1")
+        if self.top_k < 1 or self.chunk_size < 1 or self.workers < 1:
+            raise UserError("--top-k, --chunk-size and --workers must be at least 1")
+        choose_index(self.index, 0)
         if self.baseline not in (None, "random"):
             raise UserError(f"--baseline {self.baseline!r}: only 'random' is supported")
 
@@ -80,12 +88,16 @@ class EmbeddingCache:
 
     Each chunk is written to a temporary file and renamed, so a chunk on disk is complete; a rerun (or
     another shard) finds the finished chunks and embeds only the rest. Changing the texts of one chunk
-    re-embeds that chunk only.
+    re-embeds that chunk only. Once every chunk of a text list is on disk, a manifest names them with the
+    embedder, its settings and a fingerprint of the texts. With `workers` > 1, chunks are embedded by that
+    many processes, each writing its own chunks.
     """
 
-    def __init__(self, folder: str | Path, embedder: Embedder, chunk_size: int = 8192, batch_size: int = 64):
+    def __init__(self, folder: str | Path, embedder: Embedder, chunk_size: int = 8192, batch_size: int = 64,
+                 workers: int = 1, spec: dict | None = None):
         self.folder = Path(folder).expanduser()
         self.embedder, self.chunk_size, self.batch_size = embedder, chunk_size, batch_size
+        self.workers, self.spec = workers, spec or {"name": embedder.name}
         self.space = "".join(c if c.isalnum() or c in "-_." else "_" for c in embedder.fingerprint())
 
     def path(self, texts: list[str]) -> Path:
@@ -102,17 +114,51 @@ class EmbeddingCache:
 
         self.folder.mkdir(parents=True, exist_ok=True)
         chunks = self.chunks(texts)
-        todo = [(i, part, path) for i, (part, path) in enumerate(chunks)
+        todo = [(part, path) for i, (part, path) in enumerate(chunks)
                 if not path.exists() and (shard is None or i % shard[1] == shard[0])]
         if len(todo) < len(chunks):
             log.info("%s: %d of %d chunks already embedded in %s", desc, len(chunks) - len(todo), len(chunks),
                      self.folder)
-        for _, part, path in tqdm(todo, desc=f"{desc} ({self.embedder.name})", unit="chunk",
-                                  disable=len(todo) < 2):
-            vectors = self.embedder.encode(part, batch_size=self.batch_size)
-            with atomic_writer(path, "wb") as handle:
-                np.save(handle, vectors)
+        progress = tqdm(total=len(todo), desc=f"{desc} ({self.embedder.name})", unit="chunk", disable=len(todo) < 2)
+        if self.workers > 1 and len(todo) > 1:
+            self._fill_in_processes(todo, progress)
+        else:
+            for part, path in todo:
+                save_chunk(path, self.embedder.encode(part, batch_size=self.batch_size))
+                progress.update()
+        progress.close()
+        if all(path.exists() for _, path in chunks):
+            self.write_manifest(chunks)
         return len(todo)
+
+    def _fill_in_processes(self, todo: list[tuple[list[str], Path]], progress) -> None:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        state = self.embedder.state_dict()
+        context = multiprocessing.get_context("spawn")  # no forked copies of loaded models or BLAS threads
+        with ProcessPoolExecutor(min(self.workers, len(todo)), mp_context=context, initializer=_start_worker,
+                                 initargs=(self.spec, state)) as pool:
+            futures = [pool.submit(_embed_chunk, part, str(path), self.batch_size) for part, path in todo]
+            try:
+                for future in as_completed(futures):
+                    future.result()
+                    progress.update()
+            except BaseException:
+                for future in futures:
+                    future.cancel()
+                raise
+
+    def write_manifest(self, chunks: list[tuple[list[str], Path]]) -> Path:
+        """`<space>-<texts digest>.manifest.json`: the embedder, its settings and the chunk files, in order."""
+        names = [path.name for _, path in chunks]
+        digest = hashlib.sha1("\n".join(names).encode()).hexdigest()[:24]
+        path = self.folder / f"{self.space}-{digest}.manifest.json"
+        if not path.exists():
+            write_json(path, {"embedder": self.spec, "embedding_space": self.embedder.fingerprint(),
+                              "dim": self.embedder.dim, "texts": sum(len(part) for part, _ in chunks),
+                              "chunk_size": self.chunk_size, "texts_fingerprint": digest, "chunks": names})
+        return path
 
     def iter_vectors(self, texts: list[str]):
         """Vectors chunk by chunk (each complete on disk), without holding them all in memory twice."""
@@ -128,9 +174,33 @@ class EmbeddingCache:
         return np.concatenate(parts) if parts else np.zeros((0, self.embedder.dim), np.float32)
 
 
+def save_chunk(path: Path, vectors: np.ndarray) -> None:
+    with atomic_writer(path, "wb") as handle:
+        np.save(handle, vectors)
+
+
+_WORKER: dict[str, Embedder] = {}
+
+
+def _start_worker(spec: dict, state: dict) -> None:
+    """In an embedding process: the same embedder, in the same space (its fitted state restored)."""
+    embedder = get_embedder(spec["name"], **{k: v for k, v in spec.items() if k != "name"})
+    embedder.load_state_dict(state)
+    _WORKER["embedder"] = embedder
+
+
+def _embed_chunk(texts: list[str], path: str, batch_size: int) -> None:
+    save_chunk(Path(path), _WORKER["embedder"].encode(texts, batch_size=batch_size))
+
+
+def embedder_options(args: SelectArgs) -> dict:
+    """What builds the same embedder in another process (the name and its options)."""
+    return {"base_url": args.embed_base_url, "device": args.device}
+
+
 def build_embedder(args: SelectArgs, eval_texts: list[str], corpus_texts: list[str]) -> Embedder:
     """The embedder; a TF-IDF one gets its IDF from the eval texts plus a fixed sample of the corpus."""
-    embedder = get_embedder(args.embedder, base_url=args.embed_base_url)
+    embedder = get_embedder(args.embedder, **embedder_options(args))
     fit = getattr(embedder, "fit", None)
     if fit is not None:
         sample = corpus_texts
@@ -140,19 +210,20 @@ def build_embedder(args: SelectArgs, eval_texts: list[str], corpus_texts: list[s
     return embedder
 
 
-def search_corpus(cache: EmbeddingCache, texts: list[str], eval_vectors: np.ndarray, top_k: int):
+def search_corpus(cache: EmbeddingCache, texts: list[str], eval_vectors: np.ndarray, top_k: int,
+                  index_kind: str = "exact"):
     """Each eval item's top-k training items (sims, ids), and each training item's best eval similarity.
 
-    The corpus index is built chunk by chunk; the nearest-eval pass runs on each chunk as it is added.
+    The corpus index (`index_kind`: exact, ivf or hnsw) is built chunk by chunk; the nearest-eval pass
+    (always exact) runs on each chunk as it is added.
     """
     import faiss
 
     dim = eval_vectors.shape[1]
-    corpus_index, eval_index = faiss.IndexFlatIP(dim), faiss.IndexFlatIP(dim)
+    corpus_index, eval_index = build(index_kind, dim, len(texts)), faiss.IndexFlatIP(dim)
     eval_index.add(eval_vectors)
     best = []
-    for vectors in cache.iter_vectors(texts):
-        corpus_index.add(vectors)
+    for vectors in add_chunks(corpus_index, cache.iter_vectors(texts)):
         sims, _ = eval_index.search(vectors, 1)
         best.append(sims[:, 0])
     sims, ids = corpus_index.search(eval_vectors, min(top_k, len(texts)))
@@ -267,12 +338,19 @@ def select(args: SelectArgs) -> dict[str, Any]:
     texts = [record_text(r, args.corpus_text) for r in records]
     eval_texts = [e.text for e in eval_items]
     embedder = build_embedder(args, eval_texts, texts)
-    cache = EmbeddingCache(args.cache_dir or default_cache_dir(), embedder, args.chunk_size, args.batch_size)
+    cache = EmbeddingCache(args.cache_dir or default_cache_dir(), embedder, args.chunk_size, args.batch_size,
+                           args.workers, {"name": args.embedder, **embedder_options(args)})
+    clock = time.perf_counter()
     embedded = cache.fill(texts, args.shard, desc="corpus")
+    timings = {"embed_corpus_s": time.perf_counter() - clock}
     if args.shard is not None:
         return {"shard": list(args.shard), "embedded_chunks": embedded, "cache": str(cache.folder)}
+    clock = time.perf_counter()
     eval_vectors = cache.load(eval_texts)
-    sims, ids, best = search_corpus(cache, texts, eval_vectors, args.top_k)
+    timings["embed_eval_s"], clock = time.perf_counter() - clock, time.perf_counter()
+    index_kind = choose_index(args.index, len(texts), args.ann_min_corpus)
+    sims, ids, best = search_corpus(cache, texts, eval_vectors, args.top_k, index_kind)
+    timings["search_s"], clock = time.perf_counter() - clock, time.perf_counter()
     leaking = best >= args.max_sim
     kept, subjects = recall(eval_items, records, sims, ids, leaking, args)
 
@@ -299,6 +377,7 @@ def select(args: SelectArgs) -> dict[str, Any]:
     final, _ = find_contamination([record_text(records[t], "conversation") for t in selected],
                                   [records[t]["_loc"] for t in selected], eval_items, args.contamination)
     write_json(out / CONTAMINATION, final)
+    timings["select_and_write_s"] = time.perf_counter() - clock
 
     for s in subjects.values():
         s["histogram"] = _histogram(s.pop("_sims"))
@@ -310,6 +389,9 @@ def select(args: SelectArgs) -> dict[str, Any]:
                    "recalled_kept": len(kept), "contaminated_dropped": 0 if args.keep_contaminated else len(flagged),
                    "random_added": len(extra), "selected": len(selected), "baseline": len(baseline)},
         "subjects": subjects,
+        "embedding": {"corpus_chunks": -(-len(texts) // args.chunk_size), "corpus_chunks_embedded": embedded,
+                      "workers": args.workers, "index": index_kind, "cache": str(cache.folder)},
+        "timings": {k: round(v, 2) for k, v in timings.items()},
         "contamination": {"recalled": report["summary"], "written": final["summary"]},
         "corpus_read": read_stats.to_dict(),
         "files": {"selected": str(out / SELECTED), "recall": str(out / RECALL),

@@ -1,0 +1,90 @@
+"""The corpus index `medgpt select` recalls from: FAISS exact inner product, or IVF / HNSW above a corpus size.
+
+Exact search scores every eval item against every corpus vector (one BLAS product per chunk). IVF
+clusters the corpus (k-means on a sample, about sqrt(N) lists) and scans `nprobe` lists per query; HNSW
+walks a neighbour graph. Both trade recall for speed; bench/select_scale.py measures both against exact
+search (time and recall@k), which set `ANN_MIN_CORPUS`, the corpus size from which `auto` picks IVF.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+from medgpt.errors import UserError
+
+if TYPE_CHECKING:
+    import numpy as np
+
+log = logging.getLogger(__name__)
+
+KINDS = ("auto", "exact", "ivf", "hnsw")
+ANN_MIN_CORPUS = 1_000_000  # see bench/results/select_scale.json ("index")
+IVF_TRAIN_PER_LIST = 40  # training vectors per list (FAISS warns below 39)
+HNSW_M, HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH = 32, 80, 128
+
+
+def choose(kind: str, corpus_size: int, min_corpus: int = ANN_MIN_CORPUS) -> str:
+    """The index kind to build: `auto` is exact below `min_corpus` vectors and IVF from there."""
+    if kind not in KINDS:
+        raise UserError(f"--index {kind!r}: expected one of {', '.join(KINDS)}")
+    if kind == "auto":
+        return "ivf" if corpus_size >= min_corpus else "exact"
+    return kind
+
+
+def ivf_lists(corpus_size: int) -> int:
+    return max(1, min(int(round(math.sqrt(corpus_size))), corpus_size // IVF_TRAIN_PER_LIST or 1))
+
+
+def build(kind: str, dim: int, corpus_size: int):
+    """An empty inner-product index of `kind` (exact, ivf or hnsw) sized for `corpus_size` vectors."""
+    import faiss
+
+    if kind == "exact":
+        return faiss.IndexFlatIP(dim)
+    if kind == "ivf":
+        lists = ivf_lists(corpus_size)
+        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, lists, faiss.METRIC_INNER_PRODUCT)
+        index.nprobe = max(1, min(lists, max(8, lists // 8)))
+        return index
+    if kind == "hnsw":
+        index = faiss.IndexHNSWFlat(dim, HNSW_M, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction, index.hnsw.efSearch = HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH
+        return index
+    raise UserError(f"index kind {kind!r}: expected exact, ivf or hnsw")
+
+
+def add_chunks(index, chunks: Iterable[np.ndarray]) -> Iterable[np.ndarray]:
+    """Add vectors chunk by chunk, yielding each chunk once added (callers scan it on the way); an untrained IVF
+    index is trained first on the leading chunks (IVF_TRAIN_PER_LIST vectors per list)."""
+    import numpy as np
+
+    pending: list[np.ndarray] = []
+    for chunk in chunks:
+        chunk = np.ascontiguousarray(chunk, dtype=np.float32)
+        if index.is_trained:
+            index.add(chunk)
+            yield chunk
+            continue
+        pending.append(chunk)
+        if sum(len(c) for c in pending) >= IVF_TRAIN_PER_LIST * index.nlist:
+            yield from _train_and_add(index, pending)
+            pending = []
+    if pending:
+        yield from _train_and_add(index, pending)
+
+
+def _train_and_add(index, pending: list[np.ndarray]) -> Iterable[np.ndarray]:
+    import numpy as np
+
+    sample = np.concatenate(pending)
+    if len(sample) < index.nlist:
+        raise UserError(f"IVF index: {len(sample)} vectors cannot train {index.nlist} lists; use --index exact")
+    index.train(sample)
+    log.info("IVF index: %d lists trained on %d vectors, nprobe %d", index.nlist, len(sample), index.nprobe)
+    for chunk in pending:
+        index.add(chunk)
+        yield chunk
