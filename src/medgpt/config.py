@@ -79,6 +79,7 @@ class DataArgs:
     train_on_reasoning: bool = True  # labels on the reasoning (think block) of records that carry it
     allow_split_markers: bool = False  # train a named template whose markers are several tokens (a warning)
     data_cache_dir: str | None = None  # prepared (encoded) data; default: HF_DATASETS_CACHE/medgpt-prepared
+    streaming: bool = False  # stage pt: read and tokenize the corpus as training consumes it (needs max_steps)
 
 
 @dataclass
@@ -248,6 +249,9 @@ def build_stage_config(raw: dict[str, Any], stage_module: Any) -> Config:
     for name, value, allowed in (("on_error", data.on_error, ON_ERROR), ("overlong", data.overlong, OVERLONG)):
         if value not in allowed:
             raise UserError(f"{name} {value!r}: expected {' or '.join(allowed)}")
+    if data.streaming and stage != "pt":
+        raise UserError(f"streaming: true is for stage pt (a corpus read as a stream); stage {stage} prepares its "
+                        "data (`medgpt data prepare`)")
     train_values = {k: v for k, v in values.items() if k in _fields(train_cls)}
     train_values.setdefault("output_dir", f"outputs/{stage}")
     train_values.update(_device_defaults(raw, run, parts["model"]))
