@@ -3,10 +3,11 @@
 Parts (each a separate `medgpt` process, timed whole, its peak RSS from the kernel's own count):
 - contamination: `medgpt data contamination` of 1,000 eval questions against N records (default 1M), n-grams
   only (`--embedder none`); 100 eval questions are planted verbatim in the corpus, so the findings are known.
-- select: `medgpt select` on N records (default 100k) with each embedder: rows/s embedded and the time to select.
+- select: `medgpt select` with each embedder (tfidf on 100k records; the slower `use` and the bundled English
+  `minilm` on fewer): rows/s embedded, the time to search and select.
 - resume: `medgpt select` killed once some chunks are on disk, then run again: chunks embedded by each run.
-- index: exact (FAISS flat) against IVF and HNSW top-k search of the eval vectors over the corpus vectors at
-  several corpus sizes (the `use` embeddings of the select part): build and search time, recall@k.
+- index: exact (FAISS flat) against IVF and HNSW top-k search of 1,000 eval vectors over corpora of several
+  sizes (synthetic clustered 512-d vectors): build and search time, recall@k against exact search.
 - workers: embedding with 1 and 2 worker processes.
 - dedup: `medgpt data dedup` on N records (default 100k) with planted exact and near copies.
 Results merge into bench/results/select_scale.json (a part rerun replaces its own entry).
@@ -100,7 +101,7 @@ def run_medgpt(args: list[str], timeout: int = 600, env: dict | None = None) -> 
     """Run `medgpt ARGS` under /usr/bin/time: wall seconds, peak RSS (MB) of the process, its output."""
     start = time.perf_counter()
     proc = subprocess.run(["/usr/bin/time", "-f", "MAXRSS_KB %M", PY, "-m", "medgpt.cli", *args],
-                          capture_output=True, text=True, timeout=timeout,
+                          capture_output=True, text=True, timeout=timeout, check=False,
                           env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}, cwd=ROOT)
     wall = time.perf_counter() - start
     rss = re.search(r"MAXRSS_KB (\d+)", proc.stderr)
@@ -131,18 +132,25 @@ def _chunks_embedded(stderr: str) -> int:
     return int(found[-1]) if found else -1
 
 
-def part_select(work: Path, n: int, embedders: list[str]) -> dict:
-    corpus, evals = work / f"corpus_{n}.jsonl", work / "eval.jsonl"
+def part_select(work: Path, plan: list[str]) -> dict:
+    """`plan`: EMBEDDER:RECORDS items (the slow embedders on fewer records)."""
+    evals = work / "eval.jsonl"
     write_eval(evals, eval_questions())
-    if not corpus.exists():
-        generate(corpus, n)
     out = {}
-    for name in embedders:
+    for item in plan:
+        name, n = item.split(":")[0], int(item.split(":")[1])
+        corpus = work / f"corpus_{n}.jsonl"
+        if not corpus.exists():
+            generate(corpus, n)
+        load = os.getloadavg()[0]
+        for old in (work / f"cache_{name}").glob("*") if (work / f"cache_{name}").exists() else ():
+            old.unlink()
         cache = work / f"cache_{name}"
         run = run_medgpt(["select", "--eval", str(evals), "--corpus", str(corpus), "--out", str(work / f"sel_{name}"),
                           "--embedder", name, "--cache-dir", str(cache), "--min-sim", "0", "--max-sim", "0.99"])
         timings = json.loads((work / f"sel_{name}" / "select_stats.json").read_text())["timings"]
         out[name] = {"records": n, "wall_s": run["wall_s"], "peak_rss_mb": run["peak_rss_mb"], **timings,
+                     "load_average_at_start": round(load, 2),
                      "corpus_rows_per_s_embedded": round(n / timings["embed_corpus_s"])}
     return out
 
@@ -177,40 +185,54 @@ def part_resume(work: Path, n: int, embedder: str = "tfidf", chunk: int = 5000) 
             "finished_chunks_untouched": unchanged, "rerun_wall_s": run["wall_s"]}
 
 
-def part_index(work: Path, sizes: list[int], embedder: str = "use", k: int = 50) -> dict:
-    """Exact against approximate search on the select part's embeddings (eval items as the queries)."""
+def clustered_vectors(count: int, dim: int, seed: int, centers: np.ndarray) -> np.ndarray:
+    """Unit vectors around `centers` (a mixture on the sphere): data with near neighbours, as embeddings have."""
+    rng = np.random.default_rng(seed)
+    out = np.empty((count, dim), np.float32)
+    for start in range(0, count, 100_000):
+        n = min(100_000, count - start)
+        x = centers[rng.integers(0, len(centers), n)] + rng.normal(scale=0.6 / np.sqrt(dim), size=(n, dim))
+        out[start:start + n] = x / np.linalg.norm(x, axis=1, keepdims=True)
+    return out
+
+
+def part_index(work: Path, sizes: list[int], k: int = 50, queries: int = 1000, dim: int = 512,
+               hnsw_max: int = 100_000) -> dict:
+    """Exact against approximate top-k search of `queries` eval vectors over corpora of `sizes` vectors
+    (512-d, as `use`; synthetic clustered vectors, 4,000 clusters): build and search time, recall@k against
+    exact search. HNSW is built only up to `hnsw_max` vectors (its build is the slowest on 2 cores)."""
     from medgpt.select import index as ann
 
-    cache = work / f"cache_{embedder}"
-    manifest = sorted(cache.glob("*.manifest.json"), key=lambda p: p.stat().st_size)[-1]
-    chunks = json.loads(manifest.read_text())["chunks"]
-    vectors = np.concatenate([np.load(cache / c) for c in chunks])
-    eval_manifest = sorted(cache.glob("*.manifest.json"), key=lambda p: p.stat().st_size)[0]
-    queries = np.concatenate([np.load(cache / c) for c in json.loads(eval_manifest.read_text())["chunks"]])
+    centers = np.random.default_rng(0).normal(size=(4000, dim)).astype(np.float32)
+    centers /= np.linalg.norm(centers, axis=1, keepdims=True)
+    eval_vectors = clustered_vectors(queries, dim, 1, centers)
     out = []
     for size in sizes:
-        if size > len(vectors):
-            continue
-        corpus = vectors[:size]
-        row = {"corpus": size, "queries": len(queries), "k": k}
+        corpus = clustered_vectors(size, dim, 2, centers)
+        row = {"corpus": size, "queries": queries, "k": k, "dim": dim}
         exact_ids = None
         for kind in ("exact", "ivf", "hnsw"):
+            if kind == "hnsw" and size > hnsw_max:
+                continue
             start = time.perf_counter()
-            index = ann.build(kind, corpus.shape[1], size)
-            for _ in ann.add_chunks(index, [corpus]):
+            index = ann.build(kind, dim, size)
+            for _ in ann.add_chunks(index, np.array_split(corpus, max(1, size // 8192))):
                 pass
             built = time.perf_counter() - start
             start = time.perf_counter()
-            _, ids = index.search(queries, k)
+            _, ids = index.search(eval_vectors, k)
             searched = time.perf_counter() - start
             if kind == "exact":
                 exact_ids = ids
             recall = np.mean([len(set(a) & set(b)) / k for a, b in zip(ids, exact_ids)])
             row[kind] = {"build_s": round(built, 2), "search_s": round(searched, 2),
                          "total_s": round(built + searched, 2), "recall_at_k": round(float(recall), 4)}
+            if kind == "ivf":
+                row[kind] |= {"lists": index.nlist, "nprobe": index.nprobe}
         out.append(row)
         print(json.dumps(row), flush=True)
-    return {"embedder": embedder, "rows": out}
+        del corpus
+    return {"vectors": "synthetic, clustered (4,000 clusters), unit length", "rows": out}
 
 
 def part_workers(work: Path, n: int, embedders: list[str]) -> dict:
@@ -238,8 +260,16 @@ def part_dedup(work: Path, n: int) -> dict:
     planted = generate(corpus, n, seed=2, copies=0.05)
     run = run_medgpt(["data", "dedup", str(corpus), "--out", str(work / "dedup_out" / "kept.jsonl")])
     stats = json.loads((work / "dedup_out" / "data_stats.json").read_text())
+    seen: set[str] = set()  # reference for exact copies: a plain set of the lowercased, space-collapsed turns
+    exact = 0
+    with corpus.open(encoding="utf-8") as f:
+        for line in f:
+            key = " ".join("\n".join(t["value"] for t in json.loads(line)["conversations"]).lower().split())
+            exact += key in seen
+            seen.add(key)
     return {"records": n, "wall_s": run["wall_s"], "peak_rss_mb": run["peak_rss_mb"],
-            "records_per_s": round(n / run["wall_s"]), "planted": planted, "dropped": stats["dropped"],
+            "records_per_s": round(n / run["wall_s"]), "planted": planted, "exact_by_python_set": exact,
+            "dropped": stats["dropped"],
             "kept": stats["kept"]}
 
 
@@ -250,8 +280,10 @@ def main() -> None:
     parser.add_argument("--work", default="/tmp/medgpt_select_scale")
     parser.add_argument("--contamination-records", type=int, default=1_000_000)
     parser.add_argument("--select-records", type=int, default=100_000)
-    parser.add_argument("--embedders", nargs="+", default=["tfidf", "use"])
-    parser.add_argument("--index-sizes", type=int, nargs="+", default=[10_000, 30_000, 100_000])
+    parser.add_argument("--select", nargs="+", default=["tfidf:100000", "use:10000", "minilm:2000"],
+                        help="EMBEDDER:RECORDS runs of medgpt select")
+    parser.add_argument("--embedders", nargs="+", default=["tfidf", "use"], help="of the workers part")
+    parser.add_argument("--index-sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
     parser.add_argument("--workers-records", type=int, default=20_000)
     parser.add_argument("--dedup-records", type=int, default=100_000)
     args = parser.parse_args()
@@ -265,7 +297,7 @@ def main() -> None:
         if part == "contamination":
             entry = part_contamination(work, args.contamination_records)
         elif part == "select":
-            entry = part_select(work, args.select_records, args.embedders)
+            entry = {**results.get("select", {}), **part_select(work, args.select)}
         elif part == "resume":
             entry = part_resume(work, args.select_records)
         elif part == "index":
@@ -276,8 +308,8 @@ def main() -> None:
             entry = part_dedup(work, args.dedup_records)
         else:
             raise SystemExit(f"unknown part {part}")
-        entry = {**entry, "load_average_at_start": round(load, 2), "date": time.strftime("%Y-%m-%d %H:%M UTC",
-                                                                                          time.gmtime())}
+        entry = {**entry, "load_average_at_start": round(load, 2), "finished": time.strftime("%Y-%m-%d %H:%M UTC",
+                                                                                             time.gmtime())}
         results[part] = entry
         print(json.dumps({part: entry}, indent=2, ensure_ascii=False), flush=True)
         RESULTS.parent.mkdir(parents=True, exist_ok=True)

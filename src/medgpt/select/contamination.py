@@ -71,6 +71,7 @@ class NgramIndex:
             for gram in grams:
                 self.index[(chinese, n)][gram].append(i)
         self.index = {key: dict(grams) for key, grams in self.index.items()}
+        self.keys = {key: set(grams) for key, grams in self.index.items()}  # set & set runs in C
 
     def overlaps(self, text: str) -> dict[int, float]:
         """Eval index -> share of its n-grams present in `text` (only eval items that share any)."""
@@ -79,7 +80,7 @@ class NgramIndex:
         for (chinese, n), grams in self.index.items():
             if chinese not in seqs:
                 seqs[chinese] = units(text, chinese)
-            for gram in _grams(seqs[chinese], n, chinese).intersection(grams):
+            for gram in _grams(seqs[chinese], n, chinese) & self.keys[(chinese, n)]:
                 for i in grams[gram]:
                     shared[i] += 1
         return {i: count / self.sizes[i] for i, count in shared.items()}
@@ -233,7 +234,7 @@ def run_contamination(args: argparse.Namespace) -> int:
     report, stats = scan_corpus(args.train, eval_items, settings, args.text, embedder)
     if not report["summary"]["train_items"]:
         raise UserError("nothing to compare: the training data is empty")
-    report.update(train=args.train, against=args.against, embedder=args.embedder)
+    report.update(train=args.train, against=args.against, embedder=args.embedder, read=stats.to_dict())
     write_json(Path(args.output), report)
     s = report["summary"]
     print(f"{s['contaminated_train']} of {s['train_items']} training items contaminate {s['contaminated_eval']} of "

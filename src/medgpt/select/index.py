@@ -36,7 +36,7 @@ def choose(kind: str, corpus_size: int, min_corpus: int = ANN_MIN_CORPUS) -> str
 
 
 def ivf_lists(corpus_size: int) -> int:
-    return max(1, min(int(round(math.sqrt(corpus_size))), corpus_size // IVF_TRAIN_PER_LIST or 1))
+    return max(1, min(round(math.sqrt(corpus_size)), corpus_size // IVF_TRAIN_PER_LIST or 1))
 
 
 def build(kind: str, dim: int, corpus_size: int):
