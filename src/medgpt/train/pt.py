@@ -165,9 +165,14 @@ def streamed_datasets(cfg: Config, tokenizer):
         from dataclasses import replace
 
         eval_cfg = replace(cfg, data=replace(cfg.data, data=cfg.data.eval_data, eval_data=None, max_samples=None))
-        prepared = prepare(eval_cfg, tokenizer, PlainText(), "pt", encode=encode_documents, settings=ENCODER_SETTINGS)
+        prepared = prepare_documents(eval_cfg, tokenizer)
         evals, counts["eval"] = prepared.train, prepared.stats["train"]
     return train, evals, counts
+
+
+def prepare_documents(cfg: Config, tokenizer):
+    """The prepared token rows of `cfg`'s documents (`medgpt.train.prepare.Prepared`), from the cache or made."""
+    return prepare(cfg, tokenizer, PlainText(), "pt", encode=encode_documents, settings=ENCODER_SETTINGS)
 
 
 def text_datasets(cfg: Config, tokenizer):
@@ -175,7 +180,7 @@ def text_datasets(cfg: Config, tokenizer):
     (memory-mapped, from the cache), or streamed with `streaming: true`."""
     if cfg.data.streaming:
         return streamed_datasets(cfg, tokenizer)
-    prepared = prepare(cfg, tokenizer, PlainText(), "pt", encode=encode_documents, settings=ENCODER_SETTINGS)
+    prepared = prepare_documents(cfg, tokenizer)
     return prepared.train, prepared.eval, prepared.stats
 
 
