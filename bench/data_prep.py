@@ -5,7 +5,8 @@ same file and settings (the bundled tokenizer, template chatml, max_length 1024)
 - baseline: what LLaMA-Factory and TRL users run, `datasets.load_dataset("json")` + `map(apply_chat_template,
   tokenize, num_proc)`, in a fresh cache;
 - medgpt: `medgpt data prepare` (read, validate, template, tokens and labels, length rule, cached Arrow), first
-  run in a fresh cache and the cached re-run.
+  run in a fresh cache and the cached re-run;
+- `medgpt train` on the prepared data: seconds from its start to its first optimizer step (the bundled model).
 Each is a separate process; its peak memory is the peak of the summed PSS of the whole process tree (workers
 included; memory-mapped pages count once), sampled every 0.1 s. Results in bench/results/data_prep.json.
 
@@ -95,7 +96,27 @@ def measure(command: list[str], env: dict) -> dict:
             "stdout": out.strip()}
 
 
-def run_size(count: int, num_proc: int, work: Path) -> dict:
+def first_step(config: Path, env: dict, out: Path, model: Path) -> float:
+    """Seconds from starting `medgpt train` on the prepared data to its first logged optimizer step, with a
+    2-layer model of the bundled tokenizer: the time is the data's and the trainer's setup, not the step's compute
+    (a step of the 135M model on a 1,024-token row takes tens of seconds on these CPUs)."""
+    log = out / "metrics.jsonl"
+    command = [str(Path(PY).parent / "medgpt"), "train", str(config), "--model", str(model), "--max_steps", "1",
+               "--logging_steps", "1",
+               "--per_device_train_batch_size", "1", "--save_strategy", "no", "--report_to", "none",
+               "--report_prompts", "none", "--output_dir", str(out)]
+    start = time.perf_counter()
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    while proc.poll() is None and not (log.exists() and '"loss"' in log.read_text()):
+        time.sleep(0.1)
+    took = time.perf_counter() - start
+    _, err = proc.communicate()
+    if proc.returncode:
+        raise SystemExit(f"medgpt train failed:\n{err[-3000:]}")
+    return round(took, 1)
+
+
+def run_size(count: int, num_proc: int, work: Path, model: Path) -> dict:
     data = work / f"sharegpt-{count}.jsonl"
     generate(data, count)
     config = work / f"sft-{count}.yaml"
@@ -113,6 +134,7 @@ def run_size(count: int, num_proc: int, work: Path) -> dict:
     result["medgpt"].pop("stdout")
     result["baseline"].pop("stdout")
     result["rows"], result["tokens"] = report["train"]["rows"], report["train"]["tokens"]
+    result["train_first_step_s"] = first_step(config, env, work / f"train-{count}", model)
     result["wall_ratio_medgpt_over_baseline"] = round(result["medgpt"]["wall_s"] / result["baseline"]["wall_s"], 2)
     print(json.dumps(result), flush=True)
     data.unlink()
@@ -126,7 +148,11 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "data_prep.json"))
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="medgpt-data-prep-") as tmp:
-        sizes = [run_size(n, args.num_proc, Path(tmp)) for n in args.records]
+        sys.path.insert(0, str(ROOT / "tests"))
+        from conftest import build_tiny_model  # the tests' 2-layer Llama with the bundled tokenizer
+
+        model = build_tiny_model(Path(tmp) / "tiny")
+        sizes = [run_size(n, args.num_proc, Path(tmp), model) for n in args.records]
     out = {"machine": {"cpus": len(os.sched_getaffinity(0)), "memory_gb": round(psutil.virtual_memory().total / 2**30),
                        "python": platform.python_version()}, "num_proc": args.num_proc, "sizes": sizes}
     Path(args.out).write_text(json.dumps(out, indent=2) + "\n", encoding="utf-8")
