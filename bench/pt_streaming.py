@@ -6,7 +6,7 @@ batch 4, --steps optimizer steps) on each, in its own process. Reports each run'
 process's own maximum resident set, from wait4; the stream is read in that process, no data workers). Results in
 bench/results/pt_streaming.json.
 
-    .venv/bin/python bench/pt_streaming.py [--sizes-mb 200 1000] [--steps 100] [--work /tmp/medgpt-bench-pt]
+    .venv/bin/python bench/pt_streaming.py [--sizes-mb 200 1000] [--steps 30] [--work /tmp/medgpt-bench-pt]
 """
 
 from __future__ import annotations
@@ -79,9 +79,10 @@ def train(corpus: Path, model: Path, out: Path, steps: int) -> dict:
                                   "output_dir": str(out)}))
     start = time.perf_counter()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT / "src")}
-    proc = subprocess.Popen([PY, "-m", "medgpt.cli", "train", str(config)], env=env, stdout=subprocess.DEVNULL,
-                            stderr=open(out.with_suffix(".log"), "w"))
-    _, status, usage = os.wait4(proc.pid, 0)
+    with out.with_suffix(".log").open("w") as log:
+        proc = subprocess.Popen([PY, "-m", "medgpt.cli", "train", str(config)], env=env, stdout=subprocess.DEVNULL,
+                                stderr=log)
+        _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - start
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"medgpt train failed on {corpus}: see {out.with_suffix('.log')}")
@@ -93,7 +94,7 @@ def train(corpus: Path, model: Path, out: Path, steps: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes-mb", type=int, nargs="+", default=[200, 1000])
-    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--work", type=Path, default=Path("/tmp/medgpt-bench-pt"))
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)

@@ -154,7 +154,8 @@ def _stream(data, tokenizer, stats: DataStats, batch_size: int = 256):
 
 def streamed_datasets(cfg: Config, tokenizer):
     """The train documents as a datasets IterableDataset read and tokenized as training consumes it (the trainer
-    packs it into blocks on the fly), the eval data prepared, and the read counts (train: the records read so far)."""
+    packs it into blocks on the fly), the eval data prepared, and the read counts (train: the records read so
+    far)."""
     from datasets import IterableDataset
 
     stats = DataStats()
@@ -164,7 +165,8 @@ def streamed_datasets(cfg: Config, tokenizer):
     if cfg.data.eval_data:
         from dataclasses import replace
 
-        eval_cfg = replace(cfg, data=replace(cfg.data, data=cfg.data.eval_data, eval_data=None, max_samples=None))
+        eval_cfg = replace(cfg, data=replace(cfg.data, data=cfg.data.eval_data, eval_data=None, max_samples=None,
+                                                 data_subset=None, data_split="train"))
         prepared = prepare_documents(eval_cfg, tokenizer)
         evals, counts["eval"] = prepared.train, prepared.stats["train"]
     return train, evals, counts
