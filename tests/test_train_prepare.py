@@ -1,7 +1,8 @@
 """medgpt.train.prepare: the prepared-data path gives the rows and counts of the in-memory path
 (`medgpt.data.readers.read_records` + `medgpt.data.encode.encode_conversations`, and load_records' seeded
 held-out split) record for record, in one process and in two; it is cached by what determines it; a bad record
-stops it with `path:line` and leaves no cache; `medgpt data prepare` prints what `medgpt train` will train on."""
+stops it with `path:line` and leaves no cache; `medgpt data prepare` prints what `medgpt train` will train on;
+`medgpt data check` measures token lengths on the same path."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from medgpt.errors import UserError
 from medgpt.models import load_tokenizer
 from medgpt.train import build_config
 from medgpt.train.common import training_template
-from medgpt.train.prepare import prepare
+from medgpt.train.prepare import conversation_lengths, prepare
 
 
 def config(tmp_path, data: str, **options):
@@ -85,6 +86,11 @@ def test_two_processes_give_the_rows_and_counts_of_one(sample_data, tmp_path):
                                                       "no assistant tokens after truncation"}, stats.dropped
     assert rows(prepared.train) == train
     assert prepared.stats["train"].to_dict() == stats.to_dict()
+    # `medgpt data check`'s token lengths, measured in two processes, are the lengths of encoding one by one
+    records, _ = read_records(data, "sft", on_error="skip")
+    template = training_template(cfg, tokenizer)
+    assert conversation_lengths(records, tokenizer, template, 2) == [
+        len(template.encode(tokenizer, r["messages"], tools=r.get("tools"))["input_ids"]) for r in records]
 
 
 def test_a_bad_record_stops_preparing_with_its_line_and_leaves_no_cache(sample_data, tmp_path):

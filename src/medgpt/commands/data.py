@@ -101,9 +101,15 @@ def _token_lengths(records: list[dict], kind: str, args: argparse.Namespace) -> 
         def length(messages: list[dict], tools: list[dict] | None = None) -> int:
             return len(template.encode(tokenizer, messages, tools=tools)["input_ids"])
 
-        lengths = [length(r["messages"], r.get("tools")) if kind == "sft" else
-                   max(length(r["prompt"] + r["chosen"]), length(r["prompt"] + r["rejected"]))
-                   for r in tqdm(records, desc="tokenizing", leave=False, disable=None)]
+        if kind == "sft":  # as training prepares them, in parallel
+            import os
+
+            from medgpt.train.prepare import conversation_lengths
+
+            lengths = conversation_lengths(records, tokenizer, template, len(os.sched_getaffinity(0)))
+        else:
+            lengths = [max(length(r["prompt"] + r["chosen"]), length(r["prompt"] + r["rejected"]))
+                       for r in tqdm(records, desc="tokenizing", leave=False, disable=None)]
     ordered = sorted(lengths)
     report = {"tokenizer": getattr(tokenizer, "name_or_path", args.tokenizer),
               "template": None if kind == "pt" else args.template,

@@ -21,13 +21,14 @@ import logging
 import os
 import random
 import shutil
-from collections.abc import Callable
+import tempfile
+from collections.abc import Callable, Iterable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from medgpt.config import Config
+from medgpt.config import Config, DataArgs
 from medgpt.data.encode import count_encoded, encode_conversation_batch
 from medgpt.data.readers import OVERLONG, iter_records
 from medgpt.data.rows import check_choice, expand
@@ -114,7 +115,7 @@ def _write_records(records, path: Path) -> int:
     count = 0
     with ArrowWriter(path=str(path), writer_batch_size=10_000) as writer:
         for record in records:
-            loc = record.pop("_loc")
+            loc = record.pop("_loc", "")
             writer.write({"record": json.dumps(record, ensure_ascii=False), "loc": loc})
             count += 1
         writer.finalize()
@@ -156,6 +157,27 @@ def encode_conversation_records(dataset, tokenizer, template, cfg: Config, stats
     rows = encoded.select(keep).select_columns(["input_ids", "labels"])
     rows.save_to_disk(str(folder / name))
     return len(keep)
+
+
+def _length_batch(batch: dict, tokenizer, template) -> dict:
+    records = [json.loads(text) for text in batch["record"]]
+    return {"length": [e["length"] for e in encode_conversation_batch(records, tokenizer, template, DataArgs(), None)]}
+
+
+def conversation_lengths(records: Iterable[dict], tokenizer, template, processes: int = 1) -> list[int]:
+    """Token lengths of conversation records as SFT encodes them (before any length rule), measured in
+    `processes` processes: what `medgpt data check` reports."""
+    from datasets import Dataset
+
+    with tempfile.TemporaryDirectory(prefix="medgpt-lengths-") as tmp:
+        count = _write_records(({**record} for record in records), Path(tmp) / "records.arrow")
+        dataset = Dataset.from_file(str(Path(tmp) / "records.arrow"))
+        processes = min(processes, max(1, count // 1000))
+        lengths = dataset.map(_length_batch, batched=True, batch_size=256, remove_columns=dataset.column_names,
+                              num_proc=processes if processes > 1 else None, desc="tokenizing",
+                              cache_file_name=str(Path(tmp) / "lengths.arrow"), new_fingerprint="lengths",
+                              fn_kwargs={"tokenizer": tokenizer, "template": template})
+        return lengths["length"]
 
 
 def _split(dataset, cfg: Config):
