@@ -86,15 +86,26 @@ def _line_of(data: bytes, offset: int) -> int:
     return data.count(b"\n", 0, offset) + 1
 
 
-def _lines(path: Path, data: bytes) -> Iterator[tuple[str, str | RecordError | None]]:
-    """Physical lines, each decoded on its own so that a bad byte spoils only its line."""
-    lines = data.split(b"\n")
-    if lines[-1] == b"":
+def _file_lines(path: Path) -> Iterator[bytes]:
+    """A file's physical lines as they are read (the UTF-8 BOM left out): memory does not grow with the file."""
+    try:
+        with path.open("rb") as f:
+            for number, raw in enumerate(f):
+                yield raw.removeprefix(codecs.BOM_UTF8) if number == 0 else raw
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read: {exc.strerror}") from None
+
+
+def _lines(path: Path, data: bytes | Iterable[bytes]) -> Iterator[tuple[str, str | RecordError | None]]:
+    """Physical lines (of a file's bytes, or as `_file_lines` reads them), each decoded on its own so that a bad
+    byte spoils only its line."""
+    lines = data.split(b"\n") if isinstance(data, bytes) else data
+    if isinstance(lines, list) and lines[-1] == b"":
         lines.pop()
     for number, raw in enumerate(lines, 1):
         loc = f"{path}:{number}"
         try:
-            line = raw.rstrip(b"\r").decode("utf-8")
+            line = raw.removesuffix(b"\n").rstrip(b"\r").decode("utf-8")
         except UnicodeDecodeError as exc:
             yield loc, RecordError("not UTF-8", f"byte {raw[exc.start]:#04x} at column {exc.start + 1}")
             continue
@@ -110,12 +121,12 @@ def _parse(line: str | RecordError | None) -> Any:
         return RecordError("invalid JSON", f"{exc.msg} at column {exc.colno}")
 
 
-def _txt_rows(path: Path, data: bytes) -> Iterator[Row]:
+def _txt_rows(path: Path, data: bytes | Iterable[bytes]) -> Iterator[Row]:
     for loc, line in _lines(path, data):
         yield loc, {"text": line} if isinstance(line, str) else line
 
 
-def _jsonl_rows(path: Path, data: bytes) -> Iterator[Row]:
+def _jsonl_rows(path: Path, data: bytes | Iterable[bytes]) -> Iterator[Row]:
     for loc, line in _lines(path, data):
         yield loc, _parse(line)
 
@@ -269,6 +280,8 @@ def item_rows(item: Path | str, subset: str | None = None, split: str = "train")
     suffix = item.suffix.lower()
     if suffix == ".parquet":
         return _parquet_rows(item)
+    if suffix in (".txt", ".jsonl"):  # read a line at a time: a corpus larger than memory streams
+        return (_txt_rows if suffix == ".txt" else _jsonl_rows)(item, _file_lines(item))
     try:
         data = item.read_bytes().removeprefix(codecs.BOM_UTF8)
     except OSError as exc:
