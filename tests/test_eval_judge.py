@@ -371,3 +371,20 @@ def test_prompt_rows_carry_their_rubrics_to_the_reward(tmp_path, sample_data):
     assert json.loads(records[0]["rubrics"])[0]["points"] == 5
     qa, _ = read_prompts(str(sample_data / "qa" / "medical_qa.jsonl"), "prompts", max_samples=1)
     assert qa[0]["rubrics"] is None and qa[0]["reference"]
+
+
+def test_grpo_trains_with_the_judge_as_its_reward(fake, tmp_path, tiny_model):
+    """`reward_fn: judge` inside TRL's GRPOTrainer: every sampled reply of a QA row (its answer the reference) is graded by the
+    endpoint (a judge that gives 7/10 to everything: reward 0.7), its verdicts cached."""
+    from _stage_runs import train, write_jsonl
+
+    judge = fake(lambda body, n, headers: (200, _completion('{"explanation": "", "score": 7}')))
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [
+        {"question": f"What helps a {t}?", "answer": "Rest and fluids."} for t in ("fever", "cough")])
+    rows = train("grpo", tiny_model, tmp_path / "out", prompts, max_length=None, reward_fn="judge",
+                 reward_kwargs={"judge_url": judge.url, "judge_cache": str(tmp_path / "verdicts.sqlite"),
+                                "judge_retries": 0}, num_generations=2, max_completion_length=6, max_steps=2,
+                 per_device_train_batch_size=2)
+    logged = [row["rewards/judge_reward/mean"] for row in rows if "rewards/judge_reward/mean" in row]
+    assert len(logged) == 2 and all(value == pytest.approx(0.7) for value in logged)
+    assert 0 < judge.requests <= 2 * 2 * 2  # one per distinct reply (2 steps x 2 prompts... x 2 generations)
