@@ -8,7 +8,7 @@ same file and settings (the bundled tokenizer, template chatml, max_length 1024)
   run in a fresh cache and the cached re-run;
 - `medgpt train` on the prepared data: seconds from its start to its first optimizer step (the bundled model).
 Each is a separate process; its peak memory is the peak of the summed PSS of the whole process tree (workers
-included; memory-mapped pages count once), sampled every 0.1 s. Results in bench/results/data_prep.json.
+included; memory-mapped pages count once), sampled every 0.25 s. Results in bench/results/data_prep.json.
 
     .venv/bin/python bench/data_prep.py [--records 100000 500000] [--num-proc 2]
 """
@@ -88,7 +88,7 @@ def measure(command: list[str], env: dict) -> dict:
         except psutil.NoSuchProcess:
             break
         peak = max(peak, total)
-        time.sleep(0.1)
+        time.sleep(0.25)
     out, err = proc.communicate()
     if proc.returncode:
         raise SystemExit(f"{' '.join(command[:4])}... failed:\n{err[-3000:]}")
