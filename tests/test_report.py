@@ -345,3 +345,15 @@ def test_answers_are_generated_again_where_the_model_would_answer_in_another_pre
     monkeypatch.setattr(medgpt.models, "inference_precision", lambda dtype="auto": "bf16")
     generate_answers(refs, prompts, tmp_path / "answers.json", max_new_tokens=4)
     assert len(loads) == 2  # another precision: generated again
+
+
+def test_answers_section_says_how_much_each_model_reasoned():
+    from medgpt.report.answers import Answer
+    from medgpt.report.document import answers_section
+
+    prompts = [[{"role": "user", "content": "Fever?"}], [{"role": "user", "content": "Cough?"}]]
+    answers = {"base": [Answer("Rest.", "stop", 3), Answer("Fluids.", "stop", 3)],
+               "sft": [Answer("Rest.", "stop", 9, "Low-grade fever."), Answer("", "length", 16, "A cough that", True)]}
+    _, [(_, note), (_, headers, rows)] = answers_section(prompts, answers)
+    assert "sft: 2 of 2 answers reasoned first (mean 14 characters of reasoning, 1 cut inside it)" in note
+    assert "base:" not in note and rows[1][2].unanswered

@@ -86,6 +86,11 @@ def answers_section(prompts: list[list[dict]], answers: dict[str, list[Answer]],
     note = (f"Greedy decoding, the same prompts for every model, at most {max_new_tokens} new tokens; "
             f"an answer that reached that limit is marked \"cut at N tokens\" ({cut} of "
             f"{sum(len(c) for c in answers.values())} here).")
+    for label, column in answers.items():
+        if thought := [a for a in column if a.reasoning is not None]:
+            note += (f" {label}: {len(thought)} of {len(column)} answers reasoned first (mean "
+                     f"{sum(a.reasoning_chars for a in thought) / len(thought):.0f} characters of reasoning, "
+                     f"{sum(a.unanswered for a in thought)} cut inside it); the table shows the answers after it.")
     return "Answers side by side", [("text", note), ("table", headers, rows)]
 
 
