@@ -189,12 +189,16 @@ def _mcq(args: argparse.Namespace) -> int:
     print(f"  {'overall':32s} {o['accuracy']:6.2f}  ({o['correct']}/{o['total']}; subject average {o['average']:.2f}; "
           f"standard error ±{standard_error(o['correct'], o['total']):.1f} points"
           + (f"; 95% interval {ci[0]:.1f}-{ci[1]:.1f}" if ci else "") + ")")
-    if "reasoning" in result:
-        r = result["reasoning"]
-        print(f"  reasoning: {r['with_reasoning']}/{r['replies']} replies, mean {r['mean_chars']:.0f} characters; "
-              f"{r['cut_in_reasoning']} cut inside their reasoning (unanswered)")
+    _print_reasoning(result)
     print(f"written: {output} and {items}")
     return 0
+
+
+def _print_reasoning(result: dict) -> None:
+    """The reasoning line of generated replies (eval mcq --method generate, eval gen), where any reasoned."""
+    if r := result.get("reasoning"):
+        print(f"  reasoning: {r['with_reasoning']}/{r['replies']} replies, mean {r['mean_chars']:.0f} characters; "
+              f"{r['cut_in_reasoning']} cut inside their reasoning (unanswered)")
 
 
 def _ppl(args: argparse.Namespace) -> int:
@@ -223,6 +227,7 @@ def _gen(args: argparse.Namespace) -> int:
                      partial=output.with_name(f".{output.stem}.partial.jsonl"))
     output, items = write_result(result, output)
     print("  " + "  ".join(f"{k} {v:.2f}" for k, v in result["metrics"].items()) + f"  ({result['count']} items)")
+    _print_reasoning(result)
     print(f"written: {output} and {items}")
     return 0
 
