@@ -51,3 +51,20 @@ def closes_its_engines():
     yield
     left = [t.name for t in threading.enumerate() if t.name in ENGINE_THREADS and t not in before and t.is_alive()]
     assert left == [], "an engine was left running"
+
+
+@contextlib.contextmanager
+def serving(engine, settings, name: str):
+    """`engine` behind a running medgpt server named `name`: yields (url, engine); the engine is closed after."""
+    from medgpt.infer.server import create_app, running_server
+
+    with running_server(create_app(engine, settings, model_name=name)) as url:
+        yield url, engine
+    engine.close()
+
+
+def openai_client(url: str, api_key: str = "unused"):
+    """The official `openai` client on a medgpt server, without retries."""
+    from openai import OpenAI
+
+    return OpenAI(base_url=f"{url}/v1", api_key=api_key, timeout=120, max_retries=0)

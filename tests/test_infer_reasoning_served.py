@@ -14,13 +14,14 @@ import json
 
 import httpx
 import pytest
+from _inference import openai_client, serving
 from _stage_runs import train
 from test_data_templates_reasoning import official
 
 from medgpt.data.messages import reply_parts
 from medgpt.infer.base import GenerationParams
 from medgpt.infer.engine import load_engine
-from medgpt.infer.server import ServerSettings, create_app, running_server
+from medgpt.infer.server import ServerSettings
 
 pytestmark = pytest.mark.slow
 
@@ -52,16 +53,13 @@ def trained(tiny_model, record, tmp_path_factory) -> str:
 def served(trained):
     engine = load_engine(trained, dtype="fp32")
     settings = ServerSettings(defaults=GenerationParams(max_new_tokens=96, temperature=0.0), max_tokens_cap=128)
-    with running_server(create_app(engine, settings, model_name="reasoner")) as url:
-        yield url, engine
-    engine.close()
+    with serving(engine, settings, "reasoner") as running:
+        yield running
 
 
 @pytest.fixture(scope="module")
 def client(served):
-    from openai import OpenAI
-
-    return OpenAI(base_url=f"{served[0]}/v1", api_key="unused", timeout=120, max_retries=0)
+    return openai_client(served[0])
 
 
 def test_served_reply_has_its_reasoning_apart(client, served, record):

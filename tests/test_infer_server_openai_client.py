@@ -9,6 +9,7 @@ import json
 
 import httpx
 import pytest
+from _inference import openai_client, serving
 
 from medgpt.infer.base import GenerationParams
 from medgpt.infer.engine import load_engine
@@ -32,16 +33,13 @@ def served(tiny_model):
     """The tiny model with the qwen template (a tool format; the bundled tokenizer is ChatML like Qwen's)."""
     engine = load_engine(tiny_model, template="qwen", dtype="fp32", max_batch_size=8)
     settings = ServerSettings(defaults=GenerationParams(max_new_tokens=8), max_tokens_cap=128)
-    with running_server(create_app(engine, settings, model_name="tiny")) as url:
-        yield url, engine
-    engine.close()
+    with serving(engine, settings, "tiny") as running:
+        yield running
 
 
 @pytest.fixture(scope="module")
 def client(served):
-    from openai import OpenAI
-
-    return OpenAI(base_url=f"{served[0]}/v1", api_key="unused", timeout=120, max_retries=0)
+    return openai_client(served[0])
 
 
 @pytest.fixture(scope="module")
