@@ -13,8 +13,8 @@ each document's text with the EOS token appended (unless it ends with it), token
 SFTTrainer tokenizes a `text` row; the trainer then packs these rows into blocks, so the blocks are those of
 the plain-text path. `streaming: true` reads a corpus larger than memory as a stream instead: documents are
 read and tokenized as training consumes them and packed on the fly (`max_steps` sets the length of the run);
-under a distributed launch accelerate's data loader reads the stream on the main process and sends each
-process its batches.
+under a distributed launch every process reads the stream and trains on its own share of each global batch
+(accelerate's IterableDatasetShard).
 
 On a model whose vocabulary `medgpt tokenizer extend` grew, LoRA also trains the input embeddings and the LM head
 in full (`modules_to_save: embed_tokens,lm_head`, set unless the config sets it), so the new tokens' rows learn.
