@@ -124,4 +124,10 @@ def test_data_prepare_prints_what_train_will_train_on(sample_data, tmp_path, cap
     assert len(build_datasets(loaded, open_tokenizer(loaded.model))[0]) == report["train"]["rows"]
     assert len(list((tmp_path / "cache").glob("sft-*"))) == 1
     assert main(["data", "prepare", str(cfg), "--stage", "dpo"]) == 2
-    assert "prepared data is built for stage sft" in capsys.readouterr().err
+    assert "prepared data is built for stages sft and pt" in capsys.readouterr().err
+    # a PT config: the corpus's token rows (every token labelled)
+    assert main(["data", "prepare", "--json", str(cfg), "--stage", "pt", "--data",
+                 str(sample_data / "pt" / "medical_corpus.txt")]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["train"]["rows"] == report["counts"]["train"]["kept"] > 0
+    assert report["train"]["labelled_tokens"] == report["train"]["tokens"]

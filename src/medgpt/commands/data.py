@@ -46,7 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     convert.add_argument("--out", required=True, help="output .jsonl file")
     prepare = sub.add_parser("prepare", help="encode a training config's data once into the prepared-data cache",
                              description="Read, validate, template and tokenize exactly what `medgpt train CONFIG` "
-                                         "trains on (stage sft), in parallel, into memory-mapped Arrow files in "
+                                         "trains on (stages sft and pt), in parallel, into memory-mapped Arrow files in "
                                          "the prepared-data cache; print the counts, token statistics and the "
                                          "cache folder. `medgpt train` then starts from the cache.")
     prepare.add_argument("config", help="the training config (YAML)")
@@ -177,17 +177,24 @@ def _convert(args: argparse.Namespace) -> int:
 
 
 def _prepare(args: argparse.Namespace) -> int:
-    from medgpt.models import load_tokenizer
+    from medgpt.models import open_tokenizer
     from medgpt.train import load_config
     from medgpt.train.common import training_template
     from medgpt.train.prepare import describe, prepare
 
     cfg = load_config(args.config, list(args.overrides))
-    if cfg.run.stage != "sft":
+    if cfg.run.stage not in ("sft", "pt"):
         raise UserError(f"data prepare: stage {cfg.run.stage} reads its data when training starts; "
-                        "prepared data is built for stage sft")
-    tokenizer = load_tokenizer(cfg.model.model)
-    report = describe(prepare(cfg, tokenizer, training_template(cfg, tokenizer), "sft"))
+                        "prepared data is built for stages sft and pt")
+    if cfg.data.streaming:
+        raise UserError("data prepare: streaming: true reads the corpus as training consumes it; nothing to prepare")
+    tokenizer = open_tokenizer(cfg.model)
+    if cfg.run.stage == "pt":
+        from medgpt.train.pt import prepare_documents
+
+        report = describe(prepare_documents(cfg, tokenizer))
+    else:
+        report = describe(prepare(cfg, tokenizer, training_template(cfg, tokenizer), "sft"))
     if args.json:
         print(json.dumps(report, indent=2, ensure_ascii=False))
         return 0
