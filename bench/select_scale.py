@@ -7,7 +7,7 @@ Parts (each a separate `medgpt` process, timed whole, its peak RSS from the kern
   `minilm` on fewer): rows/s embedded, the time to search and select.
 - resume: `medgpt select` killed once some chunks are on disk, then run again: chunks embedded by each run.
 - index: exact (FAISS flat) against IVF and HNSW top-k search of 1,000 eval vectors over corpora of several
-  sizes (synthetic clustered 512-d vectors): build and search time, recall@k against exact search.
+  sizes (synthetic 512-d vectors of low intrinsic dimension): build and search time, recall@k against exact search.
 - workers: embedding with 1 and 2 worker processes.
 - dedup: `medgpt data dedup` on N records (default 100k) with planted exact and near copies.
 Results merge into bench/results/select_scale.json (a part rerun replaces its own entry).
@@ -185,34 +185,37 @@ def part_resume(work: Path, n: int, embedder: str = "tfidf", chunk: int = 5000) 
             "finished_chunks_untouched": unchanged, "rerun_wall_s": run["wall_s"]}
 
 
-def clustered_vectors(count: int, dim: int, seed: int, centers: np.ndarray) -> np.ndarray:
-    """Unit vectors around `centers` (a mixture on the sphere): data with near neighbours, as embeddings have."""
+def embedding_like(count: int, seed: int, basis: np.ndarray, centers: np.ndarray) -> np.ndarray:
+    """Unit vectors of low intrinsic dimension, as sentence embeddings are: a point near one of `centers` in a
+    latent space of len(basis) dimensions, mapped by `basis` into the full space, plus a little full-rank noise."""
     rng = np.random.default_rng(seed)
-    out = np.empty((count, dim), np.float32)
+    out = np.empty((count, basis.shape[1]), np.float32)
     for start in range(0, count, 100_000):
         n = min(100_000, count - start)
-        x = centers[rng.integers(0, len(centers), n)] + rng.normal(scale=0.6 / np.sqrt(dim), size=(n, dim))
+        latent = centers[rng.integers(0, len(centers), n)] + rng.normal(size=(n, basis.shape[0]))
+        x = latent @ basis + 0.05 * rng.normal(size=(n, basis.shape[1]))
         out[start:start + n] = x / np.linalg.norm(x, axis=1, keepdims=True)
     return out
 
 
-def part_index(work: Path, sizes: list[int], k: int = 50, queries: int = 1000, dim: int = 512,
-               hnsw_max: int = 100_000) -> dict:
+def part_index(work: Path, sizes: list[int], k: int = 50, query_counts: tuple[int, ...] = (1000,), dim: int = 512,
+               hnsw_max: int = 100_000, latent: int = 32) -> dict:
     """Exact against approximate top-k search of `queries` eval vectors over corpora of `sizes` vectors
-    (512-d, as `use`; synthetic clustered vectors, 4,000 clusters): build and search time, recall@k against
-    exact search. HNSW is built only up to `hnsw_max` vectors (its build is the slowest on 2 cores)."""
+    (512-d, as `use`; synthetic, of intrinsic dimension `latent`, around 100 topics): build and search time,
+    recall@k against exact search. HNSW is built only up to `hnsw_max` vectors (its build is the slowest)."""
     from medgpt.select import index as ann
 
-    centers = np.random.default_rng(0).normal(size=(4000, dim)).astype(np.float32)
-    centers /= np.linalg.norm(centers, axis=1, keepdims=True)
-    eval_vectors = clustered_vectors(queries, dim, 1, centers)
+    rng = np.random.default_rng(0)
+    basis = rng.normal(size=(latent, dim)) / np.sqrt(latent)
+    centers = rng.normal(size=(100, latent))
     out = []
-    for size in sizes:
-        corpus = clustered_vectors(size, dim, 2, centers)
+    for size, queries in [(size, q) for size in sizes for q in query_counts]:
+        eval_vectors = embedding_like(queries, 1, basis, centers)
+        corpus = embedding_like(size, 2, basis, centers)
         row = {"corpus": size, "queries": queries, "k": k, "dim": dim}
         exact_ids = None
         for kind in ("exact", "ivf", "hnsw"):
-            if kind == "hnsw" and size > hnsw_max:
+            if kind == "hnsw" and (size > hnsw_max or queries != query_counts[0]):
                 continue
             start = time.perf_counter()
             index = ann.build(kind, dim, size)
@@ -232,7 +235,8 @@ def part_index(work: Path, sizes: list[int], k: int = 50, queries: int = 1000, d
         out.append(row)
         print(json.dumps(row), flush=True)
         del corpus
-    return {"vectors": "synthetic, clustered (4,000 clusters), unit length", "rows": out}
+    return {"vectors": f"synthetic {dim}-d unit vectors of intrinsic dimension {latent} around 100 topics",
+            "rows": out}
 
 
 def part_workers(work: Path, n: int, embedders: list[str]) -> dict:
@@ -284,6 +288,7 @@ def main() -> None:
                         help="EMBEDDER:RECORDS runs of medgpt select")
     parser.add_argument("--embedders", nargs="+", default=["tfidf", "use"], help="of the workers part")
     parser.add_argument("--index-sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
+    parser.add_argument("--index-queries", type=int, nargs="+", default=[1000, 5000])
     parser.add_argument("--workers-records", type=int, default=20_000)
     parser.add_argument("--dedup-records", type=int, default=100_000)
     args = parser.parse_args()
@@ -301,9 +306,9 @@ def main() -> None:
         elif part == "resume":
             entry = part_resume(work, args.select_records)
         elif part == "index":
-            entry = part_index(work, args.index_sizes)
+            entry = part_index(work, args.index_sizes, query_counts=tuple(args.index_queries))
         elif part == "workers":
-            entry = part_workers(work, args.workers_records, args.embedders)
+            entry = {**results.get("workers", {}), **part_workers(work, args.workers_records, args.embedders)}
         elif part == "dedup":
             entry = part_dedup(work, args.dedup_records)
         else:

@@ -91,6 +91,9 @@ def test_approximate_index_against_exact():
     assert np.mean([len(set(a) & set(b)) / 10 for a, b in zip(found["exact"], brute)]) > 0.99
     for kind in ("ivf", "hnsw"):
         assert np.mean([len(set(a) & set(b)) / 10 for a, b in zip(found[kind], found["exact"])]) > 0.9
-    assert index.choose("auto", 10, min_corpus=100) == "exact" and index.choose("auto", 100, min_corpus=100) == "ivf"
+    # auto: IVF from min_corpus vectors with at least 2 x sqrt(corpus) queries
+    assert index.choose("auto", 99, queries=1000, min_corpus=100) == "exact"
+    assert index.choose("auto", 100, queries=20, min_corpus=100) == "ivf"
+    assert index.choose("auto", 100, queries=19, min_corpus=100) == "exact"
     with pytest.raises(UserError, match="--index 'flat'"):
         index.choose("flat", 10)

@@ -35,10 +35,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", help="device of a sentence-transformers embedder (default: CUDA when there is one)")
     parser.add_argument("--index", default="auto", choices=("auto", "exact", "ivf", "hnsw"),
                         help="corpus index: exact inner product, approximate IVF or HNSW, or auto (default): IVF "
-                             "from --ann-min-corpus vectors, exact below")
+                             "from --ann-min-corpus vectors when the eval set has at least 2 x sqrt(corpus size) "
+                             "items (where it was measured to pay), exact otherwise")
     parser.add_argument("--ann-min-corpus", type=int, default=ANN_MIN_CORPUS,
-                        help=f"corpus size from which --index auto uses IVF (default {ANN_MIN_CORPUS:,}, measured "
-                             "in bench/select_scale.py)")
+                        help=f"smallest corpus for which --index auto may use IVF (default {ANN_MIN_CORPUS:,}, "
+                             "measured in bench/select_scale.py)")
     parser.add_argument("--corpus-text", default="user", choices=("user", "conversation"),
                         help="what of a training conversation is embedded: its user turns (default) or all turns")
     parser.add_argument("--top-k", type=int, default=50, help="training items recalled per eval item (default 50)")

@@ -60,7 +60,7 @@ class SelectArgs:
     shard: tuple[int, int] | None = None  # embed only chunk i of every n, then stop
     workers: int = 1  # embedding processes
     device: str | None = None  # sentence-transformers models: None picks CUDA when there is one
-    index: str = "auto"  # exact, ivf, hnsw, or auto (ivf from ann_min_corpus vectors)
+    index: str = "auto"  # exact, ivf, hnsw, or auto (see select.index.choose)
     ann_min_corpus: int = ANN_MIN_CORPUS
     keep_contaminated: bool = False
     contamination: ContaminationArgs = field(default_factory=ContaminationArgs)
@@ -348,7 +348,7 @@ def select(args: SelectArgs) -> dict[str, Any]:
     clock = time.perf_counter()
     eval_vectors = cache.load(eval_texts)
     timings["embed_eval_s"], clock = time.perf_counter() - clock, time.perf_counter()
-    index_kind = choose_index(args.index, len(texts), args.ann_min_corpus)
+    index_kind = choose_index(args.index, len(texts), len(eval_texts), args.ann_min_corpus)
     sims, ids, best = search_corpus(cache, texts, eval_vectors, args.top_k, index_kind)
     timings["search_s"], clock = time.perf_counter() - clock, time.perf_counter()
     leaking = best >= args.max_sim
