@@ -31,7 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--chunk-size", type=int, default=8192, help="texts per cached chunk (the unit of resume)")
     parser.add_argument("--workers", type=int, default=1,
                         help="processes that embed chunks in parallel (default 1: on 2 shared cores a second one "
-                             "did not pay, see bench/results/select_scale.json)")
+                             "gained 11%% with use and lost with tfidf, see bench/results/select_scale.json)")
     parser.add_argument("--device", help="device of a sentence-transformers embedder (default: CUDA when there is one)")
     parser.add_argument("--index", default="auto", choices=("auto", "exact", "ivf", "hnsw"),
                         help="corpus index: exact inner product, approximate IVF or HNSW, or auto (default): IVF "

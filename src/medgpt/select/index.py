@@ -25,8 +25,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 KINDS = ("auto", "exact", "ivf", "hnsw")
-ANN_MIN_CORPUS = 100_000  # see bench/results/select_scale.json ("index")
-IVF_QUERIES_PER_SQRT = 2  # measured crossover: about 650 queries at 100k vectors, 2,000 at 1M
+# Measured crossover (bench/results/select_scale.json, "index"): about 650 queries at 100k vectors, 2,000 at 1M.
+# Below 1M vectors exact search takes seconds, not worth IVF's lost recall (0.96-0.99 at k=50).
+ANN_MIN_CORPUS = 1_000_000
+IVF_QUERIES_PER_SQRT = 2
 IVF_MIN_PROBE, IVF_PROBE_SHARE = 8, 32  # lists scanned per query: 1/32 of them, at least 8
 IVF_TRAIN_PER_LIST = 40  # training vectors per list (FAISS warns below 39)
 HNSW_M, HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH = 32, 80, 128
