@@ -17,6 +17,15 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=int, help="evaluate only the first N items (per subject for mcq)")
 
 
+def _answering_arguments(parser: argparse.ArgumentParser, output: str, max_new_tokens: int) -> None:
+    """How --model answers when it generates (judge, safety), and where the result goes."""
+    parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help="answer length when --model "
+                                                                                  "generates")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--system", help="system prompt for generation")
+    parser.add_argument("--output", default=output, help="result JSON; items go to NAME.items.jsonl")
+
+
 def _judge_arguments(parser: argparse.ArgumentParser, required: bool) -> None:
     parser.add_argument("--judge-url", required=required,
                         help="base URL of an OpenAI-compatible API, e.g. http://127.0.0.1:8000/v1")
@@ -127,11 +136,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     judge.add_argument("--predictions", help="jsonl of {\"prediction\"} (with the rows' prompt_id/id, else in order): "
                                              "the answers to grade; without it --model generates them")
     judge.add_argument("--against", help="pairwise: jsonl of {\"prediction\"}, the answers B that A is compared with")
-    judge.add_argument("--max-new-tokens", type=int, default=512, help="answer length when --model generates")
-    judge.add_argument("--batch-size", type=int, default=16)
-    judge.add_argument("--system", help="system prompt for generation")
+    _answering_arguments(judge, "eval_judge.json", max_new_tokens=512)
     _judge_arguments(judge, required=True)
-    judge.add_argument("--output", default="eval_judge.json", help="result JSON; items go to NAME.items.jsonl")
     safety = sub.add_parser("safety", help="refusal rate on harmful requests, over-refusal on look-alike benign ones",
                             description="Answers to the shipped safety sets (harmful.jsonl: requests to decline or "
                                         "redirect; benign.jsonl: look-alike requests to answer), classified as "
@@ -142,11 +148,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                               "these instead of generating")
     safety.add_argument("--classifier", choices=("judge", "phrases"),
                         help="default: judge with --judge-url, else phrases")
-    safety.add_argument("--max-new-tokens", type=int, default=256)
-    safety.add_argument("--batch-size", type=int, default=16)
-    safety.add_argument("--system", help="system prompt for generation")
+    _answering_arguments(safety, "eval_safety.json", max_new_tokens=256)
     _judge_arguments(safety, required=False)
-    safety.add_argument("--output", default="eval_safety.json", help="result JSON; items go to NAME.items.jsonl")
     comp = sub.add_parser("compare", help="side-by-side table of result files with deltas and paired intervals",
                           description="Compare result files (eval mcq/gen/ppl JSON or any JSON of numbers); deltas "
                                       "are to the first file. Where both files hold items, each delta gets its "
