@@ -337,7 +337,7 @@ def test_rag_commands(sample_data, tmp_path, tiny_model, capsys):
     assert "not a knowledge-base index" in capsys.readouterr().err
 
 
-ASK_RUNS = 2  # each run is a new interpreter (seconds); test_infer_engine.py has the deterministic case
+ASK_RUNS = 1  # each run is a new interpreter (seconds); test_infer_engine.py has the deterministic case
 
 
 def test_rag_ask_exits_cleanly_run_after_run(sample_data, tmp_path, tiny_model):
