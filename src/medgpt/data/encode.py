@@ -42,18 +42,13 @@ LONGER = "longer than max_length"
 NO_LABELS = "no assistant tokens after truncation"
 
 
-def encode_conversation(record: dict, tokenizer, template, data: DataArgs, max_length: int | None) -> dict:
-    """One conversation record -> {"input_ids", "labels", "length", "drop"}: labels on the assistant turns,
-    `length` the untruncated token count, `drop` the reason it is not trained on (None: kept; over max_length
-    with `overlong: drop`, or no labelled token left after truncation). `enable_thinking: false` trains without
-    the record's reasoning (each reply as the template writes one without), `train_on_reasoning: false` leaves
-    the reasoning unlabelled."""
-    return encode_conversation_batch([record], tokenizer, template, data, max_length)[0]
-
-
 def encode_conversation_batch(records: list[dict], tokenizer, template, data: DataArgs,
                               max_length: int | None) -> list[dict]:
-    """`encode_conversation` of many records, their texts tokenized in one call."""
+    """Conversation records -> one {"input_ids", "labels", "length", "drop"} each, their texts tokenized in one
+    call: labels on the assistant turns, `length` the untruncated token count, `drop` the reason a record is not
+    trained on (None: kept; over max_length with `overlong: drop`, or no labelled token left after truncation).
+    `enable_thinking: false` trains without the records' reasoning (each reply as the template writes one without),
+    `train_on_reasoning: false` leaves the reasoning unlabelled."""
     segments = [template.segments(without_reasoning(r["messages"]) if data.enable_thinking is False else r["messages"],
                                   data.system, tools=r.get("tools"), enable_thinking=data.enable_thinking,
                                   train_on_reasoning=data.train_on_reasoning) for r in records]
@@ -70,7 +65,7 @@ def encode_conversation_batch(records: list[dict], tokenizer, template, data: Da
 
 
 def count_encoded(stats: DataStats, encoded: dict, loc: str, max_length: int | None) -> bool:
-    """Count one `encode_conversation` result in `stats` (a drop with its location, or a truncation); True
+    """Count one `encode_conversation_batch` result in `stats` (a drop with its location, or a truncation); True
     when it is trained on."""
     if encoded["drop"] != LONGER:
         stats.truncated += int(encoded["length"] > (max_length or 10**9))
@@ -80,7 +75,7 @@ def count_encoded(stats: DataStats, encoded: dict, loc: str, max_length: int | N
 
 
 def encode_conversations(records: list[dict], tokenizer, template, cfg: Config, stats: DataStats) -> list[dict]:
-    """Messages -> input_ids/labels rows (`encode_conversation`), the dropped and truncated ones counted."""
+    """Messages -> input_ids/labels rows (`encode_conversation_batch`), the dropped and truncated ones counted."""
     check_choice("overlong", cfg.data.overlong, OVERLONG)
     rows = []
     encoded_all = encode_conversation_batch(records, tokenizer, template, cfg.data, cfg.train.max_length)

@@ -74,6 +74,15 @@ class DataStats:
             "skipped_files": self.skipped_files,
         }
 
+    @classmethod
+    def from_dict(cls, data: dict) -> DataStats:
+        """The counts `to_dict` wrote (`kept` is derived again)."""
+        stats = cls(read=data["read"], blank=data["blank"], truncated=data["truncated"], files=list(data["files"]),
+                    skipped_files=list(data["skipped_files"]))
+        stats.dropped.update(data["dropped"])
+        stats.examples = {reason: list(locs) for reason, locs in data["examples"].items()}
+        return stats
+
     def summary(self) -> str:
         """One line for logs: the counts and the drop reasons."""
         reasons = ", ".join(f"{r}: {n}" for r, n in self.dropped.most_common())

@@ -37,15 +37,22 @@ def load_records(cfg: Config, kind: str, read: Callable | None = None):
     if data.eval_data:
         evals, stats["eval"] = read_records(data.eval_data, kind, on_error=data.on_error)
     elif data.val_size:
-        count = int(data.val_size) if data.val_size >= 1 else max(1, int(len(train) * data.val_size))
-        if count >= len(train):
-            raise UserError(f"val_size {data.val_size}: leaves no training data ({len(train)} records)")
-        shuffled = train[:]
-        random.Random(cfg.train.seed).shuffle(shuffled)
-        evals, train = shuffled[:count], shuffled[count:]
+        kept, held = held_out(len(train), data.val_size, cfg.train.seed)
+        train, evals = [train[i] for i in kept], [train[i] for i in held]
     if not train:
         raise UserError(f"{data.data}: no usable {kind} records")
     return train, evals, stats
+
+
+def held_out(count: int, val_size: float, seed: int) -> tuple[list[int], list[int]]:
+    """(train, eval) indices of `count` records: `val_size` of them (a share, or a count if >= 1) held out after a
+    seeded shuffle."""
+    size = int(val_size) if val_size >= 1 else max(1, int(count * val_size))
+    if size >= count:
+        raise UserError(f"val_size {val_size}: leaves no training data ({count} records)")
+    order = list(range(count))
+    random.Random(seed).shuffle(order)
+    return order[size:], order[:size]
 
 
 def strip_locations(rows: list[dict]) -> list[dict]:

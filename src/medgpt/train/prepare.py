@@ -19,7 +19,6 @@ import hashlib
 import json
 import logging
 import os
-import random
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable
@@ -35,6 +34,7 @@ from medgpt.data.rows import check_choice, expand
 from medgpt.data.stats import DataStats
 from medgpt.errors import UserError
 from medgpt.files import write_json
+from medgpt.train.common import held_out
 
 log = logging.getLogger(__name__)
 
@@ -98,14 +98,6 @@ def fingerprint(cfg: Config, tokenizer, template, kind: str, settings: dict[str,
              "chat_template": getattr(tokenizer, "chat_template", None) if template.name == "auto" else None,
              "tokenizer": _tokenizer_digest(tokenizer), "settings": settings}
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
-
-
-def _stats_from(data: dict) -> DataStats:
-    stats = DataStats(read=data["read"], blank=data["blank"], truncated=data["truncated"],
-                      files=data["files"], skipped_files=data["skipped_files"])
-    stats.dropped.update(data["dropped"])
-    stats.examples = {reason: list(locs) for reason, locs in data["examples"].items()}
-    return stats
 
 
 def _write_records(records, path: Path) -> int:
@@ -181,17 +173,11 @@ def conversation_lengths(records: Iterable[dict], tokenizer, template, processes
 
 
 def _split(dataset, cfg: Config):
-    """(train, eval) of a read without eval_data: `val_size` of the records held out after the seeded shuffle the
-    in-memory path uses."""
-    data = cfg.data
-    if not data.val_size:
+    """(train, eval) of a read without eval_data: the records `common.held_out` holds out."""
+    if not cfg.data.val_size:
         return dataset, None
-    count = int(data.val_size) if data.val_size >= 1 else max(1, int(len(dataset) * data.val_size))
-    if count >= len(dataset):
-        raise UserError(f"val_size {data.val_size}: leaves no training data ({len(dataset)} records)")
-    order = list(range(len(dataset)))
-    random.Random(cfg.train.seed).shuffle(order)
-    return dataset.select(order[count:]), dataset.select(order[:count])
+    train, evals = held_out(len(dataset), cfg.data.val_size, cfg.train.seed)
+    return dataset.select(train), dataset.select(evals)
 
 
 def _build(cfg: Config, tokenizer, template, kind: str, folder: Path, encode: Callable) -> None:
@@ -263,7 +249,7 @@ def prepare(cfg: Config, tokenizer, template, kind: str = "sft", encode: Callabl
         if not (folder / "stats.json").exists():
             log.info("preparing %s data into %s (%d processes)", kind, folder, num_proc(cfg))
             _build(cfg, tokenizer, template, kind, folder, encode)
-    stats = {split: _stats_from(s) for split, s in json.loads((folder / "stats.json").read_text()).items()}
+    stats = {split: DataStats.from_dict(s) for split, s in json.loads((folder / "stats.json").read_text()).items()}
     evals = load_from_disk(str(folder / "eval")) if (folder / "eval").exists() else None
     log.info("prepared %s data: %s (%s)", kind, folder, "cached" if cached else "new")
     return Prepared(load_from_disk(str(folder / "train")), evals if evals is not None and len(evals) else None,
