@@ -8,9 +8,15 @@ same file and settings (the bundled tokenizer, template chatml, max_length 1024)
   run in a fresh cache and the cached re-run;
 - `medgpt train` on the prepared data: seconds from its start to its first optimizer step (the bundled model).
 Each is a separate process; its peak memory is the peak of the summed PSS of the whole process tree (workers
-included; memory-mapped pages count once), sampled every 0.25 s. Results in bench/results/data_prep.json.
+included; memory-mapped pages count once), read from /proc/PID/smaps_rollup once a second (reading smaps takes
+the measured process's memory lock, so sampling more often slows what it measures).
 
-    .venv/bin/python bench/data_prep.py [--records 100000 500000] [--num-proc 2]
+Runs accumulate in the results file per N: each invocation adds one baseline run and one medgpt run (in turn, the
+baseline first), and the table reports medians over all runs so far, so alternating runs of a size that does not
+fit one invocation's time are separate invocations. `--parts medgpt` leaves the baseline out (the 2M goal is
+medgpt's own peak against its 500k peak). Results in bench/results/data_prep.json.
+
+    .venv/bin/python bench/data_prep.py [--records 100000 500000] [--num-proc 2] [--parts baseline medgpt]
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import json
 import os
 import platform
 import random
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -72,28 +79,36 @@ BASELINE = textwrap.dedent("""
 """)
 
 
-def measure(command: list[str], env: dict) -> dict:
-    """Wall time and the peak summed PSS of the process tree of `command`."""
-    start = time.perf_counter()
-    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    root, peak = psutil.Process(proc.pid), 0
-    while proc.poll() is None:
-        total = 0
+def tree_pss(root: psutil.Process) -> int:
+    """Summed PSS (bytes) of `root` and its descendants, from smaps_rollup."""
+    total = 0
+    for p in [root, *root.children(recursive=True)]:
         try:
-            for p in [root, *root.children(recursive=True)]:
-                try:
-                    total += p.memory_full_info().pss
-                except (psutil.NoSuchProcess, psutil.AccessDenied):
-                    pass
-        except psutil.NoSuchProcess:
-            break
-        peak = max(peak, total)
-        time.sleep(0.25)
-    out, err = proc.communicate()
-    if proc.returncode:
-        raise SystemExit(f"{' '.join(command[:4])}... failed:\n{err[-3000:]}")
-    return {"wall_s": round(time.perf_counter() - start, 1), "peak_pss_gb": round(peak / 2**30, 2),
-            "stdout": out.strip()}
+            with open(f"/proc/{p.pid}/smaps_rollup") as f:
+                total += next(int(line.split()[1]) for line in f if line.startswith("Pss:")) * 1024
+        except (OSError, StopIteration):
+            pass
+    return total
+
+
+def measure(command: list[str], env: dict, interval: float = 1.0) -> dict:
+    """Wall time and the peak summed PSS of the process tree of `command`."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:  # a pipe's buffer would fill
+        start = time.perf_counter()
+        proc = subprocess.Popen(command, env=env, stdout=out, stderr=err, text=True)
+        root, peak = psutil.Process(proc.pid), 0
+        while proc.poll() is None:
+            try:
+                peak = max(peak, tree_pss(root))
+            except psutil.NoSuchProcess:
+                break
+            time.sleep(interval)
+        wall = time.perf_counter() - start
+        out.seek(0)
+        err.seek(0)
+        if proc.returncode:
+            raise SystemExit(f"{' '.join(command[:4])}... failed:\n{err.read()[-3000:]}")
+        return {"wall_s": round(wall, 1), "peak_pss_gb": round(peak / 2**30, 2), "stdout": out.read().strip()}
 
 
 def first_step(config: Path, env: dict, out: Path, model: Path) -> float:
@@ -106,17 +121,20 @@ def first_step(config: Path, env: dict, out: Path, model: Path) -> float:
                "--per_device_train_batch_size", "1", "--save_strategy", "no", "--report_to", "none",
                "--report_prompts", "none", "--output_dir", str(out)]
     start = time.perf_counter()
-    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    while proc.poll() is None and not (log.exists() and '"loss"' in log.read_text()):
-        time.sleep(0.1)
-    took = time.perf_counter() - start
-    _, err = proc.communicate()
-    if proc.returncode:
-        raise SystemExit(f"medgpt train failed:\n{err[-3000:]}")
+    with tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=err, text=True)
+        while proc.poll() is None and not (log.exists() and '"loss"' in log.read_text()):
+            time.sleep(0.1)
+        took = time.perf_counter() - start
+        proc.wait()
+        err.seek(0)
+        if proc.returncode:
+            raise SystemExit(f"medgpt train failed:\n{err.read()[-3000:]}")
     return round(took, 1)
 
 
-def run_size(count: int, num_proc: int, work: Path, model: Path) -> dict:
+def run_size(count: int, num_proc: int, work: Path, model: Path, parts: list[str], earlier: dict) -> dict:
+    """One more run of each of `parts` on N=`count` records, added to the `earlier` runs of that size."""
     data = work / f"sharegpt-{count}.jsonl"
     generate(data, count)
     config = work / f"sft-{count}.yaml"
@@ -125,19 +143,37 @@ def run_size(count: int, num_proc: int, work: Path, model: Path) -> dict:
                       f"data_cache_dir: {work / f'prepared-{count}'}\n")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "HF_DATASETS_CACHE": str(work / f"hf-{count}")}
-    result = {"records": count, "file_mb": round(data.stat().st_size / 2**20, 1)}
-    result["baseline"] = measure([PY, "-c", BASELINE, str(data), str(work / f"baseline-{count}"), str(num_proc)], env)
-    medgpt = [str(Path(PY).parent / "medgpt"), "data", "prepare", "--json", str(config)]
-    result["medgpt"] = measure(medgpt, env)
-    result["medgpt_cached"] = measure(medgpt, env)
-    report = json.loads(result["medgpt_cached"].pop("stdout"))
-    result["medgpt"].pop("stdout")
-    result["baseline"].pop("stdout")
-    result["rows"], result["tokens"] = report["train"]["rows"], report["train"]["tokens"]
-    result["train_first_step_s"] = first_step(config, env, work / f"train-{count}", model)
-    result["wall_ratio_medgpt_over_baseline"] = round(result["medgpt"]["wall_s"] / result["baseline"]["wall_s"], 2)
-    print(json.dumps(result), flush=True)
+    result = {"records": count, "file_mb": round(data.stat().st_size / 2**20, 1),
+              "runs": {key: list(earlier.get("runs", {}).get(key, [])) for key in ("baseline", "medgpt", "medgpt_cached")}}
+    for key in ("rows", "tokens", "train_first_step_s"):
+        if key in earlier:
+            result[key] = earlier[key]
+    if "baseline" in parts:
+        run = measure([PY, "-c", BASELINE, str(data), str(work / f"baseline-{count}"), str(num_proc)], env)
+        result["runs"]["baseline"].append({k: v for k, v in run.items() if k != "stdout"})
+        print(f"{count} baseline {run['wall_s']} s {run['peak_pss_gb']} GB", flush=True)
+    if "medgpt" in parts:
+        medgpt = [str(Path(PY).parent / "medgpt"), "data", "prepare", "--json", str(config)]
+        for key in ("medgpt", "medgpt_cached"):
+            run = measure(medgpt, env)
+            report = json.loads(run.pop("stdout"))
+            result["runs"][key].append(run)
+            print(f"{count} {key} {run['wall_s']} s {run['peak_pss_gb']} GB", flush=True)
+        result["rows"], result["tokens"] = report["train"]["rows"], report["train"]["tokens"]
+        result["train_first_step_s"] = first_step(config, env, work / f"train-{count}", model)
+        print(f"{count} first step {result['train_first_step_s']} s", flush=True)
     data.unlink()
+    return summarize(result)
+
+
+def summarize(result: dict) -> dict:
+    """Medians (wall, peak) over the runs of each path, and medgpt's wall time over the baseline's."""
+    for key, runs in result["runs"].items():
+        if runs:
+            result[key] = {"wall_s": statistics.median(r["wall_s"] for r in runs),
+                           "peak_pss_gb": statistics.median(r["peak_pss_gb"] for r in runs), "runs": len(runs)}
+    if "baseline" in result and "medgpt" in result:
+        result["wall_ratio_medgpt_over_baseline"] = round(result["medgpt"]["wall_s"] / result["baseline"]["wall_s"], 2)
     return result
 
 
@@ -145,18 +181,29 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--records", type=int, nargs="+", default=[100_000])
     parser.add_argument("--num-proc", type=int, default=len(os.sched_getaffinity(0)))
+    parser.add_argument("--parts", nargs="+", choices=("baseline", "medgpt"), default=["baseline", "medgpt"])
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "data_prep.json"))
     args = parser.parse_args()
+    path = Path(args.out)
+    earlier = json.loads(path.read_text()) if path.exists() else {}
+    sizes = {s["records"]: s for s in earlier.get("sizes", []) if "runs" in s and earlier.get("num_proc") == args.num_proc}
     with tempfile.TemporaryDirectory(prefix="medgpt-data-prep-") as tmp:
         sys.path.insert(0, str(ROOT / "tests"))
         from conftest import build_tiny_model  # the tests' 2-layer Llama with the bundled tokenizer
 
         model = build_tiny_model(Path(tmp) / "tiny")
-        sizes = [run_size(n, args.num_proc, Path(tmp), model) for n in args.records]
+        for n in args.records:
+            sizes[n] = run_size(n, args.num_proc, Path(tmp), model, args.parts, sizes.get(n, {}))
+            write(path, args.num_proc, earlier, sizes)
+
+
+def write(path: Path, num_proc: int, earlier: dict, sizes: dict) -> None:
     out = {"machine": {"cpus": len(os.sched_getaffinity(0)), "memory_gb": round(psutil.virtual_memory().total / 2**30),
-                       "python": platform.python_version()}, "num_proc": args.num_proc, "sizes": sizes}
-    Path(args.out).write_text(json.dumps(out, indent=2) + "\n", encoding="utf-8")
-    print(f"written {args.out}")
+                       "python": platform.python_version()}, "num_proc": num_proc,
+           "sizes": [sizes[n] for n in sorted(sizes)]}
+    out.update({k: v for k, v in earlier.items() if k not in out and k != "not_measured"})
+    path.write_text(json.dumps(out, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    print(f"written {path}", flush=True)
 
 
 if __name__ == "__main__":
