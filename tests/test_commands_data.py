@@ -6,8 +6,6 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 import json
-import sys
-import types
 
 import pytest
 from _records import QA, jsonl
@@ -55,12 +53,12 @@ def test_cli_check_token_lengths_with_fake_tokenizer(tmp_path, monkeypatch, caps
             return {"input_ids": [t.split() for t in texts]}
 
     class Template:
-        def encode(self, tokenizer, messages, system=None, train_on_all=False, tools=None):
+        def encode(self, tokenizer, messages, system=None, train_on_all=False, tools=None, enable_thinking=None):
             ids = [w for m in messages for w in m["content"].split()]
             return {"input_ids": ids, "labels": ids, "assistant_masks": [1] * len(ids)}
 
-    monkeypatch.setitem(sys.modules, "medgpt.models", types.SimpleNamespace(load_tokenizer=lambda name=None: Tokenizer()))
-    monkeypatch.setitem(sys.modules, "medgpt.data.templates", types.SimpleNamespace(get_template=lambda n, t=None: Template()))
+    monkeypatch.setattr("medgpt.models.load_tokenizer", lambda name=None: Tokenizer())
+    monkeypatch.setattr("medgpt.data.templates.get_template", lambda n, t=None: Template())
     path = jsonl(tmp_path / "d.jsonl", *({"question": "q " * n, "response_chosen": "a", "response_rejected": "b c"}
                                          for n in range(1, 101)))
     assert main(["data", "check", str(path), "--max-length", "50", "--json"]) == 0

@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import pytest
 
-from medgpt.data.encode import encode_conversations, filter_by_length
+from medgpt.data.encode import encode_conversations
 from medgpt.data.readers import read_records
-from medgpt.data.stats import DataStats
 from medgpt.data.templates import IGNORE_INDEX, get_template
 from medgpt.errors import UserError
 from medgpt.models import load_tokenizer
@@ -51,19 +50,6 @@ def test_a_template_without_a_tool_format_refuses_tool_data(sample_data):
         encode_conversations(records, tokenizer, get_template("vicuna", tokenizer), cfg, stats)
 
 
-def test_filter_by_length():
-    rows = [{"_loc": f"f:{i}"} for i in range(4)]
-    stats = DataStats(read=4)
-    assert filter_by_length(rows, [1, 9, 3, 12], 8, "drop", stats) == [0, 2]
-    assert stats.dropped == {"longer than max_length": 2} and stats.examples["longer than max_length"] == ["f:1", "f:3"]
-    assert stats.kept == 2
-    stats = DataStats(read=4)
-    assert filter_by_length(rows, [1, 9, 3, 12], 8, "truncate", stats) == [0, 1, 2, 3]
-    assert stats.truncated == 2 and not stats.dropped and stats.kept == 4
-    with pytest.raises(UserError):
-        filter_by_length(rows, [1] * 4, 8, "cut", stats)
-
-
 @pytest.mark.parametrize("enable_thinking", [None, False])
 def test_preference_rows_render_as_the_official_qwen3_template(enable_thinking):
     """DPO/ORPO/KTO/RM rows: TRL renders each row's prompt and prompt + chosen with the tokenizer's chat template
@@ -73,7 +59,7 @@ def test_preference_rows_render_as_the_official_qwen3_template(enable_thinking):
     from test_data_templates_reasoning import official
     from trl.data_utils import maybe_apply_chat_template
 
-    from medgpt.data.encode import to_rows
+    from medgpt.data.encode import conversation_rows
     from medgpt.data.messages import without_reasoning
 
     prompt = [{"role": "user", "content": "头痛三天，伴发热，该怎么办？"}]
@@ -83,8 +69,9 @@ def test_preference_rows_render_as_the_official_qwen3_template(enable_thinking):
     template = get_template("qwen3", tokenizer)
     tokenizer.chat_template = template.chat_template()
     cfg = build_config({"stage": "dpo", "template": "qwen3", "enable_thinking": enable_thinking, "max_length": 512})
-    row, = to_rows([{"prompt": prompt, "chosen": chosen, "rejected": rejected, "_loc": "x:1"}], tokenizer,
-                   template, cfg, DataStats(), ("chosen", "rejected"))
+    encoded, = conversation_rows([{"prompt": prompt, "chosen": chosen, "rejected": rejected}], tokenizer, template,
+                                 cfg.data, ("chosen", "rejected"), max_length=512)
+    row = {key: value for key, value in encoded["row"].items() if key != "tools"}
     rendered = maybe_apply_chat_template(row, tokenizer)
     kwargs = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
     reply = without_reasoning(chosen) if enable_thinking is False else [

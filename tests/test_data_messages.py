@@ -50,7 +50,7 @@ def rendered_texts(stage: str, model: str, files: dict[str, str], tmp_path: Path
         return [tokenizer.decode(row["input_ids"]) for row in train]
     if stage == "ppo":
         cfg = config(stage, model, files["conversations"], tmp_path, reward_fn="length")
-        prompts, _ = ppo.read_rollout_prompts(cfg, tokenizer, prefs.use_template(cfg, tokenizer))
+        prompts, _ = ppo.read_rollout_prompts(cfg, tokenizer)
         return [tokenizer.decode(p["ids"]) for p in prompts]
     build = {"grpo": grpo.prompt_datasets, "kto": kto.unpaired_datasets}.get(stage, prefs.conversation_datasets)
     data = files["conversations"] if stage == "grpo" else files["pairs"]

@@ -123,3 +123,22 @@ def test_source_errors(tmp_path):
 def test_hub_failure_names_the_data_set():
     with pytest.raises(UserError, match="no-such-user/medical-data"):
         read_records("no-such-user/medical-data", "sft")
+
+
+def test_a_hub_data_set_is_streamed_and_its_failures_are_user_errors(tmp_path):
+    """`hub_rows` reads through `datasets.load_dataset(..., streaming=True)` (the reference: the same set loaded
+    without streaming); a data set folder in the hub's layout stands in for the hub, which tests cannot reach."""
+    import datasets
+
+    from medgpt.data.rows import hub_rows
+
+    folder = tmp_path / "medical_pairs" / "data"
+    folder.mkdir(parents=True)
+    rows = [{"question": f"q{i}", "answer": f"a{i}"} for i in range(25)]
+    (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    name = str(tmp_path / "medical_pairs")
+    streamed = hub_rows(name, None, "train")
+    assert next(streamed) == (f"{name}:0", rows[0])  # read as taken: nothing was downloaded or converted whole
+    assert [row for _, row in streamed] == list(datasets.load_dataset(name, split="train"))[1:]
+    with pytest.raises(UserError, match="hub data set cannot be loaded"):
+        list(hub_rows(name, None, "validation"))

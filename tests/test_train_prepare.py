@@ -18,7 +18,7 @@ from medgpt.errors import UserError
 from medgpt.models import load_tokenizer
 from medgpt.train import build_config
 from medgpt.train.common import training_template
-from medgpt.train.prepare import conversation_lengths, prepare
+from medgpt.train.prepare import prepare, record_lengths
 
 
 def config(tmp_path, data: str, **options):
@@ -89,8 +89,10 @@ def test_two_processes_give_the_rows_and_counts_of_one(sample_data, tmp_path):
     # `medgpt data check`'s token lengths, measured in two processes, are the lengths of encoding one by one
     records, _ = read_records(data, "sft", on_error="skip")
     template = training_template(cfg, tokenizer)
-    assert conversation_lengths(records, tokenizer, template, 2) == [
-        len(template.encode(tokenizer, r["messages"], tools=r.get("tools"))["input_ids"]) for r in records]
+    measured = record_lengths(iter(records), "sft", tokenizer, template, tmp_path / "lengths", 2)
+    assert list(measured["length"]) == [len(template.encode(tokenizer, r["messages"], tools=r.get("tools"))["input_ids"])
+                                  for r in records]
+    assert list(measured["loc"]) == [r["_loc"] for r in records]
 
 
 def test_a_bad_record_stops_preparing_with_its_line_and_leaves_no_cache(sample_data, tmp_path):
@@ -123,8 +125,17 @@ def test_data_prepare_prints_what_train_will_train_on(sample_data, tmp_path, cap
     loaded = load_config(str(cfg))
     assert len(build_datasets(loaded, open_tokenizer(loaded.model))[0]) == report["train"]["rows"]
     assert len(list((tmp_path / "cache").glob("sft-*"))) == 1
-    assert main(["data", "prepare", str(cfg), "--stage", "dpo"]) == 2
-    assert "prepared data is built for stages sft and pt" in capsys.readouterr().err
+    # a DPO config: TRL's conversational rows, which `medgpt train` then loads from the same folder
+    pairs = ["--stage", "dpo", "--data", str(sample_data / "pref" / "medical_pref.jsonl")]
+    assert main(["data", "prepare", str(cfg), *pairs]) == 0
+    out = capsys.readouterr().out
+    assert "(conversational: the trainer tokenizes them)" in out and "pref-" in out
+    from medgpt.train import prefs
+
+    loaded = load_config(str(cfg), pairs)
+    train, _, stats = prefs.conversation_datasets(loaded, open_tokenizer(loaded.model))
+    assert len(list((tmp_path / "cache").glob("pref-*"))) == 1 and f"rows {len(train)} " in out
+    assert set(train[0]) == {"prompt", "chosen", "rejected", "tools"} and stats["train"].kept >= len(train)
     # a PT config: the corpus's token rows (every token labelled)
     assert main(["data", "prepare", "--json", str(cfg), "--stage", "pt", "--data",
                  str(sample_data / "pt" / "medical_corpus.txt")]) == 0

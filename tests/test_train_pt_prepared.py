@@ -22,10 +22,16 @@ def pt_config(model: str, tmp_path: Path, data: Path, **options):
 
 def text_rows(cfg, tokenizer):
     """The reference: the records as plain `text` rows, tokenized and packed by TRL."""
-    from medgpt.train import common
+    from datasets import Dataset
 
-    train, evals, stats = common.load_records(cfg, "pt")
-    return common.to_dataset(common.strip_locations(train)), common.to_dataset(common.strip_locations(evals)), stats
+    from medgpt.data.readers import read_records
+    from medgpt.train.common import held_out
+
+    records, stats = read_records(cfg.data.data, "pt")
+    texts = [{"text": r["text"]} for r in records]
+    kept, held = held_out(len(texts), cfg.data.val_size, cfg.train.seed) if cfg.data.val_size else (range(len(texts)), [])
+    return (Dataset.from_list([texts[i] for i in kept]), Dataset.from_list([texts[i] for i in held]) if held else None,
+            {"train": stats})
 
 
 def blocks(dataset) -> list[dict]:

@@ -15,7 +15,7 @@ from test_data_templates import labelled_runs
 from test_data_templates_reasoning import official
 
 from medgpt.train import build_config
-from medgpt.train.common import load_records
+from medgpt.data.readers import read_records
 
 REPLY = re.compile(r"<\|im_start\|>assistant\n(.*?<\|im_end\|>)", re.DOTALL)
 OPTIONS = {**FAST, "template": "qwen3", "allow_split_markers": True, "max_length": 1024}
@@ -28,7 +28,7 @@ def rows(model: str, data: str, tmp_path, **options) -> tuple[list[dict], list[d
 
     cfg = build_config({"stage": "sft", "model": model, "data": data, "output_dir": str(tmp_path / "o"),
                         **OPTIONS, **options})
-    records = load_records(cfg, "sft")[0]
+    records = read_records(cfg.data.data, "sft")[0]
     train_rows = sft.build_datasets(cfg, load_tokenizer(model))[0]
     return records, [train_rows[i] for i in range(len(train_rows))]
 

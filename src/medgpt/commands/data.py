@@ -7,6 +7,7 @@ import argparse
 import json
 import math
 import sys
+from pathlib import Path
 
 from medgpt.data.convert import FORMATS  # the standard library only: fast --help
 from medgpt.data.readers import KINDS, ON_ERROR
@@ -83,40 +84,32 @@ def _percentile(ordered: list[int], p: float) -> int:
     return ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)]
 
 
-def _token_lengths(records: list[dict], kind: str, args: argparse.Namespace) -> dict:
-    """Token lengths as training will see them: the chat template applied for sft/pref (the longer of
-    prompt+chosen and prompt+rejected), the plain tokenized text for pt."""
-    from tqdm import tqdm
+def _token_lengths(records, kind: str, args: argparse.Namespace, folder: Path) -> dict | None:
+    """Token lengths as training will see them (`medgpt.train.prepare.record_lengths`: the chat template applied
+    for sft/pref, the longer of prompt+chosen and prompt+rejected; the plain tokenized text for pt), measured in
+    parallel as the records stream in; None without records."""
+    import os
 
+    import numpy as np
+
+    from medgpt.data.templates import get_template
     from medgpt.models import load_tokenizer
+    from medgpt.train.prepare import record_lengths
 
     tokenizer = load_tokenizer(args.tokenizer)
-    if kind == "pt":
-        lengths = [len(ids) for ids in tokenizer([r["text"] for r in records])["input_ids"]]
-    else:
-        from medgpt.data.templates import get_template
-
-        template = get_template(args.template, tokenizer)
-
-        def length(messages: list[dict], tools: list[dict] | None = None) -> int:
-            return len(template.encode(tokenizer, messages, tools=tools)["input_ids"])
-
-        if kind == "sft":  # as training prepares them, in parallel
-            import os
-
-            from medgpt.train.prepare import conversation_lengths
-
-            lengths = conversation_lengths(records, tokenizer, template, len(os.sched_getaffinity(0)))
-        else:
-            lengths = [max(length(r["prompt"] + r["chosen"]), length(r["prompt"] + r["rejected"]))
-                       for r in tqdm(records, desc="tokenizing", leave=False, disable=None)]
-    ordered = sorted(lengths)
+    template = None if kind == "pt" else get_template(args.template, tokenizer)
+    measured = record_lengths(records, kind, tokenizer, template, folder, len(os.sched_getaffinity(0)))
+    if not len(measured):
+        return None
+    lengths = measured.with_format("numpy")[:]["length"]
+    ordered = np.sort(lengths)
     report = {"tokenizer": getattr(tokenizer, "name_or_path", args.tokenizer),
               "template": None if kind == "pt" else args.template,
-              **{f"p{p}": _percentile(ordered, p) for p in (50, 90, 99)}, "max": ordered[-1]}
+              **{f"p{p}": int(_percentile(ordered, p)) for p in (50, 90, 99)}, "max": int(ordered[-1])}
     if args.max_length:
-        longer = [r["_loc"] for r, n in zip(records, lengths) if n > args.max_length]
-        report |= {"max_length": args.max_length, "longer": len(longer), "longer_examples": longer[:5]}
+        longer = np.flatnonzero(lengths > args.max_length)
+        report |= {"max_length": args.max_length, "longer": len(longer),
+                   "longer_examples": list(measured.select(longer[:5])["loc"])}
     return report
 
 
@@ -144,16 +137,41 @@ def _format(report: dict) -> str:
     return "\n".join(lines)
 
 
+def _counting_reasoning(records, counts):
+    from medgpt.data.stats import has_reasoning
+
+    for record in records:
+        counts["with" if has_reasoning(record) else "without"] += 1
+        yield record
+
+
 def _check(args: argparse.Namespace) -> int:
-    # Read with "skip" so that every problem is listed, then fail by exit code if asked to.
-    kind, records, stats = _read(args.path, args, on_error="skip")
+    # Read with "skip" so that every problem is listed, then fail by exit code if asked to. The records stream
+    # through: only the counts and the token lengths are kept.
+    import collections
+    import tempfile
+
+    from medgpt.data.readers import detect_kind, iter_records
+    from medgpt.data.records import to_mcq
+    from medgpt.data.stats import DataStats
+
+    kind = args.kind or detect_kind(args.path, args.subset, args.split)
+    stats, reasoning = DataStats(), collections.Counter()
+    records = iter_records(args.path, kind, stats, on_error="skip", subset=args.subset, split=args.split,
+                           normalize=to_mcq if kind == "mcq" else None)
+    if kind == "sft":
+        records = _counting_reasoning(records, reasoning)
+    tokens = None
+    if args.no_tokenizer or kind == "mcq":  # eval mcq measures its own prompts
+        collections.deque(records, maxlen=0)
+    else:
+        with tempfile.TemporaryDirectory(prefix="medgpt-check-") as tmp:
+            tokens = _token_lengths(records, kind, args, Path(tmp))
     report = {"path": args.path, "kind": kind, **stats.to_dict()}
     if kind == "sft":
-        from medgpt.data.stats import reasoning_counts
-
-        report["reasoning"] = reasoning_counts(records)
-    if records and not args.no_tokenizer and kind != "mcq":  # eval mcq measures its own prompts
-        report["tokens"] = _token_lengths(records, kind, args)
+        report["reasoning"] = {"with": reasoning["with"], "without": reasoning["without"]}
+    if tokens:
+        report["tokens"] = tokens
     print(json.dumps(report, ensure_ascii=False, indent=2) if args.json else _format(report))
     dropped = sum(stats.dropped.values())
     if dropped and args.on_error == "fail":
@@ -178,23 +196,13 @@ def _convert(args: argparse.Namespace) -> int:
 
 def _prepare(args: argparse.Namespace) -> int:
     from medgpt.models import open_tokenizer
-    from medgpt.train import load_config
-    from medgpt.train.common import training_template
-    from medgpt.train.prepare import describe, prepare
+    from medgpt.train import load_config, stage_module
+    from medgpt.train.prepare import describe
 
     cfg = load_config(args.config, list(args.overrides))
-    if cfg.run.stage not in ("sft", "pt"):
-        raise UserError(f"data prepare: stage {cfg.run.stage} reads its data when training starts; "
-                        "prepared data is built for stages sft and pt")
     if cfg.data.streaming:
         raise UserError("data prepare: streaming: true reads the corpus as training consumes it; nothing to prepare")
-    tokenizer = open_tokenizer(cfg.model)
-    if cfg.run.stage == "pt":
-        from medgpt.train.pt import prepare_documents
-
-        report = describe(prepare_documents(cfg, tokenizer))
-    else:
-        report = describe(prepare(cfg, tokenizer, training_template(cfg, tokenizer), "sft"))
+    report = describe(stage_module(cfg.run.stage).prepare_data(cfg, open_tokenizer(cfg.model)))
     if args.json:
         print(json.dumps(report, indent=2, ensure_ascii=False))
         return 0
@@ -204,7 +212,9 @@ def _prepare(args: argparse.Namespace) -> int:
         print(f"  {split}: read {counts['read']}, kept {counts['kept']}, truncated {counts['truncated']}, "
               f"dropped {sum(counts['dropped'].values())} ({dropped})")
     for split in ("train", "eval"):
-        if stats := report.get(split):
+        if (stats := report.get(split)) and "tokens" not in stats:
+            print(f"  {split} rows {stats['rows']} (conversational: the trainer tokenizes them)")
+        elif stats:
             print(f"  {split} rows {stats['rows']}: {stats['tokens']} tokens ({stats['labelled_tokens']} labelled), "
                   f"length p50 {stats['p50']}, p90 {stats['p90']}, p99 {stats['p99']}, max {stats['max']}")
     return 0

@@ -1,5 +1,5 @@
 """Records -> what a trainer takes, measured in tokens: every stage drops (and counts) or keeps for
-truncation the records longer than max_length by the same rule, `filter_by_length`."""
+truncation the records longer than max_length by the same rule (`count_encoded`)."""
 
 from __future__ import annotations
 
@@ -16,26 +16,6 @@ if TYPE_CHECKING:
     from medgpt.config import Config, DataArgs
 
 logger = logging.getLogger(__name__)
-
-
-def filter_by_length(rows: list[dict], lengths: list[int], max_length: int, overlong: str,
-                     stats: DataStats) -> list[int]:
-    """Indices of `rows` to keep given their token `lengths`. "drop" counts each overlong row as a drop
-    ("longer than max_length"); "truncate" keeps it (the trainer cuts it) and counts it in
-    `stats.truncated`, which is not a drop."""
-    check_choice("overlong", overlong, OVERLONG)
-    if len(rows) != len(lengths):
-        raise ValueError(f"{len(rows)} rows but {len(lengths)} lengths")
-    keep = []
-    for index, (row, length) in enumerate(zip(rows, lengths)):
-        if length > max_length and overlong == "drop":
-            stats.drop("longer than max_length", row.get("_loc", f"#{index}"))
-            continue
-        stats.truncated += int(length > max_length)
-        keep.append(index)
-    if len(keep) < len(rows) or stats.truncated:
-        logger.info("max_length %d: %s", max_length, stats.summary())
-    return keep
 
 
 LONGER = "longer than max_length"
@@ -87,20 +67,32 @@ def encode_conversations(records: list[dict], tokenizer, template, cfg: Config, 
     return rows
 
 
-def to_rows(records: list[dict], tokenizer, template, cfg: Config, stats: DataStats, responses: tuple[str, ...],
-            carry: tuple[str, ...] = ()) -> list[dict]:
-    """Records -> TRL conversational rows (prompt with the system prompt, the `responses` fields and the
-    `carry` fields). `enable_thinking` goes on every row with responses as TRL's `chat_template_kwargs`, which
+def conversation_rows(records: list[dict], tokenizer, template, data: DataArgs, responses: tuple[str, ...],
+                      carry: tuple[str, ...] = (), max_length: int | None = None,
+                      prompt_ids: bool = False) -> list[dict]:
+    """Records -> TRL conversational rows, one {"row", "length", "drop"} each.
+
+    A row is the prompt with the system prompt, the `responses` fields and the `carry` fields; with responses,
+    also the record's `tools` (None without) and `enable_thinking` as TRL's per-row `chat_template_kwargs`, which
     its preference trainers render with (false also drops the responses' reasoning, as SFT does; GRPO takes it
-    from its config). A row whose longest prompt+response, rendered as the trainer renders that row, is over
-    max_length tokens is dropped (counted) or left to the trainer to truncate, as `overlong` says."""
-    think = cfg.data.enable_thinking
+    from its config). `length` is the token count of the longest prompt+response rendered as the trainer renders
+    that row, or with `prompt_ids` that of the prompt rendered for generation (its ids, the end kept when they are
+    over `max_length`, go in the row's "ids"); None when nothing is measured. `drop` is LONGER for a row over
+    `max_length` with `overlong: drop` (a longer row is otherwise left to the trainer to truncate)."""
+    think = data.enable_thinking
     settings = {} if think is None or not responses else {"chat_template_kwargs": {"enable_thinking": think}}
-    rows = [{"prompt": with_system(r["prompt"], cfg.data.system),
-             **{key: without_reasoning(r[key]) if think is False else r[key] for key in responses},
-             **{key: r[key] for key in carry}, **settings} for r in records]
-    if not (max_length := getattr(cfg.train, "max_length", None)) or not responses:
-        return rows
-    lengths = [max(len(template.encode(tokenizer, row["prompt"] + row[key], enable_thinking=think)["input_ids"])
-                   for key in responses) for row in rows]
-    return [rows[i] for i in filter_by_length(records, lengths, max_length, cfg.data.overlong, stats)]
+    out = []
+    for r in records:
+        row = {"prompt": with_system(r["prompt"], data.system),
+               **{key: without_reasoning(r[key]) if think is False else r[key] for key in responses},
+               **({"tools": r.get("tools")} if responses else {}), **{key: r[key] for key in carry}, **settings}
+        length = None
+        if prompt_ids:
+            ids = template.encode_prompt(tokenizer, row["prompt"], enable_thinking=think)
+            length, row["ids"] = len(ids), ids[-max_length:] if max_length else ids
+        elif responses and max_length:
+            length = max(len(template.encode(tokenizer, row["prompt"] + row[key], tools=row["tools"],
+                                             enable_thinking=think)["input_ids"]) for key in responses)
+        too_long = length is not None and max_length is not None and length > max_length
+        out.append({"row": row, "length": length, "drop": LONGER if too_long and data.overlong == "drop" else None})
+    return out

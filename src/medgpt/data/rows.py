@@ -259,18 +259,21 @@ def _parquet_rows(path: Path) -> Iterator[Row]:
 
 
 def hub_rows(name: str, subset: str | None, split: str) -> Iterator[Row]:
-    """The rows of a hub data set; one that cannot be loaded (offline, unknown name) is the user's error."""
+    """The rows of a hub data set, streamed (`datasets` streaming: read as they are taken, never downloaded whole
+    or held); one that cannot be loaded (offline, unknown name, bad subset or split) is the user's error."""
+    where = ", ".join(part for part in (subset, split) if part)
+    index = 0
     try:
         import datasets
 
-        dataset = datasets.load_dataset(name, subset, split=split)
-    except Exception as exc:  # offline, unknown name, bad subset/split: all the user's to fix
+        for index, row in enumerate(datasets.load_dataset(name, subset, split=split, streaming=True)):
+            yield f"{name}:{index}", row
+    except Exception as exc:  # offline, unknown name, bad subset/split, a broken shard: all the user's to fix
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        where = ", ".join(part for part in (subset, split) if part)
+        if index:
+            raise UserError(f"{name} ({where}): reading stopped after row {index}: {reason}") from None
         raise UserError(f"{name} ({where}): not a local path, and the hub data set cannot be loaded: "
                         f"{reason}") from None
-    for index, row in enumerate(dataset):
-        yield f"{name}:{index}", row
 
 
 def item_rows(item: Path | str, subset: str | None = None, split: str = "train") -> Iterator[Row]:

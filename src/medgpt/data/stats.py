@@ -97,10 +97,9 @@ class DataStats:
         return write_stats(folder, self)
 
 
-def reasoning_counts(records: list[dict]) -> dict[str, int]:
-    """How many sft records have an assistant turn with reasoning, and how many have none."""
-    with_reasoning = sum(any(m.get("reasoning") for m in r.get("messages", ())) for r in records)
-    return {"with": with_reasoning, "without": len(records) - with_reasoning}
+def has_reasoning(record: dict) -> bool:
+    """Whether an sft record has an assistant turn with reasoning (what `data check` counts)."""
+    return any(m.get("reasoning") for m in record.get("messages", ()))
 
 
 def write_stats(folder: str | Path, stats: DataStats | Mapping[str, DataStats]) -> Path:

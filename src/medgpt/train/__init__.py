@@ -9,6 +9,8 @@ A stage module defines:
   the stage's options mean (e.g. pt's block size becomes SFT packing options). Every check a stage makes of
   its options lives here, so a pipeline validates all of its stages before the first one starts, and the
   config stays fixed while the stage runs;
+- `prepare_data(cfg, tokenizer) -> medgpt.train.prepare.Prepared`: the stage's records prepared into the
+  memory-mapped cache (what `medgpt data prepare` builds and `run` then loads);
 - `run(cfg: Config) -> dict`: train and save; returns the final metrics.
 """
 

@@ -19,31 +19,6 @@ log = logging.getLogger(__name__)
 METRICS_FILE = "metrics.jsonl"
 
 
-def load_records(cfg: Config, kind: str, read: Callable | None = None):
-    """Read the train (and eval) records of `kind`; returns (train, eval, stats by split).
-
-    `read` replaces `read_records` (same signature) for record kinds a stage reads itself.
-    """
-    from medgpt.data.readers import read_records
-
-    read_records = read or read_records
-    data = cfg.data
-    if not data.data:
-        raise UserError("no training data: set `data:` in the config or pass --data PATH")
-    train, train_stats = read_records(data.data, kind, on_error=data.on_error, subset=data.data_subset,
-                                      split=data.data_split, max_samples=data.max_samples)
-    stats = {"train": train_stats}
-    evals: list[dict] = []
-    if data.eval_data:
-        evals, stats["eval"] = read_records(data.eval_data, kind, on_error=data.on_error)
-    elif data.val_size:
-        kept, held = held_out(len(train), data.val_size, cfg.train.seed)
-        train, evals = [train[i] for i in kept], [train[i] for i in held]
-    if not train:
-        raise UserError(f"{data.data}: no usable {kind} records")
-    return train, evals, stats
-
-
 def held_out(count: int, val_size: float, seed: int) -> tuple[list[int], list[int]]:
     """(train, eval) indices of `count` records: `val_size` of them (a share, or a count if >= 1) held out after a
     seeded shuffle."""
@@ -53,16 +28,6 @@ def held_out(count: int, val_size: float, seed: int) -> tuple[list[int], list[in
     order = list(range(count))
     random.Random(seed).shuffle(order)
     return order[size:], order[:size]
-
-
-def strip_locations(rows: list[dict]) -> list[dict]:
-    return [{k: v for k, v in row.items() if k != "_loc"} for row in rows]
-
-
-def to_dataset(rows: list[dict]):
-    from datasets import Dataset
-
-    return Dataset.from_list(rows) if rows else None
 
 
 def build_trainer(cfg: Config, trainer_cls, datasets: Callable, load: Callable | None = None,

@@ -16,6 +16,8 @@ from medgpt.train import common, prefs
 
 CONFIG_CLASS = DPOConfig
 
+prepare_data = prefs.prepare_rows
+
 
 def run(cfg: Config) -> dict:
     from trl import DPOTrainer

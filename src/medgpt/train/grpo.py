@@ -31,7 +31,7 @@ from functools import partial
 from trl import GRPOConfig
 
 from medgpt.config import Config
-from medgpt.data.records import read_prompts
+from medgpt.data.records import to_prompt
 from medgpt.errors import UserError
 from medgpt.train import common, prefs, rewards
 
@@ -40,8 +40,9 @@ log = logging.getLogger(__name__)
 CONFIG_CLASS = GRPOConfig
 STAGE_ARGS = rewards.RewardArgs
 
-prompt_datasets = partial(prefs.conversation_datasets, kind="prompts", read=read_prompts, responses=(),
-                          carry=("answer", "options", "reference", "rubrics"))
+prepare_data = partial(prefs.prepare_rows, kind="prompts", normalize=to_prompt, responses=(),
+                       carry=("answer", "options", "reference", "rubrics"))
+prompt_datasets = partial(prefs.conversation_datasets, prepare_data=prepare_data)
 
 
 def use_vllm_if_available(cfg: Config) -> None:

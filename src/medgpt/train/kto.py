@@ -14,12 +14,13 @@ from trl import KTOConfig
 
 from medgpt.config import Config
 from medgpt.train import common, prefs
-from medgpt.data.records import read_unpaired
+from medgpt.data.records import to_unpaired
 
 CONFIG_CLASS = KTOConfig
 
-unpaired_datasets = partial(prefs.conversation_datasets, kind="unpaired", read=read_unpaired, responses=("completion",),
-                            carry=("label",))
+prepare_data = partial(prefs.prepare_rows, kind="unpaired", normalize=to_unpaired, responses=("completion",),
+                       carry=("label",))
+unpaired_datasets = partial(prefs.conversation_datasets, prepare_data=prepare_data)
 
 
 def run(cfg: Config) -> dict:

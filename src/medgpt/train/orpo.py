@@ -17,6 +17,8 @@ from medgpt.train import common, prefs  # noqa: E402
 
 CONFIG_CLASS = ORPOConfig
 
+prepare_data = prefs.prepare_rows
+
 
 def run(cfg: Config) -> dict:
     from trl.experimental.orpo import ORPOTrainer

@@ -33,16 +33,18 @@ from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import TrainingArguments
 
 from medgpt.config import Config
-from medgpt.data.records import read_prompts
+from medgpt.data.records import to_prompt
 from medgpt.errors import UserError
 from medgpt.infer.base import stop_tokens
 from medgpt.models import position_ids
 from medgpt.train import common, prefs, rewards
+from medgpt.train.prepare import conversation_encoder, decode_rows, prepare
 from medgpt.train.ppo_losses import KLController, gae, masked_mean, masked_whiten, ppo_losses
 
 log = logging.getLogger(__name__)
@@ -176,23 +178,22 @@ def build_policy(cfg: Config, checkpoint: str | None):
 # ---- rollouts -----------------------------------------------------------------------------------
 
 
-def read_rollout_prompts(cfg: Config, tokenizer, template) -> tuple[list[dict], dict]:
-    """The prompts (with their token ids) and the columns reward functions may use (answer, reference).
+def prepare_data(cfg: Config, tokenizer):
+    """The prompts with their token ids (`ids`) and the columns reward functions may use (answer, reference),
+    prepared once (`medgpt.train.prepare`), with the template set on `tokenizer`.
 
     Read like GRPO's: SFT conversations (up to the last user turn; the answer becomes `reference`),
-    multiple-choice rows, `{"question", "answer"}` and `{"query"}` rows.
+    multiple-choice rows, `{"question", "answer"}` and `{"query"}` rows. A prompt over max_prompt_length is dropped
+    or keeps its end, the question, as `overlong` says.
     """
-    from medgpt.data.encode import filter_by_length
+    encode = conversation_encoder(responses=(), carry=("answer", "options", "reference", "rubrics"), prompt_ids=True)
+    return prepare(cfg, tokenizer, prefs.use_template(cfg, tokenizer), "prompts", encode=encode, normalize=to_prompt)
 
-    records, _, stats = common.load_records(cfg, "prompts", read=read_prompts)
-    ids = [template.encode_prompt(tokenizer, r["prompt"], system=cfg.data.system,
-                                  enable_thinking=cfg.data.enable_thinking) for r in records]
-    limit = cfg.train.max_prompt_length
-    keep = filter_by_length(records, [len(i) for i in ids], limit, cfg.data.overlong, stats["train"])
-    prompts = [{**records[i], "ids": ids[i][-limit:]} for i in keep]  # truncation keeps the end: the question
-    if not prompts:
-        raise UserError(f"{cfg.data.data}: every prompt is longer than max_prompt_length {limit}")
-    return prompts, stats
+
+def read_rollout_prompts(cfg: Config, tokenizer) -> tuple[Any, dict]:
+    """The prepared prompts (memory-mapped, each row decoded as it is read) and the read counts."""
+    prepared = prepare_data(cfg, tokenizer)
+    return prepared.train.with_transform(decode_rows), prepared.stats
 
 
 def prompts_for_step(n_prompts: int, step: int, batch: int, rank: int, world: int, seed: int) -> list[int]:
@@ -316,7 +317,7 @@ class PPO:
         self.template = prefs.use_template(cfg, self.tokenizer)
         self.scorers = rewards.build_rewards(cfg.stage_args, device=str(self.accelerator.device),
                                              dtype=cfg.model.dtype, batch_size=args.per_device_eval_batch_size)
-        self.prompts, self.stats = read_rollout_prompts(cfg, self.tokenizer, self.template)
+        self.prompts, self.stats = read_rollout_prompts(cfg, self.tokenizer)
         self.checkpoint = common.last_checkpoint(cfg)
         state = json.loads((Path(self.checkpoint) / STATE_FILE).read_text()) if self.checkpoint else {}
         self.global_step = state.get("global_step", 0)

@@ -3,14 +3,15 @@ processes, and kept in a cache named by everything that determines the result, s
 the next stage that trains on the same data loads it in seconds.
 
 The fingerprint covers the data files' contents (a hub data set: its name, subset and split), the record kind,
-the template, the tokenizer, max_length, the overlong rule, the system prompt, the reasoning switches, on_error,
-max_samples, the held-out split (and its seed) and the encoder's version. The cache lives under datasets' own
-`HF_DATASETS_CACHE` (`medgpt-prepared/`) unless `data_cache_dir` names another folder. A folder appears only
-when complete; under `torchrun`/`accelerate launch` the main process of each node prepares and the other ranks
+the template, the tokenizer, max_length (and PPO's max_prompt_length), the overlong rule, the system prompt, the
+reasoning switches, on_error, max_samples, the held-out split (and its seed) and the encoder's version. The
+cache lives under datasets' own `HF_DATASETS_CACHE` (`medgpt-prepared/`) unless `data_cache_dir` names another
+folder. A folder appears only when complete; under `torchrun`/`accelerate launch` the main process of each node prepares and the other ranks
 wait, then memory-map the same files.
 
-The rows and counts are those of the in-memory path (`medgpt.data.encode.encode_conversations`): the same ids
-and labels record for record, the same `path:line` errors and counted drops.
+The rows and counts are those of encoding the records one by one (`medgpt.data.encode.encode_conversations`):
+the same ids and labels record for record, the same `path:line` errors and counted drops. The preference and RL
+stages' rows (`conversation_encoder`) are TRL's conversational rows, which TRL then tokenizes itself.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from collections.abc import Callable, Iterable
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from medgpt.config import Config, DataArgs
-from medgpt.data.encode import count_encoded, encode_conversation_batch
+from medgpt.data.encode import conversation_rows, count_encoded, encode_conversation_batch
 from medgpt.data.readers import OVERLONG, iter_records
 from medgpt.data.rows import check_choice, expand
 from medgpt.data.stats import DataStats
@@ -93,7 +93,8 @@ def fingerprint(cfg: Config, tokenizer, template, kind: str, settings: dict[str,
             sources[key] = [[str(item), _file_digest(item) if isinstance(item, Path) else "hub"]
                             for item in expand(value, kind, DataStats())]
     parts = {"encoder": ENCODER_VERSION, "kind": kind, "sources": sources,
-             "data": {key: getattr(cfg.data, key) for key in KEYS}, "max_length": cfg.train.max_length,
+             "data": {key: getattr(cfg.data, key) for key in KEYS}, "max_length": getattr(cfg.train, "max_length", None),
+             "max_prompt_length": getattr(cfg.train, "max_prompt_length", None),
              "seed": cfg.train.seed if cfg.data.val_size else None, "template": repr(template),
              "chat_template": getattr(tokenizer, "chat_template", None) if template.name == "auto" else None,
              "tokenizer": _tokenizer_digest(tokenizer), "settings": settings}
@@ -120,56 +121,121 @@ def _encode_batch(batch: dict, tokenizer, template, data, max_length) -> dict:
     return {key: [e[key] for e in encoded] for key in ("input_ids", "labels", "length", "drop")}
 
 
-def encode_conversation_records(dataset, tokenizer, template, cfg: Config, stats: DataStats, folder: Path,
-                                name: str) -> int:
-    """An encoder of `prepare`: `dataset`'s conversation records (a `record` column of JSON text and their `loc`)
-    encoded in parallel processes into input_ids/labels, the kept rows saved to `folder/name` (their count
-    returned), the rest counted in `stats`."""
-    from datasets import Features, Sequence, Value
+def _encode_split(dataset, cfg: Config, stats: DataStats, folder: Path, name: str, batch_fn: Callable,
+                  columns: dict, limit: int | None, fn_kwargs: dict) -> int:
+    """`batch_fn` mapped over `dataset`'s records (a `record` column of JSON text and their `loc`) in parallel
+    processes into `columns` and each record's `length` and `drop` reason; the kept rows saved to `folder/name`
+    (their count returned), the rest counted in `stats` (`count_encoded`, the rule of the in-memory path)."""
+    from datasets import Features, Value
 
-    features = Features({"loc": Value("string"), "input_ids": Sequence(Value("int32")),
-                         "labels": Sequence(Value("int32")), "length": Value("int32"), "drop": Value("string")})
+    features = Features({"loc": Value("string"), **columns, "length": Value("int32"), "drop": Value("string")})
     processes = min(num_proc(cfg), max(1, len(dataset) // 1000))
-    encoded = dataset.map(_encode_batch, batched=True, batch_size=256, num_proc=processes if processes > 1 else None,
+    encoded = dataset.map(batch_fn, batched=True, batch_size=256, num_proc=processes if processes > 1 else None,
                           remove_columns=["record"], features=features, desc=f"encoding {name}",
                           cache_file_name=str(folder / f"{name}-encoded.arrow"), new_fingerprint=f"{folder.name}-{name}",
-                          fn_kwargs={"tokenizer": tokenizer, "template": template, "data": cfg.data,
-                                     "max_length": cfg.train.max_length})
+                          fn_kwargs=fn_kwargs)
     keep = []
-    columns = encoded.select_columns(["length", "drop"]).to_dict()
-    for index, (length, drop) in enumerate(zip(columns["length"], columns["drop"])):
-        result = {"length": length, "drop": drop}
-        if drop is None:
-            count_encoded(stats, result, "", cfg.train.max_length)
+    counted = encoded.select_columns(["length", "drop"]).to_dict()
+    for index, (length, drop) in enumerate(zip(counted["length"], counted["drop"])):
+        result = {"length": length if length is not None else 0, "drop": drop}
+        if count_encoded(stats, result, encoded[index]["loc"] if drop else "", limit):
             keep.append(index)
-        else:
-            count_encoded(stats, result, encoded[index]["loc"], cfg.train.max_length)
     if stats.dropped or stats.truncated:
-        log.info("max_length %s: %s", cfg.train.max_length, stats.summary())
-    rows = encoded.select(keep).select_columns(["input_ids", "labels"])
-    rows.save_to_disk(str(folder / name))
+        log.info("max_length %s: %s", limit, stats.summary())
+    encoded.select(keep).select_columns(list(columns)).save_to_disk(str(folder / name))
     return len(keep)
 
 
-def _length_batch(batch: dict, tokenizer, template) -> dict:
+def encode_conversation_records(dataset, tokenizer, template, cfg: Config, stats: DataStats, folder: Path,
+                                name: str) -> int:
+    """An encoder of `prepare` (SFT): conversation records into input_ids/labels (`encode_conversation_batch`)."""
+    from datasets import Sequence, Value
+
+    columns = {"input_ids": Sequence(Value("int32")), "labels": Sequence(Value("int32"))}
+    return _encode_split(dataset, cfg, stats, folder, name, _encode_batch, columns, cfg.train.max_length,
+                         {"tokenizer": tokenizer, "template": template, "data": cfg.data,
+                          "max_length": cfg.train.max_length})
+
+
+ROW_JSON = ("prompt", "chosen", "rejected", "completion", "tools", "chat_template_kwargs")  # stored as JSON text,
+JSON = "_json"  # in the column named with this suffix
+CARRIED = {"label": "bool", "answer": "string", "options": "string", "reference": "string", "rubrics": "string"}
+
+
+def _rows_batch(batch: dict, tokenizer, template, data, max_length, responses, carry, prompt_ids) -> dict:
+    encoded = conversation_rows([json.loads(text) for text in batch["record"]], tokenizer, template, data, responses,
+                                carry, max_length, prompt_ids)
+    columns = {key + JSON if key in ROW_JSON else key:
+               [json.dumps(e["row"][key], ensure_ascii=False) if key in ROW_JSON else e["row"][key] for e in encoded]
+               for key in encoded[0]["row"] if key != "ids"} if encoded else {}
+    if prompt_ids:
+        columns["ids"] = [e["row"]["ids"] for e in encoded]
+    return {**columns, "length": [e["length"] for e in encoded], "drop": [e["drop"] for e in encoded]}
+
+
+def decode_rows(batch: dict) -> dict:
+    """The transform that gives prepared conversational rows back as TRL reads them: each `<field>_json` column as
+    `<field>`, the value it holds (message lists with only their own keys, as written). Where a trainer's `map`
+    has written `<field>` itself (TRL's rendered or unpaired rows), that column is the one read."""
+    out = {key: values for key, values in batch.items() if not key.endswith(JSON)}
+    for key, values in batch.items():
+        if key.endswith(JSON) and key.removesuffix(JSON) not in out:
+            out[key.removesuffix(JSON)] = [json.loads(v) for v in values]
+    return out
+
+
+def conversation_encoder(responses: tuple[str, ...] = ("chosen", "rejected"), carry: tuple[str, ...] = (),
+                         prompt_ids: bool = False) -> Callable:
+    """An encoder of `prepare` for the preference and RL stages: records into TRL conversational rows
+    (`conversation_rows`; messages, tools and chat_template_kwargs as JSON text, read back through `decode_rows`;
+    the carried columns as they are), with `responses` rows longer than max_length, or prompts longer than PPO's
+    max_prompt_length (`prompt_ids`), dropped or kept for truncation as `overlong` says."""
+    from datasets import Sequence, Value
+
+    def encode(dataset, tokenizer, template, cfg: Config, stats: DataStats, folder: Path, name: str) -> int:
+        think = cfg.data.enable_thinking is not None and responses
+        names = ["prompt", *responses, *(["tools"] if responses else []), *carry,
+                 *(["chat_template_kwargs"] if think else [])]
+        columns = {key + JSON if key in ROW_JSON else key: Value(CARRIED.get(key, "string")) for key in names}
+        if prompt_ids:
+            columns["ids"] = Sequence(Value("int32"))
+        limit = cfg.train.max_prompt_length if prompt_ids else getattr(cfg.train, "max_length", None)
+        return _encode_split(dataset, cfg, stats, folder, name, _rows_batch, columns, limit,
+                             {"tokenizer": tokenizer, "template": template, "data": cfg.data, "max_length": limit,
+                              "responses": responses, "carry": carry, "prompt_ids": prompt_ids})
+
+    encode.settings = {"responses": responses, "carry": carry, "prompt_ids": prompt_ids}
+    encode.__qualname__ = "conversation_encoder"
+    return encode
+
+
+def _length_batch(batch: dict, kind: str, tokenizer, template) -> dict:
     records = [json.loads(text) for text in batch["record"]]
-    return {"length": [e["length"] for e in encode_conversation_batch(records, tokenizer, template, DataArgs(), None)]}
+    if kind == "pt":
+        return {"length": [len(ids) for ids in tokenizer([r["text"] for r in records])["input_ids"]]}
+    if kind == "sft":
+        encoded = encode_conversation_batch(records, tokenizer, template, DataArgs(), None)
+    else:
+        encoded = conversation_rows(records, tokenizer, template, DataArgs(), ("chosen", "rejected"), max_length=10**9)
+    return {"length": [e["length"] for e in encoded]}
 
 
-def conversation_lengths(records: Iterable[dict], tokenizer, template, processes: int = 1) -> list[int]:
-    """Token lengths of conversation records as SFT encodes them (before any length rule), measured in
-    `processes` processes: what `medgpt data check` reports."""
+def record_lengths(records: Iterable[dict], kind: str, tokenizer, template, folder: Path, processes: int = 1):
+    """`loc` and token `length` of each of `kind`'s records as training measures them (sft: the conversation
+    as SFT encodes it; pref: the longer of prompt+chosen and prompt+rejected as TRL renders them; pt: the plain
+    tokenized text), before any length rule: a dataset memory-mapped from files in `folder`, measured in
+    `processes` processes as the records stream in. What `medgpt data check` reports."""
     from datasets import Dataset
 
-    with tempfile.TemporaryDirectory(prefix="medgpt-lengths-") as tmp:
-        count = _write_records(({**record} for record in records), Path(tmp) / "records.arrow")
-        dataset = Dataset.from_file(str(Path(tmp) / "records.arrow"))
-        processes = min(processes, max(1, count // 1000))
-        lengths = dataset.map(_length_batch, batched=True, batch_size=256, remove_columns=dataset.column_names,
-                              num_proc=processes if processes > 1 else None, desc="tokenizing",
-                              cache_file_name=str(Path(tmp) / "lengths.arrow"), new_fingerprint="lengths",
-                              fn_kwargs={"tokenizer": tokenizer, "template": template})
-        return lengths["length"]
+    tmp = Path(folder)
+    tmp.mkdir(parents=True, exist_ok=True)
+    count = _write_records(({**record} for record in records), tmp / "records.arrow")
+    dataset = Dataset.from_file(str(tmp / "records.arrow"))
+    processes = min(processes, max(1, count // 1000))
+    return dataset.map(_length_batch, batched=True, batch_size=256, remove_columns=["record"],
+                       num_proc=processes if processes > 1 else None, desc="tokenizing",
+                       cache_file_name=str(tmp / "lengths.arrow"), new_fingerprint="lengths",
+                       fn_kwargs={"kind": kind, "tokenizer": tokenizer, "template": template})
 
 
 def _split(dataset, cfg: Config):
@@ -180,13 +246,14 @@ def _split(dataset, cfg: Config):
     return dataset.select(train), dataset.select(evals)
 
 
-def _build(cfg: Config, tokenizer, template, kind: str, folder: Path, encode: Callable) -> None:
+def _build(cfg: Config, tokenizer, template, kind: str, folder: Path, encode: Callable,
+           normalize: Callable | None) -> None:
     """Prepare into a private folder, renamed to `folder` when complete (removed when anything fails)."""
     work = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     try:
-        _build_in(cfg, tokenizer, template, kind, work, encode)
+        _build_in(cfg, tokenizer, template, kind, work, encode, normalize)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
@@ -196,19 +263,21 @@ def _build(cfg: Config, tokenizer, template, kind: str, folder: Path, encode: Ca
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _build_in(cfg: Config, tokenizer, template, kind: str, work: Path, encode: Callable) -> None:
+def _build_in(cfg: Config, tokenizer, template, kind: str, work: Path, encode: Callable,
+              normalize: Callable | None) -> None:
     from datasets import Dataset
 
     data = cfg.data
     stats = {"train": DataStats()}
     read = iter_records(data.data, kind, stats["train"], on_error=data.on_error, subset=data.data_subset,
-                        split=data.data_split, max_samples=data.max_samples)
+                        split=data.data_split, max_samples=data.max_samples, normalize=normalize)
     if not _write_records(read, work / "records.arrow"):
         raise UserError(f"{data.data}: no usable {kind} records")
     train, evals = _split(Dataset.from_file(str(work / "records.arrow")), cfg)
     if data.eval_data:
         stats["eval"] = DataStats()
-        if _write_records(iter_records(data.eval_data, kind, stats["eval"], on_error=data.on_error),
+        if _write_records(iter_records(data.eval_data, kind, stats["eval"], on_error=data.on_error,
+                                       normalize=normalize),
                           work / "eval-records.arrow"):
             evals = Dataset.from_file(str(work / "eval-records.arrow"))
     kept = encode(train, tokenizer, template, cfg, stats["train"], work, "train")
@@ -218,7 +287,7 @@ def _build_in(cfg: Config, tokenizer, template, kind: str, work: Path, encode: C
     for scratch in work.glob("*.arrow"):
         scratch.unlink()
     if not kept:
-        raise UserError(f"{data.data}: every record is longer than max_length {cfg.train.max_length}")
+        raise UserError(f"{data.data}: no record is left to train on ({stats['train'].summary()})")
 
 
 def main_process_first():
@@ -231,24 +300,27 @@ def main_process_first():
 
 
 def prepare(cfg: Config, tokenizer, template, kind: str = "sft", encode: Callable = encode_conversation_records,
-            settings: dict[str, Any] | None = None) -> Prepared:
+            settings: dict[str, Any] | None = None, normalize: Callable | None = None) -> Prepared:
     """The encoded train (and eval) rows of `cfg`'s `kind` records, from the cache or prepared into it.
 
     `encode(dataset, tokenizer, template, cfg, stats, folder, name) -> kept` turns a split's records into the rows
-    a trainer takes (`encode_conversation_records`: SFT's ids and labels); `settings` are what else determines
-    its rows (a stage's own keys), part of the fingerprint with the encoder's name."""
+    a trainer takes (`encode_conversation_records`: SFT's ids and labels; `conversation_encoder(...)`: TRL's
+    conversational rows); `settings` are what else determines its rows (a stage's own keys), part of the
+    fingerprint with the encoder's name and its own `settings`. `normalize` reads a kind the readers do not
+    define (`iter_records`' argument: `medgpt.data.records.to_unpaired`, `to_prompt`)."""
     from datasets import load_from_disk
 
     if not cfg.data.data:
         raise UserError("no training data: set `data:` in the config or pass --data PATH")
     check_choice("overlong", cfg.data.overlong, OVERLONG)
-    own = {"encoder": f"{encode.__module__}.{encode.__qualname__}", **(settings or {})}
+    own = {"encoder": f"{encode.__module__}.{encode.__qualname__}", **getattr(encode, "settings", {}),
+           "normalize": normalize and f"{normalize.__module__}.{normalize.__qualname__}", **(settings or {})}
     folder = cache_root(cfg) / f"{kind}-{fingerprint(cfg, tokenizer, template, kind, own)}"
     cached = (folder / "stats.json").exists()
     with main_process_first():
         if not (folder / "stats.json").exists():
             log.info("preparing %s data into %s (%d processes)", kind, folder, num_proc(cfg))
-            _build(cfg, tokenizer, template, kind, folder, encode)
+            _build(cfg, tokenizer, template, kind, folder, encode, normalize)
     stats = {split: DataStats.from_dict(s) for split, s in json.loads((folder / "stats.json").read_text()).items()}
     evals = load_from_disk(str(folder / "eval")) if (folder / "eval").exists() else None
     log.info("prepared %s data: %s (%s)", kind, folder, "cached" if cached else "new")
@@ -263,6 +335,8 @@ def token_statistics(dataset) -> dict[str, Any]:
     import pyarrow.compute as pc
 
     table = dataset.with_format("arrow")[:] if len(dataset) else None
+    if table is not None and "input_ids" not in table.column_names:  # conversational rows: TRL tokenizes them
+        return {"rows": len(dataset)}
     if table is None:
         return {"rows": 0, "tokens": 0, "labelled_tokens": 0, "p50": 0, "p90": 0, "p99": 0, "max": 0}
     lengths = pc.list_value_length(table.column("input_ids")).to_numpy()

@@ -167,12 +167,12 @@ def streamed_datasets(cfg: Config, tokenizer):
 
         eval_cfg = replace(cfg, data=replace(cfg.data, data=cfg.data.eval_data, eval_data=None, max_samples=None,
                                                  data_subset=None, data_split="train"))
-        prepared = prepare_documents(eval_cfg, tokenizer)
+        prepared = prepare_data(eval_cfg, tokenizer)
         evals, counts["eval"] = prepared.train, prepared.stats["train"]
     return train, evals, counts
 
 
-def prepare_documents(cfg: Config, tokenizer):
+def prepare_data(cfg: Config, tokenizer):
     """The prepared token rows of `cfg`'s documents (`medgpt.train.prepare.Prepared`), from the cache or made."""
     return prepare(cfg, tokenizer, PlainText(), "pt", encode=encode_documents, settings=ENCODER_SETTINGS)
 
@@ -182,7 +182,7 @@ def text_datasets(cfg: Config, tokenizer):
     (memory-mapped, from the cache), or streamed with `streaming: true`."""
     if cfg.data.streaming:
         return streamed_datasets(cfg, tokenizer)
-    prepared = prepare_documents(cfg, tokenizer)
+    prepared = prepare_data(cfg, tokenizer)
     return prepared.train, prepared.eval, prepared.stats
 
 

@@ -28,6 +28,8 @@ def configure(cfg: Config) -> None:
                     "pairs longer than max_length are dropped and counted instead")
         cfg.data.overlong = "drop"
 
+prepare_data = prefs.prepare_rows
+
 
 def run(cfg: Config) -> dict:
     from trl import RewardTrainer

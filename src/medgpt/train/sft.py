@@ -27,10 +27,14 @@ def configure(cfg: Config) -> None:
         cfg.train.dataset_kwargs = {"skip_prepare_dataset": True, **(cfg.train.dataset_kwargs or {})}
 
 
+def prepare_data(cfg: Config, tokenizer):
+    """The conversations' input_ids/labels rows, prepared once (`medgpt.train.prepare`)."""
+    return prepare(cfg, tokenizer, common.training_template(cfg, tokenizer), "sft")
+
+
 def build_datasets(cfg: Config, tokenizer):
-    """Train and eval rows (memory-mapped, from the prepared-data cache: `medgpt.train.prepare`) and the read
-    counts."""
-    prepared = prepare(cfg, tokenizer, common.training_template(cfg, tokenizer), "sft")
+    """Train and eval rows (memory-mapped, from the prepared-data cache) and the read counts."""
+    prepared = prepare_data(cfg, tokenizer)
     return prepared.train, prepared.eval, prepared.stats
 
 
