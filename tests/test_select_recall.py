@@ -4,13 +4,16 @@ manifest, and the approximate corpus index against exact search."""
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from medgpt.cli import main
+from medgpt.data.readers import read_records
 from medgpt.errors import UserError
-from medgpt.select import embed, index, recall
+from medgpt.select import embed, index, recall, sources
 from medgpt.select.sources import read_corpus, record_text
 
 
@@ -97,3 +100,94 @@ def test_approximate_index_against_exact():
     assert index.choose("auto", 100, queries=19, min_corpus=100) == "exact"
     with pytest.raises(UserError, match="--index 'flat'"):
         index.choose("flat", 10)
+
+
+class _ListTexts(list):
+    def take(self, indices):
+        return [self[i] for i in indices]
+
+
+class _ListCorpus:
+    """The corpus as a Python list of records: how select held it before it streamed to Arrow."""
+
+    def __init__(self, records, field):
+        self.rows, self.texts = records, _ListTexts(record_text(r, field) for r in records)
+
+    def __len__(self):
+        return len(self.rows)
+
+    def record(self, index):
+        return self.rows[index]
+
+    def records(self, indices):
+        return [self.rows[i] for i in indices]
+
+    def keys(self, indices):
+        return [sources.conversation_key(self.rows[i]) for i in indices]
+
+
+@contextmanager
+def _list_corpus(source, folder, field="user", on_error="fail", max_samples=None):
+    records, stats = read_records(source, "sft", on_error=on_error, max_samples=max_samples)
+    yield _ListCorpus(records, field), stats
+
+
+def test_select_streams_the_corpus_through_a_memory_mapped_file(sample_data, tmp_path, monkeypatch):
+    """select writes the corpus to a memory-mapped Arrow file, fetches records from it by index and removes it.
+    Reference: the same selection over the records held as a Python list (read_records)."""
+    from datasets.table import MemoryMappedTable
+
+    shipped = (sample_data / "sft" / "medical_sft.jsonl").read_text(encoding="utf-8").splitlines()
+    rows = []
+    for i in range(3000):  # a third exact copies of a shipped conversation, the rest made distinct
+        row = json.loads(shipped[i % len(shipped)])
+        if i % 3:
+            row["conversations"][0]["value"] += f"（第{i}例）"
+        rows.append(json.dumps(row, ensure_ascii=False))
+    rows.insert(7, '{"conversations": []}')  # counted as dropped, never selected
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    monkeypatch.setattr(recall, "TFIDF_FIT_SAMPLE", 1000)  # the IDF from a sample, as on a large corpus
+
+    def run(out, **kwargs):
+        args = recall.SelectArgs(eval=str(sample_data / "mcq"), corpus=str(corpus), out=str(out), embedder="tfidf",
+                                 cache_dir=str(tmp_path / "cache"), chunk_size=400, top_k=20, min_sim=0.2,
+                                 max_sim=0.8, random_ratio=0.3, baseline="random", max_samples=2800, **kwargs)
+        return recall.select(args)
+
+    seen = {}
+    opened = sources.open_corpus
+
+    @contextmanager
+    def watched(*args, **kwargs):
+        with opened(*args, **kwargs) as (held, stats):
+            seen["files"] = [Path(f["filename"]) for f in held.dataset.cache_files]
+            seen["mapped"] = isinstance(held.dataset.data, MemoryMappedTable) and len(held) == 2800
+            seen["on_disk"] = all(path.is_file() for path in seen["files"])
+            yield held, stats
+
+    monkeypatch.setattr(recall, "open_corpus", watched)
+    stats = run(tmp_path / "arrow")
+    assert len(seen["files"]) == 1 and seen["files"][0].parent.parent == tmp_path / "arrow"
+    assert seen["mapped"] and seen["on_disk"] and not seen["files"][0].exists()
+    assert not list((tmp_path / "arrow").glob(".corpus-*"))
+
+    monkeypatch.setattr(recall, "open_corpus", _list_corpus)
+    reference = run(tmp_path / "list")
+    counts = stats["counts"]
+    assert counts["corpus"] == 2800 and stats["corpus_read"]["dropped"]
+    assert counts["recalled_kept"] and counts["random_added"] and counts["baseline"] == counts["selected"]
+    assert sum(s["duplicate"] for s in stats["subjects"].values())
+    for name in (recall.SELECTED, recall.RECALL, recall.BASELINE, recall.CONTAMINATION):
+        assert (tmp_path / "arrow" / name).read_bytes() == (tmp_path / "list" / name).read_bytes(), name
+    # the list path found every chunk file the Arrow path wrote: the same texts, chunk by chunk
+    assert stats["embedding"].pop("corpus_chunks_embedded") == 7 and reference["embedding"].pop(
+        "corpus_chunks_embedded") == 0
+    for result in (stats, reference):
+        del result["timings"], result["files"]
+    assert stats == reference
+
+    monkeypatch.setattr(recall, "open_corpus", opened)
+    with pytest.raises(UserError, match="corpus.jsonl:8"):  # a bad record stops the read; no scratch is left
+        run(tmp_path / "failed", on_error="fail")
+    assert not list((tmp_path / "failed").glob(".corpus-*"))

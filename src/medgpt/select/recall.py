@@ -14,6 +14,7 @@ import hashlib
 import logging
 import random
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,8 @@ from medgpt.select.contamination import ContaminationArgs, NgramIndex, find_cont
 from medgpt.select.embed import Embedder, get_embedder
 from medgpt.select.index import ANN_MIN_CORPUS, add_chunks, build
 from medgpt.select.index import choose as choose_index
-from medgpt.select.sources import EvalItem, load_eval_items, read_corpus, record_text
+from medgpt.select.sources import (Corpus, CorpusTexts, EvalItem, conversation_key, load_eval_items, open_corpus,
+                                   record_text)
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +36,7 @@ HIST_EDGES = [round(x * 0.1, 1) for x in range(11)]
 TFIDF_FIT_SAMPLE = 100_000
 SELECTED, BASELINE, STATS, RECALL, CONTAMINATION = (
     "selected.jsonl", "baseline_random.jsonl", "select_stats.json", "recall.jsonl", "contamination.json")
+Texts = list[str] | CorpusTexts  # texts read a slice at a time
 
 
 @dataclass
@@ -104,63 +107,81 @@ class EmbeddingCache:
         digest = hashlib.sha1("\x00".join(texts).encode("utf-8", "surrogatepass")).hexdigest()[:24]
         return self.folder / f"{self.space}-{len(texts)}-{digest}.npy"
 
-    def chunks(self, texts: list[str]) -> list[tuple[list[str], Path]]:
-        parts = [texts[i:i + self.chunk_size] for i in range(0, len(texts), self.chunk_size)]
-        return [(part, self.path(part)) for part in parts]
+    def part(self, texts: Texts, i: int) -> list[str]:
+        """The texts of chunk `i`."""
+        return list(texts[i * self.chunk_size:(i + 1) * self.chunk_size])
 
-    def fill(self, texts: list[str], shard: tuple[int, int] | None = None, desc: str = "embed") -> int:
+    def chunks(self, texts: Texts) -> Iterator[tuple[list[str], Path]]:
+        """Each chunk's texts and file, read one chunk at a time."""
+        for i in range(-(-len(texts) // self.chunk_size)):
+            part = self.part(texts, i)
+            yield part, self.path(part)
+
+    def fill(self, texts: Texts, shard: tuple[int, int] | None = None, desc: str = "embed") -> int:
         """Embed the chunks not on disk yet (only shard i of n when given); returns how many were embedded."""
         from tqdm.auto import tqdm
 
         self.folder.mkdir(parents=True, exist_ok=True)
-        chunks = self.chunks(texts)
-        todo = [(part, path) for i, (part, path) in enumerate(chunks)
+        paths = [path for _, path in self.chunks(texts)]
+        todo = [i for i, path in enumerate(paths)
                 if not path.exists() and (shard is None or i % shard[1] == shard[0])]
-        if len(todo) < len(chunks):
-            log.info("%s: %d of %d chunks already embedded in %s", desc, len(chunks) - len(todo), len(chunks),
+        if len(todo) < len(paths):
+            log.info("%s: %d of %d chunks already embedded in %s", desc, len(paths) - len(todo), len(paths),
                      self.folder)
         progress = tqdm(total=len(todo), desc=f"{desc} ({self.embedder.name})", unit="chunk", disable=len(todo) < 2)
         if self.workers > 1 and len(todo) > 1:
-            self._fill_in_processes(todo, progress)
+            self._fill_in_processes(texts, [(i, paths[i]) for i in todo], progress)
         else:
-            for part, path in todo:
-                save_chunk(path, self.embedder.encode(part, batch_size=self.batch_size))
+            for i in todo:
+                save_chunk(paths[i], self.embedder.encode(self.part(texts, i), batch_size=self.batch_size))
                 progress.update()
         progress.close()
-        if all(path.exists() for _, path in chunks):
-            self.write_manifest(chunks)
+        if all(path.exists() for path in paths):
+            self.write_manifest(paths, len(texts))
         return len(todo)
 
-    def _fill_in_processes(self, todo: list[tuple[list[str], Path]], progress) -> None:
+    def _fill_in_processes(self, texts: Texts, todo: list[tuple[int, Path]], progress) -> None:
+        """Chunks embedded by `workers` processes, at most two chunks per process read ahead."""
         import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor, as_completed
+        from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
         state = self.embedder.state_dict()
         context = multiprocessing.get_context("spawn")  # no forked copies of loaded models or BLAS threads
-        with ProcessPoolExecutor(min(self.workers, len(todo)), mp_context=context, initializer=_start_worker,
+        workers = min(self.workers, len(todo))
+        with ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker,
                                  initargs=(self.spec, state)) as pool:
-            futures = [pool.submit(_embed_chunk, part, str(path), self.batch_size) for part, path in todo]
+            pending: set = set()
+
+            def finish(most: int) -> None:  # wait until at most `most` chunks are pending
+                nonlocal pending
+                while len(pending) > most:
+                    done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                    for future in done:
+                        future.result()
+                        progress.update()
+
             try:
-                for future in as_completed(futures):
-                    future.result()
-                    progress.update()
+                for i, path in todo:
+                    finish(2 * workers - 1)
+                    pending.add(pool.submit(_embed_chunk, self.part(texts, i), str(path), self.batch_size))
+                finish(0)
             except BaseException:
-                for future in futures:
+                for future in pending:
                     future.cancel()
                 raise
 
-    def write_manifest(self, chunks: list[tuple[list[str], Path]]) -> Path:
+    def write_manifest(self, paths: list[Path], count: int) -> Path:
         """`<space>-<texts digest>.manifest.json`: the embedder, its settings and the chunk files, in order."""
-        names = [path.name for _, path in chunks]
+        names = [path.name for path in paths]
         digest = hashlib.sha1("\n".join(names).encode()).hexdigest()[:24]
         path = self.folder / f"{self.space}-{digest}.manifest.json"
         if not path.exists():
             write_json(path, {"embedder": self.spec, "embedding_space": self.embedder.fingerprint(),
-                              "dim": self.embedder.dim, "texts": sum(len(part) for part, _ in chunks),
+                              "dim": self.embedder.dim, "texts": count,
                               "chunk_size": self.chunk_size, "texts_fingerprint": digest, "chunks": names})
         return path
 
-    def iter_vectors(self, texts: list[str]):
+    def iter_vectors(self, texts: Texts):
         """Vectors chunk by chunk (each complete on disk), without holding them all in memory twice."""
         for part, path in self.chunks(texts):
             vectors = np.load(path)
@@ -168,7 +189,7 @@ class EmbeddingCache:
                 raise UserError(f"{path}: cached embeddings have shape {vectors.shape}; delete the file to redo it")
             yield vectors
 
-    def load(self, texts: list[str]) -> np.ndarray:
+    def load(self, texts: Texts) -> np.ndarray:
         self.fill(texts)
         parts = list(self.iter_vectors(texts))
         return np.concatenate(parts) if parts else np.zeros((0, self.embedder.dim), np.float32)
@@ -198,19 +219,21 @@ def embedder_options(args: SelectArgs) -> dict:
     return {"base_url": args.embed_base_url, "device": args.device}
 
 
-def build_embedder(args: SelectArgs, eval_texts: list[str], corpus_texts: list[str]) -> Embedder:
+def build_embedder(args: SelectArgs, eval_texts: list[str], corpus_texts: CorpusTexts) -> Embedder:
     """The embedder; a TF-IDF one gets its IDF from the eval texts plus a fixed sample of the corpus."""
     embedder = get_embedder(args.embedder, **embedder_options(args))
     fit = getattr(embedder, "fit", None)
     if fit is not None:
-        sample = corpus_texts
-        if len(sample) > TFIDF_FIT_SAMPLE:
-            sample = random.Random(0).sample(corpus_texts, TFIDF_FIT_SAMPLE)
+        n = len(corpus_texts)
+        if n > TFIDF_FIT_SAMPLE:  # the rows random.sample(texts, TFIDF_FIT_SAMPLE) would pick
+            sample = corpus_texts.take(random.Random(0).sample(range(n), TFIDF_FIT_SAMPLE))
+        else:
+            sample = corpus_texts[0:n]
         fit(eval_texts + sample)
     return embedder
 
 
-def search_corpus(cache: EmbeddingCache, texts: list[str], eval_vectors: np.ndarray, top_k: int,
+def search_corpus(cache: EmbeddingCache, texts: Texts, eval_vectors: np.ndarray, top_k: int,
                   index_kind: str = "exact"):
     """Each eval item's top-k training items (sims, ids), and each training item's best eval similarity.
 
@@ -230,12 +253,6 @@ def search_corpus(cache: EmbeddingCache, texts: list[str], eval_vectors: np.ndar
     return sims, ids, np.concatenate(best) if best else np.zeros(0, np.float32)
 
 
-def conversation_key(record: dict) -> str:
-    """Identical conversations (ignoring case and surrounding space) share a key."""
-    text = "\x00".join(f"{m['role']}\x01{m['content'].strip().lower()}" for m in record["messages"])
-    return hashlib.sha1(text.encode("utf-8", "surrogatepass")).hexdigest()
-
-
 def _subject_stats(eval_items: list[EvalItem]) -> dict[str, dict[str, Any]]:
     stats: dict[str, dict[str, Any]] = {}
     for item in eval_items:
@@ -245,7 +262,7 @@ def _subject_stats(eval_items: list[EvalItem]) -> dict[str, dict[str, Any]]:
     return stats
 
 
-def recall(eval_items: list[EvalItem], records: list[dict], sims: np.ndarray, ids: np.ndarray,
+def recall(eval_items: list[EvalItem], corpus: Corpus, sims: np.ndarray, ids: np.ndarray,
            leaking: np.ndarray, args: SelectArgs) -> tuple[list[tuple[int, int, float]], dict]:
     """(train index, eval index, similarity) of the kept items, best first, and per-subject counts.
 
@@ -271,8 +288,7 @@ def recall(eval_items: list[EvalItem], records: list[dict], sims: np.ndarray, id
     taken_items: set[int] = set()
     taken_keys: set[str] = set()
     kept = []
-    for t, e, sim in candidates:
-        key = conversation_key(records[t])
+    for (t, e, sim), key in zip(candidates, corpus.keys(t for t, _, _ in candidates)):
         if t in taken_items or key in taken_keys:
             stats[eval_items[e].subject]["duplicate"] += 1
             continue
@@ -282,18 +298,19 @@ def recall(eval_items: list[EvalItem], records: list[dict], sims: np.ndarray, id
     return kept, stats
 
 
-def draw_random(records: list[dict], count: int, exclude: set[int], ngrams: NgramIndex, ratio: float,
+def draw_random(corpus: Corpus, count: int, exclude: set[int], ngrams: NgramIndex, ratio: float,
                 rng: random.Random) -> list[int]:
     """`count` random conversations, none in `exclude`, none twice, none copying an eval question."""
-    order = [i for i in range(len(records)) if i not in exclude]
-    rng.shuffle(order)
-    keys = {conversation_key(records[i]) for i in exclude}
+    order = np.setdiff1d(np.arange(len(corpus)), np.fromiter(exclude, np.int64, len(exclude)))
+    rng.shuffle(order)  # the order random.shuffle gives a list of these indices
+    keys = set(corpus.keys(sorted(exclude)))
     chosen: list[int] = []
-    for i in order:
+    for i in map(int, order):
         if len(chosen) >= count:
             break
-        key = conversation_key(records[i])
-        overlaps = ngrams.overlaps(record_text(records[i], "conversation"))
+        record = corpus.record(i)
+        key = conversation_key(record)
+        overlaps = ngrams.overlaps(record_text(record, "conversation"))
         if key in keys or (overlaps and max(overlaps.values()) >= ratio):
             continue
         keys.add(key)
@@ -303,12 +320,13 @@ def draw_random(records: list[dict], count: int, exclude: set[int], ngrams: Ngra
     return chosen
 
 
-def decontaminate(kept: list[tuple[int, int, float]], records: list[dict], eval_items: list[EvalItem],
+def decontaminate(kept: list[tuple[int, int, float]], corpus: Corpus, eval_items: list[EvalItem],
                   subjects: dict[str, dict], args: SelectArgs) -> tuple[list[tuple[int, int, float]], set[int], dict]:
     """The leakage guard's second signal: drop recalled items that copy an eval question's n-grams."""
     chosen = [t for t, _, _ in kept]
-    report, hits = find_contamination([record_text(records[t], "conversation") for t in chosen],
-                                      [records[t]["_loc"] for t in chosen], eval_items, args.contamination)
+    records = corpus.records(chosen)
+    report, hits = find_contamination([record_text(r, "conversation") for r in records],
+                                      [r["_loc"] for r in records], eval_items, args.contamination)
     flagged = {chosen[i] for i in hits}
     if not args.keep_contaminated:
         for t, e, _ in kept:
@@ -326,16 +344,22 @@ def _histogram(values: list[float]) -> dict[str, list]:
 
 
 def select(args: SelectArgs) -> dict[str, Any]:
-    """Run the whole selection; returns the statistics (also written to out/select_stats.json)."""
+    """Run the whole selection; returns the statistics (also written to out/select_stats.json).
+
+    The corpus is streamed once into an Arrow file in a scratch folder under `out` (removed at the end);
+    records are fetched from it by index where needed."""
+    args.check()
+    eval_items = load_eval_items(args.eval, args.split, args.subjects)
+    with open_corpus(args.corpus, args.out, args.corpus_text, args.on_error, args.max_samples) as (corpus, read):
+        return _select(args, eval_items, corpus, read)
+
+
+def _select(args: SelectArgs, eval_items: list[EvalItem], corpus: Corpus, read_stats) -> dict[str, Any]:
+    """`select` on an open corpus."""
     from medgpt.data.convert import convert
     from medgpt.data.rows import write_jsonl
 
-    args.check()
-    eval_items = load_eval_items(args.eval, args.split, args.subjects)
-    records, read_stats = read_corpus(args.corpus, on_error=args.on_error, max_samples=args.max_samples)
-    if not records:
-        raise UserError(f"{args.corpus}: no usable training records")
-    texts = [record_text(r, args.corpus_text) for r in records]
+    texts = corpus.texts
     eval_texts = [e.text for e in eval_items]
     embedder = build_embedder(args, eval_texts, texts)
     cache = EmbeddingCache(args.cache_dir or default_cache_dir(), embedder, args.chunk_size, args.batch_size,
@@ -352,30 +376,32 @@ def select(args: SelectArgs) -> dict[str, Any]:
     sims, ids, best = search_corpus(cache, texts, eval_vectors, args.top_k, index_kind)
     timings["search_s"], clock = time.perf_counter() - clock, time.perf_counter()
     leaking = best >= args.max_sim
-    kept, subjects = recall(eval_items, records, sims, ids, leaking, args)
+    kept, subjects = recall(eval_items, corpus, sims, ids, leaking, args)
 
-    kept, flagged, report = decontaminate(kept, records, eval_items, subjects, args)
+    kept, flagged, report = decontaminate(kept, corpus, eval_items, subjects, args)
 
     rng = random.Random(args.seed)
     ngrams = NgramIndex([e.text for e in eval_items], args.contamination.zh_ngram, args.contamination.en_ngram)
     unsafe = set(np.nonzero(leaking)[0].tolist()) | flagged
     n_random = round(len(kept) * args.random_ratio / (1 - args.random_ratio))
-    extra = draw_random(records, n_random, unsafe | {t for t, _, _ in kept}, ngrams,
+    extra = draw_random(corpus, n_random, unsafe | {t for t, _, _ in kept}, ngrams,
                         args.contamination.ngram_ratio, rng) if n_random else []
     selected = [t for t, _, _ in kept] + extra
+    records = corpus.records(selected)
 
     out = Path(args.out).expanduser()
-    write_jsonl(out / SELECTED, convert([records[t] for t in selected], "sharegpt"))
-    write_jsonl(out / RECALL, [{"train": records[t]["_loc"], "eval": eval_items[e].id, "subject": eval_items[e].subject,
-                                "similarity": round(sim, 4), "source": "recall"} for t, e, sim in kept]
-                + [{"train": records[t]["_loc"], "source": "random"} for t in extra])
+    write_jsonl(out / SELECTED, convert(records, "sharegpt"))
+    locs = [r["_loc"] for r in records]
+    write_jsonl(out / RECALL, [{"train": loc, "eval": eval_items[e].id, "subject": eval_items[e].subject,
+                                "similarity": round(sim, 4), "source": "recall"} for loc, (_, e, sim) in zip(locs, kept)]
+                + [{"train": loc, "source": "random"} for loc in locs[len(kept):]])
     baseline: list[int] = []
     if args.baseline == "random":
-        baseline = draw_random(records, len(selected), unsafe, ngrams, args.contamination.ngram_ratio,
+        baseline = draw_random(corpus, len(selected), unsafe, ngrams, args.contamination.ngram_ratio,
                                random.Random(args.seed + 1))
-        write_jsonl(out / BASELINE, convert([records[t] for t in baseline], "sharegpt"))
-    final, _ = find_contamination([record_text(records[t], "conversation") for t in selected],
-                                  [records[t]["_loc"] for t in selected], eval_items, args.contamination)
+        write_jsonl(out / BASELINE, convert(corpus.records(baseline), "sharegpt"))
+    final, _ = find_contamination([record_text(r, "conversation") for r in records], locs, eval_items,
+                                  args.contamination)
     write_json(out / CONTAMINATION, final)
     timings["select_and_write_s"] = time.perf_counter() - clock
 
@@ -385,7 +411,7 @@ def select(args: SelectArgs) -> dict[str, Any]:
         "eval": args.eval, "corpus": args.corpus, "embedder": embedder.name, "embedding_space": cache.space,
         "settings": {k: getattr(args, k) for k in ("split", "corpus_text", "top_k", "min_sim", "max_sim",
                                                    "random_ratio", "baseline", "seed")},
-        "counts": {"eval_items": len(eval_items), "corpus": len(records), "corpus_too_similar": int(leaking.sum()),
+        "counts": {"eval_items": len(eval_items), "corpus": len(corpus), "corpus_too_similar": int(leaking.sum()),
                    "recalled_kept": len(kept), "contaminated_dropped": 0 if args.keep_contaminated else len(flagged),
                    "random_added": len(extra), "selected": len(selected), "baseline": len(baseline)},
         "subjects": subjects,
