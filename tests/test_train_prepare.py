@@ -30,10 +30,13 @@ def in_memory(cfg, tokenizer):
     """The rows and counts of reading into a list and encoding it (the reference path)."""
     records, stats = read_records(cfg.data.data, "sft", on_error=cfg.data.on_error)
     evals = []
-    if cfg.data.val_size:
+    if cfg.data.val_size:  # a seeded shuffle picks the held-out records; both splits keep the records' order
         count = int(cfg.data.val_size) if cfg.data.val_size >= 1 else max(1, int(len(records) * cfg.data.val_size))
-        random.Random(cfg.train.seed).shuffle(records)
-        evals, records = records[:count], records[count:]
+        order = list(range(len(records)))
+        random.Random(cfg.train.seed).shuffle(order)
+        held = set(order[:count])
+        evals = [r for i, r in enumerate(records) if i in held]
+        records = [r for i, r in enumerate(records) if i not in held]
     template = training_template(cfg, tokenizer)
     train = encode_conversations(records, tokenizer, template, cfg, stats)
     return train, encode_conversations(evals, tokenizer, template, cfg, stats), stats
@@ -76,16 +79,27 @@ def test_prepared_rows_and_counts_equal_the_in_memory_path(sample_data, tmp_path
 
 
 @pytest.mark.slow
-def test_two_processes_give_the_rows_and_counts_of_one(sample_data, tmp_path):
+def test_two_processes_and_several_chunks_give_the_rows_and_counts_of_one(sample_data, tmp_path, monkeypatch):
+    """2,400 records read and encoded 1,000 at a time (three chunks, each in two processes), with a held-out split
+    that takes records from every chunk."""
+    import medgpt.train.prepare
+
+    monkeypatch.setattr(medgpt.train.prepare, "CHUNK_RECORDS", 1000)
     tokenizer = load_tokenizer()
     data = mixed_records(sample_data, tmp_path / "mixed.jsonl", 2400)
-    cfg = config(tmp_path, data, max_length=160, overlong="truncate", on_error="skip", dataset_num_proc=2)
+    cfg = config(tmp_path, data, max_length=160, overlong="truncate", on_error="skip", dataset_num_proc=2,
+                 val_size=0.1)
     prepared = prepare(cfg, tokenizer, training_template(cfg, tokenizer))
-    train, _, stats = in_memory(cfg, tokenizer)
+    train, evals, stats = in_memory(cfg, tokenizer)
     assert stats.truncated > 0 and set(stats.dropped) == {"invalid JSON", "roles out of order",
                                                       "no assistant tokens after truncation"}, stats.dropped
-    assert rows(prepared.train) == train
+    assert rows(prepared.train) == train and rows(prepared.eval) == evals
     assert prepared.stats["train"].to_dict() == stats.to_dict()
+    parts = json.loads((prepared.folder / "parts.json").read_text())
+    assert len({name.split("_")[0] for name in parts["train"]}) == 3 and len(parts["eval"]) >= 3
+    lengths = [len(row["input_ids"]) for row in train]
+    assert prepared.tokens["train"]["tokens"] == sum(lengths) and prepared.tokens["train"]["max"] == max(lengths)
+    assert prepared.tokens["train"]["labelled_tokens"] == sum(l != -100 for row in train for l in row["labels"])
     # `medgpt data check`'s token lengths, measured in two processes, are the lengths of encoding one by one
     records, _ = read_records(data, "sft", on_error="skip")
     template = training_template(cfg, tokenizer)

@@ -30,6 +30,7 @@ def text_rows(cfg, tokenizer):
     records, stats = read_records(cfg.data.data, "pt")
     texts = [{"text": r["text"]} for r in records]
     kept, held = held_out(len(texts), cfg.data.val_size, cfg.train.seed) if cfg.data.val_size else (range(len(texts)), [])
+    kept, held = sorted(kept), sorted(held)  # both splits keep the records' order
     return (Dataset.from_list([texts[i] for i in kept]), Dataset.from_list([texts[i] for i in held]) if held else None,
             {"train": stats})
 

@@ -23,7 +23,7 @@ import os
 import shutil
 from collections.abc import Callable, Iterable
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +53,20 @@ class Prepared:
     stats: dict[str, DataStats]
     folder: Path
     cached: bool
+    tokens: dict[str, dict] = field(default_factory=dict)  # token statistics by split (`token_summary`)
+
+
+@dataclass
+class Encoded:
+    """What an encoder made of one chunk of records: the kept rows (memory-mapped from files in the preparation's
+    folder), their token lengths and labelled tokens (None for conversational rows, which the trainer tokenizes)."""
+
+    rows: Any
+    lengths: Any = None
+    labelled: int | None = None
+
+
+CHUNK_RECORDS = 100_000  # records read, encoded and written at a time: what one step maps into memory
 
 
 def num_proc(cfg: Config) -> int:
@@ -103,58 +117,87 @@ def fingerprint(cfg: Config, tokenizer, template, kind: str, settings: dict[str,
 
 def _write_records(records, path: Path) -> int:
     """Write canonical records (JSON text and location) to an Arrow file as they are read; their count."""
+    return sum(count for _, count in _write_record_chunks(records, path.parent, path.stem, None))
+
+
+def _write_record_chunks(records, folder: Path, name: str, size: int | None) -> list[tuple[Path, int]]:
+    """Write canonical records (JSON text and location) to Arrow files of `size` records each (one file: None) as
+    they are read; each file with its count."""
     from datasets.arrow_writer import ArrowWriter
 
-    count = 0
-    with ArrowWriter(path=str(path), writer_batch_size=10_000) as writer:
-        for record in records:
-            loc = record.pop("_loc", "")
-            writer.write({"record": json.dumps(record, ensure_ascii=False), "loc": loc})
-            count += 1
+    chunks, writer = [], None
+    for record in records:
+        if writer is None:
+            chunks.append([folder / (f"{name}-{len(chunks):05d}.arrow" if size else f"{name}.arrow"), 0])
+            writer = ArrowWriter(path=str(chunks[-1][0]), writer_batch_size=10_000)
+        loc = record.pop("_loc", "")
+        writer.write({"record": json.dumps(record, ensure_ascii=False), "loc": loc})
+        chunks[-1][1] += 1
+        if size and chunks[-1][1] == size:
+            writer.finalize()
+            writer.close()
+            writer = None
+    if writer is not None:
         writer.finalize()
-    return count
+        writer.close()
+    return [(path, count) for path, count in chunks]
+
+
+def _write_rows(dataset, path: Path):
+    """The rows of `dataset` (through its selection) written to one Arrow file, read back memory-mapped."""
+    from datasets import Dataset
+    from datasets.arrow_writer import ArrowWriter
+
+    with ArrowWriter(path=str(path), features=dataset.features, writer_batch_size=10_000) as writer:
+        for batch in dataset.with_format("arrow").iter(batch_size=10_000):
+            writer.write_table(batch)
+        writer.finalize()
+    return Dataset.from_file(str(path))
 
 
 def _encode_batch(batch: dict, tokenizer, template, data, max_length) -> dict:
     encoded = encode_conversation_batch([json.loads(text) for text in batch["record"]], tokenizer, template, data,
                                         max_length)
-    return {key: [e[key] for e in encoded] for key in ("input_ids", "labels", "length", "drop")}
+    return {**{key: [e[key] for e in encoded] for key in ("input_ids", "labels", "length", "drop")},
+            "labelled": [sum(label != -100 for label in e["labels"]) for e in encoded]}
 
 
-def _encode_split(dataset, cfg: Config, stats: DataStats, folder: Path, name: str, batch_fn: Callable,
-                  columns: dict, limit: int | None, fn_kwargs: dict) -> int:
+def encode_chunk(dataset, cfg: Config, stats: DataStats, scratch: Path, out: Path, batch_fn: Callable,
+                 columns: dict, limit: int | None, fn_kwargs: dict) -> Encoded:
     """`batch_fn` mapped over `dataset`'s records (a `record` column of JSON text and their `loc`) in parallel
-    processes into `columns` and each record's `length` and `drop` reason; the kept rows saved to `folder/name`
-    (their count returned), the rest counted in `stats` (`count_encoded`, the rule of the in-memory path)."""
+    processes into `columns` and each record's `length`, `drop` reason (and `labelled` tokens, where it counts
+    them); the kept rows written to `out`, the rest counted in `stats` (`count_encoded`)."""
+    import numpy as np
     from datasets import Features, Value
 
-    features = Features({"loc": Value("string"), **columns, "length": Value("int32"), "drop": Value("string")})
+    counts = {"length": Value("int32"), "drop": Value("string"),
+              **({"labelled": Value("int32")} if "input_ids" in columns else {})}
     processes = min(num_proc(cfg), max(1, len(dataset) // 1000))
     encoded = dataset.map(batch_fn, batched=True, batch_size=256, num_proc=processes if processes > 1 else None,
-                          remove_columns=["record"], features=features, desc=f"encoding {name}",
-                          cache_file_name=str(folder / f"{name}-encoded.arrow"), new_fingerprint=f"{folder.name}-{name}",
-                          fn_kwargs=fn_kwargs)
+                          remove_columns=["record"], features=Features({"loc": Value("string"), **columns, **counts}),
+                          desc=f"encoding {out.stem}", cache_file_name=str(scratch / f"{out.stem}-encoded.arrow"),
+                          new_fingerprint=f"{scratch.parent.name}-{out.stem}", fn_kwargs=fn_kwargs)
+    counted = encoded.select_columns(list(counts)).with_format("numpy")[:]
     keep = []
-    counted = encoded.select_columns(["length", "drop"]).to_dict()
-    for index, (length, drop) in enumerate(zip(counted["length"], counted["drop"])):
-        result = {"length": length if length is not None else 0, "drop": drop}
-        if count_encoded(stats, result, encoded[index]["loc"] if drop else "", limit):
+    for index, (length, drop) in enumerate(zip(counted["length"].tolist(), counted["drop"].tolist())):
+        if count_encoded(stats, {"length": length, "drop": drop}, encoded[index]["loc"] if drop else "", limit):
             keep.append(index)
-    if stats.dropped or stats.truncated:
-        log.info("max_length %s: %s", limit, stats.summary())
-    encoded.select(keep).select_columns(list(columns)).save_to_disk(str(folder / name))
-    return len(keep)
+    rows = _write_rows(encoded.select(keep).select_columns(list(columns)), out)
+    if "labelled" not in counts:
+        return Encoded(rows)
+    lengths = np.minimum(counted["length"][keep], limit or np.iinfo(np.int32).max)
+    return Encoded(rows, lengths, int(counted["labelled"][keep].sum()))
 
 
-def encode_conversation_records(dataset, tokenizer, template, cfg: Config, stats: DataStats, folder: Path,
-                                name: str) -> int:
+def encode_conversation_records(dataset, tokenizer, template, cfg: Config, stats: DataStats, scratch: Path,
+                                out: Path) -> Encoded:
     """An encoder of `prepare` (SFT): conversation records into input_ids/labels (`encode_conversation_batch`)."""
     from datasets import Sequence, Value
 
     columns = {"input_ids": Sequence(Value("int32")), "labels": Sequence(Value("int32"))}
-    return _encode_split(dataset, cfg, stats, folder, name, _encode_batch, columns, cfg.train.max_length,
-                         {"tokenizer": tokenizer, "template": template, "data": cfg.data,
-                          "max_length": cfg.train.max_length})
+    return encode_chunk(dataset, cfg, stats, scratch, out, _encode_batch, columns, cfg.train.max_length,
+                        {"tokenizer": tokenizer, "template": template, "data": cfg.data,
+                         "max_length": cfg.train.max_length})
 
 
 ROW_JSON = ("prompt", "chosen", "rejected", "completion", "tools", "chat_template_kwargs")  # stored as JSON text,
@@ -170,7 +213,7 @@ def _rows_batch(batch: dict, tokenizer, template, data, max_length, responses, c
                for key in encoded[0]["row"] if key != "ids"} if encoded else {}
     if prompt_ids:
         columns["ids"] = [e["row"]["ids"] for e in encoded]
-    return {**columns, "length": [e["length"] for e in encoded], "drop": [e["drop"] for e in encoded]}
+    return {**columns, "length": [e["length"] or 0 for e in encoded], "drop": [e["drop"] for e in encoded]}
 
 
 def decode_rows(batch: dict) -> dict:
@@ -192,7 +235,7 @@ def conversation_encoder(responses: tuple[str, ...] = ("chosen", "rejected"), ca
     max_prompt_length (`prompt_ids`), dropped or kept for truncation as `overlong` says."""
     from datasets import Sequence, Value
 
-    def encode(dataset, tokenizer, template, cfg: Config, stats: DataStats, folder: Path, name: str) -> int:
+    def encode(dataset, tokenizer, template, cfg: Config, stats: DataStats, scratch: Path, out: Path) -> Encoded:
         think = cfg.data.enable_thinking is not None and responses
         names = ["prompt", *responses, *(["tools"] if responses else []), *carry,
                  *(["chat_template_kwargs"] if think else [])]
@@ -200,9 +243,9 @@ def conversation_encoder(responses: tuple[str, ...] = ("chosen", "rejected"), ca
         if prompt_ids:
             columns["ids"] = Sequence(Value("int32"))
         limit = cfg.train.max_prompt_length if prompt_ids else getattr(cfg.train, "max_length", None)
-        return _encode_split(dataset, cfg, stats, folder, name, _rows_batch, columns, limit,
-                             {"tokenizer": tokenizer, "template": template, "data": cfg.data, "max_length": limit,
-                              "responses": responses, "carry": carry, "prompt_ids": prompt_ids})
+        return encode_chunk(dataset, cfg, stats, scratch, out, _rows_batch, columns, limit,
+                            {"tokenizer": tokenizer, "template": template, "data": cfg.data, "max_length": limit,
+                             "responses": responses, "carry": carry, "prompt_ids": prompt_ids})
 
     encode.settings = {"responses": responses, "carry": carry, "prompt_ids": prompt_ids}
     encode.__qualname__ = "conversation_encoder"
@@ -238,20 +281,12 @@ def record_lengths(records: Iterable[dict], kind: str, tokenizer, template, fold
                        fn_kwargs={"kind": kind, "tokenizer": tokenizer, "template": template})
 
 
-def _split(dataset, cfg: Config):
-    """(train, eval) of a read without eval_data: the records `common.held_out` holds out."""
-    if not cfg.data.val_size:
-        return dataset, None
-    train, evals = held_out(len(dataset), cfg.data.val_size, cfg.train.seed)
-    return dataset.select(train), dataset.select(evals)
-
-
 def _build(cfg: Config, tokenizer, template, kind: str, folder: Path, encode: Callable,
            normalize: Callable | None) -> None:
     """Prepare into a private folder, renamed to `folder` when complete (removed when anything fails)."""
     work = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
     shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
+    (work / "scratch").mkdir(parents=True)
     try:
         _build_in(cfg, tokenizer, template, kind, work, encode, normalize)
     except BaseException:
@@ -265,29 +300,65 @@ def _build(cfg: Config, tokenizer, template, kind: str, folder: Path, encode: Ca
 
 def _build_in(cfg: Config, tokenizer, template, kind: str, work: Path, encode: Callable,
               normalize: Callable | None) -> None:
+    """Read the records into chunk files, then encode chunk by chunk (each split's rows in files of their own, in
+    record order), so that what is mapped into memory at a time does not grow with the data."""
+    import numpy as np
     from datasets import Dataset
 
-    data = cfg.data
+    data, scratch = cfg.data, work / "scratch"
     stats = {"train": DataStats()}
-    read = iter_records(data.data, kind, stats["train"], on_error=data.on_error, subset=data.data_subset,
-                        split=data.data_split, max_samples=data.max_samples, normalize=normalize)
-    if not _write_records(read, work / "records.arrow"):
+    chunks = _write_record_chunks(iter_records(data.data, kind, stats["train"], on_error=data.on_error,
+                                               subset=data.data_subset, split=data.data_split,
+                                               max_samples=data.max_samples, normalize=normalize), scratch, "records",
+                                  CHUNK_RECORDS)
+    total = sum(count for _, count in chunks)
+    if not total:
         raise UserError(f"{data.data}: no usable {kind} records")
-    train, evals = _split(Dataset.from_file(str(work / "records.arrow")), cfg)
+    held = np.zeros(total, bool)
+    if data.val_size and not data.eval_data:
+        held[held_out(total, data.val_size, cfg.train.seed)[1]] = True
+    parts: dict[str, list[Encoded]] = {"train": [], "eval": []}
+    offset = 0
+    for path, count in chunks:
+        records = Dataset.from_file(str(path))
+        mask, offset = held[offset:offset + count], offset + count
+        for split, rows in (("train", np.flatnonzero(~mask)), ("eval", np.flatnonzero(mask))):
+            if len(rows):
+                part = records if len(rows) == count else records.select(rows)
+                parts[split].append(encode(part, tokenizer, template, cfg, stats["train"], scratch,
+                                           work / f"{split}-{len(parts[split]):05d}.arrow"))
+        del records
     if data.eval_data:
         stats["eval"] = DataStats()
-        if _write_records(iter_records(data.eval_data, kind, stats["eval"], on_error=data.on_error,
-                                       normalize=normalize),
-                          work / "eval-records.arrow"):
-            evals = Dataset.from_file(str(work / "eval-records.arrow"))
-    kept = encode(train, tokenizer, template, cfg, stats["train"], work, "train")
-    if evals is not None:
-        encode(evals, tokenizer, template, cfg, stats.get("eval", stats["train"]), work, "eval")
-    write_json(work / "stats.json", {split: s.to_dict() for split, s in stats.items()})
-    for scratch in work.glob("*.arrow"):
-        scratch.unlink()
-    if not kept:
+        for path, _ in _write_record_chunks(iter_records(data.eval_data, kind, stats["eval"], on_error=data.on_error,
+                                                         normalize=normalize), scratch, "eval-records",
+                                                    CHUNK_RECORDS):
+            parts["eval"].append(encode(Dataset.from_file(str(path)), tokenizer, template, cfg, stats["eval"],
+                                        scratch, work / f"eval-{len(parts['eval']):05d}.arrow"))
+    if stats["train"].dropped or stats["train"].truncated:
+        log.info("max_length %s: %s", getattr(cfg.train, "max_length", None), stats["train"].summary())
+    shutil.rmtree(scratch)
+    if not sum(len(part.rows) for part in parts["train"]):
         raise UserError(f"{data.data}: no record is left to train on ({stats['train'].summary()})")
+    write_json(work / "parts.json", {split: [Path(f["filename"]).name for part in done for f in part.rows.cache_files]
+                                     for split, done in parts.items() if done})
+    write_json(work / "tokens.json", {split: token_summary(done) for split, done in parts.items() if done})
+    write_json(work / "stats.json", {split: s.to_dict() for split, s in stats.items()})
+
+
+def token_summary(parts: list[Encoded]) -> dict[str, Any]:
+    """Rows, tokens and labelled tokens of a split's encoded chunks and the percentiles of their lengths; rows
+    only for conversational rows."""
+    import numpy as np
+
+    rows = sum(len(part.rows) for part in parts)
+    if any(part.lengths is None for part in parts):
+        return {"rows": rows}
+    lengths = np.concatenate([part.lengths for part in parts])
+    if not len(lengths):
+        return {"rows": 0, "tokens": 0, "labelled_tokens": 0, "p50": 0, "p90": 0, "p99": 0, "max": 0}
+    return {"rows": rows, "tokens": int(lengths.sum()), "labelled_tokens": sum(part.labelled for part in parts),
+            **{f"p{q}": int(np.percentile(lengths, q)) for q in (50, 90, 99)}, "max": int(lengths.max())}
 
 
 def main_process_first():
@@ -308,7 +379,7 @@ def prepare(cfg: Config, tokenizer, template, kind: str = "sft", encode: Callabl
     conversational rows); `settings` are what else determines its rows (a stage's own keys), part of the
     fingerprint with the encoder's name and its own `settings`. `normalize` reads a kind the readers do not
     define (`iter_records`' argument: `medgpt.data.records.to_unpaired`, `to_prompt`)."""
-    from datasets import load_from_disk
+    from datasets import Dataset, concatenate_datasets
 
     if not cfg.data.data:
         raise UserError("no training data: set `data:` in the config or pass --data PATH")
@@ -322,36 +393,19 @@ def prepare(cfg: Config, tokenizer, template, kind: str = "sft", encode: Callabl
             log.info("preparing %s data into %s (%d processes)", kind, folder, num_proc(cfg))
             _build(cfg, tokenizer, template, kind, folder, encode, normalize)
     stats = {split: DataStats.from_dict(s) for split, s in json.loads((folder / "stats.json").read_text()).items()}
-    evals = load_from_disk(str(folder / "eval")) if (folder / "eval").exists() else None
+    files = json.loads((folder / "parts.json").read_text())
+    split = {name: concatenate_datasets([Dataset.from_file(str(folder / f)) for f in files[name]])
+             for name in ("train", "eval") if files.get(name)}
+    evals = split.get("eval")
     log.info("prepared %s data: %s (%s)", kind, folder, "cached" if cached else "new")
-    return Prepared(load_from_disk(str(folder / "train")), evals if evals is not None and len(evals) else None,
-                    stats, folder, cached)
-
-
-def token_statistics(dataset) -> dict[str, Any]:
-    """Rows, tokens and labelled tokens of a prepared dataset, and its length percentiles (read from the Arrow
-    columns, a chunk at a time)."""
-    import numpy as np
-    import pyarrow.compute as pc
-
-    table = dataset.with_format("arrow")[:] if len(dataset) else None
-    if table is not None and "input_ids" not in table.column_names:  # conversational rows: TRL tokenizes them
-        return {"rows": len(dataset)}
-    if table is None:
-        return {"rows": 0, "tokens": 0, "labelled_tokens": 0, "p50": 0, "p90": 0, "p99": 0, "max": 0}
-    lengths = pc.list_value_length(table.column("input_ids")).to_numpy()
-    labelled = sum(pc.sum(pc.not_equal(pc.list_flatten(chunk), -100)).as_py() or 0
-                   for chunk in table.column("labels").chunks)
-    return {"rows": len(dataset), "tokens": int(lengths.sum()), "labelled_tokens": int(labelled),
-            **{f"p{q}": int(np.percentile(lengths, q)) for q in (50, 90, 99)}, "max": int(lengths.max())}
+    return Prepared(split["train"], evals if evals is not None and len(evals) else None, stats, folder, cached,
+                    json.loads((folder / "tokens.json").read_text()))
 
 
 def describe(prepared: Prepared) -> dict[str, Any]:
     """What `medgpt data prepare` prints and writes: counts by split, token statistics, the cache folder."""
     out: dict[str, Any] = {"cache": str(prepared.folder), "cached": prepared.cached,
                            "counts": {split: s.to_dict() for split, s in prepared.stats.items()},
-                           "train": token_statistics(prepared.train)}
-    if prepared.eval is not None:
-        out["eval"] = token_statistics(prepared.eval)
+                           **prepared.tokens}
     return out
 
