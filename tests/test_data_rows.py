@@ -142,3 +142,13 @@ def test_a_hub_data_set_is_streamed_and_its_failures_are_user_errors(tmp_path):
     assert [row for _, row in streamed] == list(datasets.load_dataset(name, split="train"))[1:]
     with pytest.raises(UserError, match="hub data set cannot be loaded"):
         list(hub_rows(name, None, "validation"))
+
+
+def test_half_a_surrogate_pair_is_the_records_error_and_a_whole_pair_is_text(tmp_path):
+    """`"\\ud800"` alone decodes (Python's json) to a string that no UTF-8 writer, tokenizer or Arrow file takes;
+    a pair is one character (the reference: Python's own decoding of the pair)."""
+    path = tmp_path / "s.jsonl"
+    path.write_text('{"text": "fever \\ud800 cough"}\n{"text": "smile \\ud83d\\ude00"}\n', encoding="utf-8")
+    records, stats = read_records(str(path), "pt", on_error="skip")
+    assert [r["text"] for r in records] == ["smile \U0001F600"]
+    assert stats.dropped == {"not UTF-8": 1} and stats.examples["not UTF-8"] == [f"{path}:1"]

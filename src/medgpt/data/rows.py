@@ -11,6 +11,7 @@ import codecs
 import csv
 import json
 import logging
+import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -112,13 +113,25 @@ def _lines(path: Path, data: bytes | Iterable[bytes]) -> Iterator[tuple[str, str
         yield loc, line if line.strip() else None
 
 
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+
+
 def _parse(line: str | RecordError | None) -> Any:
+    """A JSON line's value; invalid JSON, or a string holding half of a surrogate pair (`"\\ud800"`: text no
+    tokenizer or Arrow file can store), is the record's error."""
     if not isinstance(line, str):
         return line
     try:
-        return json.loads(line)
+        value = json.loads(line)
     except json.JSONDecodeError as exc:
         return RecordError("invalid JSON", f"{exc.msg} at column {exc.colno}")
+    if _SURROGATE_ESCAPE.search(line):  # a pair decodes to one character; half of one cannot be encoded
+        try:
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError as exc:
+            return RecordError("not UTF-8", f"a lone surrogate escape (\\u{ord(exc.object[exc.start]):04x}) in a "
+                                            "string: not text")
+    return value
 
 
 def _txt_rows(path: Path, data: bytes | Iterable[bytes]) -> Iterator[Row]:

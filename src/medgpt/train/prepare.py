@@ -38,7 +38,7 @@ from medgpt.train.common import held_out
 
 log = logging.getLogger(__name__)
 
-ENCODER_VERSION = 1  # raised whenever encoding changes what it produces
+ENCODER_VERSION = 2  # raised whenever encoding changes what it produces or how it is stored
 KEYS = ("data", "data_subset", "data_split", "eval_data", "val_size", "max_samples", "on_error", "overlong",
         "system", "train_on_all", "enable_thinking", "train_on_reasoning")
 
