@@ -402,6 +402,15 @@ def prepare(cfg: Config, tokenizer, template, kind: str = "sft", encode: Callabl
                     json.loads((folder / "tokens.json").read_text()))
 
 
+def row_lengths(dataset) -> list[int]:
+    """The token count of each row of a prepared dataset (through its selection), read from the Arrow offsets of
+    its input_ids: no row is decoded."""
+    import pyarrow.compute as pc
+
+    return pc.list_value_length(dataset.with_format("arrow")[:]["input_ids"]).to_numpy().tolist() if len(dataset) \
+        else []
+
+
 def describe(prepared: Prepared) -> dict[str, Any]:
     """What `medgpt data prepare` prints and writes: counts by split, token statistics, the cache folder."""
     out: dict[str, Any] = {"cache": str(prepared.folder), "cached": prepared.cached,

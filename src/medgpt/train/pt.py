@@ -34,7 +34,7 @@ from medgpt.config import Config
 from medgpt.data.stats import DataStats
 from medgpt.errors import UserError
 from medgpt.train import common
-from medgpt.train.prepare import Encoded, num_proc, prepare
+from medgpt.train.prepare import Encoded, num_proc, prepare, row_lengths
 from medgpt.vocab import vocabulary_extension
 
 log = logging.getLogger(__name__)
@@ -125,14 +125,14 @@ def encode_documents(dataset, tokenizer, template, cfg: Config, stats: DataStats
                      out: Path) -> Encoded:
     """An encoder of `medgpt.train.prepare`: the pt records' token ids (labels: the same ids), tokenized in
     parallel processes into `out`'s folder, with their lengths."""
-    import pyarrow.compute as pc
+    import numpy as np
 
     processes = min(num_proc(cfg), max(1, len(dataset) // 1000))
     rows = dataset.map(_tokenize_batch, batched=True, batch_size=1000, num_proc=processes if processes > 1 else None,
                        remove_columns=dataset.column_names, features=_token_features(), desc=f"tokenizing {out.stem}",
                        cache_file_name=str(out), new_fingerprint=f"{out.parent.name}-{out.stem}",
                        fn_kwargs={"tokenizer": tokenizer})
-    lengths = pc.list_value_length(rows.with_format("arrow")[:]["input_ids"]).to_numpy()  # the offsets only
+    lengths = np.asarray(row_lengths(rows), dtype=np.int64)
     return Encoded(rows, lengths, int(lengths.sum()))
 
 
