@@ -20,8 +20,10 @@ import hashlib
 import json
 import logging
 import os
+import queue
 import shutil
-from collections.abc import Callable, Iterable
+import threading
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -117,30 +119,66 @@ def fingerprint(cfg: Config, tokenizer, template, kind: str, settings: dict[str,
 
 def _write_records(records, path: Path) -> int:
     """Write canonical records (JSON text and location) to an Arrow file as they are read; their count."""
-    return sum(count for _, count in _write_record_chunks(records, path.parent, path.stem, None))
+    return sum(count for _, count in _record_chunks(records, path.parent, path.stem, None))
 
 
-def _write_record_chunks(records, folder: Path, name: str, size: int | None) -> list[tuple[Path, int]]:
+def _record_chunks(records, folder: Path, name: str, size: int | None) -> Iterator[tuple[Path, int]]:
     """Write canonical records (JSON text and location) to Arrow files of `size` records each (one file: None) as
-    they are read; each file with its count."""
+    they are read; each file with its count as it is complete."""
     from datasets.arrow_writer import ArrowWriter
 
-    chunks, writer = [], None
+    writer, path, count, index = None, None, 0, 0
     for record in records:
         if writer is None:
-            chunks.append([folder / (f"{name}-{len(chunks):05d}.arrow" if size else f"{name}.arrow"), 0])
-            writer = ArrowWriter(path=str(chunks[-1][0]), writer_batch_size=10_000)
+            path, count = folder / (f"{name}-{index:05d}.arrow" if size else f"{name}.arrow"), 0
+            writer, index = ArrowWriter(path=str(path), writer_batch_size=10_000), index + 1
         loc = record.pop("_loc", "")
         writer.write({"record": json.dumps(record, ensure_ascii=False), "loc": loc})
-        chunks[-1][1] += 1
-        if size and chunks[-1][1] == size:
+        count += 1
+        if size and count == size:
             writer.finalize()
             writer.close()
             writer = None
+            yield path, count
     if writer is not None:
         writer.finalize()
         writer.close()
-    return [(path, count) for path, count in chunks]
+        yield path, count
+
+
+def _ahead(items: Iterator, depth: int = 1) -> Iterator:
+    """`items` taken in a thread of its own, up to `depth` ahead of the consumer: reading the next chunk of records
+    overlaps encoding this one. An error of the reader is raised here; a consumer that stops stops the reader."""
+    done, stop, ahead = object(), threading.Event(), queue.Queue(maxsize=depth)
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                ahead.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def run() -> None:
+        try:
+            for item in items:
+                if not put(item):
+                    return
+            put(done)
+        except BaseException as exc:  # the consumer raises it
+            put(exc)
+
+    thread = threading.Thread(target=run, name="medgpt-read-records", daemon=True)
+    thread.start()
+    try:
+        while (item := ahead.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join()
 
 
 def _write_rows(dataset, path: Path):
@@ -306,33 +344,35 @@ def _build_in(cfg: Config, tokenizer, template, kind: str, work: Path, encode: C
     from datasets import Dataset
 
     data, scratch = cfg.data, work / "scratch"
-    stats = {"train": DataStats()}
-    chunks = _write_record_chunks(iter_records(data.data, kind, stats["train"], on_error=data.on_error,
-                                               subset=data.data_subset, split=data.data_split,
-                                               max_samples=data.max_samples, normalize=normalize), scratch, "records",
-                                  CHUNK_RECORDS)
-    total = sum(count for _, count in chunks)
-    if not total:
-        raise UserError(f"{data.data}: no usable {kind} records")
-    held = np.zeros(total, bool)
-    if data.val_size and not data.eval_data:
-        held[held_out(total, data.val_size, cfg.train.seed)[1]] = True
+    read, encoded = DataStats(), DataStats()  # the reader's counts and the encoder's, merged at the end
+    chunks = _record_chunks(iter_records(data.data, kind, read, on_error=data.on_error, subset=data.data_subset,
+                                         split=data.data_split, max_samples=data.max_samples, normalize=normalize),
+                            scratch, "records", CHUNK_RECORDS)
+    held = None
+    if data.val_size and not data.eval_data:  # the held-out draw needs the count: every chunk is read first
+        chunks = list(chunks)
+        total = sum(count for _, count in chunks)
+        held = np.zeros(total, bool)
+        if total:
+            held[held_out(total, data.val_size, cfg.train.seed)[1]] = True
     parts: dict[str, list[Encoded]] = {"train": [], "eval": []}
     offset = 0
-    for path, count in chunks:
+    for path, count in chunks if held is not None else _ahead(chunks):
         records = Dataset.from_file(str(path))
-        mask, offset = held[offset:offset + count], offset + count
+        mask, offset = np.zeros(count, bool) if held is None else held[offset:offset + count], offset + count
         for split, rows in (("train", np.flatnonzero(~mask)), ("eval", np.flatnonzero(mask))):
             if len(rows):
                 part = records if len(rows) == count else records.select(rows)
-                parts[split].append(encode(part, tokenizer, template, cfg, stats["train"], scratch,
+                parts[split].append(encode(part, tokenizer, template, cfg, encoded, scratch,
                                            work / f"{split}-{len(parts[split]):05d}.arrow"))
         del records
+    if not offset:
+        raise UserError(f"{data.data}: no usable {kind} records")
+    stats = {"train": read.merge(encoded)}
     if data.eval_data:
         stats["eval"] = DataStats()
-        for path, _ in _write_record_chunks(iter_records(data.eval_data, kind, stats["eval"], on_error=data.on_error,
-                                                         normalize=normalize), scratch, "eval-records",
-                                                    CHUNK_RECORDS):
+        for path, _ in _record_chunks(iter_records(data.eval_data, kind, stats["eval"], on_error=data.on_error,
+                                                   normalize=normalize), scratch, "eval-records", CHUNK_RECORDS):
             parts["eval"].append(encode(Dataset.from_file(str(path)), tokenizer, template, cfg, stats["eval"],
                                         scratch, work / f"eval-{len(parts['eval']):05d}.arrow"))
     if stats["train"].dropped or stats["train"].truncated:
