@@ -70,15 +70,6 @@ def run(args: argparse.Namespace) -> int:
     return actions[args.action](args)
 
 
-def _read(source: str, args: argparse.Namespace, on_error: str):
-    from medgpt.data.readers import detect_kind, read_records
-    from medgpt.data.records import read_mcq
-
-    kind = args.kind or detect_kind(source, args.subset, args.split)
-    read = read_mcq if kind == "mcq" else read_records
-    return kind, *read(source, kind, on_error=on_error, subset=args.subset, split=args.split)
-
-
 def _percentile(ordered: list[int], p: float) -> int:
     """Nearest-rank percentile of sorted values."""
     return ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)]
@@ -185,12 +176,17 @@ def _convert(args: argparse.Namespace) -> int:
     from medgpt.data.convert import convert
     from medgpt.data.rows import write_jsonl
 
-    kind, records, stats = _read(args.input, args, on_error=args.on_error)
+    from medgpt.data.readers import detect_kind, iter_records
+    from medgpt.data.stats import DataStats
+
+    kind = args.kind or detect_kind(args.input, args.subset, args.split)
     if kind not in ("sft", "pref"):
         raise UserError(f"{args.input}: {kind} records have no other format to convert to")
-    out = write_jsonl(args.out, convert(records, args.to))
+    stats = DataStats()
+    records = iter_records(args.input, kind, stats, on_error=args.on_error, subset=args.subset, split=args.split)
+    out = write_jsonl(args.out, (convert([record], args.to)[0] for record in records))  # converted as read
     stats_path = stats.write(out.parent)
-    print(f"wrote {len(records)} {kind} records as {args.to} to {out} ({stats.summary()}); counts in {stats_path}")
+    print(f"wrote {stats.kept} {kind} records as {args.to} to {out} ({stats.summary()}); counts in {stats_path}")
     return 0
 
 
