@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from _launch import ENV, free_port, started_nodes, torchrun_nodes
+from _launch import ENV, free_port, torchrun_nodes
 
 from medgpt.train.doctor import Launch, find_problems, launch_from_env
 
@@ -98,26 +98,18 @@ def test_a_node_with_other_data_and_a_node_with_another_config_value_are_named(t
 @pytest.mark.slow
 def test_a_rank_that_never_starts_is_named_within_the_timeout(tiny_model, sample_data, tmp_path):
     config, folders = node_folders(tmp_path, sample_data, 2, tiny_model)
-    # node 1 joins torchrun's rendezvous but its process never runs the doctor (a worker stuck before training)
-    with started_nodes(lambda node: [*DOCTOR, str(config), "--timeout", "5"] if node == 0 else
-                       ["--no-python", "sleep", "60"], cwd=lambda node: folders[node]) as procs:
-        start = time.monotonic()
-        said = next((line for line in procs[0].stderr if "medgpt doctor: FAIL" in line), "")
-        took = time.monotonic() - start
-        assert procs[0].wait(timeout=30) is not None
-    assert re.match(r"medgpt doctor: FAIL: rank\(s\) 1 \(node 1\) did not join within 5 s; joined: 0 \(node 0, ",
-                    said), said
-    assert took < 5 + 40  # the timeout, and the start of python, torch and the config on shared cores
-    assert procs[0].returncode == 1
-
-    # the same without torchrun: a launcher that sets RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT itself (Slurm's
-    # srun, Kubernetes) and whose rank 1 never starts; rank 0 hosts the store and names rank 1
+    # a launcher that sets RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT itself (torchrun, Slurm's srun, Kubernetes)
+    # and whose rank 1 never starts: rank 0 hosts the store and names rank 1 within the timeout
     env = {**os.environ, **ENV, "RANK": "0", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "1", "NODE_RANK": "0",
            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
-    alone = subprocess.run([sys.executable, *DOCTOR, str(config), "--timeout", "3"], capture_output=True, text=True, check=False,
-                           env=env, cwd=folders[0], timeout=120)
+    start = time.monotonic()
+    alone = subprocess.run([sys.executable, *DOCTOR, str(config), "--timeout", "3"], capture_output=True, text=True,
+                           check=False, env=env, cwd=folders[0], timeout=120)
+    took = time.monotonic() - start
     assert alone.returncode == 1
-    assert "rank(s) 1 (node 1) did not join within 3 s" in alone.stderr
+    assert re.search(r"medgpt doctor: FAIL: rank\(s\) 1 \(node 1\) did not join within 3 s; joined: 0 \(node 0, ",
+                     alone.stderr), alone.stderr[-2000:]
+    assert took < 3 + 40  # the timeout, and the start of python, torch and the config on shared cores
 
 
 def test_launch_environment_and_problems_without_processes():
