@@ -47,9 +47,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     convert.add_argument("--out", required=True, help="output .jsonl file")
     prepare = sub.add_parser("prepare", help="encode a training config's data once into the prepared-data cache",
                              description="Read, validate, template and tokenize exactly what `medgpt train CONFIG` "
-                                         "trains on (stages sft and pt), in parallel, into memory-mapped Arrow files in "
-                                         "the prepared-data cache; print the counts, token statistics and the "
-                                         "cache folder. `medgpt train` then starts from the cache.")
+                                         "trains on (any stage; the preference and RL stages' conversational rows "
+                                         "are tokenized by their trainer), in parallel, into memory-mapped Arrow "
+                                         "files in the prepared-data cache; print the counts, token statistics and "
+                                         "the cache folder. `medgpt train` then starts from the cache.")
     prepare.add_argument("config", help="the training config (YAML)")
     prepare.add_argument("--json", action="store_true", help="print the report as JSON")
     prepare.add_argument("overrides", nargs=argparse.REMAINDER, help="--key value pairs, as for medgpt train")
