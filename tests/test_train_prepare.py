@@ -1,8 +1,8 @@
 """medgpt.train.prepare: the prepared-data path gives the rows and counts of encoding a list of records one by one
 (`medgpt.data.readers.read_records` + `medgpt.data.encode.encode_conversations`, and the seeded held-out split)
-record for record, in one process and in two, in one chunk and in several; it is cached by what determines it; a bad record
-stops it with `path:line` and leaves no cache; `medgpt data prepare` prints what `medgpt train` will train on;
-`medgpt data check` measures token lengths on the same path."""
+record for record, in one process and in two, in one chunk and in several; it is cached by what determines it; a
+bad record stops it with `path:line` and leaves no cache; `medgpt data prepare` prints what `medgpt train` will
+train on; `medgpt data check` measures token lengths on the same path."""
 
 from __future__ import annotations
 
