@@ -6,8 +6,9 @@ The fingerprint covers the data files' contents (a hub data set: its name, subse
 the template, the tokenizer, max_length (and PPO's max_prompt_length), the overlong rule, the system prompt, the
 reasoning switches, on_error, max_samples, the held-out split (and its seed) and the encoder's version. The
 cache lives under datasets' own `HF_DATASETS_CACHE` (`medgpt-prepared/`) unless `data_cache_dir` names another
-folder. A folder appears only when complete; under `torchrun`/`accelerate launch` the main process of each node prepares and the other ranks
-wait, then memory-map the same files.
+folder. A folder appears only when complete; under `torchrun`/`accelerate launch` the main process of each node
+prepares and the other ranks wait, then memory-map the same files. Records are read, encoded and written a chunk
+(`CHUNK_RECORDS`) at a time, so what is mapped into memory at once does not grow with the data.
 
 The rows and counts are those of encoding the records one by one (`medgpt.data.encode.encode_conversations`):
 the same ids and labels record for record, the same `path:line` errors and counted drops. The preference and RL
@@ -109,7 +110,8 @@ def fingerprint(cfg: Config, tokenizer, template, kind: str, settings: dict[str,
             sources[key] = [[str(item), _file_digest(item) if isinstance(item, Path) else "hub"]
                             for item in expand(value, kind, DataStats())]
     parts = {"encoder": ENCODER_VERSION, "kind": kind, "sources": sources,
-             "data": {key: getattr(cfg.data, key) for key in KEYS}, "max_length": getattr(cfg.train, "max_length", None),
+             "data": {key: getattr(cfg.data, key) for key in KEYS},
+             "max_length": getattr(cfg.train, "max_length", None),
              "max_prompt_length": getattr(cfg.train, "max_prompt_length", None),
              "seed": cfg.train.seed if cfg.data.val_size else None, "template": repr(template),
              "chat_template": getattr(tokenizer, "chat_template", None) if template.name == "auto" else None,
