@@ -174,7 +174,7 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _convert(args: argparse.Namespace) -> int:
-    from medgpt.data.convert import convert
+    from medgpt.data.convert import convert_record
     from medgpt.data.rows import write_jsonl
 
     from medgpt.data.readers import detect_kind, iter_records
@@ -185,7 +185,7 @@ def _convert(args: argparse.Namespace) -> int:
         raise UserError(f"{args.input}: {kind} records have no other format to convert to")
     stats = DataStats()
     records = iter_records(args.input, kind, stats, on_error=args.on_error, subset=args.subset, split=args.split)
-    out = write_jsonl(args.out, (convert([record], args.to)[0] for record in records))  # converted as read
+    out = write_jsonl(args.out, (convert_record(record, args.to) for record in records))  # converted as read
     stats_path = stats.write(out.parent)
     print(f"wrote {stats.kept} {kind} records as {args.to} to {out} ({stats.summary()}); counts in {stats_path}")
     return 0

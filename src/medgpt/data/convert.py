@@ -120,17 +120,20 @@ _CONVERTERS: dict[tuple[str, str], Callable[[dict, str], dict]] = {
 
 
 def convert(records: Iterable[dict], to: str) -> list[dict]:
-    """Canonical records -> `sharegpt`, `openai`, `alpaca` (sft, with `history`) or `pref` (the seed
+    """`convert_record` of each record."""
+    check_choice("to", to, FORMATS)
+    return [convert_record(record, to) for record in records]
+
+
+def convert_record(record: dict, to: str) -> dict:
+    """A canonical record -> `sharegpt`, `openai`, `alpaca` (sft, with `history`) or `pref` (the seed
     preference format); `_loc` is used in errors and not copied. Tool conversations go to sharegpt
     (LLaMA-Factory's `function_call`/`observation` turns and `tools` string) or openai (JSON-string arguments);
     the formats that cannot hold them refuse them."""
     check_choice("to", to, FORMATS)
-    out = []
-    for record in records:
-        kind, loc = _kind_of(record), record.get("_loc", "record")
-        converter = _CONVERTERS.get((kind, to))
-        if converter is None:
-            raise UserError(f"{loc}: cannot convert {kind} records to {to} "
-                            f"(possible: {', '.join(t for k, t in _CONVERTERS if k == kind) or 'none'})")
-        out.append(converter(record, loc))
-    return out
+    kind, loc = _kind_of(record), record.get("_loc", "record")
+    converter = _CONVERTERS.get((kind, to))
+    if converter is None:
+        raise UserError(f"{loc}: cannot convert {kind} records to {to} "
+                        f"(possible: {', '.join(t for k, t in _CONVERTERS if k == kind) or 'none'})")
+    return converter(record, loc)

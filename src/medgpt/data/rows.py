@@ -275,7 +275,7 @@ def hub_rows(name: str, subset: str | None, split: str) -> Iterator[Row]:
     """The rows of a hub data set, streamed (`datasets` streaming: read as they are taken, never downloaded whole
     or held); one that cannot be loaded (offline, unknown name, bad subset or split) is the user's error."""
     where = ", ".join(part for part in (subset, split) if part)
-    index = 0
+    index = -1
     try:
         import datasets
 
@@ -283,8 +283,8 @@ def hub_rows(name: str, subset: str | None, split: str) -> Iterator[Row]:
             yield f"{name}:{index}", row
     except Exception as exc:  # offline, unknown name, bad subset/split, a broken shard: all the user's to fix
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        if index:
-            raise UserError(f"{name} ({where}): reading stopped after row {index}: {reason}") from None
+        if index >= 0:
+            raise UserError(f"{name} ({where}): reading stopped after {index + 1} row(s): {reason}") from None
         raise UserError(f"{name} ({where}): not a local path, and the hub data set cannot be loaded: "
                         f"{reason}") from None
 

@@ -148,10 +148,10 @@ def add_dedup_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _rows(records: Iterable[dict], kind: str, to: str) -> Iterator[dict[str, Any]]:
-    from medgpt.data.convert import convert
+    from medgpt.data.convert import convert_record
 
     for record in records:
-        yield {"text": record["text"]} if kind == "pt" else convert([record], to)[0]
+        yield {"text": record["text"]} if kind == "pt" else convert_record(record, to)
 
 
 def run_dedup(args: argparse.Namespace) -> int:

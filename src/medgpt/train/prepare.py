@@ -416,11 +416,12 @@ def prepare(cfg: Config, tokenizer, template, kind: str = "sft", encode: Callabl
             settings: dict[str, Any] | None = None, normalize: Callable | None = None) -> Prepared:
     """The encoded train (and eval) rows of `cfg`'s `kind` records, from the cache or prepared into it.
 
-    `encode(dataset, tokenizer, template, cfg, stats, folder, name) -> kept` turns a split's records into the rows
-    a trainer takes (`encode_conversation_records`: SFT's ids and labels; `conversation_encoder(...)`: TRL's
-    conversational rows); `settings` are what else determines its rows (a stage's own keys), part of the
-    fingerprint with the encoder's name and its own `settings`. `normalize` reads a kind the readers do not
-    define (`iter_records`' argument: `medgpt.data.records.to_unpaired`, `to_prompt`)."""
+    `encode(dataset, tokenizer, template, cfg, stats, scratch, out) -> Encoded` turns a chunk of a split's records
+    into the rows a trainer takes, written to `out` (`encode_conversation_records`: SFT's ids and labels;
+    `conversation_encoder(...)`: TRL's conversational rows; `pt.encode_documents`); `settings` are what else
+    determines its rows (a stage's own keys), part of the fingerprint with the encoder's name and its own
+    `settings`. `normalize` reads a kind the readers do not define (`iter_records`' argument:
+    `medgpt.data.records.to_unpaired`, `to_prompt`)."""
     from datasets import Dataset, concatenate_datasets
 
     if not cfg.data.data:
